@@ -1,0 +1,1 @@
+"""The pipeguard coordinator: registry, stage assignment, step clock and status API."""

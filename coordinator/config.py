@@ -1,0 +1,121 @@
+"""The coordinator's run configuration (one TOML file; see README's config reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
+from pipeguard.model import GPTConfig, OptimSettings, preset
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Named size: tiny (0.2M params), small (6.4M) or gpt2 (85M, GPT-2 124M's shape with bytes)."""
+    n_layer: int = 0
+    """Override the preset's block count (0 keeps the preset)."""
+    n_head: int = 0
+    """Override the preset's attention heads (0 keeps the preset)."""
+    n_embd: int = 0
+    """Override the preset's width (0 keeps the preset)."""
+    block_size: int = 0
+    """Override the preset's sequence length (0 keeps the preset)."""
+    dropout: float = 0.0
+    """Residual dropout; masks derive from signed header values, so audits can replay them."""
+
+    def __post_init__(self) -> None:
+        self.gpt()  # validates
+
+    def gpt(self) -> GPTConfig:
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
+        try:
+            return preset(self.preset, dropout=self.dropout, **overrides)
+        except ValueError as exc:
+            raise ConfigError(f"[model]: {exc}") from None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 1234
+    """Run seed: weights, data order and dropout derive from it."""
+    micro_batches: int = 8
+    """Micro-batches per step (more shrinks the pipeline bubble)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr x min_lr_ratio."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (over all stages) to this; 0 disables."""
+    max_in_flight: int = 0
+    """Micro-batches a stage may have forwarded but not yet backwarded (0 = all: GPipe)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be positive")
+        if self.max_in_flight < 0:
+            raise ConfigError("train.max_in_flight must be >= 0 (0 means micro_batches)")
+
+    def optim(self) -> OptimSettings:
+        return OptimSettings(
+            lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.steps, min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay, beta1=self.beta1, beta2=self.beta2, grad_clip=self.grad_clip,
+        )
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = 3
+    """Pipeline stages; the first this many registered nodes serve them, later ones stand by."""
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ConfigError("pipeline.stages must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A UTF-8/bytes text file to train on; empty uses the Python standard library's sources."""
+    max_bytes: int = 4 * MiB
+    """Cap on the standard-library corpus size."""
+
+
+@dataclass
+class CoordinatorConfig:
+    run_id: str = ""
+    """Run identifier; empty generates one on first start (kept in the state directory)."""
+    state_dir: str = "./pipeguard-run"
+    """Where the coordinator keeps its key, run state and events (survives restarts)."""
+    log_level: str = "INFO"
+    """Logging level: DEBUG, INFO, WARNING, ERROR."""
+    ready_file: str = ""
+    """If set, write {address, node_id} JSON here once serving (for scripts and tests)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=lambda: NetConfig(bind="127.0.0.1:7000"))
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    def __post_init__(self) -> None:
+        gpt = self.model.gpt()
+        if self.pipeline.stages > gpt.n_layer:
+            raise ConfigError(
+                f"pipeline.stages ({self.pipeline.stages}) exceeds the model's {gpt.n_layer} blocks; "
+                "lower pipeline.stages or raise model.n_layer"
+            )

@@ -1,0 +1,128 @@
+"""``pipeguard-coordinator``: parse config, set up logging, build, serve, shut down in ``finally``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from pipeguard import config as pgconfig
+from pipeguard.data import load_dataset
+from pipeguard.identity import Identity
+from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.clock import StepClock
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import NodeRecord, Registry
+from coordinator.service import CoordinatorService
+from coordinator.state import EventLog, RunStore
+
+log = logging.getLogger("coordinator")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pipeguard-coordinator", description="Coordinate a pipeguard training run.")
+    p.add_argument("--config", help="run TOML file (flags override it)")
+    p.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:7000)")
+    p.add_argument("--advertise", help="HOST:PORT nodes use to reach the coordinator")
+    p.add_argument("--state-dir", help="directory for key, run state and events")
+    p.add_argument("--run-id", help="run identifier (default: generated)")
+    p.add_argument("--stages", type=int, help="pipeline stages")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--model", help="model preset: tiny, small, gpt2")
+    p.add_argument("--data", help="text file to train on (default: Python standard library sources)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--ready-file", help="write {address, node_id} JSON here once serving")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> CoordinatorConfig:
+    return pgconfig.load(CoordinatorConfig, path=args.config, cli={
+        "net.bind": args.bind,
+        "net.advertise": args.advertise,
+        "state_dir": args.state_dir,
+        "run_id": args.run_id,
+        "pipeline.stages": args.stages,
+        "train.steps": args.steps,
+        "model.preset": args.model,
+        "data.path": args.data,
+        "log_level": args.log_level,
+        "ready_file": args.ready_file,
+    })
+
+
+async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
+    store = RunStore(cfg.state_dir)
+    identity = Identity.load_or_create(store.key_path)
+    set_log_prefix(f"coordinator {identity.node_id[:8]}")
+    state, resumed = store.load_or_create(cfg.run_id)
+    events = EventLog(store)
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request)
+    for d in state.nodes:
+        rec = NodeRecord.from_json(d)
+        registry.nodes[rec.node_id] = rec
+    dataset = await asyncio.get_running_loop().run_in_executor(None, load_dataset, cfg.data.path, cfg.data.max_bytes)
+    clock = StepClock(cfg, identity, registry, state, store, events, dataset.digest)
+    service = CoordinatorService(cfg, identity, registry, clock, events, dataset)
+    server, address, _ = await start_server(
+        cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
+    events.emit("coordinator_started", f"coordinator {identity.node_id[:8]} serving run {state.run_id} on {address}"
+                + (f", resumed at step {state.step}" if resumed else ""), step=state.step)
+    log.info("coordinator key %s; dataset %s… (%d train + %d validation bytes)", identity.public_key.hex(),
+             dataset.digest.hex()[:16], dataset.train_bytes, dataset.val_bytes)
+    write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id, public_key=identity.public_key.hex(),
+                     run_id=state.run_id)
+
+    async def monitor() -> None:
+        while True:
+            await asyncio.sleep(cfg.timeouts.heartbeat_interval)
+            for rec in registry.expire():
+                events.emit("node_offline", f"node {rec.node_id[:8]} missed heartbeats for "
+                            f"{cfg.timeouts.heartbeat_timeout:.0f}s", node_id=rec.node_id, step=state.step)
+
+    clock_task = asyncio.create_task(clock.run())
+    monitor_task = asyncio.create_task(monitor())
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        clock_task.cancel()
+        monitor_task.cancel()
+        if state.phase == pb.RUN_PHASE_TRAINING:
+            clock.persist()
+        await server.stop(grace=1.0)
+        await clock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level or "INFO", "coordinator")
+    try:
+        cfg = load_config(args)
+    except pgconfig.ConfigError as exc:
+        print(f"pipeguard-coordinator: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, "coordinator")
+    log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
+    install_event_loop_policy()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - report startup failures plainly
+        log.error("pipeguard-coordinator failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

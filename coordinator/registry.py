@@ -1,0 +1,147 @@
+"""Who is in the run: identities, addresses, roles, heartbeats, bans."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from pipeguard.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from pipeguard.config import ConfigError, parse_hostport
+from pipeguard.identity import PUBLIC_KEY_BYTES, PublicIdentity, node_id_for
+from pipeguard.signing import verify
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+MAX_OPEN_CHALLENGES = 10_000
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    public_key: bytes
+    address: str
+    role: int = pb.ROLE_STANDBY
+    stage: int = -1
+    registered_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    heartbeat_seq: int = 0
+    tensors_sent: int = 0
+    tensors_received: int = 0
+    tensors_rejected: int = 0
+    ban_reason: str = ""
+
+    @property
+    def identity(self) -> PublicIdentity:
+        return PublicIdentity(self.public_key)
+
+    def peer_info(self) -> pb.PeerInfo:
+        return pb.PeerInfo(node_id=self.node_id, address=self.address, public_key=self.public_key)
+
+    def to_json(self) -> dict:
+        return {"node_id": self.node_id, "public_key": self.public_key.hex(), "address": self.address,
+                "role": self.role, "stage": self.stage, "registered_at": self.registered_at,
+                "ban_reason": self.ban_reason}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "NodeRecord":
+        rec = cls(node_id=d["node_id"], public_key=bytes.fromhex(d["public_key"]), address=d["address"],
+                  role=d["role"], stage=d["stage"], registered_at=d["registered_at"], ban_reason=d["ban_reason"])
+        if rec.role != pb.ROLE_BANNED:  # nobody is known to be alive until it heartbeats again
+            rec.role = pb.ROLE_OFFLINE
+        rec.last_heartbeat = 0.0
+        return rec
+
+
+class Registry:
+    def __init__(self, heartbeat_timeout: float, challenge_ttl: float):
+        self.nodes: dict[str, NodeRecord] = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        self.challenge_ttl = challenge_ttl
+        self._challenges: dict[bytes, float] = {}
+        self.rejected_by_peers: dict[str, dict[str, int]] = {}
+        """node id -> {reporting peer -> how many of its messages that peer rejected}"""
+
+    # -- registration --------------------------------------------------------------------------
+
+    def issue_challenge(self) -> bytes:
+        now = time.monotonic()
+        for c in [c for c, exp in self._challenges.items() if exp < now]:
+            del self._challenges[c]
+        if len(self._challenges) >= MAX_OPEN_CHALLENGES:
+            raise ResourceExhausted("too many registrations in progress; retry shortly")
+        challenge = os.urandom(32)
+        self._challenges[challenge] = now + self.challenge_ttl
+        return challenge
+
+    def register(self, req: pb.RegisterRequest) -> tuple[NodeRecord, bool]:
+        """Admit a node that signed a fresh challenge. Returns (record, is_new)."""
+        if len(req.public_key) != PUBLIC_KEY_BYTES:
+            raise InvalidArgument(f"public_key must be {PUBLIC_KEY_BYTES} bytes")
+        try:
+            parse_hostport(req.address, "address")
+        except ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
+        expiry = self._challenges.pop(req.challenge, None)
+        if expiry is None or expiry < time.monotonic():
+            raise Unauthenticated("unknown or expired challenge; call Hello first")
+        verify(req, PublicIdentity(req.public_key), what="registration")
+        node_id = node_id_for(req.public_key)
+        rec = self.nodes.get(node_id)
+        if rec is not None and rec.role == pb.ROLE_BANNED:
+            raise PermissionDenied(f"node {node_id} is banned: {rec.ban_reason}")
+        is_new = rec is None
+        if rec is None:
+            rec = NodeRecord(node_id=node_id, public_key=req.public_key, address=req.address)
+            self.nodes[node_id] = rec
+        else:
+            rec.address = req.address
+            if rec.role == pb.ROLE_OFFLINE:
+                rec.role, rec.stage = pb.ROLE_STANDBY, -1
+        rec.last_heartbeat = time.monotonic()
+        rec.heartbeat_seq = 0
+        return rec, is_new
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def heartbeat(self, req: pb.HeartbeatRequest) -> NodeRecord:
+        rec = self.nodes.get(req.node_id)
+        if rec is None:
+            raise NotFound(f"node {req.node_id!r} is not registered; register first")
+        verify(req, rec.identity, what="heartbeat")
+        if rec.role == pb.ROLE_BANNED:
+            raise PermissionDenied(f"node {rec.node_id} is banned: {rec.ban_reason}")
+        if req.seq <= rec.heartbeat_seq:
+            raise AlreadyExists(f"heartbeat seq {req.seq} replayed (last {rec.heartbeat_seq})")
+        rec.heartbeat_seq = req.seq
+        rec.last_heartbeat = time.monotonic()
+        rec.tensors_sent, rec.tensors_received, rec.tensors_rejected = (
+            req.tensors_sent, req.tensors_received, req.tensors_rejected)
+        for p in req.peers:
+            if p.peer in self.nodes and p.peer != rec.node_id:
+                self.rejected_by_peers.setdefault(p.peer, {})[rec.node_id] = p.rejected
+        if rec.role == pb.ROLE_OFFLINE:
+            rec.role, rec.stage = pb.ROLE_STANDBY, -1
+        return rec
+
+    def rejected_count(self, node_id: str) -> int:
+        return sum(self.rejected_by_peers.get(node_id, {}).values())
+
+    def is_alive(self, rec: NodeRecord) -> bool:
+        return rec.role not in (pb.ROLE_BANNED, pb.ROLE_OFFLINE) and (
+            time.monotonic() - rec.last_heartbeat) < self.heartbeat_timeout
+
+    def expire(self) -> list[NodeRecord]:
+        """Mark nodes silent for longer than the heartbeat timeout offline; returns them."""
+        gone = []
+        for rec in self.nodes.values():
+            if rec.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and not self.is_alive(rec):
+                rec.role = pb.ROLE_OFFLINE
+                gone.append(rec)
+        return gone
+
+    def live_standbys(self) -> list[NodeRecord]:
+        return sorted((r for r in self.nodes.values() if r.role == pb.ROLE_STANDBY and self.is_alive(r)),
+                      key=lambda r: r.registered_at)
+
+    def banned_ids(self) -> list[str]:
+        return sorted(r.node_id for r in self.nodes.values() if r.role == pb.ROLE_BANNED)

@@ -1,0 +1,118 @@
+"""The Coordinator gRPC service: registration, heartbeats, dataset, status, events."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeguard.config import to_toml
+from pipeguard.data import Dataset
+from pipeguard.errors import NotFound, abort_on_error
+from pipeguard.identity import Identity
+from pipeguard.signing import sign
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.clock import StepClock
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import Registry
+from coordinator.state import EventLog
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HISTORY = 50
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, cfg: CoordinatorConfig, identity: Identity, registry: Registry, clock: StepClock,
+                 events: EventLog, dataset: Dataset):
+        self.cfg = cfg
+        self.identity = identity
+        self.registry = registry
+        self.clock = clock
+        self.events = events
+        self.dataset = dataset
+        self._config_toml = to_toml(cfg)
+
+    @abort_on_error
+    async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
+        reply = pb.HelloReply(coordinator_key=self.identity.public_key, run_id=self.clock.state.run_id,
+                              challenge=self.registry.issue_challenge(), client_nonce=request.client_nonce[:64])
+        return sign(reply, self.identity)
+
+    @abort_on_error
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
+        rec, is_new = self.registry.register(request)
+        what = "registered" if is_new else "re-registered"
+        self.events.emit("node_registered", f"node {rec.node_id[:8]} {what} from {rec.address}", node_id=rec.node_id)
+        self.clock.persist()
+        self.clock.membership_changed.set()
+        return pb.RegisterReply(node_id=rec.node_id, run_id=self.clock.state.run_id,
+                                heartbeat_interval_ms=int(self.cfg.timeouts.heartbeat_interval * 1000))
+
+    @abort_on_error
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        was_offline = request.node_id in self.registry.nodes and \
+            self.registry.nodes[request.node_id].role == pb.ROLE_OFFLINE
+        rec = self.registry.heartbeat(request)
+        if was_offline:
+            self.events.emit("node_back", f"node {rec.node_id[:8]} is back (standby)", node_id=rec.node_id)
+            self.clock.membership_changed.set()
+        return pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
+                                 banned=self.registry.banned_ids())
+
+    @abort_on_error
+    async def FetchData(self, request: pb.FetchDataRequest, context):
+        if request.digest != self.dataset.digest:
+            raise NotFound(f"this run's dataset is {self.dataset.digest.hex()[:16]}…, not {request.digest.hex()[:16]}…")
+        blob, step = self.dataset.blob, self.cfg.net.chunk_bytes
+        for start in range(0, len(blob), step):
+            chunk = pb.DataChunk(data=blob[start : start + step])
+            if start == 0:
+                chunk.val_offset, chunk.total_bytes = self.dataset.val_offset, len(blob)
+            await context.write(chunk)
+
+    @abort_on_error
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        return self.status(request.history or DEFAULT_HISTORY)
+
+    def status(self, history: int) -> pb.StatusReply:
+        st = self.clock.state
+        reply = pb.StatusReply(run_id=st.run_id, phase=st.phase, step=st.step, total_steps=self.cfg.train.steps,
+                               num_stages=self.cfg.pipeline.stages, coordinator_key=self.identity.public_key.hex(),
+                               config_toml=self._config_toml)
+        now = time.monotonic()
+        for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
+            reply.nodes.add(
+                node_id=rec.node_id, address=rec.address, role=rec.role, stage=max(rec.stage, 0),
+                heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
+                tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
+                tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),
+                ban_reason=rec.ban_reason,
+            )
+        for step, loss, tps in st.losses[-history:]:
+            reply.losses.add(step=step, loss=loss, tokens_per_s=tps)
+        reply.events.extend(list(self.events.recent)[-history:])
+        return reply
+
+    @abort_on_error
+    async def ExportState(self, request: pb.ExportRequest, context):
+        async for chunk in self.clock.export_state(request.include_optimizer):
+            await context.write(chunk)
+
+    async def Watch(self, request: pb.WatchRequest, context):
+        queue = self.events.subscribe()  # before the replay, so nothing falls in between
+        last = request.after_seq
+        try:
+            for ev in list(self.events.recent):
+                if ev.seq > last:
+                    await context.write(ev)
+                    last = ev.seq
+            while True:
+                ev = await queue.get()
+                if ev is None:
+                    return
+                if ev.seq > last:
+                    await context.write(ev)
+                    last = ev.seq
+        finally:
+            self.events.unsubscribe(queue)

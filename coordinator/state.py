@@ -1,0 +1,149 @@
+"""Run state on disk and the event log.
+
+``state.json`` (run id, step, epoch, nodes, bans, losses) is rewritten atomically (temp file,
+fsync, rename) after every change that matters, so a coordinator killed at any instant
+restarts from the last completed step. ``events.jsonl`` is append-only. Writes that fail
+(disk full, unwritable directory) raise ``StateError`` with the path and the reason; the
+previous state file is never truncated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeguard.errors import PipeguardError
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 2000
+LOSSES_KEPT = 100_000
+
+
+class StateError(PipeguardError):
+    """The state directory cannot be written."""
+
+
+@dataclass
+class RunState:
+    run_id: str
+    step: int = 0
+    epoch: int = 0
+    phase: int = pb.RUN_PHASE_WAITING
+    nodes: list[dict] = field(default_factory=list)
+    losses: list[tuple[int, float, float]] = field(default_factory=list)
+    """(step, loss, tokens/s) for every completed step."""
+    commitments: dict[str, str] = field(default_factory=dict)
+    """stage index -> hex digest of its state after the last applied step."""
+
+
+class RunStore:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory).expanduser()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from None
+        self.state_path = self.dir / "state.json"
+        self.events_path = self.dir / "events.jsonl"
+        self.key_path = self.dir / "coordinator.key"
+
+    def load_or_create(self, run_id: str) -> tuple[RunState, bool]:
+        """Load the run, or start a new one. Returns (state, resumed)."""
+        if self.state_path.exists():
+            raw = json.loads(self.state_path.read_text())
+            st = RunState(
+                run_id=raw["run_id"], step=raw["step"], epoch=raw["epoch"], phase=raw["phase"], nodes=raw["nodes"],
+                losses=[tuple(x) for x in raw["losses"]], commitments=raw.get("commitments", {}),
+            )
+            if run_id and run_id != st.run_id:
+                raise StateError(
+                    f"{self.state_path} holds run {st.run_id!r} but the config asks for {run_id!r}; "
+                    "use another state_dir or the same run_id"
+                )
+            return st, True
+        st = RunState(run_id=run_id or f"run-{uuid.uuid4().hex[:12]}")
+        self.save(st)
+        return st, False
+
+    def save(self, st: RunState) -> None:
+        data = json.dumps({
+            "run_id": st.run_id, "step": st.step, "epoch": st.epoch, "phase": st.phase, "nodes": st.nodes,
+            "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "saved_at": time.time(),
+        })
+        tmp = self.state_path.with_suffix(".json.tmp")
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise StateError(f"cannot write {self.state_path}: {exc.strerror or exc}") from None
+
+    def append_event(self, ev: pb.Event) -> None:
+        line = json.dumps({"seq": ev.seq, "time": ev.time, "kind": ev.kind, "message": ev.message,
+                           "node_id": ev.node_id, "step": ev.step})
+        try:
+            with open(self.events_path, "a") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            log.error("cannot append to %s: %s", self.events_path, exc.strerror or exc)
+
+    def load_events(self) -> list[pb.Event]:
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines()[-EVENTS_KEPT:]:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            out.append(pb.Event(**d))
+        return out
+
+
+class EventLog:
+    """Recent events in memory, on disk, and pushed to live watchers (bounded queues)."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.recent: collections.deque[pb.Event] = collections.deque(store.load_events(), maxlen=EVENTS_KEPT)
+        self.seq = self.recent[-1].seq if self.recent else 0
+        self.watchers: set[asyncio.Queue] = set()
+
+    def emit(self, kind: str, message: str, node_id: str = "", step: int = 0, persist: bool = True) -> pb.Event:
+        self.seq += 1
+        ev = pb.Event(seq=self.seq, time=time.time(), kind=kind, message=message, node_id=node_id, step=step)
+        self.recent.append(ev)
+        if persist:
+            self.store.append_event(ev)
+        log.info("event %s: %s", kind, message)
+        for q in list(self.watchers):
+            try:
+                q.put_nowait(ev)
+            except asyncio.QueueFull:  # a watcher that doesn't read is cut off, never waited on
+                self.watchers.discard(q)
+                q.get_nowait()
+                q.put_nowait(None)  # tells the stream to end; the client resumes with after_seq
+        return ev
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self.watchers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self.watchers.discard(q)

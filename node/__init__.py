@@ -1,0 +1,1 @@
+"""The pipeguard node daemon: serves one pipeline stage, or stands by."""

@@ -1,0 +1,127 @@
+"""``pipeguard-node``: parse config, set up logging, build, serve, shut down in ``finally``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeguard import config as pgconfig
+from pipeguard.identity import Identity
+from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from node import attacks
+from node.config import NodeConfig
+from node.membership import Membership
+from node.peers import PeerPool
+from node.service import NodeService
+from node.stage import StageRuntime
+
+log = logging.getLogger("node")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pipeguard-node", description="Serve one pipeline stage of a pipeguard run.")
+    p.add_argument("--config", help="node TOML file (flags override it)")
+    p.add_argument("--coordinator", help="coordinator HOST:PORT")
+    p.add_argument("--coordinator-key", help="pin the coordinator's public key (hex)")
+    p.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:0)")
+    p.add_argument("--advertise", help="HOST:PORT other daemons use to reach this node")
+    p.add_argument("--home", help="directory for the key and dataset cache (default ~/.pipeguard/node)")
+    p.add_argument("--threads", type=int, help="torch threads for compute (default 1)")
+    p.add_argument("--attack", action="append", help="misbehave: DIRECTION:KIND, repeatable (see node/attacks.py)")
+    p.add_argument("--attack-rate", type=float, help="probability per micro-batch an attack fires (default 1)")
+    p.add_argument("--attack-start", type=int, help="first step attacks fire (default 0)")
+    p.add_argument("--attack-noise-std", type=float, help="std of backward:noise (default 1)")
+    p.add_argument("--attack-plugin", help="user behaviour PATH.py:ClassName")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--ready-file", help="write {address, node_id} JSON here once serving")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> NodeConfig:
+    return pgconfig.load(NodeConfig, path=args.config, cli={
+        "coordinator": args.coordinator,
+        "coordinator_key": args.coordinator_key,
+        "net.bind": args.bind,
+        "net.advertise": args.advertise,
+        "home": args.home,
+        "threads": args.threads,
+        "attack.behaviours": args.attack,
+        "attack.rate": args.attack_rate,
+        "attack.start_step": args.attack_start,
+        "attack.noise_std": args.attack_noise_std,
+        "attack.plugin": args.attack_plugin,
+        "log_level": args.log_level,
+        "ready_file": args.ready_file,
+    })
+
+
+async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
+    home = Path(cfg.home).expanduser()
+    identity = Identity.load_or_create(home / "node.key")
+    set_log_prefix(f"node {identity.node_id[:8]}")
+    torch.set_num_threads(cfg.threads)
+    a = cfg.attack
+    behaviour = attacks.build(a.behaviours, a.rate, a.start_step, a.noise_std, a.plugin,
+                              a.seed or int(identity.node_id[:15], 16))
+    if behaviour.parts:
+        log.warning("MALICIOUS node: behaviour %s at rate %.2f from step %d", behaviour.name, a.rate, a.start_step)
+    peers = PeerPool(identity, cfg.net, cfg.timeouts)
+    runtime = StageRuntime(identity, peers, behaviour, cfg.timeouts.step)
+    service: NodeService | None = None
+    membership = Membership(identity, cfg.coordinator, cfg.coordinator_key, home, cfg.net, cfg.timeouts,
+                            stats=lambda: service.heartbeat_stats())
+    service = NodeService(identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
+    membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
+    server, address, _ = await start_server(
+        cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"])
+    membership.address = address
+    log.info("node %s serving on %s (bound %s)", identity.node_id, address, cfg.net.bind)
+    write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id)
+    member_task = asyncio.create_task(membership.run())
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        member_task.cancel()
+        await server.stop(grace=1.0)
+        runtime.close()
+        await peers.close()
+        await membership.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level or "INFO", "node")
+    try:
+        cfg = load_config(args)
+    except pgconfig.ConfigError as exc:
+        print(f"pipeguard-node: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, "node")
+    log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
+    install_event_loop_policy()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - report startup failures plainly
+        log.error("pipeguard-node failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

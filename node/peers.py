@@ -1,0 +1,68 @@
+"""Outgoing tensor traffic: one channel per peer, signed chunk streams, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+import torch
+
+from pipeguard.config import NetConfig, TimeoutConfig
+from pipeguard.errors import from_rpc_error
+from pipeguard.identity import Identity
+from pipeguard.rpc import RETRYABLE, channel
+from pipeguard.tensors import TensorSender
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PeerPool:
+    """Channels to other nodes, keyed by address, reused across steps."""
+
+    def __init__(self, identity: Identity, net: NetConfig, timeouts: TimeoutConfig):
+        self.identity = identity
+        self.net = net
+        self.timeouts = timeouts
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
+        self.sent = 0
+        self.sent_bytes = 0
+
+    def stub(self, address: str) -> pb_grpc.NodeStub:
+        if address not in self._stubs:
+            ch = channel(address, self.net)
+            self._stubs[address] = (ch, pb_grpc.NodeStub(ch))
+        return self._stubs[address][1]
+
+    async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> pb.TensorCommitment:
+        """Stream ``tensor`` to ``address``, signed; retry while the peer is unreachable.
+
+        Returns the signed commitment (kept by the caller for audits). Chunks are hashed as
+        they are sent; Ed25519 signatures are deterministic, so a retry re-sends exactly the
+        same signed claim, never a second, different one.
+        """
+        sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)
+        delay = self.timeouts.retry_backoff
+        attempts = 5
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.stub(address).PushTensor(sender.chunks(), timeout=self.timeouts.request)
+                break
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE or attempt == attempts:
+                    raise from_rpc_error(err) from None
+                log.debug("push to %s failed (%s); retry %d", address, err.code().name, attempt)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, self.timeouts.retry_max)
+        self.sent += 1
+        self.sent_bytes += len(sender.payload)
+        assert sender.commitment is not None
+        return sender.commitment
+
+    async def close(self) -> None:
+        for ch, _ in self._stubs.values():
+            await ch.close()
+        self._stubs.clear()

@@ -1,0 +1,147 @@
+"""The Node gRPC service: orders from the coordinator, tensors from neighbours.
+
+Every order is checked against the coordinator's key and addressed to this node; every
+tensor goes through ``receive_tensor`` (size, header, digest, signature) and the stage's
+admission rules before it is used. Rejections are answered with a precise status, logged,
+counted against the (claimed) sender, and never disturb the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pipeguard.errors import FailedPrecondition, InvalidArgument, PipeguardError, abort_on_error
+from pipeguard.identity import Identity, PublicIdentity, node_id_for
+from pipeguard.model import lr_at
+from pipeguard.signing import sign, verify
+from pipeguard.tensors import receive_tensor, state_chunks
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from node.membership import Membership
+from node.stage import Assignment, StageRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerStats:
+    accepted: int = 0
+    rejected: int = 0
+    last_reason: str = ""
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(self, identity: Identity, runtime: StageRuntime, membership: Membership, max_tensor_bytes: int,
+                 chunk_bytes: int):
+        self.identity = identity
+        self.chunk_bytes = chunk_bytes
+        self.runtime = runtime
+        self.membership = membership
+        self.max_tensor_bytes = max_tensor_bytes
+        self.epoch = -1
+        self.peer_keys: dict[str, PublicIdentity] = {}
+        self.peer_stats: dict[str, PeerStats] = defaultdict(PeerStats)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_order(self, order, what: str) -> None:
+        """An order must be signed by the coordinator we registered with, for this node."""
+        key = self.membership.coordinator_key
+        if key is None:
+            raise FailedPrecondition("not registered with a coordinator yet")
+        verify(order, key, what=f"{what} order")
+        if order.node_id != self.identity.node_id:
+            raise InvalidArgument(f"{what} order is addressed to {order.node_id!r}, not this node")
+        if order.run_id != self.membership.run_id:
+            raise FailedPrecondition(f"{what} order is for run {order.run_id!r}, not {self.membership.run_id!r}")
+
+    def heartbeat_stats(self) -> pb.HeartbeatRequest:
+        req = pb.HeartbeatRequest(
+            tensors_sent=self.runtime.peers.sent,
+            tensors_received=sum(s.accepted for s in self.peer_stats.values()),
+            tensors_rejected=sum(s.rejected for s in self.peer_stats.values()),
+        )
+        for peer, s in sorted(self.peer_stats.items()):
+            req.peers.add(peer=peer, accepted=s.accepted, rejected=s.rejected, last_reason=s.last_reason)
+        return req
+
+    # -- orders --------------------------------------------------------------------------------
+
+    @abort_on_error
+    async def Assign(self, request: pb.AssignRequest, context) -> pb.AssignReply:
+        self._check_order(request, "assign")
+        if request.epoch <= self.epoch:
+            raise FailedPrecondition(f"assignment epoch {request.epoch} is not newer than {self.epoch}")
+        a = Assignment.from_request(request)
+        keys = {}
+        for peer in (a.prev, a.next):
+            if peer is not None:
+                if node_id_for(peer.public_key) != peer.node_id:
+                    raise InvalidArgument(f"peer {peer.node_id} does not match its public key")
+                keys[peer.node_id] = PublicIdentity(peer.public_key)
+        dataset = await self.membership.dataset(request.data_digest)
+        digest, n = await self.runtime.assign(a, dataset, request.start_step)
+        self.epoch = request.epoch
+        self.peer_keys = keys
+        return pb.AssignReply(state_digest=digest, num_params=n)
+
+    @abort_on_error
+    async def RunStep(self, request: pb.RunStepRequest, context) -> pb.StepReport:
+        self._check_order(request, "run-step")
+        self._check_epoch(request.epoch)
+        report = await self.runtime.run_step(request.step)
+        return sign(report, self.identity)
+
+    @abort_on_error
+    async def ApplyUpdate(self, request: pb.ApplyUpdateRequest, context) -> pb.UpdateReport:
+        self._check_order(request, "apply-update")
+        self._check_epoch(request.epoch)
+        a = self.runtime.assignment
+        assert a is not None
+        expected_lr = lr_at(request.step, a.optim)
+        if abs(request.lr - expected_lr) > 1e-12 * max(1.0, expected_lr):
+            raise InvalidArgument(f"lr {request.lr} for step {request.step} does not follow the schedule ({expected_lr})")
+        digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr)
+        report = pb.UpdateReport(run_id=a.run_id, step=request.step, stage=a.stage, node_id=self.identity.node_id,
+                                 state_digest=digest)
+        return sign(report, self.identity)
+
+    @abort_on_error
+    async def AbortStep(self, request: pb.AbortStepRequest, context) -> pb.Ack:
+        self._check_order(request, "abort-step")
+        await self.runtime.abort(request.step)
+        return pb.Ack()
+
+    @abort_on_error
+    async def FetchState(self, request: pb.FetchStateRequest, context):
+        self._check_order(request, "fetch-state")
+        named, stage, completed = await self.runtime.snapshot(request.include_optimizer)
+        for chunk in state_chunks(named, stage, completed + 1, self.chunk_bytes):
+            await context.write(chunk)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            raise FailedPrecondition(f"order for assignment epoch {epoch}, this node holds epoch {self.epoch}")
+
+    # -- tensors -------------------------------------------------------------------------------
+
+    @abort_on_error
+    async def PushTensor(self, request_iterator, context) -> pb.PushReply:
+        claimed = {"sender": "unknown"}
+
+        def admit(header: pb.TensorHeader) -> PublicIdentity:
+            claimed["sender"] = header.sender if header.sender in self.peer_keys else "unknown"
+            return self.runtime.admit(header, self.peer_keys)
+
+        try:
+            rt = await receive_tensor(request_iterator, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
+            self.runtime.deliver(rt)
+        except PipeguardError as exc:
+            stats = self.peer_stats[claimed["sender"]]
+            stats.rejected += 1
+            stats.last_reason = exc.code.name
+            raise
+        self.peer_stats[rt.commitment.header.sender].accepted += 1
+        return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())

@@ -1,0 +1,378 @@
+"""One pipeline stage at work: build it, run a step's forward and backward, apply the update.
+
+Torch compute runs on a single worker thread, never on the event loop, so heartbeats and
+tensor streams keep flowing during a long backward. The schedule is GPipe with an in-flight
+bound: a stage forwards micro-batches as their inputs arrive (stage i works on m while
+stage i+1 works on m-1), runs a backward as soon as its gradient is in, and never holds more
+than ``max_in_flight`` forward graphs. Forwards and backwards each run in micro-batch order,
+so gradients accumulate in the same order as in a single process and every result can be
+replayed bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from pipeguard.data import Dataset
+from pipeguard.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from pipeguard.identity import Identity, PublicIdentity
+from pipeguard.model import (
+    GPTConfig,
+    OptimSettings,
+    Randomness,
+    StageModule,
+    clip_and_step,
+    grad_sq_norm,
+    make_optimizer,
+    named_state,
+    partition,
+)
+from pipeguard.tensors import ReceivedTensor, make_header, state_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+from node.attacks import AttackContext, Behaviour
+from node.peers import PeerPool
+
+log = logging.getLogger(__name__)
+
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+RETAINED_STEPS = 4
+"""Steps of tensor commitments kept (sent and received) for audits and evidence."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A verified AssignRequest, in the shapes the runtime uses."""
+
+    run_id: str
+    epoch: int
+    stage: int
+    num_stages: int
+    gpt: GPTConfig
+    optim: OptimSettings
+    seed: int
+    micro_batches: int
+    micro_batch_size: int
+    max_in_flight: int
+    prev: pb.PeerInfo | None
+    next: pb.PeerInfo | None
+
+    @classmethod
+    def from_request(cls, req: pb.AssignRequest) -> "Assignment":
+        m, t = req.model, req.train
+        if req.num_stages < 1 or req.stage >= req.num_stages:
+            raise InvalidArgument(f"stage {req.stage} is not within {req.num_stages} stages")
+        if t.micro_batches < 1 or t.micro_batch_size < 1:
+            raise InvalidArgument("micro_batches and micro_batch_size must be >= 1")
+        try:
+            gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer,
+                            n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad model spec: {exc}") from None
+        if req.num_stages > gpt.n_layer:
+            raise InvalidArgument(f"{req.num_stages} stages for {gpt.n_layer} blocks")
+        if req.stage > 0 and not req.HasField("prev"):
+            raise InvalidArgument("a stage after the first needs a previous peer")
+        if req.stage < req.num_stages - 1 and not req.HasField("next"):
+            raise InvalidArgument("a stage before the last needs a next peer")
+        optim = OptimSettings(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
+                              min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, beta1=t.beta1,
+                              beta2=t.beta2, grad_clip=t.grad_clip)
+        return cls(
+            run_id=req.run_id, epoch=req.epoch, stage=req.stage, num_stages=req.num_stages, gpt=gpt, optim=optim,
+            seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size,
+            max_in_flight=t.max_in_flight or t.micro_batches,
+            prev=req.prev if req.HasField("prev") else None,
+            next=req.next if req.HasField("next") else None,
+        )
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def activation_shape(self) -> list[int]:
+        return [self.micro_batch_size, self.gpt.block_size, self.gpt.n_embd]
+
+
+class StageRuntime:
+    """The state and schedule of the stage this node serves."""
+
+    def __init__(self, identity: Identity, peers: PeerPool, behaviour: Behaviour, step_timeout: float):
+        self.identity = identity
+        self.peers = peers
+        self.behaviour = behaviour
+        self.step_timeout = step_timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-compute")
+        self.assignment: Assignment | None = None
+        self.module: StageModule | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.dataset: Dataset | None = None
+        self.completed_step = -1
+        """Last step whose update has been applied."""
+        self.state_commitment = b""
+        """Digest of weights + optimizer state now (the next step's commitment)."""
+        self.banned: set[str] = set()
+        self._inbox: dict[tuple[int, int, int], ReceivedTensor] = {}
+        self._seen: dict[tuple[int, int, int], bytes] = {}
+        self._wake = asyncio.Event()
+        self._running: int | None = None
+        self._grads_for: int | None = None
+        self.retained: dict[tuple[int, int, int], pb.TensorCommitment] = {}
+        """(step, direction, micro_batch) -> commitment, for what this stage sent and received."""
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- assignment ----------------------------------------------------------------------------
+
+    async def assign(self, a: Assignment, dataset: Dataset, start_step: int) -> tuple[bytes, int]:
+        """Build the stage from the run seed; returns (state digest, parameter count)."""
+        spec = partition(a.gpt, a.num_stages)[a.stage]
+
+        def build():
+            module = StageModule(a.gpt, spec, a.seed)
+            opt = make_optimizer(module, a.optim)
+            return module, opt, state_digest(named_state(module, opt))
+
+        module, opt, digest = await self._compute(build)
+        self.assignment, self.module, self.opt, self.dataset = a, module, opt, dataset
+        self.completed_step = start_step - 1
+        self.state_commitment = digest
+        self._inbox.clear()
+        self._seen.clear()
+        self._running = self._grads_for = None
+        n = sum(p.numel() for p in module.parameters())
+        log.info("serving stage %d/%d (blocks %d-%d, %d params), epoch %d",
+                 a.stage, a.num_stages, spec.first_block, spec.last_block - 1, n, a.epoch)
+        return digest, n
+
+    # -- incoming tensors ----------------------------------------------------------------------
+
+    def admit(self, header: pb.TensorHeader, lookup: dict[str, PublicIdentity]) -> PublicIdentity:
+        """Check a tensor header before any payload is read; return the sender's key."""
+        a = self.assignment
+        if a is None:
+            raise FailedPrecondition("this node serves no stage")
+        if header.sender in self.banned:
+            raise PermissionDenied(f"sender {header.sender} is banned")
+        sender = lookup.get(header.sender)
+        if sender is None:
+            raise Unauthenticated(f"unknown sender {header.sender!r}")
+        if header.run_id != a.run_id:
+            raise FailedPrecondition(f"tensor is for run {header.run_id!r}, this node runs {a.run_id!r}")
+        if header.receiver != self.identity.node_id:
+            raise InvalidArgument(f"tensor is addressed to {header.receiver!r}, not this node")
+        if header.direction == FORWARD:
+            if a.prev is None or header.sender != a.prev.node_id or header.stage != a.stage - 1:
+                raise PermissionDenied(f"{header.sender} does not serve stage {a.stage - 1}, which feeds this stage")
+        elif header.direction == BACKWARD:
+            if a.next is None or header.sender != a.next.node_id or header.stage != a.stage + 1:
+                raise PermissionDenied(f"{header.sender} does not serve stage {a.stage + 1}, which sends gradients here")
+        expected_step = self.completed_step + 1
+        if header.step != expected_step:
+            raise FailedPrecondition(f"tensor for step {header.step}, but this stage is at step {expected_step}")
+        if header.micro_batch >= a.micro_batches:
+            raise InvalidArgument(f"micro-batch {header.micro_batch} out of range (0..{a.micro_batches - 1})")
+        if header.dtype != pb.DTYPE_FLOAT32 or list(header.shape) != a.activation_shape:
+            raise InvalidArgument(
+                f"expected float32 {a.activation_shape}, got dtype {header.dtype} shape {list(header.shape)}"
+            )
+        if (header.step, header.direction, header.micro_batch) in self._seen:
+            raise _replay_error(header)
+        return sender
+
+    def deliver(self, rt: ReceivedTensor) -> None:
+        """Accept a fully verified tensor into the inbox of its step."""
+        h = rt.commitment.header
+        key = (h.step, h.direction, h.micro_batch)
+        if key in self._seen:  # a concurrent duplicate that passed admission at the same time
+            raise _replay_error(h)
+        self._seen[key] = rt.commitment.payload_digest
+        self._inbox[key] = rt
+        self.retained[key] = rt.commitment
+        self._wake.set()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    async def run_step(self, step: int) -> pb.StepReport:
+        a = self.assignment
+        if a is None or self.module is None:
+            raise FailedPrecondition("this node serves no stage")
+        if step != self.completed_step + 1:
+            raise FailedPrecondition(f"asked for step {step}, but this stage is at step {self.completed_step + 1}")
+        if self._running is not None:
+            raise FailedPrecondition(f"step {self._running} is still running")
+        self._running = step
+        try:
+            return await self._run_step(a, step)
+        finally:
+            self._running = None
+
+    async def _run_step(self, a: Assignment, step: int) -> pb.StepReport:
+        deadline = time.monotonic() + self.step_timeout
+        commitment = self.state_commitment
+        M = a.micro_batches
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        sends: list[asyncio.Task] = []
+        fwd = bwd = 0
+        loss_sum = 0.0
+        compute = 0.0
+
+        def launch_send(direction: int, mb: int, tensor: torch.Tensor) -> None:
+            peer = a.next if direction == FORWARD else a.prev
+            assert peer is not None
+            header = make_header(run_id=a.run_id, step=step, micro_batch=mb, stage=a.stage, direction=direction,
+                                 sender=self.identity.node_id, receiver=peer.node_id, tensor=tensor)
+            task = asyncio.create_task(self._send(peer.address, header, tensor))
+            task.add_done_callback(lambda _t: self._wake.set())
+            sends.append(task)
+
+        while bwd < M:
+            for t in sends:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()
+            self._wake.clear()
+            t0 = time.perf_counter()
+            if bwd < fwd and (a.is_last or (step, BACKWARD, bwd) in self._inbox):
+                grad_in = None if a.is_last else self._inbox.pop((step, BACKWARD, bwd)).tensor
+                x, y = saved.pop(bwd)
+                loss, grad_out = await self._compute(self._backward, a, step, bwd, x, y, grad_in)
+                loss_sum += loss
+                if grad_out is not None:
+                    launch_send(BACKWARD, bwd, grad_out)
+                bwd += 1
+            elif fwd < M and fwd - bwd < a.max_in_flight and (a.is_first or (step, FORWARD, fwd) in self._inbox):
+                x_in = None if a.is_first else self._inbox.pop((step, FORWARD, fwd)).tensor
+                x, y, out = await self._compute(self._forward, a, step, fwd, x_in)
+                saved[fwd] = (x, y)
+                if out is not None:
+                    launch_send(FORWARD, fwd, out)
+                fwd += 1
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(
+                        f"step {step} timed out waiting for micro-batch inputs (fwd {fwd}/{M}, bwd {bwd}/{M})"
+                    ) from None
+                continue
+            compute += time.perf_counter() - t0
+        await asyncio.gather(*sends)
+        sq = await self._compute(grad_sq_norm, self.module)
+        self._grads_for = step
+        report = pb.StepReport(
+            run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
+            loss=loss_sum / M if a.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
+        )
+        return report
+
+    async def _send(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> None:
+        commitment = await self.peers.push(address, header, tensor)
+        self.retained[(header.step, header.direction, header.micro_batch)] = commitment
+
+    def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None):
+        """Compute thread: forward one micro-batch; returns (input, output, tensor to send)."""
+        assert self.module is not None and self.dataset is not None
+        rng = Randomness(a.seed, step, mb)
+        if a.is_first:
+            x, _ = self.dataset.batch(a.seed, step, mb, a.micro_batch_size, a.gpt.block_size)  # (B, T)
+        else:
+            x = x_in.detach().requires_grad_(True)  # (B, T, C)
+        y = self.module(x, rng)  # (B, T, C) or logits (B, T, vocab)
+        if a.is_last:
+            return x, y, None
+        out = y.detach()
+        sent = self.behaviour.on_forward(AttackContext(step, mb, a.stage, self.identity.node_id), out)
+        return x, y, sent.contiguous()
+
+    def _backward(self, a: Assignment, step: int, mb: int, x: torch.Tensor, y: torch.Tensor,
+                  grad_in: torch.Tensor | None):
+        """Compute thread: backward one micro-batch; returns (loss, input gradient to send)."""
+        assert self.dataset is not None
+        loss_value = 0.0
+        if a.is_last:
+            _, targets = self.dataset.batch(a.seed, step, mb, a.micro_batch_size, a.gpt.block_size)  # (B, T)
+            loss = StageModule.loss(y, targets)
+            loss_value = float(loss.detach())
+            (loss / a.micro_batches).backward()
+        else:
+            y.backward(grad_in)
+        if a.is_first:
+            return loss_value, None
+        grad = x.grad.detach()  # (B, T, C)
+        sent = self.behaviour.on_backward(AttackContext(step, mb, a.stage, self.identity.node_id), grad)
+        return loss_value, sent.contiguous()
+
+    # -- update ----------------------------------------------------------------------------------
+
+    async def apply_update(self, step: int, global_norm: float, lr: float) -> bytes:
+        a = self.assignment
+        if a is None or self.module is None or self.opt is None:
+            raise FailedPrecondition("this node serves no stage")
+        if self._grads_for != step:
+            raise FailedPrecondition(f"no finished gradients for step {step}")
+
+        def update():
+            clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
+            return state_digest(named_state(self.module, self.opt))
+
+        digest = await self._compute(update)
+        self.completed_step = step
+        self.state_commitment = digest
+        self._grads_for = None
+        self._forget_before(step + 1)
+        return digest
+
+    async def abort(self, step: int) -> None:
+        """Drop a failed step's partial work so it can be run again from the same state."""
+        if self.opt is not None and step == self.completed_step + 1:
+            await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
+            self._grads_for = None
+            for key in [k for k in self._inbox if k[0] == step]:
+                del self._inbox[key]
+            for key in [k for k in self._seen if k[0] == step]:
+                del self._seen[key]
+
+    async def snapshot(self, include_optimizer: bool) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
+        """A consistent copy of the stage state between updates: (named tensors, stage, last applied step).
+
+        Parameters are named as in the whole model (``blocks.3.attn.c_attn.weight``), so the
+        stages' snapshots merge into a ``GPT`` state dict.
+        """
+        if self.module is None or self.opt is None or self.assignment is None:
+            raise FailedPrecondition("this node serves no stage")
+
+        def copy():
+            named = [(n.removeprefix("param/"), t.clone()) for n, t in named_state(self.module, self.opt)
+                     if include_optimizer or n.startswith("param/")]
+            return named, self.completed_step
+
+        named, completed = await self._compute(copy)
+        return named, self.assignment.stage, completed
+
+    def _forget_before(self, next_step: int) -> None:
+        for key in [k for k in self._seen if k[0] < next_step]:
+            del self._seen[key]
+        for key in [k for k in self._inbox if k[0] < next_step]:
+            del self._inbox[key]
+        for key in [k for k in self.retained if k[0] < next_step - RETAINED_STEPS]:
+            del self.retained[key]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _replay_error(header: pb.TensorHeader) -> AlreadyExists:
+    return AlreadyExists(
+        f"replay: step {header.step} micro-batch {header.micro_batch} direction {header.direction} already received"
+    )

@@ -1,0 +1,283 @@
+"""Configuration: nested dataclasses, one loader that merges TOML file, environment and CLI.
+
+Precedence, lowest first: field defaults, the TOML file, environment variables
+(``PIPEGUARD_<SECTION>_<FIELD>``, e.g. ``PIPEGUARD_TRAIN_STEPS=50``; top-level fields are
+``PIPEGUARD_<FIELD>``), then CLI flags. Unknown keys are errors that list the valid ones.
+Each dataclass checks itself in ``__post_init__`` and says how to fix what is wrong.
+
+The sections both daemons share (network limits and timeouts) live here; each daemon's
+top-level config lives in its own package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says how to fix it."""
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:7000), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class NetConfig:
+    bind: str = "127.0.0.1:0"
+    """Address the gRPC server binds (HOST:PORT; port 0 picks a free port)."""
+    advertise: str = ""
+    """Address other daemons use to reach this one; empty means the bound address. Set it when
+    binding 0.0.0.0 or behind NAT/Docker (e.g. ``node3.example.org:7001``)."""
+    max_message_bytes: int = 4 * MiB
+    """Largest single gRPC message accepted or sent. Must exceed chunk_bytes."""
+    chunk_bytes: int = 1 * MiB
+    """Payload bytes per tensor stream chunk (~1 MiB is the measured sweet spot)."""
+    max_tensor_bytes: int = 1024 * MiB
+    """Largest tensor a daemon accepts; a larger claimed size is refused before allocating."""
+    tls_cert: str = ""
+    """Reserved for TLS (PEM certificate); empty runs plaintext gRPC."""
+    tls_key: str = ""
+    """Reserved for TLS (PEM private key)."""
+    tls_ca: str = ""
+    """Reserved for TLS (PEM CA bundle to verify peers)."""
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.bind, "net.bind")
+        if self.advertise:
+            parse_hostport(self.advertise, "net.advertise")
+        if self.chunk_bytes < 1024:
+            raise ConfigError("net.chunk_bytes must be at least 1024")
+        if self.max_message_bytes < self.chunk_bytes + 64 * 1024:
+            raise ConfigError(
+                f"net.max_message_bytes ({self.max_message_bytes}) must exceed net.chunk_bytes "
+                f"({self.chunk_bytes}) by at least 64 KiB of headroom"
+            )
+        if self.max_tensor_bytes < 1:
+            raise ConfigError("net.max_tensor_bytes must be positive")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+
+
+@dataclass
+class TimeoutConfig:
+    connect: float = 10.0
+    """Seconds to wait for a peer's channel to become ready."""
+    request: float = 30.0
+    """Deadline of an ordinary RPC (register, heartbeat, status, one tensor push)."""
+    step: float = 300.0
+    """Deadline of one training step on a stage (forward + backward of all micro-batches)."""
+    heartbeat_interval: float = 1.0
+    """Seconds between a node's heartbeats."""
+    heartbeat_timeout: float = 10.0
+    """A node with no heartbeat for this long is marked offline."""
+    retry_backoff: float = 0.2
+    """First retry delay after a failed RPC; doubles up to retry_max."""
+    retry_max: float = 5.0
+    """Largest retry delay."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"timeouts.{f.name} must be positive, got {getattr(self, f.name)}")
+        if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "timeouts.heartbeat_timeout must be more than twice timeouts.heartbeat_interval "
+                f"({self.heartbeat_timeout} <= 2 x {self.heartbeat_interval})"
+            )
+
+
+# -- the loader ------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, inner, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return typ(value) if typ is float or isinstance(value, (int, str)) else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
+
+
+def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    types = _field_types(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'top level'}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        typ = types[f.name]
+        path = f"{where}.{f.name}" if where else f.name
+        if is_dataclass(typ):
+            sub = values[f.name]
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"[{path}] must be a table")
+            kwargs[f.name] = _build(typ, sub, path)
+        else:
+            kwargs[f.name] = _coerce(values[f.name], typ, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # __post_init__ of model configs etc.
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _env_overrides(cls: type, prefix: str, environ: Mapping[str, str]) -> dict:
+    tree: dict = {}
+    types = _field_types(cls)
+    for f in fields(cls):
+        typ = types[f.name]
+        if is_dataclass(typ):
+            for sub in fields(typ):
+                key = f"{prefix}{f.name}_{sub.name}".upper()
+                if key in environ:
+                    _set_dotted(tree, f"{f.name}.{sub.name}", environ[key])
+        else:
+            key = f"{prefix}{f.name}".upper()
+            if key in environ:
+                tree[f.name] = environ[key]
+    return tree
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(
+    cls: type[T],
+    *,
+    path: str | Path | None = None,
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_prefix: str = "PIPEGUARD_",
+) -> T:
+    """Build ``cls`` from defaults < TOML file < environment < CLI (dotted keys, None skipped)."""
+    tree: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    tree = _merge(tree, _env_overrides(cls, env_prefix, os.environ if environ is None else environ))
+    for dotted, value in (cli or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    return _build(cls, tree, "")
+
+
+def to_toml(cfg: Any) -> str:
+    """Render a config dataclass as TOML (for logs and the status API)."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    top, sections = [], []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            body = "\n".join(f"{sf.name} = {scalar(getattr(v, sf.name))}" for sf in fields(v))
+            sections.append(f"[{f.name}]\n{body}")
+        else:
+            top.append(f"{f.name} = {scalar(v)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, docstring) for every field; feeds the README's reference."""
+    import ast
+    import inspect
+    import textwrap
+
+    def docs_of(c: type) -> dict[str, str]:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(c)))
+        out, body = {}, tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                out[a.target.id] = " ".join(b.value.value.split())
+        return out
+
+    rows = []
+    types = _field_types(cls)
+    docs = docs_of(cls)
+    for f in fields(cls):
+        typ = types[f.name]
+        if is_dataclass(typ):
+            sub_docs = docs_of(typ)
+            sub_types = _field_types(typ)
+            default = f.default_factory()  # type: ignore[misc]
+            for sf in fields(typ):
+                typ_name = getattr(sub_types[sf.name], "__name__", str(sub_types[sf.name]))
+                rows.append((f"{f.name}.{sf.name}", typ_name, getattr(default, sf.name), sub_docs.get(sf.name, "")))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f.name, getattr(typ, "__name__", str(typ)), default, docs.get(f.name, "")))
+    return rows
+

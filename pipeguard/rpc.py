@@ -1,0 +1,104 @@
+"""gRPC plumbing both daemons share: servers, channels, deadlines, retries, health, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pipeguard.config import NetConfig, TimeoutConfig, parse_hostport
+from pipeguard.errors import PipeguardError, Unavailable, from_rpc_error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Codes worth retrying: the peer may come back. Everything else is an answer.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop when it is installed; the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def setup_logging(level: str, prefix: str) -> None:
+    """Configure the root logger once, with the daemon's identity in every line."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)-7s [{prefix}] %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def set_log_prefix(prefix: str) -> None:
+    for handler in logging.getLogger().handlers:
+        fmt = f"%(asctime)s %(levelname)-7s [{prefix}] %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+
+
+async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None],
+                       service_names: list[str]) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
+    """Start a grpc.aio server with explicit message limits and the health service.
+
+    Returns the server, the address to advertise (``net.advertise`` or the bound address)
+    and the health servicer (set to SERVING for every name in ``service_names``).
+    """
+    server = grpc.aio.server(options=net.grpc_options())
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, port = parse_hostport(net.bind, "net.bind")
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(bind)
+    if bound == 0:
+        raise Unavailable(f"cannot bind {net.bind}")
+    await server.start()
+    advertise = net.advertise or (f"{host}:{bound}" if host not in ("0.0.0.0", "::") else f"127.0.0.1:{bound}")
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, advertise, health_servicer
+
+
+def channel(address: str, net: NetConfig) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=net.grpc_options())
+
+
+async def call_with_retry(fn: Callable[[], Awaitable[T]], timeouts: TimeoutConfig, what: str,
+                          attempts: int = 5) -> T:
+    """Await ``fn()``; retry transient failures with jittered exponential backoff.
+
+    gRPC errors come back as pipeguard's typed exceptions.
+    """
+    delay = timeouts.retry_backoff
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in RETRYABLE or attempt == attempts:
+                raise from_rpc_error(err) from None
+            log.debug("%s failed (%s), retry %d in %.2fs", what, err.code().name, attempt, delay)
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, timeouts.retry_max)
+    raise PipeguardError(f"{what}: unreachable")  # pragma: no cover
+
+
+def write_ready_file(path: str, **info: object) -> None:
+    """Atomically write ``info`` as JSON: tests and scripts learn the bound address from it."""
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, p)

@@ -1,0 +1,212 @@
+"""Local processes for a whole run on one machine: used by ``pipeguard testnet`` and the tests.
+
+Every daemon is a real subprocess on loopback with port 0; its bound address is learned from
+its ready file, and every wait polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+
+class TestnetError(RuntimeError):
+    """A daemon failed to start or a wait ran out."""
+
+    __test__ = False  # not a pytest test class
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition`` until it returns something truthy, or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TestnetError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+STARTED: "weakref.WeakSet[Daemon]" = weakref.WeakSet()
+"""Every daemon started in this process, so a test session can reap what a failure left."""
+
+
+@dataclass(eq=False)
+class Daemon:
+    name: str
+    argv: list[str]
+    ready_file: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+
+    def start(self) -> "Daemon":
+        self.ready_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **self.env}, start_new_session=True)
+        log.close()
+        STARTED.add(self)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        def ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise TestnetError(f"{self.name} exited with code {self.proc.returncode}; log:\n{self.log_tail()}")
+            if self.ready_file.exists():
+                return json.loads(self.ready_file.read_text())
+            return None
+
+        self.info = wait_for(ready, timeout, f"{self.name} to start")
+        return self.info
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def node_id(self) -> str:
+        return self.info["node_id"]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class LocalTestnet:
+    """A coordinator and nodes as local processes under ``workdir``."""
+
+    def __init__(self, workdir: Path, coordinator_toml: str = "", python: str = sys.executable):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.config_path = self.workdir / "run.toml"
+        self.config_path.write_text(coordinator_toml)
+        self.coordinator: Daemon | None = None
+        self.nodes: list[Daemon] = []
+
+    def start_coordinator(self, *extra: str, timeout: float = 60.0) -> Daemon:
+        d = self.workdir / "coordinator"
+        self.coordinator = Daemon(
+            "coordinator",
+            [self.python, "-m", "coordinator.daemon", "--config", str(self.config_path), "--bind", "127.0.0.1:0",
+             "--state-dir", str(d / "state"), "--ready-file", str(d / "ready.json"), *extra],
+            ready_file=d / "ready.json", log_path=d / "coordinator.log",
+        ).start()
+        self.coordinator.wait_ready(timeout)
+        return self.coordinator
+
+    def start_node(self, *extra: str, name: str | None = None, wait: bool = True, timeout: float = 60.0) -> Daemon:
+        assert self.coordinator is not None, "start the coordinator first"
+        name = name or f"node{len(self.nodes)}"
+        d = self.workdir / name
+        node = Daemon(
+            name,
+            [self.python, "-m", "node.daemon", "--coordinator", self.coordinator.address, "--bind", "127.0.0.1:0",
+             "--coordinator-key", self.coordinator.info["public_key"], "--home", str(d / "home"),
+             "--ready-file", str(d / "ready.json"), *extra],
+            ready_file=d / "ready.json", log_path=d / "node.log",
+        ).start()
+        self.nodes.append(node)
+        if wait:
+            node.wait_ready(timeout)
+        return node
+
+    # -- talking to the coordinator --------------------------------------------------------------
+
+    def channel(self) -> grpc.Channel:
+        assert self.coordinator is not None
+        return grpc.insecure_channel(self.coordinator.address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+
+    def status(self, history: int = 1000, timeout: float = 10.0) -> pb.StatusReply:
+        with self.channel() as ch:
+            return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(history=history), timeout=timeout)
+
+    def wait_registered(self, count: int, timeout: float = 60.0) -> pb.StatusReply:
+        return wait_for(lambda: (s := self.status()) if len(s.nodes) >= count else None, timeout,
+                        f"{count} nodes to register")
+
+    def wait_phase(self, phases: set[int], timeout: float) -> pb.StatusReply:
+        def reached():
+            self._check_alive()
+            s = self.status()
+            return s if s.phase in phases else None
+
+        return wait_for(reached, timeout, f"run phase in {sorted(pb.RunPhase.Name(p) for p in phases)}", 0.2)
+
+    def wait_finished(self, timeout: float) -> pb.StatusReply:
+        s = self.wait_phase({pb.RUN_PHASE_FINISHED, pb.RUN_PHASE_FAILED}, timeout)
+        if s.phase == pb.RUN_PHASE_FAILED:
+            events = "\n".join(f"  {e.kind}: {e.message}" for e in s.events)
+            raise TestnetError(f"run failed:\n{events}")
+        return s
+
+    def export_state(self, include_optimizer: bool = False, timeout: float = 60.0):
+        from pipeguard.tensors import StateAssembler
+
+        asm = StateAssembler(max_tensor_bytes=1 << 34)
+        with self.channel() as ch:
+            for chunk in pb_grpc.CoordinatorStub(ch).ExportState(
+                    pb.ExportRequest(include_optimizer=include_optimizer), timeout=timeout):
+                asm.add(chunk)
+        return asm.finish()
+
+    def _check_alive(self) -> None:
+        if self.coordinator is not None and not self.coordinator.alive():
+            raise TestnetError(f"coordinator died; log:\n{self.coordinator.log_tail()}")
+
+    def stop(self) -> None:
+        for d in [*self.nodes, self.coordinator]:
+            if d is not None:
+                d.stop()
+
+    def kill(self) -> None:
+        for d in [*self.nodes, self.coordinator]:
+            if d is not None:
+                d.kill()
+
+    def __enter__(self) -> "LocalTestnet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()

@@ -1,0 +1,506 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIRECTION_UNSPECIFIED: _ClassVar[Direction]
+    DIRECTION_FORWARD: _ClassVar[Direction]
+    DIRECTION_BACKWARD: _ClassVar[Direction]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_STAGE: _ClassVar[Role]
+    ROLE_STANDBY: _ClassVar[Role]
+    ROLE_OFFLINE: _ClassVar[Role]
+    ROLE_BANNED: _ClassVar[Role]
+
+class RunPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_PHASE_UNSPECIFIED: _ClassVar[RunPhase]
+    RUN_PHASE_WAITING: _ClassVar[RunPhase]
+    RUN_PHASE_TRAINING: _ClassVar[RunPhase]
+    RUN_PHASE_FINISHED: _ClassVar[RunPhase]
+    RUN_PHASE_FAILED: _ClassVar[RunPhase]
+DIRECTION_UNSPECIFIED: Direction
+DIRECTION_FORWARD: Direction
+DIRECTION_BACKWARD: Direction
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT64: DType
+ROLE_UNSPECIFIED: Role
+ROLE_STAGE: Role
+ROLE_STANDBY: Role
+ROLE_OFFLINE: Role
+ROLE_BANNED: Role
+RUN_PHASE_UNSPECIFIED: RunPhase
+RUN_PHASE_WAITING: RunPhase
+RUN_PHASE_TRAINING: RunPhase
+RUN_PHASE_FINISHED: RunPhase
+RUN_PHASE_FAILED: RunPhase
+
+class TensorHeader(_message.Message):
+    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    micro_batch: int
+    stage: int
+    direction: Direction
+    sender: str
+    receiver: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TensorCommitment(_message.Message):
+    __slots__ = ("header", "payload_digest", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: TensorHeader
+    payload_digest: bytes
+    signature: bytes
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., payload_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("header", "data", "payload_digest", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: TensorHeader
+    data: bytes
+    payload_digest: bytes
+    signature: bytes
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., payload_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("received_bytes",)
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("client_nonce",)
+    CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
+    client_nonce: bytes
+    def __init__(self, client_nonce: _Optional[bytes] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("coordinator_key", "run_id", "challenge", "client_nonce", "signature")
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    coordinator_key: bytes
+    run_id: str
+    challenge: bytes
+    client_nonce: bytes
+    signature: bytes
+    def __init__(self, coordinator_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., challenge: _Optional[bytes] = ..., client_nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("public_key", "address", "challenge", "version", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    address: str
+    challenge: bytes
+    version: str
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., challenge: _Optional[bytes] = ..., version: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("node_id", "run_id", "heartbeat_interval_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    run_id: str
+    heartbeat_interval_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+
+class PeerCounters(_message.Message):
+    __slots__ = ("peer", "accepted", "rejected", "last_reason")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    accepted: int
+    rejected: int
+    last_reason: str
+    def __init__(self, peer: _Optional[str] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., last_reason: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "seq", "tensors_sent", "tensors_received", "tensors_rejected", "peers", "signature")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_SENT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    seq: int
+    tensors_sent: int
+    tensors_received: int
+    tensors_rejected: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerCounters]
+    signature: bytes
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerCounters, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("role", "stage", "step", "banned")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BANNED_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    stage: int
+    step: int
+    banned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    N_LAYER_FIELD_NUMBER: _ClassVar[int]
+    N_HEAD_FIELD_NUMBER: _ClassVar[int]
+    N_EMBD_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    def __init__(self, block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    micro_batches: int
+    micro_batch_size: int
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    max_in_flight: int
+    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+
+class PeerInfo(_message.Message):
+    __slots__ = ("node_id", "address", "public_key")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    public_key: bytes
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("run_id", "epoch", "stage", "num_stages", "model", "train", "prev", "next", "node_id", "data_digest", "start_step", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    PREV_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    epoch: int
+    stage: int
+    num_stages: int
+    model: ModelSpec
+    train: TrainSpec
+    prev: PeerInfo
+    next: PeerInfo
+    node_id: str
+    data_digest: bytes
+    start_step: int
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., data_digest: _Optional[bytes] = ..., start_step: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AssignReply(_message.Message):
+    __slots__ = ("state_digest", "num_params")
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    state_digest: bytes
+    num_params: int
+    def __init__(self, state_digest: _Optional[bytes] = ..., num_params: _Optional[int] = ...) -> None: ...
+
+class RunStepRequest(_message.Message):
+    __slots__ = ("run_id", "epoch", "step", "node_id", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    epoch: int
+    step: int
+    node_id: str
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SQ_NORM_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    stage: int
+    node_id: str
+    state_digest: bytes
+    loss: float
+    grad_sq_norm: float
+    compute_seconds: float
+    micro_batches: int
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ApplyUpdateRequest(_message.Message):
+    __slots__ = ("run_id", "epoch", "step", "node_id", "global_grad_norm", "lr", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    epoch: int
+    step: int
+    node_id: str
+    global_grad_norm: float
+    lr: float
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., global_grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class UpdateReport(_message.Message):
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    stage: int
+    node_id: str
+    state_digest: bytes
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AbortStepRequest(_message.Message):
+    __slots__ = ("run_id", "step", "node_id", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    node_id: str
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FetchStateRequest(_message.Message):
+    __slots__ = ("run_id", "node_id", "include_optimizer", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    node_id: str
+    include_optimizer: bool
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., include_optimizer: _Optional[bool] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "data", "stage", "completed_steps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    stage: int
+    completed_steps: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stage: _Optional[int] = ..., completed_steps: _Optional[int] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("include_optimizer",)
+    INCLUDE_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    include_optimizer: bool
+    def __init__(self, include_optimizer: _Optional[bool] = ...) -> None: ...
+
+class FetchDataRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    def __init__(self, digest: _Optional[bytes] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("val_offset", "total_bytes", "data")
+    VAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    val_offset: int
+    total_bytes: int
+    data: bytes
+    def __init__(self, val_offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("history",)
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    history: int
+    def __init__(self, history: _Optional[int] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_SENT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BY_PEERS_FIELD_NUMBER: _ClassVar[int]
+    BAN_REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    role: Role
+    stage: int
+    heartbeat_age_s: float
+    tensors_sent: int
+    tensors_received: int
+    tensors_rejected: int
+    rejected_by_peers: int
+    ban_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ...) -> None: ...
+
+class LossPoint(_message.Message):
+    __slots__ = ("step", "loss", "tokens_per_s")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    tokens_per_s: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "time", "kind", "message", "node_id", "step")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time: float
+    kind: str
+    message: str
+    node_id: str
+    step: int
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    phase: RunPhase
+    step: int
+    total_steps: int
+    num_stages: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    losses: _containers.RepeatedCompositeFieldContainer[LossPoint]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    coordinator_key: str
+    config_toml: str
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("after_seq",)
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    def __init__(self, after_seq: _Optional[int] = ...) -> None: ...
