@@ -12,6 +12,7 @@ top-level config lives in its own package.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -237,7 +238,9 @@ def to_toml(cfg: Any) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A TOML basic string: JSON's escapes (\", \\, \n, \t, \uXXXX) are all valid TOML, so quotes,
+        # backslashes and control characters survive; DEL is the one JSON leaves raw and TOML forbids.
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
     top, sections = [], []
     for f in fields(cfg):
