@@ -92,7 +92,11 @@ class StepClock:
     async def assign(self) -> None:
         """Give stages to the longest-registered live nodes; the rest stand by."""
         n = self.cfg.pipeline.stages
-        chosen = self.registry.live_standbys()[:n]
+        live = self.registry.live_standbys()
+        # A node that served stage i before (e.g. across a coordinator restart) keeps it.
+        slots: list[NodeRecord | None] = [next((r for r in live if r.stage == i), None) for i in range(n)]
+        rest = iter(r for r in live if r not in slots)
+        chosen = [r if r is not None else next(rest) for r in slots]
         self.state.epoch += 1
         epoch = self.state.epoch
         t = self.cfg.train
@@ -116,6 +120,10 @@ class StepClock:
             *(self._call(rec, "Assign", req, self.cfg.timeouts.step) for rec, req in zip(chosen, requests)))
         for i, (rec, reply) in enumerate(zip(chosen, replies)):
             rec.role, rec.stage = pb.ROLE_STAGE, i
+            committed = self.state.commitments.get(str(i))
+            if self.state.step > 0 and committed != reply.state_digest.hex():
+                self.events.emit("commitment_mismatch", f"stage {i} on node {rec.node_id[:8]} holds a state it did "
+                                 f"not commit to at step {self.state.step}", node_id=rec.node_id, step=self.state.step)
             self.state.commitments[str(i)] = reply.state_digest.hex()
             self.events.emit("stage_assigned", f"stage {i} -> node {rec.node_id[:8]} at {rec.address} "
                              f"({reply.num_params} params)", node_id=rec.node_id, step=self.state.step)
@@ -125,37 +133,54 @@ class StepClock:
     # -- steps ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Train until the configured step count; never give up on the run.
+
+        When a step fails ``MAX_STEP_ATTEMPTS`` times in a row, the pipeline is formed again
+        from the live nodes (stage holders keep their stages and state) and training goes on.
+        """
         total = self.cfg.train.steps
-        if self.state.step >= total:
-            self.state.phase = pb.RUN_PHASE_FINISHED
-            self.persist()
-            return
-        self.state.phase = pb.RUN_PHASE_WAITING
-        self.events.emit("waiting", f"waiting for {self.cfg.pipeline.stages} nodes")
-        await self.wait_for_nodes()
-        await self.assign()
-        self.state.phase = pb.RUN_PHASE_TRAINING
-        self.events.emit("training", f"training steps {self.state.step}..{total - 1}")
+        failures = 0
+        need_assignment = True
         while self.state.step < total:
+            if need_assignment:
+                await self._form_pipeline()
+                need_assignment = False
             step = self.state.step
-            for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
-                try:
-                    async with self.step_lock:
-                        await self.run_step(step)
-                    break
-                except PipeguardError as exc:
-                    self.events.emit("step_failed", f"step {step} attempt {attempt} failed: {exc}", step=step)
-                    await self.abort_step(step)
-                    if attempt == MAX_STEP_ATTEMPTS:
-                        self.state.phase = pb.RUN_PHASE_FAILED
-                        self.persist()
-                        self.events.emit("run_failed", f"step {step} failed {attempt} times; stopping", step=step)
-                        return
-                    await asyncio.sleep(self.cfg.timeouts.retry_backoff * attempt)
+            try:
+                async with self.step_lock:
+                    await self.run_step(step)
+                failures = 0
+            except PipeguardError as exc:
+                failures += 1
+                self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
+                await self.abort_step(step)
+                if failures >= MAX_STEP_ATTEMPTS:
+                    failures = 0
+                    need_assignment = True
+                else:
+                    await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
         self.state.phase = pb.RUN_PHASE_FINISHED
         self.persist()
         last = self.state.losses[-1][1] if self.state.losses else float("nan")
         self.events.emit("finished", f"run finished after {total} steps, final loss {last:.4f}", step=total)
+
+    async def _form_pipeline(self) -> None:
+        self.state.phase = pb.RUN_PHASE_WAITING
+        self.persist()
+        self.events.emit("waiting", f"waiting for {self.cfg.pipeline.stages} live nodes to form the pipeline",
+                         step=self.state.step)
+        while True:
+            await self.wait_for_nodes()
+            try:
+                await self.assign()
+                break
+            except PipeguardError as exc:
+                self.events.emit("assign_failed", f"stage assignment failed: {exc}", step=self.state.step)
+                await asyncio.sleep(self.cfg.timeouts.retry_max)
+        self.state.phase = pb.RUN_PHASE_TRAINING
+        self.persist()
+        self.events.emit("training", f"training from step {self.state.step} to {self.cfg.train.steps - 1}",
+                         step=self.state.step)
 
     async def run_step(self, step: int) -> None:
         t0 = time.perf_counter()

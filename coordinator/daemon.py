@@ -18,7 +18,7 @@ from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
-from coordinator.state import EventLog, RunStore
+from coordinator.state import EventLog, RunStore, StateError
 
 log = logging.getLogger("coordinator")
 
@@ -83,7 +83,21 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
                 events.emit("node_offline", f"node {rec.node_id[:8]} missed heartbeats for "
                             f"{cfg.timeouts.heartbeat_timeout:.0f}s", node_id=rec.node_id, step=state.step)
 
-    clock_task = asyncio.create_task(clock.run())
+    async def drive() -> None:
+        try:
+            await clock.run()
+        except StateError as exc:
+            state.phase = pb.RUN_PHASE_FAILED
+            events.emit("run_failed", f"run state cannot be saved, training stopped: {exc}", step=state.step,
+                        persist=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must show up in status, not vanish with the task
+            log.exception("step clock crashed")
+            state.phase = pb.RUN_PHASE_FAILED
+            events.emit("run_failed", f"step clock crashed: {exc!r}", step=state.step, persist=False)
+
+    clock_task = asyncio.create_task(drive())
     monitor_task = asyncio.create_task(monitor())
     try:
         await stop.wait()

@@ -95,7 +95,8 @@ class Registry:
             self.nodes[node_id] = rec
         else:
             rec.address = req.address
-            if rec.role == pb.ROLE_OFFLINE:
+            if rec.role in (pb.ROLE_OFFLINE, pb.ROLE_STAGE):
+                # A node that registers again has restarted and lost its stage state.
                 rec.role, rec.stage = pb.ROLE_STANDBY, -1
         rec.last_heartbeat = time.monotonic()
         rec.heartbeat_seq = 0
@@ -120,7 +121,9 @@ class Registry:
             if p.peer in self.nodes and p.peer != rec.node_id:
                 self.rejected_by_peers.setdefault(p.peer, {})[rec.node_id] = p.rejected
         if rec.role == pb.ROLE_OFFLINE:
-            rec.role, rec.stage = pb.ROLE_STANDBY, -1
+            # Back without re-registering: it kept running (a partition, or our own restart),
+            # so it may still hold its stage; ``stage`` stays as a hint for reassignment.
+            rec.role = pb.ROLE_STANDBY
         return rec
 
     def rejected_count(self, node_id: str) -> int:

@@ -12,6 +12,7 @@ replayed bit for bit.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,15 @@ log = logging.getLogger(__name__)
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
 RETAINED_STEPS = 4
 """Steps of tensor commitments kept (sent and received) for audits and evidence."""
+
+
+@dataclass
+class Snapshot:
+    """The stage's state at the start of a step, kept so the run can roll back to it."""
+
+    module: dict
+    optimizer: dict
+    commitment: bytes
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,8 @@ class Assignment:
 class StageRuntime:
     """The state and schedule of the stage this node serves."""
 
-    def __init__(self, identity: Identity, peers: PeerPool, behaviour: Behaviour, step_timeout: float):
+    def __init__(self, identity: Identity, peers: PeerPool, behaviour: Behaviour, step_timeout: float,
+                 retain_snapshots: int = 2):
         self.identity = identity
         self.peers = peers
         self.behaviour = behaviour
@@ -127,6 +138,9 @@ class StageRuntime:
         self._wake = asyncio.Event()
         self._running: int | None = None
         self._grads_for: int | None = None
+        self.retain_snapshots = retain_snapshots
+        self.snapshots: dict[int, Snapshot] = {}
+        """step -> state at the start of that step, for the last ``retain_snapshots`` steps."""
         self.retained: dict[tuple[int, int, int], pb.TensorCommitment] = {}
         """(step, direction, micro_batch) -> commitment, for what this stage sent and received."""
 
@@ -136,24 +150,50 @@ class StageRuntime:
     # -- assignment ----------------------------------------------------------------------------
 
     async def assign(self, a: Assignment, dataset: Dataset, start_step: int) -> tuple[bytes, int]:
-        """Build the stage from the run seed; returns (state digest, parameter count)."""
-        spec = partition(a.gpt, a.num_stages)[a.stage]
+        """Take the stage; returns (state digest, parameter count).
 
-        def build():
-            module = StageModule(a.gpt, spec, a.seed)
-            opt = make_optimizer(module, a.optim)
-            return module, opt, state_digest(named_state(module, opt))
+        A node that already holds this very stage of this run, exactly ``start_step`` steps
+        in (a coordinator that restarted, new neighbours after a reassignment), keeps its
+        weights and optimizer state: only partial work of the unfinished step is dropped.
+        Otherwise the stage is built fresh from the run seed.
+        """
+        old = self.assignment
+        same_stage = (old is not None and self.module is not None and old.run_id == a.run_id
+                      and old.stage == a.stage and old.num_stages == a.num_stages and old.gpt == a.gpt
+                      and old.seed == a.seed)
+        if same_stage and self.completed_step >= start_step and start_step in self.snapshots:
+            # The coordinator lost the last update(s) we applied (it restarted mid-commit): go back.
+            await self.rollback(start_step)
+        keep = same_stage and self.completed_step == start_step - 1
+        if keep:
+            await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
+            module, digest = self.module, self.state_commitment
+        else:
+            if start_step != 0:
+                raise FailedPrecondition(
+                    f"asked to join at step {start_step} without holding the stage's state "
+                    "(state hand-over to a fresh node is not supported yet)")
+            spec = partition(a.gpt, a.num_stages)[a.stage]
 
-        module, opt, digest = await self._compute(build)
-        self.assignment, self.module, self.opt, self.dataset = a, module, opt, dataset
-        self.completed_step = start_step - 1
-        self.state_commitment = digest
+            def build():
+                module = StageModule(a.gpt, spec, a.seed)
+                opt = make_optimizer(module, a.optim)
+                return module, opt, state_digest(named_state(module, opt))
+
+            module, self.opt, digest = await self._compute(build)
+            self.module = module
+            self.snapshots.clear()
+            self.completed_step = start_step - 1
+            self.state_commitment = digest
+        self.assignment, self.dataset = a, dataset
         self._inbox.clear()
         self._seen.clear()
         self._running = self._grads_for = None
         n = sum(p.numel() for p in module.parameters())
-        log.info("serving stage %d/%d (blocks %d-%d, %d params), epoch %d",
-                 a.stage, a.num_stages, spec.first_block, spec.last_block - 1, n, a.epoch)
+        spec = module.spec
+        log.info("%s stage %d/%d (blocks %d-%d, %d params) at step %d, epoch %d",
+                 "keeping" if keep else "serving", a.stage, a.num_stages, spec.first_block, spec.last_block - 1, n,
+                 start_step, a.epoch)
         return digest, n
 
     # -- incoming tensors ----------------------------------------------------------------------
@@ -323,6 +363,10 @@ class StageRuntime:
             raise FailedPrecondition(f"no finished gradients for step {step}")
 
         def update():
+            self.snapshots[step] = Snapshot(copy.deepcopy(self.module.state_dict()),
+                                            copy.deepcopy(self.opt.state_dict()), self.state_commitment)
+            for old in sorted(self.snapshots)[:-self.retain_snapshots]:
+                del self.snapshots[old]
             clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
             return state_digest(named_state(self.module, self.opt))
 
@@ -332,6 +376,25 @@ class StageRuntime:
         self._grads_for = None
         self._forget_before(step + 1)
         return digest
+
+    async def rollback(self, step: int) -> None:
+        """Restore the state this stage held at the start of ``step`` (kept for the retention window)."""
+        snap = self.snapshots.get(step)
+        if snap is None or self.module is None or self.opt is None:
+            raise FailedPrecondition(f"no snapshot of the state at step {step} (kept: {sorted(self.snapshots)})")
+
+        def restore():
+            self.module.load_state_dict(snap.module)
+            self.opt.load_state_dict(snap.optimizer)
+            self.opt.zero_grad(set_to_none=True)
+
+        await self._compute(restore)
+        for later in [s for s in self.snapshots if s > step]:
+            del self.snapshots[later]
+        log.warning("rolled back from step %d to the start of step %d", self.completed_step + 1, step)
+        self.completed_step = step - 1
+        self.state_commitment = snap.commitment
+        self._grads_for = None
 
     async def abort(self, step: int) -> None:
         """Drop a failed step's partial work so it can be run again from the same state."""

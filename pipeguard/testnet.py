@@ -160,8 +160,12 @@ class LocalTestnet:
             return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(history=history), timeout=timeout)
 
     def wait_registered(self, count: int, timeout: float = 60.0) -> pb.StatusReply:
-        return wait_for(lambda: (s := self.status()) if len(s.nodes) >= count else None, timeout,
-                        f"{count} nodes to register")
+        def registered():
+            self._check_alive()
+            s = self.status()
+            return s if len(s.nodes) >= count else None
+
+        return wait_for(registered, timeout, f"{count} nodes to register")
 
     def wait_phase(self, phases: set[int], timeout: float) -> pb.StatusReply:
         def reached():
