@@ -49,12 +49,6 @@ class NetConfig:
     """Payload bytes per tensor stream chunk (~1 MiB is the measured sweet spot)."""
     max_tensor_bytes: int = 1024 * MiB
     """Largest tensor a daemon accepts; a larger claimed size is refused before allocating."""
-    tls_cert: str = ""
-    """Reserved for TLS (PEM certificate); empty runs plaintext gRPC."""
-    tls_key: str = ""
-    """Reserved for TLS (PEM private key)."""
-    tls_ca: str = ""
-    """Reserved for TLS (PEM CA bundle to verify peers)."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "net.bind")

@@ -1,0 +1,62 @@
+"""Rendering a StatusReply for people: the pipeline, the nodes, the loss trend, events."""
+
+from __future__ import annotations
+
+import time
+
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _role(r: int) -> str:
+    return pb.Role.Name(r).removeprefix("ROLE_").lower()
+
+
+def _phase(p: int) -> str:
+    return pb.RunPhase.Name(p).removeprefix("RUN_PHASE_").lower()
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    if len(values) > width:  # average into `width` buckets
+        step = len(values) / width
+        values = [sum(values[int(i * step):int((i + 1) * step)]) / max(1, int((i + 1) * step) - int(i * step))
+                  for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in values)
+
+
+def render(s: pb.StatusReply) -> str:
+    lines = [f"run {s.run_id}   phase {_phase(s.phase)}   step {s.step}/{s.total_steps}   "
+             f"stages {s.num_stages}   coordinator key {s.coordinator_key[:16]}…"]
+    stages = sorted((n for n in s.nodes if n.role == pb.ROLE_STAGE), key=lambda n: n.stage)
+    if stages:
+        lines.append("pipeline  " + " ──▶ ".join(f"[{n.stage}] {n.node_id[:8]}" for n in stages))
+    lines.append("")
+    header = f"{'NODE':<10} {'ROLE':<8} {'STAGE':>5} {'ADDRESS':<22} {'HEARTBEAT':>9} {'SENT':>6} {'RECV':>6} " \
+             f"{'REJECTED':>8} {'REJ BY PEERS':>12}  NOTE"
+    lines.append(header)
+    for n in s.nodes:
+        hb = f"{n.heartbeat_age_s:.1f}s ago" if n.heartbeat_age_s >= 0 else "never"
+        stage = str(n.stage) if n.role == pb.ROLE_STAGE else "-"
+        lines.append(f"{n.node_id[:8]:<10} {_role(n.role):<8} {stage:>5} {n.address:<22} {hb:>9} "
+                     f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>8} "
+                     f"{n.rejected_by_peers:>12}  {n.ban_reason}")
+    if s.losses:
+        losses = [p.loss for p in s.losses]
+        tps = sorted(p.tokens_per_s for p in s.losses)[len(s.losses) // 2]
+        lines += ["", f"loss      {losses[-1]:.4f} (step {s.losses[-1].step})   first shown {losses[0]:.4f}   "
+                      f"median {tps:,.0f} tokens/s",
+                  f"trend     {sparkline(losses)}"]
+    if s.events:
+        lines += ["", "recent events"]
+        lines += ["  " + render_event(e) for e in s.events[-10:]]
+    return "\n".join(lines)
+
+
+def render_event(e: pb.Event) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e.time))
+    return f"{when} {e.kind:<18} {e.message}"
