@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,9 @@ def load_plugin(spec: str) -> Behaviour:
     if module_spec is None or module_spec.loader is None:
         raise ValueError(f"cannot load attack plugin {file}")
     module = importlib.util.module_from_spec(module_spec)
+    # Registered before it runs, as importlib's recipe does: dataclasses and typing look the
+    # defining module up in sys.modules.
+    sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     cls = getattr(module, name, None)
     if cls is None:
