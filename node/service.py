@@ -131,12 +131,21 @@ class NodeService(pb_grpc.NodeServicer):
     async def PushTensor(self, request_iterator, context) -> pb.PushReply:
         claimed = {"sender": "unknown"}
 
+        async def noting_sender():
+            # Note the claimed sender from the first chunk, so that refusals made before
+            # admission (an oversized claim, a bad enum) are charged to it too.
+            first = True
+            async for chunk in request_iterator:
+                if first and chunk.header.sender in self.peer_keys:
+                    claimed["sender"] = chunk.header.sender
+                first = False
+                yield chunk
+
         def admit(header: pb.TensorHeader) -> PublicIdentity:
-            claimed["sender"] = header.sender if header.sender in self.peer_keys else "unknown"
             return self.runtime.admit(header, self.peer_keys)
 
         try:
-            rt = await receive_tensor(request_iterator, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
+            rt = await receive_tensor(noting_sender(), max_tensor_bytes=self.max_tensor_bytes, admit=admit)
             self.runtime.deliver(rt)
         except PipeguardError as exc:
             stats = self.peer_stats[claimed["sender"]]

@@ -1,0 +1,581 @@
+"""The Node gRPC service in-process: a real server on port 0, real stubs, hostile peers.
+
+The node under test serves the middle stage of a three-stage run. The test plays every other
+party with real Ed25519 keys: the coordinator (signs orders), the previous and next stages
+(push activations and gradients), a stranger, and a sink server that receives what the node
+sends on. Each hostile message must be answered with its precise status code, counted against
+the peer that claimed to send it, and leave the node serving: a valid push still succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import tracemalloc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from node.attacks import Behaviour
+from node.membership import Membership
+from node.peers import PeerPool
+from node.service import NodeService
+from node.stage import StageRuntime
+from pipeguard.config import NetConfig, TimeoutConfig
+from pipeguard.data import Dataset
+from pipeguard.identity import Identity
+from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
+from pipeguard.signing import sign, verify
+from pipeguard.tensors import StateAssembler, TensorSender, make_header, new_payload_hash, receive_tensor, state_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+RUN = "run-node-service"
+SEED = 21
+GPT = GPTConfig(block_size=8, vocab_size=256, n_layer=3, n_head=2, n_embd=16)
+MICRO_BATCHES, MICRO_BATCH_SIZE = 2, 2
+ACT_SHAPE = [MICRO_BATCH_SIZE, GPT.block_size, GPT.n_embd]  # (B, T, C): 1 KiB of float32
+STAGE = 1
+MAX_TENSOR_BYTES = 64 * 1024
+CHUNK_BYTES = 256  # so every tensor travels in several chunks
+DEADLINE = 10.0
+OPTIM = OptimSettings(lr=1e-3, warmup_steps=2, total_steps=10)
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+NET = NetConfig(chunk_bytes=16 * 1024, max_message_bytes=1024 * 1024, max_tensor_bytes=MAX_TENSOR_BYTES)
+
+
+# -- the test bed ------------------------------------------------------------------------------
+
+
+class Sink(pb_grpc.NodeServicer):
+    """Stands in for the neighbours' servers: verifies and keeps what the node sends them."""
+
+    def __init__(self, node: Identity):
+        self.node = node
+        self.received: list[pb.TensorCommitment] = []
+
+    async def PushTensor(self, request_iterator, context):
+        rt = await receive_tensor(request_iterator, max_tensor_bytes=MAX_TENSOR_BYTES,
+                                  admit=lambda header: self.node.public())
+        self.received.append(rt.commitment)
+        return pb.PushReply(received_bytes=rt.tensor.numel() * 4)
+
+
+@dataclass
+class Bed:
+    node: Identity
+    coord: Identity
+    prev: Identity
+    next: Identity
+    stranger: Identity
+    service: NodeService
+    runtime: StageRuntime
+    stub: pb_grpc.NodeStub
+    sink: Sink
+    sink_address: str
+    assign_reply: pb.AssignReply | None = None
+    epoch: int = 0
+    step: int = 0
+    pushed: int = field(default=0)
+
+    def peer_info(self, ident: Identity) -> pb.PeerInfo:
+        return pb.PeerInfo(node_id=ident.node_id, address=self.sink_address, public_key=ident.public_key)
+
+    def assign_request(self, epoch: int, **overrides) -> pb.AssignRequest:
+        req = pb.AssignRequest(
+            run_id=RUN, epoch=epoch, stage=STAGE, num_stages=3, node_id=self.node.node_id,
+            model=pb.ModelSpec(block_size=GPT.block_size, vocab_size=GPT.vocab_size, n_layer=GPT.n_layer,
+                               n_head=GPT.n_head, n_embd=GPT.n_embd),
+            train=pb.TrainSpec(seed=SEED, micro_batches=MICRO_BATCHES, micro_batch_size=MICRO_BATCH_SIZE,
+                               lr=OPTIM.lr, warmup_steps=OPTIM.warmup_steps, total_steps=OPTIM.total_steps,
+                               min_lr_ratio=OPTIM.min_lr_ratio, weight_decay=OPTIM.weight_decay,
+                               beta1=OPTIM.beta1, beta2=OPTIM.beta2, grad_clip=OPTIM.grad_clip),
+            prev=self.peer_info(self.prev), next=self.peer_info(self.next), data_digest=DATASET.digest,
+            start_step=0,
+        )
+        for name, value in overrides.items():
+            setattr(req, name, value)
+        return req
+
+    def tensor_chunks(self, sender: Identity | None = None, *, signer: Identity | None = None,
+                      step: int | None = None, micro_batch: int = 0, direction: int = FORWARD,
+                      stage: int | None = None, receiver: str | None = None, run_id: str = RUN,
+                      tensor: torch.Tensor | None = None) -> list[pb.TensorChunk]:
+        """A signed chunk stream; by default a valid activation from the previous stage."""
+        sender = sender or self.prev
+        if stage is None:
+            stage = STAGE - 1 if direction == FORWARD else STAGE + 1
+        if tensor is None:
+            tensor = torch.randn(ACT_SHAPE, generator=torch.Generator().manual_seed(self.pushed))
+            self.pushed += 1
+        header = make_header(run_id=run_id, step=self.step if step is None else step, micro_batch=micro_batch,
+                             stage=stage, direction=direction, sender=sender.node_id,
+                             receiver=receiver or self.node.node_id, tensor=tensor)
+        return list(TensorSender(header, tensor, signer or sender, CHUNK_BYTES).chunks())
+
+    async def push(self, chunks: list[pb.TensorChunk]) -> tuple[grpc.StatusCode, str]:
+        try:
+            await self.stub.PushTensor(iter(chunks), timeout=DEADLINE)
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    async def order(self, method: str, request, signer: Identity | None = None):
+        """Call an order RPC; ``signer`` None signs as the coordinator."""
+        signed = sign(request, signer or self.coord) if signer is not False else request
+        return await getattr(self.stub, method)(signed, timeout=DEADLINE)
+
+    def stats(self) -> dict[str, tuple[int, int, str]]:
+        return {peer: (s.accepted, s.rejected, s.last_reason) for peer, s in self.service.peer_stats.items()}
+
+
+g = torch.Generator().manual_seed(0)
+DATASET = Dataset(blob=bytes(torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8).tolist()),
+                  val_offset=3072)
+
+
+@contextlib.asynccontextmanager
+async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True):
+    node, coord, prev, nxt, stranger = (Identity.generate() for _ in range(5))
+    DATASET.save(_cache_path(home))  # Assign finds the dataset in the node's cache, no coordinator needed
+
+    sink = Sink(node)
+    sink_server = grpc.aio.server(options=NET.grpc_options())
+    pb_grpc.add_NodeServicer_to_server(sink, sink_server)
+    sink_port = sink_server.add_insecure_port("127.0.0.1:0")
+    await sink_server.start()
+
+    timeouts = TimeoutConfig(request=DEADLINE, step=DEADLINE, retry_backoff=0.05, retry_max=0.2)
+    peers = PeerPool(node, NET, timeouts)
+    runtime = StageRuntime(node, peers, Behaviour(), step_timeout=DEADLINE)
+    service: NodeService | None = None
+    # Points at a port nothing listens on; run() is never called, the test plays the coordinator.
+    membership = Membership(node, "127.0.0.1:9", "", home, NET, timeouts, stats=lambda: service.heartbeat_stats())
+    if registered:
+        membership.coordinator_key, membership.run_id = coord.public(), RUN
+    service = NodeService(node, runtime, membership, MAX_TENSOR_BYTES, NET.chunk_bytes)
+    server = grpc.aio.server(options=NET.grpc_options())
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NET.grpc_options())
+    bed = Bed(node=node, coord=coord, prev=prev, next=nxt, stranger=stranger, service=service, runtime=runtime,
+              stub=pb_grpc.NodeStub(channel), sink=sink, sink_address=f"127.0.0.1:{sink_port}")
+    try:
+        if assigned:
+            bed.epoch = 1
+            bed.assign_reply = await bed.order("Assign", bed.assign_request(epoch=1))
+        yield bed
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await sink_server.stop(None)
+        runtime.close()
+        await peers.close()
+        await membership.close()
+
+
+def _cache_path(home: Path) -> Path:
+    path = home / "data" / f"{DATASET.digest.hex()}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def run_one_step(bed: Bed) -> tuple[pb.StepReport, pb.UpdateReport]:
+    """Drive one whole step as coordinator and both neighbours; the node's state moves on."""
+    for mb in range(MICRO_BATCHES):
+        assert await bed.push(bed.tensor_chunks(micro_batch=mb)) == (grpc.StatusCode.OK, "")
+        grad = bed.tensor_chunks(bed.next, micro_batch=mb, direction=BACKWARD)
+        assert await bed.push(grad) == (grpc.StatusCode.OK, "")
+    report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=bed.step,
+                                                          node_id=bed.node.node_id))
+    lr = lr_at(bed.step, OPTIM)
+    update = await bed.order("ApplyUpdate", pb.ApplyUpdateRequest(
+        run_id=RUN, epoch=bed.epoch, step=bed.step, node_id=bed.node.node_id,
+        global_grad_norm=math.sqrt(report.grad_sq_norm), lr=lr))
+    bed.step += 1
+    return report, update
+
+
+# -- a healthy node --------------------------------------------------------------------------
+
+
+def _expected_stage_state():
+    module = StageModule(GPT, partition(GPT, 3)[STAGE], SEED)
+    return module, make_optimizer(module, OPTIM)
+
+
+def test_assign_builds_the_stage_the_order_describes(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            module, opt = _expected_stage_state()
+            assert bed.assign_reply.state_digest == state_digest(named_state(module, opt))
+            assert bed.assign_reply.num_params == sum(p.numel() for p in module.parameters())
+
+            chunks = [c async for c in bed.stub.FetchState(
+                sign(pb.FetchStateRequest(run_id=RUN, node_id=bed.node.node_id), bed.coord), timeout=DEADLINE)]
+            asm = StateAssembler(MAX_TENSOR_BYTES)
+            for c in chunks:
+                asm.add(c)
+            got = asm.finish()
+            assert chunks[0].completed_steps == 0 and {c.stage for c in chunks} == {STAGE}
+            expected = module.state_dict()
+            assert set(got) == set(expected) and all(n.startswith("blocks.1.") for n in got)
+            for name, t in expected.items():
+                assert torch.equal(got[name], t), name
+
+    run(scenario())
+
+
+def test_middle_stage_runs_a_signed_step_over_grpc(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            report, update = await run_one_step(bed)
+
+            verify(report, bed.node.public(), what="step report")
+            verify(update, bed.node.public(), what="update report")
+            assert (report.run_id, report.step, report.stage, report.node_id) == (RUN, 0, STAGE, bed.node.node_id)
+            assert report.state_digest == bed.assign_reply.state_digest, "commits to the state it started from"
+            assert report.micro_batches == MICRO_BATCHES and report.grad_sq_norm > 0
+            assert update.state_digest != report.state_digest, "the update moved the weights"
+
+            # it sent one activation forward and one gradient back per micro-batch, each signed for its receiver
+            sent = sorted((c.header.direction, c.header.micro_batch, c.header.receiver) for c in bed.sink.received)
+            assert sent == sorted([(FORWARD, mb, bed.next.node_id) for mb in range(MICRO_BATCHES)]
+                                  + [(BACKWARD, mb, bed.prev.node_id) for mb in range(MICRO_BATCHES)])
+            assert all(c.header.stage == STAGE and c.header.step == 0 for c in bed.sink.received)
+
+            hb = bed.service.heartbeat_stats()
+            assert (hb.tensors_sent, hb.tensors_received, hb.tensors_rejected) == (4, 4, 0)
+            assert bed.stats() == {bed.prev.node_id: (2, 0, ""), bed.next.node_id: (2, 0, "")}
+
+            # the next step's tensors are welcome now
+            assert await bed.push(bed.tensor_chunks(step=1)) == (grpc.StatusCode.OK, "")
+
+    run(scenario())
+
+
+# -- hostile tensors ---------------------------------------------------------------------------
+
+
+class Fault(enum.Enum):
+    BAD_SIGNATURE = "signature bytes flipped"
+    IMPERSONATION = "claims to be the previous stage, signed with another key"
+    UNKNOWN_SENDER = "signed by a key the node does not know"
+    BANNED_SENDER = "sender is on the ban list"
+    NOT_THE_NEIGHBOUR = "the next stage sends an activation"
+    WRONG_DIRECTION = "the previous stage sends a gradient"
+    WRONG_STAGE = "the previous stage claims another stage index"
+    WRONG_RECEIVER = "addressed to another node"
+    WRONG_SHAPE = "activation of the wrong shape"
+    WRONG_DTYPE = "activation of the wrong dtype"
+    MICRO_BATCH_OUT_OF_RANGE = "micro-batch index beyond the step's micro-batches"
+    WRONG_RUN = "tensor of another run"
+    REPLAY = "a valid message sent twice"
+    STALE_STEP = "tensor for a step already applied"
+    FUTURE_STEP = "tensor for a step not yet started"
+    OVERSIZED = "claimed size over max_tensor_bytes"
+    TRUNCATED = "stream ends before the signed last chunk"
+    EXTRA_BYTES = "more payload than the shape allows"
+    PAYLOAD_TAMPERED = "payload bytes changed after signing"
+    DIGEST_REPLACED = "payload changed and its digest recomputed, signature kept"
+    NO_HEADER = "first chunk without a header"
+
+
+C = grpc.StatusCode
+# fault -> (status, who is charged: "prev", "next" or "unknown", a fragment of the details)
+EXPECTED = {
+    Fault.BAD_SIGNATURE: (C.UNAUTHENTICATED, "prev", "bad signature"),
+    Fault.IMPERSONATION: (C.UNAUTHENTICATED, "prev", "bad signature"),
+    Fault.UNKNOWN_SENDER: (C.UNAUTHENTICATED, "unknown", "unknown sender"),
+    Fault.BANNED_SENDER: (C.PERMISSION_DENIED, "prev", "banned"),
+    Fault.NOT_THE_NEIGHBOUR: (C.PERMISSION_DENIED, "next", "does not serve stage 0"),
+    Fault.WRONG_DIRECTION: (C.PERMISSION_DENIED, "prev", "does not serve stage 2"),
+    Fault.WRONG_STAGE: (C.PERMISSION_DENIED, "prev", "does not serve stage 0"),
+    Fault.WRONG_RECEIVER: (C.INVALID_ARGUMENT, "prev", "not this node"),
+    Fault.WRONG_SHAPE: (C.INVALID_ARGUMENT, "prev", "expected float32 [2, 8, 16]"),
+    Fault.WRONG_DTYPE: (C.INVALID_ARGUMENT, "prev", "expected float32 [2, 8, 16]"),
+    Fault.MICRO_BATCH_OUT_OF_RANGE: (C.INVALID_ARGUMENT, "prev", "out of range"),
+    Fault.WRONG_RUN: (C.FAILED_PRECONDITION, "prev", "tensor is for run"),
+    Fault.REPLAY: (C.ALREADY_EXISTS, "prev", "replay"),
+    Fault.STALE_STEP: (C.FAILED_PRECONDITION, "prev", "this stage is at step 1"),
+    Fault.FUTURE_STEP: (C.FAILED_PRECONDITION, "prev", "this stage is at step 0"),
+    Fault.OVERSIZED: (C.RESOURCE_EXHAUSTED, "prev", "exceeds the limit"),
+    Fault.TRUNCATED: (C.DATA_LOSS, "prev", "without a signature"),
+    Fault.EXTRA_BYTES: (C.INVALID_ARGUMENT, "prev", "longer than its shape allows"),
+    # The signature covers the claimed digest and is checked first; the bytes are then
+    # compared with it. So changed bytes under an intact signature are DATA_LOSS (errors.DataLoss:
+    # "payload bytes do not match their signed digest"), and a recomputed digest breaks the
+    # signature: UNAUTHENTICATED.
+    Fault.PAYLOAD_TAMPERED: (C.DATA_LOSS, "prev", "do not match the signed digest"),
+    Fault.DIGEST_REPLACED: (C.UNAUTHENTICATED, "prev", "bad signature"),
+    Fault.NO_HEADER: (C.INVALID_ARGUMENT, "unknown", "must carry the header"),
+}
+
+
+def _replace(chunks: list[pb.TensorChunk], i: int, **fields) -> list[pb.TensorChunk]:
+    c = pb.TensorChunk()
+    c.CopyFrom(chunks[i])
+    for name, value in fields.items():
+        if name == "header":
+            c.header.CopyFrom(value)
+        else:
+            setattr(c, name, value)
+    return chunks[:i] + [c] + chunks[i + 1:]
+
+
+def _flip(b: bytes) -> bytes:
+    return bytes([b[0] ^ 0x01]) + b[1:]
+
+
+async def hostile(bed: Bed, fault: Fault) -> list[pb.TensorChunk]:
+    """Set the scene for ``fault`` and return the offending stream (always for micro-batch 0)."""
+    if fault is Fault.BAD_SIGNATURE:
+        chunks = bed.tensor_chunks()
+        return _replace(chunks, -1, signature=_flip(chunks[-1].signature))
+    if fault is Fault.IMPERSONATION:
+        return bed.tensor_chunks(bed.prev, signer=bed.stranger)
+    if fault is Fault.UNKNOWN_SENDER:
+        return bed.tensor_chunks(bed.stranger)
+    if fault is Fault.BANNED_SENDER:
+        bed.runtime.banned = {bed.prev.node_id}  # what Membership.on_banned does on a heartbeat reply
+        return bed.tensor_chunks()
+    if fault is Fault.NOT_THE_NEIGHBOUR:
+        return bed.tensor_chunks(bed.next, direction=FORWARD, stage=STAGE - 1)
+    if fault is Fault.WRONG_DIRECTION:
+        return bed.tensor_chunks(bed.prev, direction=BACKWARD, stage=STAGE - 1)
+    if fault is Fault.WRONG_STAGE:
+        return bed.tensor_chunks(stage=STAGE + 1)
+    if fault is Fault.WRONG_RECEIVER:
+        return bed.tensor_chunks(receiver=bed.next.node_id)
+    if fault is Fault.WRONG_SHAPE:
+        return bed.tensor_chunks(tensor=torch.randn(ACT_SHAPE[0], ACT_SHAPE[1] + 1, ACT_SHAPE[2]))
+    if fault is Fault.WRONG_DTYPE:
+        return bed.tensor_chunks(tensor=torch.randn(ACT_SHAPE).to(torch.float16))
+    if fault is Fault.MICRO_BATCH_OUT_OF_RANGE:
+        return bed.tensor_chunks(micro_batch=MICRO_BATCHES)
+    if fault is Fault.WRONG_RUN:
+        return bed.tensor_chunks(run_id="another-run")
+    if fault is Fault.REPLAY:
+        chunks = bed.tensor_chunks()
+        assert await bed.push(chunks) == (C.OK, "")
+        return chunks
+    if fault is Fault.STALE_STEP:
+        await run_one_step(bed)
+        return bed.tensor_chunks(step=bed.step - 1)
+    if fault is Fault.FUTURE_STEP:
+        return bed.tensor_chunks(step=bed.step + 1)
+    if fault is Fault.OVERSIZED:
+        header = bed.tensor_chunks()[0].header
+        del header.shape[:]
+        header.shape.extend([1024, 1024, 16])  # 64 MiB of float32 against a 64 KiB limit
+        return [pb.TensorChunk(header=header, data=b"\x00" * 64)]
+    if fault is Fault.TRUNCATED:
+        chunks = bed.tensor_chunks()
+        assert len(chunks) == 4
+        return chunks[:-1]
+    if fault is Fault.EXTRA_BYTES:
+        chunks = bed.tensor_chunks()
+        return _replace(chunks, -1, data=chunks[-1].data + b"\x00\x00\x00\x00")
+    if fault is Fault.PAYLOAD_TAMPERED:
+        chunks = bed.tensor_chunks()
+        return _replace(chunks, 1, data=_flip(chunks[1].data))
+    if fault is Fault.DIGEST_REPLACED:
+        chunks = _replace(bed.tensor_chunks(), 1, data=b"\x00" * CHUNK_BYTES)
+        h = new_payload_hash(pb.DTYPE_FLOAT32, ACT_SHAPE)
+        for c in chunks:
+            h.update(c.data)
+        return _replace(chunks, -1, payload_digest=h.digest())
+    if fault is Fault.NO_HEADER:
+        chunks = bed.tensor_chunks()
+        first = pb.TensorChunk()
+        first.CopyFrom(chunks[0])
+        first.ClearField("header")
+        return [first] + chunks[1:]
+    raise AssertionError(f"no scenario for {fault}")
+
+
+@pytest.mark.parametrize("fault", list(Fault), ids=lambda f: f.name.lower())
+def test_hostile_tensor_is_refused_counted_and_survived(tmp_path, fault):
+    code, charged, fragment = EXPECTED[fault]
+
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            chunks = await hostile(bed, fault)
+            peer = {"prev": bed.prev.node_id, "next": bed.next.node_id, "unknown": "unknown"}[charged]
+            before = bed.stats()
+            received_before = bed.service.heartbeat_stats().tensors_received
+
+            tracemalloc.start()
+            try:
+                got_code, details = await bed.push(chunks)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+
+            assert got_code == code, f"{fault.value}: expected {code.name}, got {got_code.name} ({details})"
+            assert fragment in details, details
+            assert peak < 16 * 1024 * 1024, f"{fault.value}: {peak} bytes allocated while refusing"
+
+            # counted against the peer that claimed to send it, nobody else
+            acc, rej, _ = before.get(peer, (0, 0, ""))
+            assert bed.stats()[peer] == (acc, rej + 1, code.name)
+            assert {p: s for p, s in bed.stats().items() if p != peer} == \
+                {p: s for p, s in before.items() if p != peer}
+            hb = bed.service.heartbeat_stats()
+            assert hb.tensors_rejected == 1 and hb.tensors_received == received_before
+            assert {p.peer: (p.rejected, p.last_reason) for p in hb.peers}[peer] == (rej + 1, code.name)
+
+            # and the node keeps serving: a valid activation is still accepted
+            bed.runtime.banned = set()
+            assert await bed.push(bed.tensor_chunks(micro_batch=1)) == (C.OK, "")
+            assert bed.stats()[bed.prev.node_id][0] == before.get(bed.prev.node_id, (0, 0, ""))[0] + 1
+
+    run(scenario())
+
+
+def test_valid_gradient_from_the_next_stage_is_accepted(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            chunks = bed.tensor_chunks(bed.next, direction=BACKWARD)
+            assert await bed.push(chunks) == (C.OK, "")
+            assert bed.stats() == {bed.next.node_id: (1, 0, "")}
+            # the node keeps the sender's signed commitment for audits
+            kept = bed.runtime.retained[(0, BACKWARD, 0)]
+            verify(kept, bed.next.public(), what="retained commitment")
+            assert kept.payload_digest == chunks[-1].payload_digest
+
+    run(scenario())
+
+
+def test_tensors_before_assignment_are_refused(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path, assigned=False) as bed:
+            code, details = await bed.push(bed.tensor_chunks())
+            assert code == C.FAILED_PRECONDITION and "serves no stage" in details
+
+    run(scenario())
+
+
+# -- hostile orders ------------------------------------------------------------------------------
+
+
+class OrderFault(enum.Enum):
+    ASSIGN_FROM_ROGUE = "Assign signed by a key that is not the coordinator's"
+    RUN_STEP_FROM_ROGUE = "RunStep signed by a key that is not the coordinator's"
+    APPLY_UPDATE_FROM_ROGUE = "ApplyUpdate signed by a rogue key"
+    ABORT_FROM_ROGUE = "AbortStep signed by a rogue key"
+    FETCH_STATE_FROM_ROGUE = "FetchState signed by a rogue key"
+    RUN_STEP_UNSIGNED = "RunStep without a signature"
+    RUN_STEP_SIGNED_BY_NEIGHBOUR = "RunStep signed by a pipeline neighbour"
+    RUN_STEP_TAMPERED = "RunStep changed after the coordinator signed it"
+    RUN_STEP_FOR_ANOTHER_NODE = "RunStep addressed to another node"
+    RUN_STEP_OTHER_RUN = "RunStep of another run"
+    RUN_STEP_OLD_EPOCH = "RunStep for an assignment epoch the node does not hold"
+    ASSIGN_OLD_EPOCH = "Assign not newer than the current assignment"
+    ASSIGN_PEER_KEY_MISMATCH = "Assign names a peer whose id does not match its key"
+    NOT_REGISTERED = "any order before the node registered with a coordinator"
+
+
+ORDER_EXPECTED = {
+    OrderFault.ASSIGN_FROM_ROGUE: (C.UNAUTHENTICATED, "bad signature on assign order"),
+    OrderFault.RUN_STEP_FROM_ROGUE: (C.UNAUTHENTICATED, "bad signature on run-step order"),
+    OrderFault.APPLY_UPDATE_FROM_ROGUE: (C.UNAUTHENTICATED, "bad signature on apply-update order"),
+    OrderFault.ABORT_FROM_ROGUE: (C.UNAUTHENTICATED, "bad signature on abort-step order"),
+    OrderFault.FETCH_STATE_FROM_ROGUE: (C.UNAUTHENTICATED, "bad signature on fetch-state order"),
+    OrderFault.RUN_STEP_UNSIGNED: (C.UNAUTHENTICATED, "bad signature"),
+    OrderFault.RUN_STEP_SIGNED_BY_NEIGHBOUR: (C.UNAUTHENTICATED, "bad signature"),
+    OrderFault.RUN_STEP_TAMPERED: (C.UNAUTHENTICATED, "bad signature"),
+    OrderFault.RUN_STEP_FOR_ANOTHER_NODE: (C.INVALID_ARGUMENT, "not this node"),
+    OrderFault.RUN_STEP_OTHER_RUN: (C.FAILED_PRECONDITION, "another-run"),
+    OrderFault.RUN_STEP_OLD_EPOCH: (C.FAILED_PRECONDITION, "epoch"),
+    OrderFault.ASSIGN_OLD_EPOCH: (C.FAILED_PRECONDITION, "not newer"),
+    OrderFault.ASSIGN_PEER_KEY_MISMATCH: (C.INVALID_ARGUMENT, "does not match its public key"),
+    OrderFault.NOT_REGISTERED: (C.FAILED_PRECONDITION, "not registered"),
+}
+
+
+async def hostile_order(bed: Bed, fault: OrderFault):
+    rogue = Identity.generate()
+    me = bed.node.node_id
+    step = pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me)
+    if fault is OrderFault.ASSIGN_FROM_ROGUE:
+        return await bed.order("Assign", bed.assign_request(epoch=2), signer=rogue)
+    if fault in (OrderFault.RUN_STEP_FROM_ROGUE, OrderFault.NOT_REGISTERED):
+        return await bed.order("RunStep", step, signer=rogue if fault is OrderFault.RUN_STEP_FROM_ROGUE else None)
+    if fault is OrderFault.APPLY_UPDATE_FROM_ROGUE:
+        return await bed.order("ApplyUpdate", pb.ApplyUpdateRequest(
+            run_id=RUN, epoch=bed.epoch, step=0, node_id=me, global_grad_norm=1.0, lr=lr_at(0, OPTIM)), signer=rogue)
+    if fault is OrderFault.ABORT_FROM_ROGUE:
+        return await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, step=0, node_id=me), signer=rogue)
+    if fault is OrderFault.FETCH_STATE_FROM_ROGUE:
+        stream = bed.stub.FetchState(sign(pb.FetchStateRequest(run_id=RUN, node_id=me), rogue), timeout=DEADLINE)
+        return [c async for c in stream]
+    if fault is OrderFault.RUN_STEP_UNSIGNED:
+        return await bed.order("RunStep", step, signer=False)
+    if fault is OrderFault.RUN_STEP_SIGNED_BY_NEIGHBOUR:
+        return await bed.order("RunStep", step, signer=bed.prev)
+    if fault is OrderFault.RUN_STEP_TAMPERED:
+        signed = sign(step, bed.coord)
+        signed.step = 1
+        return await bed.stub.RunStep(signed, timeout=DEADLINE)
+    if fault is OrderFault.RUN_STEP_FOR_ANOTHER_NODE:
+        step.node_id = bed.prev.node_id
+        return await bed.order("RunStep", step)
+    if fault is OrderFault.RUN_STEP_OTHER_RUN:
+        step.run_id = "another-run"
+        return await bed.order("RunStep", step)
+    if fault is OrderFault.RUN_STEP_OLD_EPOCH:
+        step.epoch = bed.epoch + 5
+        return await bed.order("RunStep", step)
+    if fault is OrderFault.ASSIGN_OLD_EPOCH:
+        return await bed.order("Assign", bed.assign_request(epoch=bed.epoch))
+    if fault is OrderFault.ASSIGN_PEER_KEY_MISMATCH:
+        req = bed.assign_request(epoch=bed.epoch + 1)
+        req.prev.public_key = bed.stranger.public_key
+        return await bed.order("Assign", req)
+    raise AssertionError(f"no scenario for {fault}")
+
+
+@pytest.mark.parametrize("fault", list(OrderFault), ids=lambda f: f.name.lower())
+def test_order_not_from_the_coordinator_is_refused(tmp_path, fault):
+    code, fragment = ORDER_EXPECTED[fault]
+
+    async def scenario():
+        registered = fault is not OrderFault.NOT_REGISTERED
+        async with node_bed(tmp_path, registered=registered, assigned=registered) as bed:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await hostile_order(bed, fault)
+            assert err.value.code() == code, f"{fault.value}: {err.value.code().name} ({err.value.details()})"
+            assert fragment in err.value.details()
+            if fault is OrderFault.NOT_REGISTERED:
+                return
+            # nothing changed: the assignment stands and a genuine order still works
+            assert bed.service.epoch == bed.epoch
+            report, _ = await run_one_step(bed)
+            assert report.step == 0 and report.state_digest == bed.assign_reply.state_digest
+
+    run(scenario())
+
+
+def test_apply_update_refuses_a_learning_rate_off_schedule(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.order("ApplyUpdate", pb.ApplyUpdateRequest(
+                    run_id=RUN, epoch=bed.epoch, step=0, node_id=bed.node.node_id, global_grad_norm=1.0,
+                    lr=10 * lr_at(0, OPTIM)))
+            assert err.value.code() == C.INVALID_ARGUMENT and "does not follow the schedule" in err.value.details()
+
+    run(scenario())
