@@ -1,0 +1,334 @@
+"""The Coordinator gRPC service in-process: registration, heartbeats, dataset, status.
+
+A real CoordinatorService (registry, step clock, run store, event log) is served on port 0;
+the clock is never started. Nodes are played by the test with real Ed25519 keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from coordinator.clock import StepClock
+from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig
+from coordinator.registry import Registry
+from coordinator.service import CoordinatorService
+from coordinator.state import EventLog, RunStore
+from pipeguard.config import NetConfig, TimeoutConfig
+from pipeguard.data import Dataset
+from pipeguard.identity import Identity, node_id_for
+from pipeguard.signing import sign, verify
+from pipeguard.v1 import pipeguard_pb2 as pb
+from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+RUN = "run-coordinator-service"
+DEADLINE = 10.0
+C = grpc.StatusCode
+
+g = torch.Generator().manual_seed(0)
+DATASET = Dataset(blob=bytes(torch.randint(0, 256, (50_000,), generator=g, dtype=torch.uint8).tolist()),
+                  val_offset=45_000)
+
+
+@dataclass
+class Bed:
+    coord: Identity
+    service: CoordinatorService
+    registry: Registry
+    stub: pb_grpc.CoordinatorStub
+
+    async def hello(self) -> pb.HelloReply:
+        return await self.stub.Hello(pb.HelloRequest(client_nonce=os.urandom(16)), timeout=DEADLINE)
+
+    async def register(self, node: Identity, address: str = "127.0.0.1:7101", **overrides) -> pb.RegisterReply:
+        hello = await self.hello()
+        req = pb.RegisterRequest(public_key=node.public_key, address=address, challenge=hello.challenge,
+                                 version="test")
+        sign(req, node)
+        for name, value in overrides.items():
+            setattr(req, name, value)
+        return await self.stub.Register(req, timeout=DEADLINE)
+
+    async def heartbeat(self, node: Identity, seq: int, signer: Identity | None = None,
+                        **fields) -> pb.HeartbeatReply:
+        req = pb.HeartbeatRequest(node_id=node.node_id, seq=seq, **fields)
+        return await self.stub.Heartbeat(sign(req, signer or node), timeout=DEADLINE)
+
+
+@contextlib.asynccontextmanager
+async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE):
+    cfg = CoordinatorConfig(run_id=RUN, state_dir=str(state_dir),
+                            model=ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16),
+                            pipeline=PipelineConfig(stages=2),
+                            net=NetConfig(bind="127.0.0.1:0", chunk_bytes=16 * 1024, max_message_bytes=1 << 20),
+                            timeouts=TimeoutConfig(heartbeat_interval=0.5, heartbeat_timeout=30.0))
+    store = RunStore(state_dir)
+    coord = Identity.load_or_create(store.key_path)
+    state, resumed = store.load_or_create(cfg.run_id)
+    assert not resumed
+    events = EventLog(store)
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl)
+    clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
+    service = CoordinatorService(cfg, coord, registry, clock, events, DATASET)
+    server = grpc.aio.server(options=cfg.net.grpc_options())
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=cfg.net.grpc_options())
+    try:
+        yield Bed(coord=coord, service=service, registry=registry, stub=pb_grpc.CoordinatorStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await clock.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- the happy path --------------------------------------------------------------------------
+
+
+def test_hello_is_signed_by_the_coordinator_and_echoes_the_nonce(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            nonce = os.urandom(16)
+            a = await bed.stub.Hello(pb.HelloRequest(client_nonce=nonce), timeout=DEADLINE)
+            b = await bed.hello()
+            assert a.coordinator_key == bed.coord.public_key and a.run_id == RUN and a.client_nonce == nonce
+            verify(a, bed.coord.public(), what="hello")
+            assert len(a.challenge) == 32 and a.challenge != b.challenge, "every Hello gets a fresh challenge"
+            # the key a node may pin is the one on disk, reused across restarts
+            assert Identity.load_or_create(tmp_path / "coordinator.key").public_key == a.coordinator_key
+
+    run(scenario())
+
+
+def test_register_with_a_signed_challenge_then_status_lists_the_node(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            nodes = [Identity.generate() for _ in range(3)]
+            for i, node in enumerate(nodes):
+                reply = await bed.register(node, address=f"127.0.0.1:{7101 + i}")
+                assert reply.node_id == node.node_id == node_id_for(node.public_key)
+                assert reply.run_id == RUN and reply.heartbeat_interval_ms == 500
+            await bed.heartbeat(nodes[0], seq=1, tensors_sent=5, tensors_received=4, tensors_rejected=1,
+                                peers=[pb.PeerCounters(peer=nodes[1].node_id, accepted=4, rejected=1,
+                                                       last_reason="UNAUTHENTICATED")])
+
+            status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
+            assert status.run_id == RUN and status.phase == pb.RUN_PHASE_WAITING and status.step == 0
+            assert status.num_stages == 2 and status.coordinator_key == bed.coord.public_key.hex()
+            by_id = {n.node_id: n for n in status.nodes}
+            assert set(by_id) == {n.node_id for n in nodes}
+            assert [by_id[n.node_id].address for n in nodes] == ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]
+            assert all(n.role == pb.ROLE_STANDBY for n in status.nodes)
+            first = by_id[nodes[0].node_id]
+            assert (first.tensors_sent, first.tensors_received, first.tensors_rejected) == (5, 4, 1)
+            assert by_id[nodes[1].node_id].rejected_by_peers == 1, "peers' rejections are charged to the sender"
+            assert 0 <= first.heartbeat_age_s < DEADLINE
+            assert [e.kind for e in status.events].count("node_registered") == 3
+            assert tomllib.loads(status.config_toml)["run_id"] == RUN
+            # run state on disk already knows the nodes
+            assert (tmp_path / "state.json").read_text().count('"node_id"') == 3
+
+    run(scenario())
+
+
+def test_registering_again_keeps_one_record_and_updates_the_address(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            node = Identity.generate()
+            await bed.register(node, address="127.0.0.1:7101")
+            await bed.heartbeat(node, seq=5)
+            await bed.register(node, address="127.0.0.1:7202")
+            status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
+            assert [(n.node_id, n.address) for n in status.nodes] == [(node.node_id, "127.0.0.1:7202")]
+            assert [e.message for e in status.events if e.kind == "node_registered"][-1].count("re-registered") == 1
+            # a restarted node counts heartbeats from 1 again
+            await bed.heartbeat(node, seq=1)
+
+    run(scenario())
+
+
+def test_fetch_data_streams_the_dataset_by_digest(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            chunks = [c async for c in bed.stub.FetchData(pb.FetchDataRequest(digest=DATASET.digest),
+                                                          timeout=DEADLINE)]
+            assert len(chunks) == 4, "50 kB in 16 KiB chunks"
+            assert chunks[0].total_bytes == len(DATASET.blob) and chunks[0].val_offset == DATASET.val_offset
+            got = Dataset(blob=b"".join(c.data for c in chunks), val_offset=chunks[0].val_offset)
+            assert got.digest == DATASET.digest
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in bed.stub.FetchData(pb.FetchDataRequest(digest=b"\x00" * 32), timeout=DEADLINE):
+                    pass
+            assert err.value.code() == C.NOT_FOUND
+
+    run(scenario())
+
+
+def test_watch_replays_then_follows_events(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            first = Identity.generate()
+            await bed.register(first)
+            call = bed.stub.Watch(pb.WatchRequest(after_seq=0), timeout=DEADLINE)
+            replayed = await call.read()
+            assert (replayed.kind, replayed.node_id) == ("node_registered", first.node_id)
+
+            second = Identity.generate()
+            await bed.register(second)
+            live = await asyncio.wait_for(call.read(), DEADLINE)
+            assert (live.kind, live.node_id) == ("node_registered", second.node_id)
+            assert live.seq == replayed.seq + 1
+            call.cancel()
+
+    run(scenario())
+
+
+# -- hostile registrations and heartbeats ----------------------------------------------------
+
+
+class Fault(enum.Enum):
+    WRONG_SIGNATURE = "registration signed by another key"
+    TAMPERED_AFTER_SIGNING = "address changed after the node signed"
+    REUSED_CHALLENGE = "a challenge used for a successful registration, used again"
+    UNKNOWN_CHALLENGE = "a challenge the coordinator never issued"
+    EXPIRED_CHALLENGE = "a challenge past its time to live"
+    SHORT_PUBLIC_KEY = "public key of 31 bytes"
+    LONG_PUBLIC_KEY = "public key of 33 bytes"
+    BAD_ADDRESS = "address without a port"
+    EMPTY_ADDRESS = "no address"
+    HEARTBEAT_UNKNOWN_NODE = "heartbeat from a node that never registered"
+    HEARTBEAT_REPLAYED_SEQ = "heartbeat with a sequence number already seen"
+    HEARTBEAT_OLD_SEQ = "heartbeat with an older sequence number"
+    HEARTBEAT_FORGED = "heartbeat for a registered node, signed by someone else"
+    HEARTBEAT_BANNED = "heartbeat from a banned node"
+    REGISTER_BANNED = "registration of a banned key"
+
+
+EXPECTED = {
+    Fault.WRONG_SIGNATURE: (C.UNAUTHENTICATED, "bad signature on registration"),
+    Fault.TAMPERED_AFTER_SIGNING: (C.UNAUTHENTICATED, "bad signature on registration"),
+    Fault.REUSED_CHALLENGE: (C.UNAUTHENTICATED, "unknown or expired challenge"),
+    Fault.UNKNOWN_CHALLENGE: (C.UNAUTHENTICATED, "unknown or expired challenge"),
+    Fault.EXPIRED_CHALLENGE: (C.UNAUTHENTICATED, "unknown or expired challenge"),
+    Fault.SHORT_PUBLIC_KEY: (C.INVALID_ARGUMENT, "public_key must be 32 bytes"),
+    Fault.LONG_PUBLIC_KEY: (C.INVALID_ARGUMENT, "public_key must be 32 bytes"),
+    Fault.BAD_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
+    Fault.EMPTY_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
+    Fault.HEARTBEAT_UNKNOWN_NODE: (C.NOT_FOUND, "register first"),
+    Fault.HEARTBEAT_REPLAYED_SEQ: (C.ALREADY_EXISTS, "replayed"),
+    Fault.HEARTBEAT_OLD_SEQ: (C.ALREADY_EXISTS, "replayed"),
+    Fault.HEARTBEAT_FORGED: (C.UNAUTHENTICATED, "bad signature on heartbeat"),
+    Fault.HEARTBEAT_BANNED: (C.PERMISSION_DENIED, "banned"),
+    Fault.REGISTER_BANNED: (C.PERMISSION_DENIED, "banned"),
+}
+
+
+def _ban(bed: Bed, node: Identity) -> None:
+    rec = bed.registry.nodes[node.node_id]
+    rec.role, rec.ban_reason = pb.ROLE_BANNED, "test: equivocation"
+
+
+async def hostile(bed: Bed, fault: Fault, node: Identity):
+    """Perform the offending call for ``fault``; ``node`` is registered (seq 3) beforehand where needed."""
+    other = Identity.generate()
+    if fault is Fault.WRONG_SIGNATURE:
+        hello = await bed.hello()
+        req = pb.RegisterRequest(public_key=other.public_key, address="127.0.0.1:7300", challenge=hello.challenge)
+        return await bed.stub.Register(sign(req, node), timeout=DEADLINE)
+    if fault is Fault.TAMPERED_AFTER_SIGNING:
+        hello = await bed.hello()
+        req = sign(pb.RegisterRequest(public_key=other.public_key, address="127.0.0.1:7300",
+                                      challenge=hello.challenge), other)
+        req.address = "10.0.0.66:7300"
+        return await bed.stub.Register(req, timeout=DEADLINE)
+    if fault is Fault.REUSED_CHALLENGE:
+        hello = await bed.hello()
+        req = sign(pb.RegisterRequest(public_key=other.public_key, address="127.0.0.1:7300",
+                                      challenge=hello.challenge), other)
+        await bed.stub.Register(req, timeout=DEADLINE)
+        return await bed.stub.Register(req, timeout=DEADLINE)
+    if fault is Fault.UNKNOWN_CHALLENGE:
+        await bed.hello()
+        req = sign(pb.RegisterRequest(public_key=other.public_key, address="127.0.0.1:7300",
+                                      challenge=os.urandom(32)), other)
+        return await bed.stub.Register(req, timeout=DEADLINE)
+    if fault is Fault.EXPIRED_CHALLENGE:
+        bed.registry.challenge_ttl = -1.0  # every challenge issued from now on is already expired
+        return await bed.register(other)
+    if fault is Fault.SHORT_PUBLIC_KEY:
+        return await bed.register(other, public_key=other.public_key[:31])
+    if fault is Fault.LONG_PUBLIC_KEY:
+        return await bed.register(other, public_key=other.public_key + b"\x00")
+    if fault is Fault.BAD_ADDRESS:
+        return await bed.register(other, address="node7.example.org")
+    if fault is Fault.EMPTY_ADDRESS:
+        return await bed.register(other, address="")
+    if fault is Fault.HEARTBEAT_UNKNOWN_NODE:
+        return await bed.heartbeat(other, seq=1)
+    if fault is Fault.HEARTBEAT_REPLAYED_SEQ:
+        return await bed.heartbeat(node, seq=3)
+    if fault is Fault.HEARTBEAT_OLD_SEQ:
+        return await bed.heartbeat(node, seq=2)
+    if fault is Fault.HEARTBEAT_FORGED:
+        return await bed.heartbeat(node, seq=4, signer=other, tensors_rejected=99)
+    if fault is Fault.HEARTBEAT_BANNED:
+        _ban(bed, node)
+        return await bed.heartbeat(node, seq=4)
+    if fault is Fault.REGISTER_BANNED:
+        _ban(bed, node)
+        return await bed.register(node)
+    raise AssertionError(f"no scenario for {fault}")
+
+
+@pytest.mark.parametrize("fault", list(Fault), ids=lambda f: f.name.lower())
+def test_hostile_registration_or_heartbeat_is_refused(tmp_path, fault):
+    code, fragment = EXPECTED[fault]
+
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            node = Identity.generate()
+            await bed.register(node)
+            await bed.heartbeat(node, seq=3)
+            known_before = set(bed.registry.nodes)
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await hostile(bed, fault, node)
+            assert err.value.code() == code, f"{fault.value}: got {err.value.code().name} ({err.value.details()})"
+            assert fragment in err.value.details(), err.value.details()
+
+            # nothing was admitted or changed by the refused call
+            if fault is not Fault.REUSED_CHALLENGE:  # its first registration was legitimate
+                assert set(bed.registry.nodes) == known_before
+            rec = bed.registry.nodes[node.node_id]
+            assert rec.heartbeat_seq == 3 and rec.tensors_rejected == 0
+
+            # and the coordinator keeps serving
+            if fault is Fault.EXPIRED_CHALLENGE:
+                bed.registry.challenge_ttl = DEADLINE
+            newcomer = Identity.generate()
+            assert (await bed.register(newcomer)).node_id == newcomer.node_id
+            if fault not in (Fault.HEARTBEAT_BANNED, Fault.REGISTER_BANNED):
+                reply = await bed.heartbeat(node, seq=4)
+                assert reply.role == pb.ROLE_STANDBY and list(reply.banned) == []
+            else:
+                reply = await bed.heartbeat(newcomer, seq=1)
+                assert list(reply.banned) == [node.node_id], "the ban list reaches every node"
+
+    run(scenario())
