@@ -19,6 +19,9 @@ from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+PUSH_TENSOR = "/{}/PushTensor".format(pb.DESCRIPTOR.services_by_name["Node"].full_name)
+"""The PushTensor method path, for a call that takes chunks already serialised."""
+
 
 class PeerPool:
     """Channels to other nodes, keyed by address, reused across steps."""
@@ -27,29 +30,38 @@ class PeerPool:
         self.identity = identity
         self.net = net
         self.timeouts = timeouts
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub, grpc.aio.StreamUnaryMultiCallable]] = {}
         self.sent = 0
         self.sent_bytes = 0
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
+        return self._entry(address)[1]
+
+    def _push_call(self, address: str) -> grpc.aio.StreamUnaryMultiCallable:
+        """PushTensor taking serialised ``TensorChunk`` bytes (``TensorSender.wire_chunks``)."""
+        return self._entry(address)[2]
+
+    def _entry(self, address: str):
         if address not in self._stubs:
             ch = channel(address, self.net)
-            self._stubs[address] = (ch, pb_grpc.NodeStub(ch))
-        return self._stubs[address][1]
+            push = ch.stream_unary(PUSH_TENSOR, request_serializer=None, response_deserializer=pb.PushReply.FromString)
+            self._stubs[address] = (ch, pb_grpc.NodeStub(ch), push)
+        return self._stubs[address]
 
     async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> pb.TensorCommitment:
         """Stream ``tensor`` to ``address``, signed; retry while the peer is unreachable.
 
         Returns the signed commitment (kept by the caller for audits). Chunks are hashed as
-        they are sent; Ed25519 signatures are deterministic, so a retry re-sends exactly the
-        same signed claim, never a second, different one.
+        they are sent (the next one on a worker thread while this one is written); Ed25519
+        signatures are deterministic, so a retry re-sends exactly the same signed claim, never
+        a second, different one.
         """
         sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)
         delay = self.timeouts.retry_backoff
         attempts = 5
         for attempt in range(1, attempts + 1):
             try:
-                await self.stub(address).PushTensor(sender.chunks(), timeout=self.timeouts.request)
+                await self._push_call(address)(sender.wire_chunks(), timeout=self.timeouts.request)
                 break
             except grpc.aio.AioRpcError as err:
                 if err.code() not in RETRYABLE or attempt == attempts:
@@ -63,6 +75,6 @@ class PeerPool:
         return sender.commitment
 
     async def close(self) -> None:
-        for ch, _ in self._stubs.values():
+        for ch, *_ in self._stubs.values():
             await ch.close()
         self._stubs.clear()

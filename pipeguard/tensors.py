@@ -4,15 +4,23 @@ The first chunk carries the ``TensorHeader``; the last carries the payload diges
 sender's signature over the ``TensorCommitment``. Sender and receiver both hash while the
 chunks flow. The receiver checks the claimed size against its limit and the header against
 what its stage expects *before* allocating, then assembles the bytes into one preallocated
-``bytearray`` that becomes the tensor without another copy.
+buffer that becomes the tensor without another copy.
+
+Hashing a large payload costs as much CPU as moving it, so for large chunks it runs on a
+small worker pool (SHA-256 releases the GIL): the sender hashes chunk k+1 while gRPC writes
+chunk k, and the receiver hashes chunk k while it already waits for chunk k+1 — a receiver
+with a read outstanding keeps HTTP/2 flow control open, so the two sides overlap instead of
+taking turns (benchmarks/transport.py measures it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import math
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
@@ -31,6 +39,18 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_DIMS = 8
+OFFLOAD_BYTES = 256 * 1024
+"""Chunks at least this large are hashed on the worker pool; smaller ones inline (a thread hop
+costs more than hashing a few KiB)."""
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads that hash (and copy) large chunks, shared by all streams of a process."""
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeguard-hash")
+    return _hash_pool
 
 
 def wire_dtype(dtype: torch.dtype) -> int:
@@ -127,7 +147,12 @@ def make_header(
 
 
 class TensorSender:
-    """Turns (header, tensor) into a chunk stream; ``commitment`` is set once exhausted."""
+    """Turns (header, tensor) into a chunk stream; ``commitment`` is set once exhausted.
+
+    ``chunks()`` yields ``TensorChunk`` messages; ``wire_chunks()`` yields the same messages
+    already serialised (byte for byte what ``SerializeToString`` gives), built with one copy of
+    the payload and hashed ahead on the worker pool. Each call starts a fresh stream.
+    """
 
     def __init__(self, header: pb.TensorHeader, tensor: torch.Tensor, identity: Identity, chunk_bytes: int):
         if chunk_bytes <= 0:
@@ -138,10 +163,18 @@ class TensorSender:
         self.chunk_bytes = chunk_bytes
         self.commitment: pb.TensorCommitment | None = None
 
+    def _starts(self) -> range:
+        return range(0, max(len(self.payload), 1), self.chunk_bytes)
+
+    def _commit(self, h: "hashlib._Hash") -> pb.TensorCommitment:
+        commitment = pb.TensorCommitment(header=self.header, payload_digest=h.digest())
+        commitment.signature = self.identity.sign(canonical_bytes(commitment))
+        self.commitment = commitment
+        return commitment
+
     def chunks(self) -> Iterator[pb.TensorChunk]:
         h = new_payload_hash(self.header.dtype, self.header.shape)
-        n = len(self.payload)
-        starts = range(0, max(n, 1), self.chunk_bytes)
+        starts = self._starts()
         last = len(starts) - 1
         for i, start in enumerate(starts):
             piece = self.payload[start : start + self.chunk_bytes]
@@ -150,12 +183,56 @@ class TensorSender:
             if i == 0:
                 chunk.header.CopyFrom(self.header)
             if i == last:
-                commitment = pb.TensorCommitment(header=self.header, payload_digest=h.digest())
-                commitment.signature = self.identity.sign(canonical_bytes(commitment))
-                self.commitment = commitment
+                commitment = self._commit(h)
                 chunk.payload_digest = commitment.payload_digest
                 chunk.signature = commitment.signature
             yield chunk
+
+    async def wire_chunks(self) -> AsyncIterator[bytes]:
+        """Serialised ``TensorChunk``s; chunk k+1 is hashed on the worker pool while k is sent."""
+        h = new_payload_hash(self.header.dtype, self.header.shape)
+        starts = self._starts()
+        last = len(starts) - 1
+        head = pb.TensorChunk(header=self.header).SerializeToString()  # field 1
+
+        def build(i: int) -> bytes:  # strictly in order: build(i + 1) starts after build(i) ends
+            piece = self.payload[starts[i] : starts[i] + self.chunk_bytes]
+            h.update(piece)
+            parts = [head] if i == 0 else []
+            if len(piece):  # field 2; proto3 leaves out empty bytes
+                parts += [_DATA_TAG, _varint(len(piece)), piece]
+            if i == last:  # fields 3 and 4
+                c = self._commit(h)
+                parts.append(pb.TensorChunk(payload_digest=c.payload_digest, signature=c.signature).SerializeToString())
+            return b"".join(parts)
+
+        loop = asyncio.get_running_loop()
+
+        def start(i: int) -> asyncio.Future:
+            if min(self.chunk_bytes, len(self.payload) - starts[i]) >= OFFLOAD_BYTES:
+                return loop.run_in_executor(_pool(), build, i)
+            done = loop.create_future()
+            done.set_result(build(i))
+            return done
+
+        pending = start(0)
+        for i in range(len(starts)):
+            message = await pending
+            if i < last:
+                pending = start(i + 1)
+            yield message
+
+
+_DATA_TAG = bytes([(2 << 3) | 2])  # TensorChunk.data: field 2, wire type LEN
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @dataclass
@@ -191,8 +268,18 @@ async def receive_tensor(
         raise ResourceExhausted(f"tensor of {nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes")
     sender = admit(header)
 
-    buf = bytearray(nbytes)
+    # torch.empty, not bytearray: no zero fill of memory that is about to be overwritten
+    buf = torch.empty(nbytes, dtype=torch.uint8)
     h = new_payload_hash(header.dtype, header.shape)
+
+    base = buf.data_ptr()
+
+    def absorb(data: bytes, offset: int) -> None:
+        ctypes.memmove(base + offset, data, len(data))  # like view[offset:...] = data, without the GIL
+        h.update(data)
+
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future | None = None  # absorb() of the previous chunk, on the worker pool
     offset = 0
     chunk = first
     while True:
@@ -200,8 +287,13 @@ async def receive_tensor(
         end = offset + len(data)
         if end > nbytes:
             raise InvalidArgument(f"payload longer than its shape allows ({nbytes} bytes)")
-        buf[offset:end] = data
-        h.update(data)
+        if pending is not None:
+            await pending  # one chunk in the pool at a time keeps the hash in order
+            pending = None
+        if len(data) >= OFFLOAD_BYTES:
+            pending = loop.run_in_executor(_pool(), absorb, data, offset)
+        else:
+            absorb(data, offset)
         offset = end
         if chunk.signature:
             break
@@ -211,6 +303,8 @@ async def receive_tensor(
             raise DataLoss(f"tensor stream ended after {offset} of {nbytes} bytes without a signature") from None
         if chunk.HasField("header"):
             raise InvalidArgument("header repeated inside a tensor stream")
+    if pending is not None:
+        await pending
     if offset != nbytes:
         raise DataLoss(f"tensor stream carried {offset} bytes, header promised {nbytes}")
     commitment = pb.TensorCommitment(header=header, payload_digest=chunk.payload_digest, signature=chunk.signature)
@@ -222,7 +316,7 @@ async def receive_tensor(
     if nbytes == 0:
         tensor = torch.empty(shape, dtype=dtype)
     else:
-        tensor = torch.frombuffer(buf, dtype=dtype).view(shape)
+        tensor = buf.view(dtype).view(shape)
     return ReceivedTensor(commitment=commitment, tensor=tensor)
 
 
