@@ -1,11 +1,19 @@
-"""The step clock: assign stages, then drive every step through its two phases.
+"""The step clock: form the pipeline, drive every step, audit it, recover from faults.
 
-Phase 1 (RunStep): every stage runs forward and backward for all micro-batches, exchanging
-tensors directly with its neighbours, and returns a signed StepReport committing to the
-state it started from. Phase 2 (ApplyUpdate): the coordinator sums the stages' squared
-gradient norms into the global norm and orders every stage to clip and step; each returns a
-signed commitment to its new state. A step that fails in phase 1 is aborted everywhere and
-run again from the same state, so no stage ever moves ahead of the others.
+A step has two phases. ``RunStep``: every stage runs forward and backward for all
+micro-batches, exchanging signed tensors with its neighbours, and returns a signed StepReport
+committing to the state it started from. Only then are the step's audits drawn (commit, then
+challenge). ``ApplyUpdate``: the coordinator sums the stages' squared gradient norms into the
+global norm and orders every stage to clip and step; each returns a signed commitment to its
+new state. Before step t applies its update, every audit of step t - retention has finished,
+so a conviction can always roll back to a state the nodes still hold.
+
+Forming the pipeline (at start, after a ban, after a lost node): every live node that holds a
+stage keeps it. If a stage lost its holder, or a node was convicted, the whole run rolls back
+to the newest verified checkpoint at or before the first suspect step; a standby takes the
+vacant stage from that checkpoint (it checks the state against the committed digest). With
+no standby, a middle stage is skipped (its blocks are bypassed, Lu et al.'s skip-layer mode);
+the first and last stage cannot be skipped, so the run waits for a node.
 """
 
 from __future__ import annotations
@@ -14,16 +22,20 @@ import asyncio
 import logging
 import math
 import time
+from pathlib import Path
 
 import grpc
 
-from pipeguard.errors import FailedPrecondition, PipeguardError, Unauthenticated, from_rpc_error
+from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError, Unauthenticated, from_rpc_error
 from pipeguard.identity import Identity
 from pipeguard.model import lr_at
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
+from pipeguard.tensors import StateAssembler
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.audits import AuditScheduler, StepRecord
+from coordinator.checkpoints import CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import NodeRecord, Registry
 from coordinator.state import EventLog, RunState, RunStore
@@ -35,6 +47,10 @@ MAX_STEP_ATTEMPTS = 3
 
 class StepFailed(PipeguardError):
     """A step could not complete; it was aborted and may be retried."""
+
+
+class Reform(PipeguardError):
+    """The pipeline must be formed again before the next step (a ban or a lost stage)."""
 
 
 class StepClock:
@@ -50,162 +66,298 @@ class StepClock:
         self.gpt = cfg.model.gpt()
         self.optim = cfg.train.optim()
         self.stage_nodes: list[NodeRecord] = []
+        """Active pipeline, in order."""
+        self.slots: list[int] = []
+        """Partition slot (stage index) of each active node; a skipped slot is missing."""
+        self.skipped: set[int] = set(state.skipped)
         self.membership_changed = asyncio.Event()
         self.step_lock = asyncio.Lock()
         """Held while a step runs; exports take it so they see one consistent step."""
+        self.suspect_step: int | None = None
+        """Set by a conviction: roll back to a checkpoint at or before this step."""
+        self.reform_needed = False
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
+        self.checkpoints = CheckpointStore(store.dir / "checkpoints", keep=cfg.audit.keep_checkpoints)
+        self.evidence: list[str] = list(state.evidence)
+        self.auditor: AuditScheduler | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _stub(self, rec: NodeRecord) -> pb_grpc.NodeStub:
-        """A stub per node address (a node that re-registers elsewhere gets a new channel)."""
-        key = f"{rec.node_id}@{rec.address}"
-        if key not in self._channels:
-            ch = channel(rec.address, self.cfg.net)
-            self._channels[key] = (ch, pb_grpc.NodeStub(ch))
-        return self._channels[key][1]
+    def stub_for(self, address: str) -> pb_grpc.NodeStub:
+        if address not in self._channels:
+            ch = channel(address, self.cfg.net)
+            self._channels[address] = (ch, pb_grpc.NodeStub(ch))
+        return self._channels[address][1]
 
     async def _call(self, rec: NodeRecord, method: str, request, timeout: float):
         try:
-            return await getattr(self._stub(rec), method)(sign(request, self.identity), timeout=timeout)
+            return await getattr(self.stub_for(rec.address), method)(sign(request, self.identity), timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
 
     def persist(self) -> None:
         self.state.nodes = [r.to_json() for r in self.registry.nodes.values()]
+        self.state.skipped = sorted(self.skipped)
+        self.state.evidence = list(self.evidence)
         self.store.save(self.state)
 
-    # -- assignment ----------------------------------------------------------------------------
+    def model_spec(self) -> pb.ModelSpec:
+        g = self.gpt
+        return pb.ModelSpec(block_size=g.block_size, vocab_size=g.vocab_size, n_layer=g.n_layer, n_head=g.n_head,
+                            n_embd=g.n_embd, dropout=g.dropout)
 
-    async def wait_for_nodes(self) -> None:
-        n = self.cfg.pipeline.stages
-        while True:
-            live = self.registry.live_standbys()
-            if len(live) >= n:
-                return
-            self.membership_changed.clear()
-            try:
-                await asyncio.wait_for(self.membership_changed.wait(), self.cfg.timeouts.heartbeat_interval)
-            except asyncio.TimeoutError:
-                pass
-
-    async def assign(self) -> None:
-        """Give stages to the longest-registered live nodes; the rest stand by."""
-        n = self.cfg.pipeline.stages
-        live = self.registry.live_standbys()
-        # A node that served stage i before (e.g. across a coordinator restart) keeps it.
-        slots: list[NodeRecord | None] = [next((r for r in live if r.stage == i), None) for i in range(n)]
-        rest = iter(r for r in live if r not in slots)
-        chosen = [r if r is not None else next(rest) for r in slots]
-        self.state.epoch += 1
-        epoch = self.state.epoch
+    def train_spec(self) -> pb.TrainSpec:
         t = self.cfg.train
-        model = pb.ModelSpec(block_size=self.gpt.block_size, vocab_size=self.gpt.vocab_size, n_layer=self.gpt.n_layer,
-                             n_head=self.gpt.n_head, n_embd=self.gpt.n_embd, dropout=self.gpt.dropout)
-        train = pb.TrainSpec(seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size, lr=t.lr,
-                             warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
-                             weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, grad_clip=t.grad_clip,
-                             max_in_flight=t.max_in_flight)
-        requests = []
-        for i, rec in enumerate(chosen):
-            req = pb.AssignRequest(run_id=self.state.run_id, epoch=epoch, stage=i, num_stages=n, model=model,
-                                   train=train, node_id=rec.node_id, data_digest=self.data_digest,
-                                   start_step=self.state.step)
-            if i > 0:
-                req.prev.CopyFrom(chosen[i - 1].peer_info())
-            if i < n - 1:
-                req.next.CopyFrom(chosen[i + 1].peer_info())
-            requests.append(req)
-        replies = await asyncio.gather(
-            *(self._call(rec, "Assign", req, self.cfg.timeouts.step) for rec, req in zip(chosen, requests)))
-        for i, (rec, reply) in enumerate(zip(chosen, replies)):
-            rec.role, rec.stage = pb.ROLE_STAGE, i
-            committed = self.state.commitments.get(str(i))
-            if self.state.step > 0 and committed != reply.state_digest.hex():
-                self.events.emit("commitment_mismatch", f"stage {i} on node {rec.node_id[:8]} holds a state it did "
-                                 f"not commit to at step {self.state.step}", node_id=rec.node_id, step=self.state.step)
-            self.state.commitments[str(i)] = reply.state_digest.hex()
-            self.events.emit("stage_assigned", f"stage {i} -> node {rec.node_id[:8]} at {rec.address} "
-                             f"({reply.num_params} params)", node_id=rec.node_id, step=self.state.step)
-        self.stage_nodes = list(chosen)
+        return pb.TrainSpec(seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size, lr=t.lr,
+                            warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
+                            weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, grad_clip=t.grad_clip,
+                            max_in_flight=t.max_in_flight, retention_steps=self.cfg.audit.retention)
+
+    # -- faults reported from elsewhere ----------------------------------------------------------
+
+    def convict(self, node_id: str, step: int, reason: str, bundle: Path) -> None:
+        """Ban ``node_id`` (called by the audit judge with evidence already on disk)."""
+        rec = self.registry.nodes.get(node_id)
+        if rec is None or rec.role == pb.ROLE_BANNED:
+            return
+        rec.role, rec.ban_reason = pb.ROLE_BANNED, reason
+        self.evidence.append(str(bundle))
+        was_stage = rec in self.stage_nodes
+        if was_stage:
+            # Roll back to before the first step the convicted node's output may have touched.
+            first = step if step >= 0 else self.state.step
+            self.suspect_step = first if self.suspect_step is None else min(self.suspect_step, first)
+        self.reform_needed = True
         self.persist()
+        self.events.emit("banned", f"node {node_id[:8]} banned: {reason}; evidence {bundle}", node_id=node_id,
+                         step=max(step, 0))
 
-    # -- steps ---------------------------------------------------------------------------------
+    def node_lost(self, rec: NodeRecord) -> None:
+        """The monitor saw a node go silent."""
+        if rec in self.stage_nodes:
+            self.reform_needed = True
+        self.membership_changed.set()
 
-    async def run(self) -> None:
-        """Train until the configured step count; never give up on the run.
+    # -- forming the pipeline ----------------------------------------------------------------------
 
-        When a step fails ``MAX_STEP_ATTEMPTS`` times in a row, the pipeline is formed again
-        from the live nodes (stage holders keep their stages and state) and training goes on.
-        """
-        total = self.cfg.train.steps
-        failures = 0
-        need_assignment = True
-        while self.state.step < total:
-            if need_assignment:
-                await self._form_pipeline()
-                need_assignment = False
-            step = self.state.step
-            try:
-                async with self.step_lock:
-                    await self.run_step(step)
-                failures = 0
-            except PipeguardError as exc:
-                failures += 1
-                self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
-                await self.abort_step(step)
-                if failures >= MAX_STEP_ATTEMPTS:
-                    failures = 0
-                    need_assignment = True
-                else:
-                    await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
-        self.state.phase = pb.RUN_PHASE_FINISHED
-        self.persist()
-        last = self.state.losses[-1][1] if self.state.losses else float("nan")
-        self.events.emit("finished", f"run finished after {total} steps, final loss {last:.4f}", step=total)
+    async def wait_for_change(self) -> None:
+        self.membership_changed.clear()
+        try:
+            await asyncio.wait_for(self.membership_changed.wait(), self.cfg.timeouts.heartbeat_interval)
+        except asyncio.TimeoutError:
+            pass
 
-    async def _form_pipeline(self) -> None:
+    def _plan(self) -> tuple[dict[int, NodeRecord], set[int]] | None:
+        """Holders per slot, and slots to skip; None when the pipeline cannot be formed yet."""
+        n = self.cfg.pipeline.stages
+        alive = sorted((r for r in self.registry.nodes.values()
+                        if r.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and self.registry.is_alive(r)),
+                       key=lambda r: r.registered_at)
+        holders: dict[int, NodeRecord] = {}
+        for r in alive:
+            if 0 <= r.stage < n and r.stage not in holders and r.stage not in self.skipped:
+                holders[r.stage] = r
+        spares = [r for r in alive if r not in holders.values()]
+        skipped = set(self.skipped)
+        for slot in range(n):
+            if slot in holders or slot in skipped:
+                continue
+            if spares:
+                holders[slot] = spares.pop(0)
+            elif self.state.step > 0 and 0 < slot < n - 1:
+                skipped.add(slot)
+            else:
+                return None
+        return holders, skipped
+
+    async def form_pipeline(self) -> None:
         self.state.phase = pb.RUN_PHASE_WAITING
         self.persist()
-        self.events.emit("waiting", f"waiting for {self.cfg.pipeline.stages} live nodes to form the pipeline",
-                         step=self.state.step)
+        self.events.emit("waiting", f"forming the pipeline ({self.cfg.pipeline.stages} stages)", step=self.state.step)
         while True:
-            await self.wait_for_nodes()
+            plan = self._plan()
+            if plan is None:
+                await self.wait_for_change()
+                continue
             try:
-                await self.assign()
+                await self._assign(*plan)
                 break
             except PipeguardError as exc:
                 self.events.emit("assign_failed", f"stage assignment failed: {exc}", step=self.state.step)
-                await asyncio.sleep(self.cfg.timeouts.retry_max)
+                await asyncio.sleep(self.cfg.timeouts.retry_backoff)
         self.state.phase = pb.RUN_PHASE_TRAINING
         self.persist()
         self.events.emit("training", f"training from step {self.state.step} to {self.cfg.train.steps - 1}",
                          step=self.state.step)
 
+    async def _assign(self, holders: dict[int, NodeRecord], skipped: set[int]) -> None:
+        n = self.cfg.pipeline.stages
+        # A slot with history whose new holder did not hold it before has lost its state.
+        lost = [s for s in range(n) if s not in skipped and holders[s].stage != s and str(s) in self.state.commitments]
+        newly_skipped = skipped - self.skipped
+        start = self.state.step
+        digests = {int(k): bytes.fromhex(v) for k, v in self.state.commitments.items()}
+        if lost or newly_skipped or self.suspect_step is not None:
+            limit = min(self.state.step, self.suspect_step if self.suspect_step is not None else self.state.step)
+            target = self.checkpoints.latest(at_or_before=limit)
+            if target is None:
+                raise DataLoss(f"no checkpoint at or before step {limit} to roll back to")
+            start, digests = target, self.checkpoints.digests(target)
+        slots = [s for s in range(n) if s not in skipped]
+        nodes = [holders[s] for s in slots]
+        self.state.epoch += 1
+        requests = []
+        for i, (slot, rec) in enumerate(zip(slots, nodes)):
+            req = pb.AssignRequest(run_id=self.state.run_id, epoch=self.state.epoch, stage=slot, num_stages=n,
+                                   model=self.model_spec(), train=self.train_spec(), node_id=rec.node_id,
+                                   data_digest=self.data_digest, start_step=start,
+                                   state_digest=digests.get(slot, b""))
+            if i > 0:
+                req.prev.CopyFrom(_peer(nodes[i - 1], slots[i - 1]))
+            if i < len(nodes) - 1:
+                req.next.CopyFrom(_peer(nodes[i + 1], slots[i + 1]))
+            requests.append(req)
+        replies = await asyncio.gather(
+            *(self._call(rec, "Assign", req, self.cfg.timeouts.step) for rec, req in zip(nodes, requests)))
+        for slot, rec, reply in zip(slots, nodes, replies):
+            if start > 0 and reply.state_digest != digests.get(slot):
+                raise DataLoss(f"stage {slot} on {rec.node_id[:8]} reports a state other than the committed one")
+        # Committed: from here on the new pipeline is the run.
+        for rec in self.registry.nodes.values():
+            if rec.role == pb.ROLE_STAGE and rec not in nodes:
+                rec.role, rec.stage = pb.ROLE_STANDBY, -1
+        for slot, rec, reply in zip(slots, nodes, replies):
+            if rec.role != pb.ROLE_STAGE or rec.stage != slot:
+                self.events.emit("stage_assigned", f"stage {slot} -> node {rec.node_id[:8]} at {rec.address} "
+                                 f"({reply.num_params} params)", node_id=rec.node_id, step=start)
+            rec.role, rec.stage = pb.ROLE_STAGE, slot
+            self.state.commitments[str(slot)] = reply.state_digest.hex()
+        for slot in sorted(newly_skipped):
+            self.events.emit("stage_skipped", f"no standby for stage {slot}: its blocks are bypassed "
+                             "(skip-layer mode)", step=start)
+        if start != self.state.step:
+            if self.auditor is not None:
+                self.auditor.cancel_from(start)
+            self.events.emit("rolled_back", f"rolled back from step {self.state.step} to checkpoint {start}",
+                             step=start)
+            self.state.losses = [x for x in self.state.losses if x[0] < start]
+            self.state.step = start
+        self.stage_nodes, self.slots, self.skipped = nodes, slots, skipped
+        self.suspect_step = None
+        self.reform_needed = False
+        self.persist()
+        if start not in self.checkpoints.steps():
+            await self.checkpoint(start)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def checkpoint(self, step: int) -> None:
+        """Fetch every active stage's state at ``step`` and keep it if it matches its commitment."""
+        states = {}
+        for slot, rec in zip(self.slots, self.stage_nodes):
+            req = sign(pb.FetchStateRequest(run_id=self.state.run_id, node_id=rec.node_id, include_optimizer=True,
+                                            step=step, stage=slot), self.identity)
+            asm = StateAssembler(self.cfg.net.max_tensor_bytes)
+            attestation = None
+            try:
+                async for chunk in self.stub_for(rec.address).FetchState(req, timeout=self.cfg.timeouts.step):
+                    if chunk.HasField("attestation"):
+                        attestation = chunk.attestation
+                    elif chunk.name or chunk.data:
+                        asm.add(chunk)
+            except grpc.aio.AioRpcError as err:
+                raise from_rpc_error(err) from None
+            committed = bytes.fromhex(self.state.commitments[str(slot)])
+            if attestation is None or attestation.state_digest != committed:
+                raise DataLoss(f"stage {slot} served a state other than the one it committed to for step {step}")
+            verify(attestation, rec.identity, what="state attestation")
+            states[slot] = (asm.finish(), committed)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.checkpoints.save, step, states)
+        self.events.emit("checkpoint", f"verified checkpoint of {len(states)} stages at step {step}", step=step,
+                         persist=False)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Train until the configured step count; never give up on the run."""
+        total = self.cfg.train.steps
+        need_formation = True
+        while True:
+            await self._train_until(total, need_formation)
+            if self.auditor is not None:
+                await self.auditor.drain(total)
+            if not self.reform_needed:  # a late conviction rolls back and trains on
+                break
+            need_formation = True
+        self.state.phase = pb.RUN_PHASE_FINISHED
+        self.persist()
+        last = self.state.losses[-1][1] if self.state.losses else float("nan")
+        self.events.emit("finished", f"run finished after {total} steps, final loss {last:.4f}", step=total)
+
+    async def _train_until(self, total: int, need_formation: bool) -> None:
+        failures = 0
+        if need_formation or self.reform_needed:
+            await self.form_pipeline()  # waits (never spins) until a pipeline can be formed
+            need_formation = False
+        while self.state.step < total:
+            if need_formation or self.reform_needed:
+                await self.form_pipeline()
+                need_formation = False
+            step = self.state.step
+            try:
+                async with self.step_lock:
+                    await self.run_step(step)
+                failures = 0
+            except Reform:
+                await self.abort_step(step)
+                need_formation = True
+            except PipeguardError as exc:
+                failures += 1
+                self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
+                await self.abort_step(step)
+                if failures >= MAX_STEP_ATTEMPTS or self.reform_needed:
+                    failures = 0
+                    need_formation = True
+                else:
+                    await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
+
     async def run_step(self, step: int) -> None:
         t0 = time.perf_counter()
-        nodes = self.stage_nodes
+        nodes, slots = self.stage_nodes, self.slots
         orders = [pb.RunStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id)
                   for r in nodes]
         reports = await self._gather(nodes, "RunStep", orders, self.cfg.timeouts.step)
-        for i, (rec, rep) in enumerate(zip(nodes, reports)):
-            verify(rep, rec.identity, what=f"step report from stage {i}")
-            if (rep.run_id, rep.step, rep.stage, rep.node_id) != (self.state.run_id, step, i, rec.node_id):
-                raise Unauthenticated(f"stage {i} report is for a different step/stage/node")
-            if rep.state_digest.hex() != self.state.commitments.get(str(i)):
+        for slot, rec, rep in zip(slots, nodes, reports):
+            verify(rep, rec.identity, what=f"step report from stage {slot}")
+            if (rep.run_id, rep.step, rep.stage, rep.node_id) != (self.state.run_id, step, slot, rec.node_id):
+                raise Unauthenticated(f"stage {slot} report is for a different step/stage/node")
+            if rep.state_digest.hex() != self.state.commitments.get(str(slot)):
                 self.events.emit("commitment_mismatch",
-                                 f"stage {i} started step {step} from a state it did not commit to",
+                                 f"stage {slot} started step {step} from a state it did not commit to",
                                  node_id=rec.node_id, step=step)
             if not math.isfinite(rep.grad_sq_norm) or not math.isfinite(rep.loss):
-                raise StepFailed(f"stage {i} reported a non-finite loss or gradient norm")
+                raise StepFailed(f"stage {slot} reported a non-finite loss or gradient norm")
+        record = StepRecord(step=step, nodes=list(nodes), slots=list(slots), reports=list(reports))
+        # Every tensor of the step is committed: now draw the forward/backward audits.
+        if self.auditor is not None:
+            self.auditor.launch(self.auditor.select(record))
+            # Nodes keep `retention` steps; applying this update drops step - retention.
+            await self.auditor.drain(step - self.cfg.audit.retention)
+        if self.reform_needed:
+            raise Reform("a node was convicted or lost")
         global_norm = math.sqrt(sum(r.grad_sq_norm for r in reports))
         lr = lr_at(step, self.optim)
-        updates = [pb.ApplyUpdateRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step,
-                                         node_id=r.node_id, global_grad_norm=global_norm, lr=lr) for r in nodes]
+        updates = [sign(pb.ApplyUpdateRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step,
+                                              node_id=r.node_id, global_grad_norm=global_norm, lr=lr), self.identity)
+                   for r in nodes]
         done = await self._gather(nodes, "ApplyUpdate", updates, self.cfg.timeouts.step)
-        for i, (rec, up) in enumerate(zip(nodes, done)):
-            verify(up, rec.identity, what=f"update report from stage {i}")
-            self.state.commitments[str(i)] = up.state_digest.hex()
+        for slot, rec, up in zip(slots, nodes, done):
+            verify(up, rec.identity, what=f"update report from stage {slot}")
+            self.state.commitments[str(slot)] = up.state_digest.hex()
+        record.update_orders, record.update_reports = updates, list(done)
+        if self.auditor is not None:
+            self.auditor.launch(self.auditor.select_updates(record))
         elapsed = time.perf_counter() - t0
         t = self.cfg.train
         tokens = t.micro_batches * t.micro_batch_size * self.gpt.block_size
@@ -215,6 +367,8 @@ class StepClock:
         self.persist()
         self.events.emit("step", f"step {step} loss {loss:.4f} |g| {global_norm:.3f} lr {lr:.2e} "
                          f"{tokens / elapsed:,.0f} tok/s", step=step, persist=False)
+        if self.state.step % self.cfg.audit.checkpoint_every == 0 and self.state.step < t.steps:
+            await self.checkpoint(self.state.step)
 
     async def _gather(self, nodes: list[NodeRecord], method: str, requests: list, timeout: float) -> list:
         tasks = [asyncio.create_task(self._call(rec, method, req, timeout)) for rec, req in zip(nodes, requests)]
@@ -240,16 +394,25 @@ class StepClock:
         if not self.stage_nodes:
             raise FailedPrecondition("no stages are assigned yet")
         async with self.step_lock:
-            for rec in list(self.stage_nodes):
-                req = sign(pb.FetchStateRequest(run_id=self.state.run_id, node_id=rec.node_id,
-                                                include_optimizer=include_optimizer), self.identity)
+            for slot, rec in zip(self.slots, list(self.stage_nodes)):
+                req = sign(pb.FetchStateRequest(run_id=self.state.run_id, node_id=rec.node_id, step=self.state.step,
+                                                include_optimizer=include_optimizer, stage=slot), self.identity)
                 try:
-                    async for chunk in self._stub(rec).FetchState(req, timeout=self.cfg.timeouts.step):
+                    async for chunk in self.stub_for(rec.address).FetchState(req, timeout=self.cfg.timeouts.step):
+                        if chunk.HasField("attestation"):
+                            continue
+                        if chunk.name.startswith("param/"):
+                            chunk.name = chunk.name.removeprefix("param/")
                         yield chunk
                 except grpc.aio.AioRpcError as err:
                     raise from_rpc_error(err) from None
 
     async def close(self) -> None:
+        if self.auditor is not None:
+            await self.auditor.close()
         for ch, _ in self._channels.values():
             await ch.close()
 
+
+def _peer(rec: NodeRecord, slot: int) -> pb.PeerInfo:
+    return pb.PeerInfo(node_id=rec.node_id, address=rec.address, public_key=rec.public_key, stage=slot)

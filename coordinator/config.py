@@ -96,6 +96,35 @@ class DataConfig:
 
 
 @dataclass
+class AuditConfig:
+    rate: float = 0.05
+    """Probability that each stage's output for each micro-batch (forward and backward) is audited,
+    and that each stage's optimizer update is audited, per step. 1 checks every message."""
+    tolerance: float = 1e-3
+    """Relative deviation max|a-b|/max|b| above which a recomputation fails; 0 = exact mode
+    (bit-identical results, for identical hardware and thread counts)."""
+    screen: bool = True
+    """Always audit tensors that a receiver's statistical screen flags."""
+    retention: int = 4
+    """Steps that nodes keep state snapshots and sent/received tensors. Audits of a step finish
+    before the step `retention` later applies its update, so a conviction can always roll back."""
+    checkpoint_every: int = 10
+    """Steps between verified coordinator checkpoints of every stage (rollback targets)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ConfigError(f"audit.rate must be in [0, 1], got {self.rate}")
+        if self.tolerance < 0:
+            raise ConfigError("audit.tolerance must be >= 0 (0 = exact mode)")
+        if self.retention < 2:
+            raise ConfigError("audit.retention must be >= 2")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("audit.checkpoint_every and audit.keep_checkpoints must be >= 1")
+
+
+@dataclass
 class CoordinatorConfig:
     run_id: str = ""
     """Run identifier; empty generates one on first start (kept in the state directory)."""
@@ -109,6 +138,7 @@ class CoordinatorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     net: NetConfig = field(default_factory=lambda: NetConfig(bind="127.0.0.1:7000"))
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 

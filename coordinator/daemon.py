@@ -14,6 +14,7 @@ from pipeguard.identity import Identity
 from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.audits import AuditScheduler
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import NodeRecord, Registry
@@ -66,6 +67,13 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         registry.nodes[rec.node_id] = rec
     dataset = await asyncio.get_running_loop().run_in_executor(None, load_dataset, cfg.data.path, cfg.data.max_bytes)
     clock = StepClock(cfg, identity, registry, state, store, events, dataset.digest)
+    auditor = AuditScheduler(
+        identity=identity, registry=registry, events=events, dataset=dataset, evidence_dir=store.dir / "evidence",
+        rate=cfg.audit.rate, tolerance=cfg.audit.tolerance, screen=cfg.audit.screen, timeout=cfg.timeouts.step,
+        max_tensor_bytes=cfg.net.max_tensor_bytes, stub_for=clock.stub_for, convict=clock.convict)
+    auditor.run_id, auditor.num_stages, auditor.data_digest = state.run_id, cfg.pipeline.stages, dataset.digest
+    auditor.model_spec, auditor.train_spec = clock.model_spec(), clock.train_spec()
+    clock.auditor = auditor
     service = CoordinatorService(cfg, identity, registry, clock, events, dataset)
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
@@ -82,6 +90,7 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
             for rec in registry.expire():
                 events.emit("node_offline", f"node {rec.node_id[:8]} missed heartbeats for "
                             f"{cfg.timeouts.heartbeat_timeout:.0f}s", node_id=rec.node_id, step=state.step)
+                clock.node_lost(rec)
 
     async def drive() -> None:
         try:

@@ -7,9 +7,9 @@ import time
 
 from pipeguard.config import to_toml
 from pipeguard.data import Dataset
-from pipeguard.errors import NotFound, abort_on_error
+from pipeguard.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, abort_on_error
 from pipeguard.identity import Identity
-from pipeguard.signing import sign
+from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from coordinator.clock import StepClock
@@ -57,8 +57,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if was_offline:
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back (standby)", node_id=rec.node_id)
             self.clock.membership_changed.set()
-        return pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
-                                 banned=self.registry.banned_ids())
+        reply = pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
+                                  banned=self.registry.banned_ids())
+        for m in self.registry.nodes.values():
+            if m.role != pb.ROLE_BANNED:
+                reply.members.add(node_id=m.node_id, address=m.address, public_key=m.public_key)
+        return reply
 
     @abort_on_error
     async def FetchData(self, request: pb.FetchDataRequest, context):
@@ -82,17 +86,40 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                config_toml=self._config_toml)
         now = time.monotonic()
         for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
+            a = self.clock.auditor.stats if self.clock.auditor is not None else None
             reply.nodes.add(
                 node_id=rec.node_id, address=rec.address, role=rec.role, stage=max(rec.stage, 0),
                 heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
                 tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
                 tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),
                 ban_reason=rec.ban_reason,
+                audits_passed=a.passed.get(rec.node_id, 0) if a else 0,
+                audits_failed=a.failed.get(rec.node_id, 0) if a else 0,
+                audits_done=a.performed.get(rec.node_id, 0) if a else 0,
             )
+        if self.clock.auditor is not None:
+            reply.audits_total = self.clock.auditor.stats.dispatched
+            reply.detections = self.clock.auditor.stats.detections
+        reply.evidence.extend(self.clock.evidence)
         for step, loss, tps in st.losses[-history:]:
             reply.losses.add(step=step, loss=loss, tokens_per_s=tps)
         reply.events.extend(list(self.events.recent)[-history:])
         return reply
+
+    @abort_on_error
+    async def FetchCheckpoint(self, request: pb.FetchCheckpointRequest, context):
+        rec = self.registry.nodes.get(request.requester)
+        if rec is None:
+            raise Unauthenticated(f"{request.requester!r} is not a registered node")
+        verify(request, rec.identity, what="checkpoint request")
+        if rec.role == pb.ROLE_BANNED:
+            raise PermissionDenied(f"node {rec.node_id} is banned")
+        if request.run_id != self.clock.state.run_id:
+            raise FailedPrecondition(f"checkpoint request is for run {request.run_id!r}")
+        if request.step not in self.clock.checkpoints.steps():
+            raise NotFound(f"no checkpoint at step {request.step} (have {self.clock.checkpoints.steps()})")
+        for chunk in self.clock.checkpoints.chunks(request.step, request.stage):
+            await context.write(chunk)
 
     @abort_on_error
     async def ExportState(self, request: pb.ExportRequest, context):

@@ -43,6 +43,10 @@ class RunState:
     """(step, loss, tokens/s) for every completed step."""
     commitments: dict[str, str] = field(default_factory=dict)
     """stage index -> hex digest of its state after the last applied step."""
+    skipped: list[int] = field(default_factory=list)
+    """Stages bypassed for lack of a standby (skip-layer mode)."""
+    evidence: list[str] = field(default_factory=list)
+    """Evidence bundles written, one per ban."""
 
 
 class RunStore:
@@ -63,6 +67,7 @@ class RunStore:
             st = RunState(
                 run_id=raw["run_id"], step=raw["step"], epoch=raw["epoch"], phase=raw["phase"], nodes=raw["nodes"],
                 losses=[tuple(x) for x in raw["losses"]], commitments=raw.get("commitments", {}),
+                skipped=raw.get("skipped", []), evidence=raw.get("evidence", []),
             )
             if run_id and run_id != st.run_id:
                 raise StateError(
@@ -77,7 +82,8 @@ class RunStore:
     def save(self, st: RunState) -> None:
         data = json.dumps({
             "run_id": st.run_id, "step": st.step, "epoch": st.epoch, "phase": st.phase, "nodes": st.nodes,
-            "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "saved_at": time.time(),
+            "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "skipped": st.skipped,
+            "evidence": st.evidence, "saved_at": time.time(),
         })
         tmp = self.state_path.with_suffix(".json.tmp")
         try:

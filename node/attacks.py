@@ -22,6 +22,10 @@ Built-ins (``--attack DIRECTION:KIND``, gated by ``--attack-rate`` and ``--attac
 - ``forward:random``   replace the activation with uniform noise over its own value range
 - ``backward:noise``   add N(0, noise_std^2) to the gradient (Lu et al. use std 1)
 - ``backward:reverse`` negate the gradient
+- ``audit:accuse``     as an auditor, report every audited node as cheating (a lying auditor)
+
+A behaviour may also override ``on_verdict(ctx, verdict)`` to change the verdict this node
+signs when it audits someone (``ctx.step`` and ``ctx.stage`` are the audited step and stage).
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class Behaviour:
     def on_backward(self, ctx: AttackContext, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
+    def on_verdict(self, ctx: AttackContext, verdict):
+        """``verdict`` is a ``pb.AuditVerdict`` before signing; return the one to sign."""
+        return verdict
+
 
 class ForwardReverse(Behaviour):
     name = "forward:reverse"
@@ -105,11 +113,24 @@ class BackwardReverse(Behaviour):
         return -grad
 
 
+class AuditAccuse(Behaviour):
+    name = "audit:accuse"
+
+    def on_verdict(self, ctx, verdict):
+        from pipeguard.v1 import pipeguard_pb2 as pb
+
+        verdict.verdict = pb.VERDICT_FAIL
+        verdict.detail = "forward activation deviates from recomputation by 1.7 (made up)"
+        verdict.deviation = 1.7
+        return verdict
+
+
 BUILTINS = {
     "forward:reverse": ForwardReverse,
     "forward:random": ForwardRandom,
     "backward:noise": BackwardNoise,
     "backward:reverse": BackwardReverse,
+    "audit:accuse": AuditAccuse,
 }
 
 
@@ -146,6 +167,11 @@ class Gated(Behaviour):
             log.debug("attack %s fired on backward step %d mb %d", self.name, ctx.step, ctx.micro_batch)
         return out
 
+    def on_verdict(self, ctx, verdict):
+        if not self._fires(ctx, "verdict") or not hasattr(self.inner, "on_verdict"):
+            return verdict
+        return self.inner.on_verdict(ctx, verdict)
+
 
 class Chain(Behaviour):
     """Apply several behaviours in order."""
@@ -163,6 +189,11 @@ class Chain(Behaviour):
         for p in self.parts:
             grad = p.on_backward(ctx, grad)
         return grad
+
+    def on_verdict(self, ctx, verdict):
+        for p in self.parts:
+            verdict = p.on_verdict(ctx, verdict)
+        return verdict
 
     @property
     def fired(self) -> int:
@@ -187,9 +218,9 @@ def load_plugin(spec: str) -> Behaviour:
     if cls is None:
         raise ValueError(f"attack plugin {file} has no class {name!r}")
     obj = cls()
-    if not (hasattr(obj, "on_forward") or hasattr(obj, "on_backward")):
-        raise ValueError(f"{spec} defines neither on_forward nor on_backward")
-    for hook in ("on_forward", "on_backward"):  # fill in honest defaults for duck-typed plug-ins
+    if not any(hasattr(obj, h) for h in ("on_forward", "on_backward", "on_verdict")):
+        raise ValueError(f"{spec} defines none of on_forward, on_backward, on_verdict")
+    for hook in ("on_forward", "on_backward", "on_verdict"):  # honest defaults for duck-typed plug-ins
         if not hasattr(obj, hook):
             setattr(obj, hook, getattr(Behaviour(), hook))
     return obj

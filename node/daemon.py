@@ -17,6 +17,7 @@ from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_loggi
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node import attacks
 from node.config import NodeConfig
+from node.auditor import NodeAuditor
 from node.membership import Membership
 from node.peers import PeerPool
 from node.service import NodeService
@@ -79,6 +80,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
                             stats=lambda: service.heartbeat_stats())
     service = NodeService(identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
     membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
+    runtime.fetch_checkpoint = membership.fetch_checkpoint
+    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step)
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"])
     membership.address = address

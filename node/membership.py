@@ -14,7 +14,7 @@ from pipeguard import __version__
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import DataLoss, PermissionDenied, PipeguardError, Unauthenticated, from_rpc_error
-from pipeguard.identity import Identity, PublicIdentity
+from pipeguard.identity import Identity, PublicIdentity, node_id_for
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -40,6 +40,8 @@ class Membership:
         self.run_id = ""
         self.registered = asyncio.Event()
         self.banned: set[str] = set()
+        self.members: dict[str, PublicIdentity] = {}
+        """Registered, non-banned nodes (from the last heartbeat): who may fetch retained data."""
         self.role = pb.ROLE_UNSPECIFIED
         self._seq = 0
         self._channel = channel(coordinator, net)
@@ -96,6 +98,8 @@ class Membership:
         req.node_id, req.seq = self.identity.node_id, self._seq
         reply = await self.stub.Heartbeat(sign(req, self.identity), timeout=self.timeouts.request)
         self.role = reply.role
+        self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
+                        if node_id_for(m.public_key) == m.node_id}
         banned = set(reply.banned)
         if banned != self.banned:
             self.banned = banned
@@ -121,6 +125,21 @@ class Membership:
         ds.save(cache)
         log.info("fetched dataset %s… (%d bytes)", digest.hex()[:16], len(ds.blob))
         return ds
+
+    async def fetch_checkpoint(self, stage: int, step: int) -> dict:
+        """The coordinator's verified checkpoint of ``stage`` at ``step`` (caller checks the digest)."""
+        from pipeguard.tensors import StateAssembler
+
+        req = sign(pb.FetchCheckpointRequest(run_id=self.run_id, stage=stage, step=step,
+                                             requester=self.identity.node_id), self.identity)
+        asm = StateAssembler(self.net.max_tensor_bytes)
+        try:
+            async for chunk in self.stub.FetchCheckpoint(req, timeout=self.timeouts.step):
+                asm.add(chunk)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        log.info("fetched checkpoint of stage %d at step %d from the coordinator", stage, step)
+        return asm.finish()
 
     async def close(self) -> None:
         await self._channel.close()

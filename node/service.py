@@ -12,11 +12,18 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from pipeguard.errors import FailedPrecondition, InvalidArgument, PipeguardError, abort_on_error
+from pipeguard.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    PipeguardError,
+    Unauthenticated,
+    abort_on_error,
+)
 from pipeguard.identity import Identity, PublicIdentity, node_id_for
 from pipeguard.model import lr_at
 from pipeguard.signing import sign, verify
-from pipeguard.tensors import receive_tensor, state_chunks
+from pipeguard.tensors import receive_tensor, signed_chunks, state_chunks
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node.membership import Membership
@@ -37,6 +44,8 @@ class NodeService(pb_grpc.NodeServicer):
                  chunk_bytes: int):
         self.identity = identity
         self.chunk_bytes = chunk_bytes
+        self.auditor = None
+        """node.auditor.NodeAuditor, set by the daemon."""
         self.runtime = runtime
         self.membership = membership
         self.max_tensor_bytes = max_tensor_bytes
@@ -114,12 +123,58 @@ class NodeService(pb_grpc.NodeServicer):
         await self.runtime.abort(request.step)
         return pb.Ack()
 
+    def _check_fetch(self, request, what: str) -> None:
+        """Retained data goes to the coordinator and to registered, non-banned nodes only."""
+        if request.node_id != self.identity.node_id:
+            raise InvalidArgument(f"{what} request is addressed to {request.node_id!r}, not this node")
+        if request.requester:
+            if request.requester in self.runtime.banned:
+                raise PermissionDenied(f"{request.requester} is banned")
+            key = self.membership.members.get(request.requester)
+            if key is None:
+                raise Unauthenticated(f"{request.requester!r} is not a registered node")
+            verify(request, key, what=f"{what} request")
+        else:
+            key = self.membership.coordinator_key
+            if key is None:
+                raise FailedPrecondition("not registered with a coordinator yet")
+            verify(request, key, what=f"{what} request")
+        if request.run_id != self.membership.run_id:
+            raise FailedPrecondition(f"{what} request is for run {request.run_id!r}")
+
     @abort_on_error
     async def FetchState(self, request: pb.FetchStateRequest, context):
-        self._check_order(request, "fetch-state")
-        named, stage, completed = await self.runtime.snapshot(request.include_optimizer)
-        for chunk in state_chunks(named, stage, completed + 1, self.chunk_bytes):
+        self._check_fetch(request, "fetch-state")
+        a = self.runtime.assignment
+        if a is None or a.stage != request.stage:
+            raise FailedPrecondition(f"this node does not serve stage {request.stage}")
+        named, digest = await self.runtime.state_at(request.step)
+        items = [(n, t) for n, t in named.items() if request.include_optimizer or n.startswith("param/")]
+        chunks = state_chunks(items, a.stage, request.step, self.chunk_bytes)
+        for chunk in chunks:
             await context.write(chunk)
+        attestation = sign(pb.StateAttestation(run_id=a.run_id, node_id=self.identity.node_id, stage=a.stage,
+                                               step=request.step, state_digest=digest), self.identity)
+        await context.write(pb.StateChunk(attestation=attestation, stage=a.stage))
+
+    @abort_on_error
+    async def FetchTensor(self, request: pb.FetchTensorRequest, context):
+        self._check_fetch(request, "fetch-tensor")
+        kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
+        for chunk in signed_chunks(kept.commitment, kept.tensor, self.chunk_bytes):
+            await context.write(chunk)
+
+    @abort_on_error
+    async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditVerdict:
+        key = self.membership.coordinator_key
+        if key is None:
+            raise FailedPrecondition("not registered with a coordinator yet")
+        verify(request, key, what="audit order")
+        if request.auditor != self.identity.node_id:
+            raise InvalidArgument(f"audit order is addressed to {request.auditor!r}, not this node")
+        if self.auditor is None:
+            raise FailedPrecondition("this node does not audit")
+        return await self.auditor.audit(request)
 
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

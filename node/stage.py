@@ -12,7 +12,6 @@ replayed bit for bit.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeguard.data import Dataset
-from pipeguard.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from pipeguard.errors import AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, NotFound, InvalidArgument, PermissionDenied, Unauthenticated
 from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.model import (
     GPTConfig,
@@ -30,6 +29,7 @@ from pipeguard.model import (
     StageModule,
     clip_and_step,
     grad_sq_norm,
+    load_named_state,
     make_optimizer,
     named_state,
     partition,
@@ -38,21 +38,31 @@ from pipeguard.tensors import ReceivedTensor, make_header, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from node.attacks import AttackContext, Behaviour
 from node.peers import PeerPool
+from node.screen import Screen
 
 log = logging.getLogger(__name__)
 
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
-RETAINED_STEPS = 4
-"""Steps of tensor commitments kept (sent and received) for audits and evidence."""
+DEFAULT_RETENTION = 4
+"""Steps of snapshots and tensors kept when the run does not say (TrainSpec.retention_steps)."""
 
 
 @dataclass
 class Snapshot:
-    """The stage's state at the start of a step, kept so the run can roll back to it."""
+    """The stage's state at the start of a step, kept for audits and rollback."""
 
-    module: dict
-    optimizer: dict
+    named: dict[str, torch.Tensor]
+    """Weights and optimizer state, as ``named_state`` names them."""
     commitment: bytes
+    """Its digest (what the step's report committed to)."""
+
+
+@dataclass
+class Kept:
+    """A tensor this stage sent or received, with the signed commitment that came with it."""
+
+    commitment: pb.TensorCommitment
+    tensor: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,10 @@ class Assignment:
     micro_batches: int
     micro_batch_size: int
     max_in_flight: int
+    retention: int
     prev: pb.PeerInfo | None
     next: pb.PeerInfo | None
+    state_digest: bytes
 
     @classmethod
     def from_request(cls, req: pb.AssignRequest) -> "Assignment":
@@ -86,19 +98,20 @@ class Assignment:
             raise InvalidArgument(f"bad model spec: {exc}") from None
         if req.num_stages > gpt.n_layer:
             raise InvalidArgument(f"{req.num_stages} stages for {gpt.n_layer} blocks")
-        if req.stage > 0 and not req.HasField("prev"):
-            raise InvalidArgument("a stage after the first needs a previous peer")
-        if req.stage < req.num_stages - 1 and not req.HasField("next"):
-            raise InvalidArgument("a stage before the last needs a next peer")
+        if req.stage > 0 and not (req.HasField("prev") and req.prev.stage < req.stage):
+            raise InvalidArgument("a stage after the first needs a previous peer with a lower stage")
+        if req.stage < req.num_stages - 1 and not (req.HasField("next") and req.next.stage > req.stage):
+            raise InvalidArgument("a stage before the last needs a next peer with a higher stage")
         optim = OptimSettings(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
                               min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, beta1=t.beta1,
                               beta2=t.beta2, grad_clip=t.grad_clip)
         return cls(
             run_id=req.run_id, epoch=req.epoch, stage=req.stage, num_stages=req.num_stages, gpt=gpt, optim=optim,
             seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size,
-            max_in_flight=t.max_in_flight or t.micro_batches,
+            max_in_flight=t.max_in_flight or t.micro_batches, retention=t.retention_steps or DEFAULT_RETENTION,
             prev=req.prev if req.HasField("prev") else None,
             next=req.next if req.HasField("next") else None,
+            state_digest=req.state_digest,
         )
 
     @property
@@ -117,8 +130,7 @@ class Assignment:
 class StageRuntime:
     """The state and schedule of the stage this node serves."""
 
-    def __init__(self, identity: Identity, peers: PeerPool, behaviour: Behaviour, step_timeout: float,
-                 retain_snapshots: int = 2):
+    def __init__(self, identity: Identity, peers: PeerPool, behaviour: Behaviour, step_timeout: float):
         self.identity = identity
         self.peers = peers
         self.behaviour = behaviour
@@ -138,11 +150,15 @@ class StageRuntime:
         self._wake = asyncio.Event()
         self._running: int | None = None
         self._grads_for: int | None = None
-        self.retain_snapshots = retain_snapshots
         self.snapshots: dict[int, Snapshot] = {}
-        """step -> state at the start of that step, for the last ``retain_snapshots`` steps."""
-        self.retained: dict[tuple[int, int, int], pb.TensorCommitment] = {}
-        """(step, direction, micro_batch) -> commitment, for what this stage sent and received."""
+        """step -> state at the start of that step, for the retention window."""
+        self.kept: dict[tuple[int, int, int, bool], Kept] = {}
+        """(step, direction, micro_batch, sent) -> tensor, for what this stage sent and received."""
+        self.screen = Screen()
+        self.flags: dict[int, list[pb.ScreenFlag]] = {}
+        """step -> received tensors the screen flagged."""
+        self.fetch_checkpoint = None
+        """async (stage, step) -> named tensors; set by the daemon (pulls from the coordinator)."""
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -150,51 +166,65 @@ class StageRuntime:
     # -- assignment ----------------------------------------------------------------------------
 
     async def assign(self, a: Assignment, dataset: Dataset, start_step: int) -> tuple[bytes, int]:
-        """Take the stage; returns (state digest, parameter count).
+        """Take the stage at ``start_step``; returns (state digest, parameter count).
 
-        A node that already holds this very stage of this run, exactly ``start_step`` steps
-        in (a coordinator that restarted, new neighbours after a reassignment), keeps its
-        weights and optimizer state: only partial work of the unfinished step is dropped.
-        Otherwise the stage is built fresh from the run seed.
+        Where the state comes from, in order of preference:
+
+        1. this node already holds the stage exactly ``start_step`` steps in, with the digest
+           the coordinator expects (a coordinator restart, new neighbours): keep it;
+        2. it holds a retained snapshot of that step with that digest (a rollback): restore it;
+        3. nothing is expected (``start_step`` 0, empty digest): build it from the run seed;
+        4. otherwise fetch the coordinator's checkpoint and check it against the digest.
         """
         old = self.assignment
         same_stage = (old is not None and self.module is not None and old.run_id == a.run_id
                       and old.stage == a.stage and old.num_stages == a.num_stages and old.gpt == a.gpt
                       and old.seed == a.seed)
-        if same_stage and self.completed_step >= start_step and start_step in self.snapshots:
-            # The coordinator lost the last update(s) we applied (it restarted mid-commit): go back.
-            await self.rollback(start_step)
-        keep = same_stage and self.completed_step == start_step - 1
-        if keep:
+        want = a.state_digest
+        how = ""
+        if same_stage and self.completed_step == start_step - 1 and want in (b"", self.state_commitment):
             await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
-            module, digest = self.module, self.state_commitment
+            how = "keeping"
+        elif same_stage and start_step in self.snapshots and want in (b"", self.snapshots[start_step].commitment):
+            await self.rollback(start_step)
+            how = "rolled back"
         else:
-            if start_step != 0:
-                raise FailedPrecondition(
-                    f"asked to join at step {start_step} without holding the stage's state "
-                    "(state hand-over to a fresh node is not supported yet)")
             spec = partition(a.gpt, a.num_stages)[a.stage]
+            named = None
+            if want:
+                if self.fetch_checkpoint is None:
+                    raise FailedPrecondition(f"no way to fetch the state of stage {a.stage} at step {start_step}")
+                named = await self.fetch_checkpoint(a.stage, start_step)
+            elif start_step != 0:
+                raise FailedPrecondition(f"joining at step {start_step} needs the expected state digest")
 
             def build():
                 module = StageModule(a.gpt, spec, a.seed)
                 opt = make_optimizer(module, a.optim)
+                if named is not None:
+                    load_named_state(module, opt, named)
                 return module, opt, state_digest(named_state(module, opt))
 
-            module, self.opt, digest = await self._compute(build)
-            self.module = module
+            module, opt, digest = await self._compute(build)
+            if want and digest != want:
+                raise DataLoss(f"checkpoint of stage {a.stage} at step {start_step} hashes to "
+                               f"{digest.hex()[:16]}…, not the committed {want.hex()[:16]}…")
+            self.module, self.opt = module, opt
             self.snapshots.clear()
             self.completed_step = start_step - 1
             self.state_commitment = digest
+            how = "loaded checkpoint for" if want else "built"
         self.assignment, self.dataset = a, dataset
         self._inbox.clear()
         self._seen.clear()
+        self.kept = {k: v for k, v in self.kept.items() if k[0] < start_step}
         self._running = self._grads_for = None
-        n = sum(p.numel() for p in module.parameters())
-        spec = module.spec
-        log.info("%s stage %d/%d (blocks %d-%d, %d params) at step %d, epoch %d",
-                 "keeping" if keep else "serving", a.stage, a.num_stages, spec.first_block, spec.last_block - 1, n,
-                 start_step, a.epoch)
-        return digest, n
+        assert self.module is not None
+        n = sum(p.numel() for p in self.module.parameters())
+        spec = self.module.spec
+        log.info("%s stage %d/%d (blocks %d-%d, %d params) at step %d, epoch %d", how, a.stage, a.num_stages,
+                 spec.first_block, spec.last_block - 1, n, start_step, a.epoch)
+        return self.state_commitment, n
 
     # -- incoming tensors ----------------------------------------------------------------------
 
@@ -213,11 +243,11 @@ class StageRuntime:
         if header.receiver != self.identity.node_id:
             raise InvalidArgument(f"tensor is addressed to {header.receiver!r}, not this node")
         if header.direction == FORWARD:
-            if a.prev is None or header.sender != a.prev.node_id or header.stage != a.stage - 1:
-                raise PermissionDenied(f"{header.sender} does not serve stage {a.stage - 1}, which feeds this stage")
+            if a.prev is None or header.sender != a.prev.node_id or header.stage != a.prev.stage:
+                raise PermissionDenied(f"{header.sender} is not the previous stage of this pipeline")
         elif header.direction == BACKWARD:
-            if a.next is None or header.sender != a.next.node_id or header.stage != a.stage + 1:
-                raise PermissionDenied(f"{header.sender} does not serve stage {a.stage + 1}, which sends gradients here")
+            if a.next is None or header.sender != a.next.node_id or header.stage != a.next.stage:
+                raise PermissionDenied(f"{header.sender} is not the next stage of this pipeline")
         expected_step = self.completed_step + 1
         if header.step != expected_step:
             raise FailedPrecondition(f"tensor for step {header.step}, but this stage is at step {expected_step}")
@@ -239,7 +269,12 @@ class StageRuntime:
             raise _replay_error(h)
         self._seen[key] = rt.commitment.payload_digest
         self._inbox[key] = rt
-        self.retained[key] = rt.commitment
+        self.kept[(*key, False)] = Kept(rt.commitment, rt.tensor)
+        reason = self.screen.observe(h.direction, rt.tensor)
+        if reason is not None:
+            log.info("screen flagged step %d micro-batch %d from %s: %s", h.step, h.micro_batch, h.sender[:8], reason)
+            self.flags.setdefault(h.step, []).append(
+                pb.ScreenFlag(direction=h.direction, micro_batch=h.micro_batch, reason=reason))
         self._wake.set()
 
     # -- one step ------------------------------------------------------------------------------
@@ -313,12 +348,13 @@ class StageRuntime:
         report = pb.StepReport(
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
             loss=loss_sum / M if a.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
+            flags=self.flags.pop(step, []),
         )
         return report
 
     async def _send(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> None:
         commitment = await self.peers.push(address, header, tensor)
-        self.retained[(header.step, header.direction, header.micro_batch)] = commitment
+        self.kept[(header.step, header.direction, header.micro_batch, True)] = Kept(commitment, tensor)
 
     def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None):
         """Compute thread: forward one micro-batch; returns (input, output, tensor to send)."""
@@ -363,16 +399,18 @@ class StageRuntime:
             raise FailedPrecondition(f"no finished gradients for step {step}")
 
         def update():
-            self.snapshots[step] = Snapshot(copy.deepcopy(self.module.state_dict()),
-                                            copy.deepcopy(self.opt.state_dict()), self.state_commitment)
-            for old in sorted(self.snapshots)[:-self.retain_snapshots]:
+            # Runs on the compute thread, like every other reader of the state (state_at), so
+            # nobody ever sees new weights paired with the old commitment or the reverse.
+            named = {n: t.clone() for n, t in named_state(self.module, self.opt)}
+            self.snapshots[step] = Snapshot(named, self.state_commitment)
+            for old in sorted(self.snapshots)[:-a.retention]:
                 del self.snapshots[old]
             clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
-            return state_digest(named_state(self.module, self.opt))
+            self.state_commitment = state_digest(named_state(self.module, self.opt))
+            self.completed_step = step
+            return self.state_commitment
 
         digest = await self._compute(update)
-        self.completed_step = step
-        self.state_commitment = digest
         self._grads_for = None
         self._forget_before(step + 1)
         return digest
@@ -384,16 +422,15 @@ class StageRuntime:
             raise FailedPrecondition(f"no snapshot of the state at step {step} (kept: {sorted(self.snapshots)})")
 
         def restore():
-            self.module.load_state_dict(snap.module)
-            self.opt.load_state_dict(snap.optimizer)
             self.opt.zero_grad(set_to_none=True)
+            load_named_state(self.module, self.opt, snap.named)
+            for later in [s for s in self.snapshots if s > step]:
+                del self.snapshots[later]
+            log.warning("rolled back from step %d to the start of step %d", self.completed_step + 1, step)
+            self.completed_step = step - 1
+            self.state_commitment = snap.commitment
 
         await self._compute(restore)
-        for later in [s for s in self.snapshots if s > step]:
-            del self.snapshots[later]
-        log.warning("rolled back from step %d to the start of step %d", self.completed_step + 1, step)
-        self.completed_step = step - 1
-        self.state_commitment = snap.commitment
         self._grads_for = None
 
     async def abort(self, step: int) -> None:
@@ -406,30 +443,43 @@ class StageRuntime:
             for key in [k for k in self._seen if k[0] == step]:
                 del self._seen[key]
 
-    async def snapshot(self, include_optimizer: bool) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
-        """A consistent copy of the stage state between updates: (named tensors, stage, last applied step).
-
-        Parameters are named as in the whole model (``blocks.3.attn.c_attn.weight``), so the
-        stages' snapshots merge into a ``GPT`` state dict.
-        """
-        if self.module is None or self.opt is None or self.assignment is None:
+    async def state_at(self, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
+        """The stage state at the start of ``step`` (a retained snapshot or the current state)
+        and its digest. Names follow ``named_state`` (``param/...``, ``optim/...``)."""
+        if self.module is None or self.opt is None:
             raise FailedPrecondition("this node serves no stage")
 
-        def copy():
-            named = [(n.removeprefix("param/"), t.clone()) for n, t in named_state(self.module, self.opt)
-                     if include_optimizer or n.startswith("param/")]
-            return named, self.completed_step
+        def lookup():  # on the compute thread: consistent with apply_update's update()
+            if step in self.snapshots:
+                snap = self.snapshots[step]
+                return snap.named, snap.commitment
+            if step == self.completed_step + 1:
+                return {n: t.clone() for n, t in named_state(self.module, self.opt)}, self.state_commitment
+            return None
 
-        named, completed = await self._compute(copy)
-        return named, self.assignment.stage, completed
+        found = await self._compute(lookup)
+        if found is None:
+            raise FailedPrecondition(f"the state at step {step} is not retained (retained: {sorted(self.snapshots)}, "
+                                     f"current {self.completed_step + 1})")
+        return found
+
+    def kept_tensor(self, step: int, direction: int, micro_batch: int, sent: bool) -> Kept:
+        found = self.kept.get((step, direction, micro_batch, sent))
+        if found is None:
+            raise NotFound(f"no retained tensor for step {step} micro-batch {micro_batch} direction {direction} "
+                           f"({'sent' if sent else 'received'})")
+        return found
 
     def _forget_before(self, next_step: int) -> None:
         for key in [k for k in self._seen if k[0] < next_step]:
             del self._seen[key]
         for key in [k for k in self._inbox if k[0] < next_step]:
             del self._inbox[key]
-        for key in [k for k in self.retained if k[0] < next_step - RETAINED_STEPS]:
-            del self.retained[key]
+        retention = self.assignment.retention if self.assignment else DEFAULT_RETENTION
+        for key in [k for k in self.kept if k[0] < next_step - retention]:
+            del self.kept[key]
+        for step in [k for k in self.flags if k < next_step]:
+            del self.flags[step]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,7 @@
     pipeguard status  --coordinator HOST:PORT [--json] [--watch]
     pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] ...
     pipeguard export  --coordinator HOST:PORT --out model.pt
+    pipeguard verify  BUNDLE.pgev ...
     pipeguard keygen  PATH
 """
 
@@ -84,6 +85,25 @@ def _keygen_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeguard.evidence import verify_bundle
+
+    pinned = bytes.fromhex(args.coordinator_key) if args.coordinator_key else None
+    status = 0
+    for path in args.bundles:
+        if not Path(path).is_file():
+            print(f"{path}: INVALID: no such file")
+            status = 1
+            continue
+        result = verify_bundle(Path(path), pinned)
+        word = "VALID" if result.valid else "INVALID"
+        print(f"{path}: {word} ({result.kind}): {result.summary}")
+        status |= 0 if result.valid else 1
+    return status
+
+
 def _testnet_cmd(args: argparse.Namespace) -> int:
     from pipeguard.demo import run_testnet
 
@@ -122,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output file (torch.save format)")
     e.add_argument("--timeout", type=float, default=300.0, help="RPC deadline in seconds")
     e.set_defaults(func=_export_cmd)
+
+    v = sub.add_parser("verify", help="re-check evidence bundles offline (exit 0 only if all are VALID)")
+    v.add_argument("bundles", nargs="+", help="evidence bundle files (.pgev)")
+    v.add_argument("--coordinator-key", help="require audit orders signed by this coordinator key (hex)")
+    v.set_defaults(func=_verify_cmd)
 
     k = sub.add_parser("keygen", help="create (or show) an Ed25519 key file")
     k.add_argument("path", help="key file path (created 0600 if missing)")

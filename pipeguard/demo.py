@@ -118,7 +118,10 @@ def run_testnet(args: argparse.Namespace) -> int:
         net.kill()
     _summary(args, status, malicious_id, attacks, interrupted)
     if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if status is not None and status.evidence:
+            print(f"\nkept {workdir} (it holds the evidence; remove it when done)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 130 if interrupted else 0
 
 
@@ -132,9 +135,27 @@ def _summary(args, status: pb.StatusReply | None, malicious_id: str, attacks: li
     final = sum(tail) / len(tail)
     print(f"  steps completed   {status.step}/{status.total_steps}")
     print(f"  loss              {losses[0]:.4f} -> {final:.4f} (mean of the last {len(tail)} steps)")
+    print(f"  audits            {status.audits_total} dispatched, {status.detections} confirmed detections")
+    banned = [n for n in status.nodes if n.role == pb.ROLE_BANNED]
     if malicious_id:
         print(f"  malicious node    {malicious_id[:8]} ({'+'.join(attacks)}, rate {args.attack_rate})")
-        print("  detection         none yet: audits and bans are the next milestone, so the poison went through")
+    for n in banned:
+        ev = next((e for e in status.events if e.kind == "banned" and e.node_id == n.node_id), None)
+        when = f" at step {ev.step}" if ev else ""
+        honest = "" if n.node_id == malicious_id else "  <-- an HONEST node was banned"
+        print(f"  banned            {n.node_id[:8]}{when}: {n.ban_reason}{honest}")
+    if malicious_id and not any(n.node_id == malicious_id for n in banned):
+        print("  detection         the malicious node was not caught in this run")
+    for kind in ("rolled_back", "stage_assigned", "stage_skipped"):
+        for e in status.events:
+            if e.kind == kind and e.step > 0:
+                print(f"  recovery          {e.message}")
+    for path in status.evidence:
+        from pipeguard.evidence import verify_bundle
+
+        result = verify_bundle(Path(path))
+        print(f"  evidence          {path}\n                    pipeguard verify: {'VALID' if result.valid else 'INVALID'}"
+              f" ({result.summary[:100]})")
     if not args.no_compare and not interrupted and status.step == status.total_steps:
         clean = _clean_loss(args, status.step)
         ratio = final / clean

@@ -354,3 +354,27 @@ def named_state(module: nn.Module, opt: torch.optim.Optimizer):
             v = st[key]
             if torch.is_tensor(v):
                 yield f"optim/{names[id(p)]}/{key}", v.detach().reshape(-1)
+
+
+def load_named_state(module: nn.Module, opt: torch.optim.Optimizer, named: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``named_state``: load weights (and AdamW state, when present) in place."""
+    params = dict(module.named_parameters())
+    expected = {f"param/{n}" for n in params}
+    missing = expected - set(named)
+    if missing:
+        raise ValueError(f"state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            src = named[f"param/{name}"]
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: shape {tuple(src.shape)} does not match {tuple(p.shape)}")
+            p.copy_(src)
+    opt.state.clear()
+    for name, p in params.items():
+        keys = {k.rsplit("/", 1)[1]: v for k, v in named.items() if k.startswith(f"optim/{name}/")}
+        if not keys:
+            continue
+        st = {}
+        for key, v in keys.items():
+            st[key] = v.clone().reshape(p.shape) if v.numel() == p.numel() and key != "step" else v.clone().reshape(())
+        opt.state[p] = st

@@ -36,15 +36,21 @@ def render(s: pb.StatusReply) -> str:
     if stages:
         lines.append("pipeline  " + " ──▶ ".join(f"[{n.stage}] {n.node_id[:8]}" for n in stages))
     lines.append("")
-    header = f"{'NODE':<10} {'ROLE':<8} {'STAGE':>5} {'ADDRESS':<22} {'HEARTBEAT':>9} {'SENT':>6} {'RECV':>6} " \
-             f"{'REJECTED':>8} {'REJ BY PEERS':>12}  NOTE"
+    header = f"{'NODE':<10} {'ROLE':<8} {'STAGE':>5} {'ADDRESS':<22} {'HEARTBEAT':>10} {'SENT':>6} {'RECV':>6} " \
+             f"{'REJ':>4} {'REJ BY PEERS':>12} {'AUDITS OK/FAIL':>14} {'AUDITED':>7}  NOTE"
     lines.append(header)
     for n in s.nodes:
         hb = f"{n.heartbeat_age_s:.1f}s ago" if n.heartbeat_age_s >= 0 else "never"
         stage = str(n.stage) if n.role == pb.ROLE_STAGE else "-"
-        lines.append(f"{n.node_id[:8]:<10} {_role(n.role):<8} {stage:>5} {n.address:<22} {hb:>9} "
-                     f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>8} "
-                     f"{n.rejected_by_peers:>12}  {n.ban_reason}")
+        lines.append(f"{n.node_id[:8]:<10} {_role(n.role):<8} {stage:>5} {n.address:<22} {hb:>10} "
+                     f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>4} "
+                     f"{n.rejected_by_peers:>12} {f'{n.audits_passed}/{n.audits_failed}':>14} {n.audits_done:>7}  "
+                     f"{n.ban_reason}")
+    lines.append("")
+    lines.append(f"audits    {s.audits_total} dispatched, {s.detections} confirmed detections, "
+                 f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned")
+    for path in s.evidence:
+        lines.append(f"evidence  {path}")
     if s.losses:
         losses = [p.loss for p in s.losses]
         tps = sorted(p.tokens_per_s for p in s.losses)[len(s.losses) // 2]

@@ -22,7 +22,7 @@ import math
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import torch
 
@@ -111,10 +111,11 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def state_digest(named: Iterator[tuple[str, torch.Tensor]]) -> bytes:
-    """SHA-256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+def state_digest(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """SHA-256 over (name, dtype, shape, bytes) of each tensor, in name order (so any party
+    holding the same named tensors, in any order, computes the same digest)."""
     h = hashlib.sha256(b"pipeguard-state\x00")
-    for name, t in named:
+    for name, t in sorted(named, key=lambda item: item[0]):
         raw_name = name.encode()
         h.update(struct.pack(">I", len(raw_name)) + raw_name)
         h.update(_digest_prefix(wire_dtype(t.dtype), list(t.shape)))
@@ -274,37 +275,41 @@ async def receive_tensor(
 
     base = buf.data_ptr()
 
-    def absorb(data: bytes, offset: int) -> None:
-        ctypes.memmove(base + offset, data, len(data))  # like view[offset:...] = data, without the GIL
+    def absorb(data: bytes, offset: int, _keep_alive: torch.Tensor = buf) -> None:
+        # like view[offset:...] = data, without the GIL. The default argument keeps ``buf``
+        # alive while a pool thread still writes into it, even if this stream was abandoned.
+        ctypes.memmove(base + offset, data, len(data))
         h.update(data)
 
     loop = asyncio.get_running_loop()
     pending: asyncio.Future | None = None  # absorb() of the previous chunk, on the worker pool
     offset = 0
     chunk = first
-    while True:
-        data = chunk.data
-        end = offset + len(data)
-        if end > nbytes:
-            raise InvalidArgument(f"payload longer than its shape allows ({nbytes} bytes)")
-        if pending is not None:
-            await pending  # one chunk in the pool at a time keeps the hash in order
-            pending = None
-        if len(data) >= OFFLOAD_BYTES:
-            pending = loop.run_in_executor(_pool(), absorb, data, offset)
-        else:
-            absorb(data, offset)
-        offset = end
-        if chunk.signature:
-            break
-        try:
-            chunk = await it.__anext__()
-        except StopAsyncIteration:
-            raise DataLoss(f"tensor stream ended after {offset} of {nbytes} bytes without a signature") from None
-        if chunk.HasField("header"):
-            raise InvalidArgument("header repeated inside a tensor stream")
-    if pending is not None:
-        await pending
+    try:
+        while True:
+            data = chunk.data
+            end = offset + len(data)
+            if end > nbytes:
+                raise InvalidArgument(f"payload longer than its shape allows ({nbytes} bytes)")
+            if pending is not None:
+                await pending  # one chunk in the pool at a time keeps the hash in order
+                pending = None
+            if len(data) >= OFFLOAD_BYTES:
+                pending = loop.run_in_executor(_pool(), absorb, data, offset)
+            else:
+                absorb(data, offset)
+            offset = end
+            if chunk.signature:
+                break
+            try:
+                chunk = await it.__anext__()
+            except StopAsyncIteration:
+                raise DataLoss(f"tensor stream ended after {offset} of {nbytes} bytes without a signature") from None
+            if chunk.HasField("header"):
+                raise InvalidArgument("header repeated inside a tensor stream")
+    finally:
+        if pending is not None:  # never leave a pool thread writing into an abandoned buffer
+            await asyncio.wait([pending])
     if offset != nbytes:
         raise DataLoss(f"tensor stream carried {offset} bytes, header promised {nbytes}")
     commitment = pb.TensorCommitment(header=header, payload_digest=chunk.payload_digest, signature=chunk.signature)
@@ -384,3 +389,19 @@ class StateAssembler:
     def finish(self) -> dict[str, torch.Tensor]:
         self._finish()
         return self.tensors
+
+
+def signed_chunks(commitment: pb.TensorCommitment, tensor: torch.Tensor, chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    """Re-stream a kept tensor exactly as its sender signed it (for audits: the original
+    signature travels, so the receiver checks it against the original sender's key)."""
+    payload = tensor_bytes(tensor)
+    starts = range(0, max(len(payload), 1), chunk_bytes)
+    last = len(starts) - 1
+    for i, start in enumerate(starts):
+        chunk = pb.TensorChunk(data=bytes(payload[start : start + chunk_bytes]))
+        if i == 0:
+            chunk.header.CopyFrom(commitment.header)
+        if i == last:
+            chunk.payload_digest = commitment.payload_digest
+            chunk.signature = commitment.signature
+        yield chunk

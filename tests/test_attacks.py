@@ -158,7 +158,7 @@ def test_plugin_from_a_file_is_loaded_and_used(tmp_path, kind):
     [
         (None, "{dir}/missing.py:ScaleUp", "does not exist"),
         ("class Other: pass\n", "{path}:ScaleUp", "has no class 'ScaleUp'"),
-        ("class ScaleUp:\n    pass\n", "{path}:ScaleUp", "defines neither on_forward nor on_backward"),
+        ("class ScaleUp:\n    pass\n", "{path}:ScaleUp", "defines none of on_forward, on_backward, on_verdict"),
     ],
 )
 def test_bad_plugin_specs_give_clear_errors(tmp_path, source, spec, fragment):

@@ -20,6 +20,7 @@ from pipeguard.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 
+NO_AUDITS = "\n[audit]\nrate = 0.0\nscreen = false\n"
 GPT_TINY = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 SEED = 7
 
@@ -99,7 +100,7 @@ def test_attacks_change_what_downstream_receives(testnet, attack, stage, start):
     """Honest before ``start``, poisoned after: the last stage's loss (computed from what it
     received) matches clean training exactly until then and departs from it afterwards."""
     steps = 5
-    net = testnet(tiny_run_toml(stages=3, steps=steps))
+    net = testnet(tiny_run_toml(stages=3, steps=steps, extra=NO_AUDITS))
     net.start_coordinator()
     for i in range(3):
         extra = ["--attack", attack, "--attack-rate", "1", "--attack-start", str(start)] if i == stage else []
@@ -123,7 +124,7 @@ def test_attack_plugin_is_loaded_and_used(testnet, tmp_path):
         "    def on_forward(self, ctx, activation):\n"
         "        return activation * 0\n"
     )
-    net = testnet(tiny_run_toml(stages=2, steps=2, n_layer=2))
+    net = testnet(tiny_run_toml(stages=2, steps=2, n_layer=2, extra=NO_AUDITS))
     net.start_coordinator()
     net.start_node("--attack-plugin", f"{plugin}:Zero")
     net.wait_registered(1)

@@ -297,10 +297,11 @@ def test_state_assembler_refuses_bad_streams():
         asm.add(pb.StateChunk(data=b"\x00"))
 
 
-def test_state_digest_depends_on_names_values_and_order():
+def test_state_digest_depends_on_names_and_values_not_order():
     named = _state()
     base = state_digest(iter(named))
-    assert state_digest(iter(named[::-1])) != base
+    # Order-free, so a state rebuilt from a bundle or checkpoint (any order) hashes the same.
+    assert state_digest(iter(named[::-1])) == base
     renamed = [("param/other", named[0][1])] + named[1:]
     assert state_digest(iter(renamed)) != base
     changed = [(named[0][0], named[0][1] + 1e-6)] + named[1:]

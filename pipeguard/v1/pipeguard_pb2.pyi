@@ -29,6 +29,20 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_OFFLINE: _ClassVar[Role]
     ROLE_BANNED: _ClassVar[Role]
 
+class AuditKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIT_KIND_UNSPECIFIED: _ClassVar[AuditKind]
+    AUDIT_KIND_FORWARD: _ClassVar[AuditKind]
+    AUDIT_KIND_BACKWARD: _ClassVar[AuditKind]
+    AUDIT_KIND_UPDATE: _ClassVar[AuditKind]
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    VERDICT_PASS: _ClassVar[Verdict]
+    VERDICT_FAIL: _ClassVar[Verdict]
+    VERDICT_ERROR: _ClassVar[Verdict]
+
 class RunPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RUN_PHASE_UNSPECIFIED: _ClassVar[RunPhase]
@@ -49,6 +63,14 @@ ROLE_STAGE: Role
 ROLE_STANDBY: Role
 ROLE_OFFLINE: Role
 ROLE_BANNED: Role
+AUDIT_KIND_UNSPECIFIED: AuditKind
+AUDIT_KIND_FORWARD: AuditKind
+AUDIT_KIND_BACKWARD: AuditKind
+AUDIT_KIND_UPDATE: AuditKind
+VERDICT_UNSPECIFIED: Verdict
+VERDICT_PASS: Verdict
+VERDICT_FAIL: Verdict
+VERDICT_ERROR: Verdict
 RUN_PHASE_UNSPECIFIED: RunPhase
 RUN_PHASE_WAITING: RunPhase
 RUN_PHASE_TRAINING: RunPhase
@@ -180,16 +202,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerCounters, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("role", "stage", "step", "banned")
+    __slots__ = ("role", "stage", "step", "banned", "members")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     BANNED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     role: Role
     stage: int
     step: int
     banned: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
@@ -208,7 +232,7 @@ class ModelSpec(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight")
+    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight", "retention_steps")
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +245,7 @@ class TrainSpec(_message.Message):
     BETA2_FIELD_NUMBER: _ClassVar[int]
     GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_STEPS_FIELD_NUMBER: _ClassVar[int]
     seed: int
     micro_batches: int
     micro_batch_size: int
@@ -233,20 +258,23 @@ class TrainSpec(_message.Message):
     beta2: float
     grad_clip: float
     max_in_flight: int
-    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    retention_steps: int
+    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., retention_steps: _Optional[int] = ...) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "address", "public_key")
+    __slots__ = ("node_id", "address", "public_key", "stage")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     public_key: bytes
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    stage: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("run_id", "epoch", "stage", "num_stages", "model", "train", "prev", "next", "node_id", "data_digest", "start_step", "signature")
+    __slots__ = ("run_id", "epoch", "stage", "num_stages", "model", "train", "prev", "next", "node_id", "data_digest", "start_step", "signature", "state_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +287,7 @@ class AssignRequest(_message.Message):
     DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     stage: int
@@ -271,7 +300,8 @@ class AssignRequest(_message.Message):
     data_digest: bytes
     start_step: int
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., data_digest: _Optional[bytes] = ..., start_step: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    state_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., data_digest: _Optional[bytes] = ..., start_step: _Optional[int] = ..., signature: _Optional[bytes] = ..., state_digest: _Optional[bytes] = ...) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("state_digest", "num_params")
@@ -296,7 +326,7 @@ class RunStepRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature")
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature", "flags")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +337,7 @@ class StepReport(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     stage: int
@@ -317,7 +348,18 @@ class StepReport(_message.Message):
     compute_seconds: float
     micro_batches: int
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    flags: _containers.RepeatedCompositeFieldContainer[ScreenFlag]
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ..., flags: _Optional[_Iterable[_Union[ScreenFlag, _Mapping]]] = ...) -> None: ...
+
+class ScreenFlag(_message.Message):
+    __slots__ = ("direction", "micro_batch", "reason")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    direction: Direction
+    micro_batch: int
+    reason: str
+    def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., micro_batch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ApplyUpdateRequest(_message.Message):
     __slots__ = ("run_id", "epoch", "step", "node_id", "global_grad_norm", "lr", "signature")
@@ -370,32 +412,156 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchStateRequest(_message.Message):
-    __slots__ = ("run_id", "node_id", "include_optimizer", "signature")
+    __slots__ = ("run_id", "node_id", "include_optimizer", "signature", "step", "requester", "stage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
     include_optimizer: bool
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., include_optimizer: _Optional[bool] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    step: int
+    requester: str
+    stage: int
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., include_optimizer: _Optional[bool] = ..., signature: _Optional[bytes] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+
+class StateAttestation(_message.Message):
+    __slots__ = ("run_id", "node_id", "stage", "step", "state_digest", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    node_id: str
+    stage: int
+    step: int
+    state_digest: bytes
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class FetchTensorRequest(_message.Message):
+    __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    node_id: str
+    step: int
+    micro_batch: int
+    direction: Direction
+    sent: bool
+    requester: str
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class FetchCheckpointRequest(_message.Message):
+    __slots__ = ("run_id", "stage", "step", "requester", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage: int
+    step: int
+    requester: str
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PREV_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    AUDITOR_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    audit_id: int
+    kind: AuditKind
+    step: int
+    stage: int
+    micro_batch: int
+    target: PeerInfo
+    prev: PeerInfo
+    next: PeerInfo
+    num_stages: int
+    model: ModelSpec
+    train: TrainSpec
+    data_digest: bytes
+    report: StepReport
+    update: ApplyUpdateRequest
+    update_report: UpdateReport
+    auditor: str
+    tolerance: float
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AuditVerdict(_message.Message):
+    __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDITOR_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DEVIATION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    audit_id: int
+    auditor: str
+    verdict: Verdict
+    deviation: float
+    detail: str
+    signature: bytes
+    attestation: StateAttestation
+    next_attestation: StateAttestation
+    commitments: _containers.RepeatedCompositeFieldContainer[TensorCommitment]
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., auditor: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., deviation: _Optional[float] = ..., detail: _Optional[str] = ..., signature: _Optional[bytes] = ..., attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., next_attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., commitments: _Optional[_Iterable[_Union[TensorCommitment, _Mapping]]] = ...) -> None: ...
 
 class StateChunk(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data", "stage", "completed_steps")
+    __slots__ = ("name", "dtype", "shape", "data", "stage", "completed_steps", "attestation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     stage: int
     completed_steps: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stage: _Optional[int] = ..., completed_steps: _Optional[int] = ...) -> None: ...
+    attestation: StateAttestation
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stage: _Optional[int] = ..., completed_steps: _Optional[int] = ..., attestation: _Optional[_Union[StateAttestation, _Mapping]] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("include_optimizer",)
@@ -426,7 +592,7 @@ class StatusRequest(_message.Message):
     def __init__(self, history: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason")
+    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason", "audits_passed", "audits_failed", "audits_done")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +603,9 @@ class NodeStatus(_message.Message):
     TENSORS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_PEERS_FIELD_NUMBER: _ClassVar[int]
     BAN_REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_PASSED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_DONE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: Role
@@ -447,7 +616,10 @@ class NodeStatus(_message.Message):
     tensors_rejected: int
     rejected_by_peers: int
     ban_reason: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ...) -> None: ...
+    audits_passed: int
+    audits_failed: int
+    audits_done: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., audits_done: _Optional[int] = ...) -> None: ...
 
 class LossPoint(_message.Message):
     __slots__ = ("step", "loss", "tokens_per_s")
@@ -476,7 +648,7 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml")
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -487,6 +659,9 @@ class StatusReply(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     phase: RunPhase
     step: int
@@ -497,7 +672,10 @@ class StatusReply(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[Event]
     coordinator_key: str
     config_toml: str
-    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ...) -> None: ...
+    audits_total: int
+    detections: int
+    evidence: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("after_seq",)

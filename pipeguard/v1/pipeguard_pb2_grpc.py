@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.ExportRequest.SerializeToString,
                 response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.FetchCheckpoint = channel.unary_stream(
+                '/pipeguard.v1.Coordinator/FetchCheckpoint',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -133,6 +138,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchCheckpoint(self, request, context):
+        """Stream a verified checkpoint of one stage (registered nodes taking over a stage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +181,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'ExportState': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportState,
                     request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.ExportRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.SerializeToString,
+            ),
+            'FetchCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchCheckpoint,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.FromString,
                     response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.SerializeToString,
             ),
     }
@@ -376,6 +393,33 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def FetchCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pipeguard.v1.Coordinator/FetchCheckpoint',
+            pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class NodeStub:
     """Served by every node.
@@ -411,6 +455,16 @@ class NodeStub:
                 '/pipeguard.v1.Node/FetchState',
                 request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchStateRequest.SerializeToString,
                 response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
+                _registered_method=True)
+        self.FetchTensor = channel.unary_stream(
+                '/pipeguard.v1.Node/FetchTensor',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchTensorRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/pipeguard.v1.Node/Audit',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AuditRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AuditVerdict.FromString,
                 _registered_method=True)
         self.PushTensor = channel.stream_unary(
                 '/pipeguard.v1.Node/PushTensor',
@@ -452,7 +506,22 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchState(self, request, context):
-        """Stream this stage's current state (coordinator only).
+        """Stream this stage's state at a retained step, ending with a signed attestation
+        (coordinator or registered nodes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchTensor(self, request, context):
+        """Stream a retained tensor exactly as it was signed (coordinator or registered nodes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Recompute one commitment of another node and return a signed verdict (coordinator only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -492,6 +561,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchStateRequest.FromString,
                     response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.SerializeToString,
+            ),
+            'FetchTensor': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchTensor,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchTensorRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.TensorChunk.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AuditRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AuditVerdict.SerializeToString,
             ),
             'PushTensor': grpc.stream_unary_rpc_method_handler(
                     servicer.PushTensor,
@@ -635,6 +714,60 @@ class Node:
             '/pipeguard.v1.Node/FetchState',
             pipeguard_dot_v1_dot_pipeguard__pb2.FetchStateRequest.SerializeToString,
             pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchTensor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pipeguard.v1.Node/FetchTensor',
+            pipeguard_dot_v1_dot_pipeguard__pb2.FetchTensorRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeguard.v1.Node/Audit',
+            pipeguard_dot_v1_dot_pipeguard__pb2.AuditRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.AuditVerdict.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,57 @@
+"""This node as an auditor: fetch what another node committed to, recompute, sign a verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pipeguard import audit
+from pipeguard.errors import PipeguardError
+from pipeguard.identity import Identity
+from pipeguard.signing import sign
+from pipeguard.v1 import pipeguard_pb2 as pb
+from node.attacks import AttackContext
+from node.membership import Membership
+from node.peers import PeerPool
+from node.stage import StageRuntime
+
+log = logging.getLogger(__name__)
+
+
+class NodeAuditor:
+    def __init__(self, identity: Identity, runtime: StageRuntime, peers: PeerPool, membership: Membership,
+                 max_tensor_bytes: int, timeout: float):
+        self.identity = identity
+        self.behaviour = runtime.behaviour
+        self.runtime = runtime
+        self.peers = peers
+        self.membership = membership
+        self.max_tensor_bytes = max_tensor_bytes
+        self.timeout = timeout
+        self.done = 0
+        self._lock = asyncio.Lock()  # one audit's recomputation at a time: bounded memory
+
+    async def audit(self, req: pb.AuditRequest) -> pb.AuditVerdict:
+        audit.validate_request(req)
+        fetcher = audit.RpcFetcher(self.identity, self.identity.node_id, self.peers.stub, req.run_id,
+                             self.max_tensor_bytes, self.timeout)
+        verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id)
+        async with self._lock:
+            try:
+                art = await audit.gather(req, fetcher)
+                audit.attach_artifacts(verdict, art)
+                if art.needs_tokens():
+                    art.fill_tokens(await self.membership.dataset(req.data_digest))
+                finding = await self.runtime._compute(audit.check, art)
+                verdict.verdict, verdict.deviation, verdict.detail = finding.verdict, finding.deviation, finding.detail
+            except PipeguardError as exc:
+                verdict.verdict, verdict.detail = pb.VERDICT_ERROR, f"audit incomplete: {exc}"
+        verdict = self.behaviour.on_verdict(
+            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id), verdict)
+        self.done += 1
+        level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
+        log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,
+                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
+                pb.Verdict.Name(verdict.verdict), verdict.detail)
+        return sign(verdict, self.identity)
+

@@ -1,0 +1,71 @@
+"""A cheap statistical screen on received tensors, in the spirit of SENTINEL.
+
+For each direction it keeps an exponential moving average of the log-norm of received
+tensors (and, for activations, of their per-channel mean vector) and flags a tensor whose
+norm is far outside the running spread, whose mean direction turned against the running
+mean (a sign flip), or that holds NaN/Inf. A flag only forces an audit of that message:
+the screen alone never bans anyone, so false positives cost an audit, not a node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+WARMUP = 3
+"""Tensors observed per direction before the screen flags anything."""
+Z_LIMIT = 6.0
+"""Flag when the log-norm is this many running standard deviations away."""
+MIN_STD = 0.05
+"""Floor on the log-norm spread (a 5% change in norm is never an outlier by itself)."""
+ALPHA = 0.1
+
+
+@dataclass
+class _Running:
+    n: int = 0
+    mean: float = 0.0
+    var: float = 0.0
+    direction: torch.Tensor | None = None
+
+    def update(self, log_norm: float, channel_mean: torch.Tensor | None) -> None:
+        if self.n == 0:
+            self.mean = log_norm
+        else:
+            delta = log_norm - self.mean
+            self.mean += ALPHA * delta
+            self.var = (1 - ALPHA) * (self.var + ALPHA * delta * delta)
+        if channel_mean is not None:
+            self.direction = channel_mean.clone() if self.direction is None else \
+                (1 - ALPHA) * self.direction + ALPHA * channel_mean
+        self.n += 1
+
+
+class Screen:
+    def __init__(self) -> None:
+        self._stats = {pb.DIRECTION_FORWARD: _Running(), pb.DIRECTION_BACKWARD: _Running()}
+
+    def observe(self, direction: int, tensor: torch.Tensor) -> str | None:
+        """Return why ``tensor`` looks suspicious, or None. Updates the baseline with clean ones."""
+        t = tensor.detach().float()
+        if not bool(torch.isfinite(t).all()):
+            return "non-finite values"
+        log_norm = math.log(float(torch.linalg.vector_norm(t)) + 1e-12)
+        channel_mean = t.reshape(-1, t.shape[-1]).mean(0) if direction == pb.DIRECTION_FORWARD and t.dim() else None
+        s = self._stats[direction]
+        reason = None
+        if s.n >= WARMUP:
+            z = (log_norm - s.mean) / max(math.sqrt(s.var), MIN_STD)
+            if abs(z) > Z_LIMIT:
+                reason = f"norm is {math.exp(log_norm - s.mean):.3g}x the running norm (z={z:.1f})"
+            elif channel_mean is not None and s.direction is not None:
+                cos = float(torch.nn.functional.cosine_similarity(channel_mean, s.direction, dim=0))
+                if cos < 0.0:
+                    reason = f"mean activation points against the running mean (cosine {cos:.2f})"
+        if reason is None:
+            s.update(log_norm, channel_mean)
+        return reason

@@ -1,0 +1,421 @@
+"""Recomputation audits: gather what a node committed to, recompute it, compare.
+
+One engine serves three callers: a node auditing another node, the coordinator confirming a
+failed audit before anything happens, and ``pipeguard verify`` re-checking an evidence
+bundle offline. ``gather`` fetches artifacts and checks every signature on them; ``check`` is
+pure computation over those artifacts and needs no network.
+
+What each audit kind needs, for the audited stage k:
+
+=========  ===========================================  ==========================================
+kind       inputs (signed by their senders)              compared with (signed by the audited node)
+=========  ===========================================  ==========================================
+FORWARD    state at step start; activation from k-1      activation k sent to k+1, as k+1 holds it
+           (stage 0: tokens of the micro-batch)
+BACKWARD   the same, plus the gradient from k+1          gradient k sent to k-1, as k-1 holds it
+           (last stage: targets of the micro-batch)
+UPDATE     the same for every micro-batch, plus the      every output above, and the state k
+           coordinator's ApplyUpdate order               served for the next step (which must hash
+                                                         to the digest k committed to)
+=========  ===========================================  ==========================================
+
+Tolerance: the deviation of a recomputed tensor ``a`` from a claimed one ``b`` is
+``max|a - b| / max|b|`` (0 when both are zero, infinite for non-finite values). An audit fails
+when the deviation exceeds the run's tolerance (``audit.tolerance``, default 1e-3; honest
+recomputation on another process or thread count stays below 1e-5 in
+benchmarks/audit_tolerance.py). Tolerance 0 is exact mode: bit-identical results required.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
+
+import grpc
+import torch
+
+from pipeguard.data import Dataset
+from pipeguard.errors import InvalidArgument, PipeguardError, Unauthenticated, from_rpc_error
+from pipeguard.identity import Identity, PublicIdentity, node_id_for
+from pipeguard.model import (
+    GPTConfig,
+    OptimSettings,
+    Randomness,
+    StageModule,
+    StageSpec,
+    clip_and_step,
+    load_named_state,
+    make_optimizer,
+    named_state,
+    partition,
+)
+from pipeguard.signing import sign, verify
+from pipeguard.tensors import ReceivedTensor, StateAssembler, receive_tensor, state_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+KIND_NAMES = {pb.AUDIT_KIND_FORWARD: "forward", pb.AUDIT_KIND_BACKWARD: "backward", pb.AUDIT_KIND_UPDATE: "update"}
+
+
+class AuditIncomplete(PipeguardError):
+    """The audit could not gather what it needs; it proves nothing about anyone."""
+
+
+# -- the run spec an audit recomputes under -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    gpt: GPTConfig
+    spec: StageSpec
+    seed: int
+    micro_batches: int
+    micro_batch_size: int
+    optim: OptimSettings
+
+    @classmethod
+    def from_request(cls, req: pb.AuditRequest) -> "StageSetup":
+        m, t = req.model, req.train
+        try:
+            gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                            n_embd=m.n_embd, dropout=m.dropout)
+            spec = partition(gpt, req.num_stages)[req.stage]
+        except (ValueError, IndexError) as exc:
+            raise InvalidArgument(f"audit request has a bad model spec: {exc}") from None
+        optim = OptimSettings(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
+                              min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, beta1=t.beta1,
+                              beta2=t.beta2, grad_clip=t.grad_clip)
+        return cls(gpt=gpt, spec=spec, seed=t.seed, micro_batches=t.micro_batches,
+                   micro_batch_size=t.micro_batch_size, optim=optim)
+
+    @property
+    def is_first(self) -> bool:
+        return self.spec.has_embedding
+
+    @property
+    def is_last(self) -> bool:
+        return self.spec.has_head
+
+
+def micro_batches_of(req: pb.AuditRequest) -> list[int]:
+    return list(range(req.train.micro_batches)) if req.kind == pb.AUDIT_KIND_UPDATE else [req.micro_batch]
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifacts:
+    """Everything an audit recomputes from, each piece with the signature that binds it."""
+
+    request: pb.AuditRequest
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    attestation: pb.StateAttestation | None = None
+    inputs: dict[int, ReceivedTensor] = field(default_factory=dict)
+    """micro-batch -> activation the audited stage received (signed by the previous stage)."""
+    grads_in: dict[int, ReceivedTensor] = field(default_factory=dict)
+    """micro-batch -> gradient the audited stage received (signed by the next stage)."""
+    outputs: dict[tuple[int, int], ReceivedTensor] = field(default_factory=dict)
+    """(direction, micro-batch) -> what the audited stage sent (signed by it), as its receiver holds it."""
+    next_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    next_attestation: pb.StateAttestation | None = None
+    tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """micro-batch -> (inputs, targets) from the dataset, for the first and last stage."""
+
+    def needs_tokens(self) -> bool:
+        setup = StageSetup.from_request(self.request)
+        return setup.is_first or setup.is_last
+
+    def fill_tokens(self, dataset: Dataset) -> None:
+        setup = StageSetup.from_request(self.request)
+        for mb in micro_batches_of(self.request):
+            self.tokens[mb] = _tokens(setup, dataset, self.request.step, mb)
+
+
+class Fetcher(Protocol):
+    """How ``gather`` reaches nodes; the node and the coordinator each provide one."""
+
+    def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int) -> Awaitable[
+            tuple[dict[str, torch.Tensor], pb.StateAttestation]]: ...
+
+    def fetch_tensor(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, sent: bool,
+                     signer: pb.PeerInfo) -> Awaitable[ReceivedTensor]: ...
+
+
+class RpcFetcher:
+    """``audit.Fetcher`` over gRPC; requests are signed by ``identity`` (``requester`` = its id,
+    or empty when the coordinator fetches)."""
+
+    def __init__(self, identity: Identity, requester: str, stub_for, run_id: str, max_tensor_bytes: int,
+                 timeout: float):
+        self.identity, self.requester, self.stub_for = identity, requester, stub_for
+        self.run_id, self.max_tensor_bytes, self.timeout = run_id, max_tensor_bytes, timeout
+
+    async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
+        req = sign(pb.FetchStateRequest(run_id=self.run_id, node_id=peer.node_id, include_optimizer=True, step=step,
+                                        requester=self.requester, stage=stage), self.identity)
+        asm = StateAssembler(self.max_tensor_bytes)
+        attestation = None
+        try:
+            async for chunk in self.stub_for(peer.address).FetchState(req, timeout=self.timeout):
+                if chunk.HasField("attestation"):
+                    attestation = chunk.attestation
+                if chunk.name or chunk.data:
+                    asm.add(chunk)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        if attestation is None:
+            raise AuditIncomplete(f"{peer.node_id[:8]} served its state without an attestation")
+        named = asm.finish()
+        return {k: named[k] for k in named}, attestation
+
+    async def fetch_tensor(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, sent: bool,
+                           signer: pb.PeerInfo) -> ReceivedTensor:
+        req = sign(pb.FetchTensorRequest(run_id=self.run_id, node_id=peer.node_id, step=step, micro_batch=micro_batch,
+                                         direction=direction, sent=sent, requester=self.requester), self.identity)
+        key = PublicIdentity(signer.public_key)
+
+        def admit(header: pb.TensorHeader) -> PublicIdentity:
+            if (header.step, header.micro_batch, header.direction, header.sender) != (
+                    step, micro_batch, direction, signer.node_id):
+                raise AuditIncomplete(f"{peer.node_id[:8]} served a different tensor than asked for")
+            return key
+
+        try:
+            call = self.stub_for(peer.address).FetchTensor(req, timeout=self.timeout)
+            return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def _peer_key(peer: pb.PeerInfo) -> PublicIdentity:
+    if node_id_for(peer.public_key) != peer.node_id:
+        raise Unauthenticated(f"peer {peer.node_id} does not match its public key")
+    return PublicIdentity(peer.public_key)
+
+
+def check_attestation(att: pb.StateAttestation, peer: pb.PeerInfo, req: pb.AuditRequest, step: int,
+                      named: dict[str, torch.Tensor]) -> None:
+    """The served state is signed by the node, for the right step, and hashes to what it says."""
+    verify(att, _peer_key(peer), what="state attestation")
+    if (att.run_id, att.node_id, att.stage, att.step) != (req.run_id, peer.node_id, req.stage, step):
+        raise AuditIncomplete(f"state attestation is for {att.node_id[:8]} stage {att.stage} step {att.step}, "
+                              f"expected {peer.node_id[:8]} stage {req.stage} step {step}")
+    if state_digest(iter(named.items())) != att.state_digest:
+        raise AuditIncomplete("served state does not hash to the digest its attestation signs")
+
+
+async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> ReceivedTensor:
+    errors = []
+    for attempt in attempts:
+        try:
+            return await attempt()
+        except PipeguardError as exc:
+            errors.append(str(exc))
+    raise AuditIncomplete("; ".join(errors))
+
+
+async def gather(req: pb.AuditRequest, fetcher: Fetcher) -> Artifacts:
+    """Fetch and authenticate everything ``req`` needs. Raises AuditIncomplete when it cannot."""
+    setup = StageSetup.from_request(req)
+    art = Artifacts(request=req)
+    target = req.target
+    try:
+        art.state, art.attestation = await fetcher.fetch_state(target, req.step, req.stage)
+    except PipeguardError as exc:
+        raise AuditIncomplete(f"audited node did not serve its state for step {req.step}: {exc}") from None
+    check_attestation(art.attestation, target, req, req.step, art.state)
+    prev = req.prev if req.HasField("prev") else None
+    nxt = req.next if req.HasField("next") else None
+    kinds = req.kind
+    for mb in micro_batches_of(req):
+        if not setup.is_first:
+            assert prev is not None
+            art.inputs[mb] = await _first_of(
+                lambda: fetcher.fetch_tensor(prev, req.step, mb, FORWARD, True, prev),
+                lambda: fetcher.fetch_tensor(target, req.step, mb, FORWARD, False, prev))
+        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
+            assert nxt is not None
+            art.grads_in[mb] = await _first_of(
+                lambda: fetcher.fetch_tensor(nxt, req.step, mb, BACKWARD, True, nxt),
+                lambda: fetcher.fetch_tensor(target, req.step, mb, BACKWARD, False, nxt))
+        if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
+            assert nxt is not None
+            art.outputs[(FORWARD, mb)] = await _first_of(
+                lambda: fetcher.fetch_tensor(nxt, req.step, mb, FORWARD, False, target),
+                lambda: fetcher.fetch_tensor(target, req.step, mb, FORWARD, True, target))
+        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
+            assert prev is not None
+            art.outputs[(BACKWARD, mb)] = await _first_of(
+                lambda: fetcher.fetch_tensor(prev, req.step, mb, BACKWARD, False, target),
+                lambda: fetcher.fetch_tensor(target, req.step, mb, BACKWARD, True, target))
+    if kinds == pb.AUDIT_KIND_UPDATE:
+        try:
+            art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
+        except PipeguardError as exc:
+            raise AuditIncomplete(f"audited node did not serve its state after step {req.step}: {exc}") from None
+        check_attestation(art.next_attestation, target, req, req.step + 1, art.next_state)
+    return art
+
+
+def check_tensor_header(rt: ReceivedTensor, req: pb.AuditRequest, direction: int, mb: int, sender: str,
+                        receiver: str) -> None:
+    h = rt.commitment.header
+    got = (h.run_id, h.step, h.micro_batch, h.direction, h.sender, h.receiver)
+    want = (req.run_id, req.step, mb, direction, sender, receiver)
+    if got != want:
+        raise AuditIncomplete(f"tensor header {got} is not the one audited {want}")
+
+
+# -- recomputation ------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    verdict: int
+    deviation: float
+    detail: str
+    recomputed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def deviation(got: torch.Tensor, claimed: torch.Tensor) -> float:
+    """max|got - claimed| / max|claimed| (0 if both are zero; inf if anything is not finite)."""
+    got, claimed = got.detach().double(), claimed.detach().double()
+    if got.shape != claimed.shape:
+        return math.inf
+    if not bool(torch.isfinite(claimed).all()) or not bool(torch.isfinite(got).all()):
+        return math.inf
+    diff = float((got - claimed).abs().max()) if got.numel() else 0.0
+    scale = float(claimed.abs().max()) if claimed.numel() else 0.0
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0 else math.inf
+
+
+def _tokens(setup: StageSetup, dataset: Dataset, step: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return dataset.batch(setup.seed, step, mb, setup.micro_batch_size, setup.gpt.block_size)
+
+
+def _exceeds(dev: float, tolerance: float) -> bool:
+    return dev > tolerance if tolerance > 0 else dev != 0.0
+
+
+def check(art: Artifacts) -> Finding:
+    """Recompute what ``art.request`` audits and compare. Pure: no network, deterministic.
+
+    For the first and last stage, ``art.tokens`` must hold the micro-batches' tokens
+    (``Artifacts.fill_tokens``)."""
+    req = art.request
+    setup = StageSetup.from_request(req)
+    if art.attestation is None or art.attestation.state_digest != req.report.state_digest:
+        return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served for step "
+                       f"{req.step} is not the state its step report committed to")
+    missing = [mb for mb in micro_batches_of(req) if mb not in art.tokens]
+    if (setup.is_first or setup.is_last) and missing:
+        raise AuditIncomplete(f"this stage's audit needs the tokens of micro-batches {missing}")
+    if req.kind == pb.AUDIT_KIND_UPDATE and (art.next_attestation is None or
+                                             art.next_attestation.state_digest != req.update_report.state_digest):
+        return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served after step "
+                       f"{req.step} is not the state its update report committed to")
+    module = StageModule(setup.gpt, setup.spec, setup.seed)
+    opt = make_optimizer(module, setup.optim)
+    load_named_state(module, opt, art.state)
+    worst, where = 0.0, ""
+    recomputed: dict[str, torch.Tensor] = {}
+    for mb in micro_batches_of(req):
+        rng = Randomness(setup.seed, req.step, mb)
+        if setup.is_first:
+            x = art.tokens[mb][0]  # (B, T)
+        else:
+            x = art.inputs[mb].tensor.detach().clone().requires_grad_(True)  # (B, T, C)
+        y = module(x, rng)
+        out_key = (FORWARD, mb)
+        if out_key in art.outputs:
+            dev = deviation(y.detach(), art.outputs[out_key].tensor)
+            recomputed[f"forward/{mb}"] = y.detach()
+            if dev > worst or math.isinf(dev):
+                worst, where = dev, f"forward activation of micro-batch {mb}"
+        if req.kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE):
+            if setup.is_last:
+                targets = art.tokens[mb][1]  # (B, T)
+                (StageModule.loss(y, targets) / setup.micro_batches).backward()
+            else:
+                y.backward(art.grads_in[mb].tensor)
+            if (BACKWARD, mb) in art.outputs:
+                assert x.grad is not None
+                dev = deviation(x.grad, art.outputs[(BACKWARD, mb)].tensor)
+                recomputed[f"backward/{mb}"] = x.grad.detach()
+                if dev > worst or math.isinf(dev):
+                    worst, where = dev, f"input gradient of micro-batch {mb}"
+    if req.kind == pb.AUDIT_KIND_UPDATE:
+        up = req.update
+        clip_and_step(module, opt, up.global_grad_norm, up.lr, setup.optim.grad_clip)
+        for name, t in named_state(module, opt):
+            if name not in art.next_state:
+                return Finding(pb.VERDICT_FAIL, math.inf, f"served next state lacks {name}")
+            dev = deviation(t, art.next_state[name])
+            if dev > worst or math.isinf(dev):
+                worst, where = dev, f"updated {name}"
+            if name.startswith("param/"):
+                recomputed[f"next/{name}"] = t.detach().clone()
+    tol = req.tolerance
+    if _exceeds(worst, tol):
+        return Finding(pb.VERDICT_FAIL, worst, f"{where} deviates from recomputation by {worst:.3g} "
+                       f"(tolerance {tol:g})", recomputed)
+    what = KIND_NAMES.get(req.kind, "?")
+    return Finding(pb.VERDICT_PASS, worst, f"{what} audit of step {req.step} stage {req.stage} matches "
+                   f"(max deviation {worst:.3g}, tolerance {tol:g})", recomputed)
+
+
+def attach_artifacts(verdict: pb.AuditVerdict, art: Artifacts) -> None:
+    """Put the signed claims an audit relied on into its verdict."""
+    if art.attestation is not None:
+        verdict.attestation.CopyFrom(art.attestation)
+    if art.next_attestation is not None:
+        verdict.next_attestation.CopyFrom(art.next_attestation)
+    for rt in [*art.inputs.values(), *art.grads_in.values(), *art.outputs.values()]:
+        verdict.commitments.append(rt.commitment)
+
+
+def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[object, object]]:
+    """Pairs of claims signed by the same node for the same thing, but different: one from what
+    the auditor saw (its verdict), one from what the judge fetched. Each pair is equivocation."""
+    pairs: list[tuple[object, object]] = []
+    for theirs, ours in ((verdict.attestation, art.attestation), (verdict.next_attestation, art.next_attestation)):
+        if ours is not None and theirs.node_id and theirs.state_digest != ours.state_digest and (
+                theirs.node_id, theirs.stage, theirs.step) == (ours.node_id, ours.stage, ours.step):
+            pairs.append((theirs, ours))
+    mine = {_header_key(rt.commitment.header): rt.commitment
+            for rt in [*art.inputs.values(), *art.grads_in.values(), *art.outputs.values()]}
+    for c in verdict.commitments:
+        ours = mine.get(_header_key(c.header))
+        if ours is not None and ours.payload_digest != c.payload_digest:
+            pairs.append((c, ours))
+    return pairs
+
+
+def _header_key(h: pb.TensorHeader) -> bytes:
+    return h.SerializeToString(deterministic=True)
+
+
+def validate_request(req: pb.AuditRequest) -> None:
+    """Structural checks on an audit order before any work is done."""
+    if req.kind not in KIND_NAMES:
+        raise InvalidArgument(f"unknown audit kind {req.kind}")
+    if req.num_stages < 1 or req.stage >= req.num_stages:
+        raise InvalidArgument(f"stage {req.stage} not within {req.num_stages}")
+    if req.micro_batch >= max(1, req.train.micro_batches):
+        raise InvalidArgument(f"micro-batch {req.micro_batch} out of range")
+    if req.kind == pb.AUDIT_KIND_FORWARD and req.stage == req.num_stages - 1:
+        raise InvalidArgument("the last stage sends no activations to audit")
+    if req.kind == pb.AUDIT_KIND_BACKWARD and req.stage == 0:
+        raise InvalidArgument("the first stage sends no gradients to audit")
+    if req.report.node_id != req.target.node_id or req.report.step != req.step:
+        raise InvalidArgument("the step report in the audit order is not the audited node's for this step")
+    verify(req.report, _peer_key(req.target), what="audited node's step report")
+    if req.kind == pb.AUDIT_KIND_UPDATE:
+        verify(req.update_report, _peer_key(req.target), what="audited node's update report")

@@ -1,0 +1,288 @@
+"""Evidence bundles: everything needed to re-check a ban offline, and the checker.
+
+A bundle is a zip file (``.pgev``) holding ``manifest.json`` and raw tensor files. The
+manifest carries every signed claim as base64 protobuf bytes, so nothing in it has to be
+trusted: ``verify_bundle`` re-checks each signature against the keys the claims themselves
+bind (node ids are hashes of public keys; the audit order is signed by the coordinator), each
+tensor against the digest its sender signed, and then re-runs the recomputation.
+
+Kinds:
+
+- ``audit``: the audited node's signed commitments contradict an honest recomputation (or the
+  state it served is not the state it committed to). VALID means the accused cheated.
+- ``false-accusation``: an auditor signed a FAIL verdict, but the recomputation over the same
+  signed artifacts passes. VALID means the auditor lied.
+- ``equivocation``: two different payloads signed by the same node for the same header.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeguard import audit
+from pipeguard.errors import PipeguardError
+from pipeguard.identity import PublicIdentity, node_id_for
+from pipeguard.signing import verify
+from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, tensor_bytes, tensor_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+FORMAT = "pipeguard-evidence/1"
+
+
+class BundleError(Exception):
+    """The bundle is malformed or does not prove what it claims."""
+
+
+@dataclass
+class VerifyResult:
+    valid: bool
+    kind: str
+    accused: str
+    summary: str
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.claims: dict[str, dict] = {}
+        self.tensors: dict[str, dict] = {}
+        self.files: dict[str, bytes] = {}
+
+    def claim(self, name: str, msg) -> None:
+        self.claims[name] = {"type": msg.DESCRIPTOR.full_name, "b64": base64.b64encode(msg.SerializeToString()).decode()}
+
+    def tensor(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        fname = f"tensors/{len(self.tensors):05d}.bin"
+        self.tensors[name] = {"dtype": int(WIRE_DTYPES[t.dtype]), "shape": list(t.shape), "file": fname}
+        self.files[fname] = bytes(tensor_bytes(t))
+
+    def received(self, name: str, rt: ReceivedTensor) -> None:
+        self.claim(name, rt.commitment)
+        self.tensor(name, rt.tensor)
+
+    def write(self, path: Path, manifest: dict) -> None:
+        manifest = {"format": FORMAT, "created": time.time(), **manifest, "claims": self.claims,
+                    "tensors": self.tensors}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+            for fname, data in self.files.items():
+                zf.writestr(fname, data)
+        tmp.replace(path)
+
+
+def _write_artifacts(w: _Writer, art: audit.Artifacts) -> None:
+    w.claim("request", art.request)
+    if art.attestation is not None:
+        w.claim("attestation", art.attestation)
+    for name, t in art.state.items():
+        w.tensor(f"state/{name}", t)
+    if art.next_attestation is not None:
+        w.claim("next_attestation", art.next_attestation)
+    for name, t in art.next_state.items():
+        w.tensor(f"next_state/{name}", t)
+    for mb, rt in art.inputs.items():
+        w.received(f"input/{mb}", rt)
+    for mb, rt in art.grads_in.items():
+        w.received(f"grad_in/{mb}", rt)
+    for (direction, mb), rt in art.outputs.items():
+        w.received(f"output/{direction}/{mb}", rt)
+    for mb, (x, y) in art.tokens.items():
+        w.tensor(f"tokens/{mb}/x", x)
+        w.tensor(f"tokens/{mb}/y", y)
+
+
+def write_audit_bundle(path: Path, art: audit.Artifacts, finding: audit.Finding, coordinator_key: bytes,
+                       false_verdict: pb.AuditVerdict | None = None, auditor_key: bytes = b"") -> Path:
+    """An ``audit`` bundle (accused: the audited node), or with ``false_verdict`` a
+    ``false-accusation`` bundle (accused: the auditor)."""
+    w = _Writer()
+    _write_artifacts(w, art)
+    for name, t in finding.recomputed.items():
+        w.tensor(f"recomputed/{name}", t)
+    manifest = {
+        "kind": "false-accusation" if false_verdict is not None else "audit",
+        "accused": false_verdict.auditor if false_verdict is not None else art.request.target.node_id,
+        "coordinator_key": coordinator_key.hex(),
+        "finding": {"verdict": pb.Verdict.Name(finding.verdict), "deviation": finding.deviation,
+                    "detail": finding.detail, "tolerance": art.request.tolerance},
+    }
+    if false_verdict is not None:
+        w.claim("verdict", false_verdict)
+        manifest["auditor_key"] = auditor_key.hex()
+    w.write(path, manifest)
+    return path
+
+
+def write_equivocation_bundle(path: Path, first, second, signer_key: bytes) -> Path:
+    """Two claims signed by one node about the same thing that disagree: two TensorCommitments
+    with one header and different payload digests, or two StateAttestations of one state."""
+    w = _Writer()
+    w.claim("first", first)
+    w.claim("second", second)
+    w.write(path, {"kind": "equivocation", "accused": node_id_for(signer_key), "signer_key": signer_key.hex()})
+    return path
+
+
+def _same_subject(a, b) -> bool:
+    if isinstance(a, pb.TensorCommitment):
+        return (a.header.SerializeToString(deterministic=True) == b.header.SerializeToString(deterministic=True)
+                and a.payload_digest != b.payload_digest)
+    return ((a.run_id, a.node_id, a.stage, a.step) == (b.run_id, b.node_id, b.stage, b.step)
+            and a.state_digest != b.state_digest)
+
+
+# -- reading and verifying ------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, path: Path):
+        try:
+            self.zf = zipfile.ZipFile(path)
+            self.manifest = json.loads(self.zf.read("manifest.json"))
+        except (OSError, zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"not a readable evidence bundle: {exc}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise BundleError(f"unknown bundle format {self.manifest.get('format')!r}")
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["claims"]
+
+    def claim(self, name: str, cls):
+        entry = self.manifest["claims"].get(name)
+        if entry is None:
+            raise BundleError(f"bundle lacks claim {name!r}")
+        if entry["type"] != cls.DESCRIPTOR.full_name:
+            raise BundleError(f"claim {name!r} is a {entry['type']}, expected {cls.DESCRIPTOR.full_name}")
+        try:
+            return cls.FromString(base64.b64decode(entry["b64"], validate=True))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad bundle
+            raise BundleError(f"claim {name!r} does not decode: {exc}") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.manifest["tensors"].get(name)
+        if entry is None:
+            raise BundleError(f"bundle lacks tensor {name!r}")
+        try:
+            data = bytearray(self.zf.read(entry["file"]))
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"tensor {name!r} unreadable: {exc}") from None
+        dtype = TORCH_DTYPES.get(entry["dtype"])
+        shape = [int(d) for d in entry["shape"]]
+        if dtype is None:
+            raise BundleError(f"tensor {name!r} has unknown dtype")
+        expected = torch.empty((), dtype=dtype).element_size() * (int(torch.tensor(shape).prod()) if shape else 1)
+        if len(data) != expected:
+            raise BundleError(f"tensor {name!r} holds {len(data)} bytes, its shape needs {expected}")
+        return torch.frombuffer(data, dtype=dtype).view(shape).clone() if data else torch.empty(shape, dtype=dtype)
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.manifest["tensors"] if n.startswith(prefix))
+
+    def received(self, name: str, signer: pb.PeerInfo) -> ReceivedTensor:
+        commitment = self.claim(name, pb.TensorCommitment)
+        tensor = self.tensor(name)
+        if node_id_for(signer.public_key) != signer.node_id or commitment.header.sender != signer.node_id:
+            raise BundleError(f"{name}: signed by {commitment.header.sender[:8]}, expected {signer.node_id[:8]}")
+        verify(commitment, PublicIdentity(signer.public_key), what=name)
+        if tensor_digest(tensor) != commitment.payload_digest:
+            raise BundleError(f"{name}: tensor bytes do not match the signed digest")
+        return ReceivedTensor(commitment=commitment, tensor=tensor)
+
+
+def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artifacts:
+    req = r.claim("request", pb.AuditRequest)
+    coordinator_key = bytes.fromhex(r.manifest.get("coordinator_key", ""))
+    if pinned_coordinator is not None and coordinator_key != pinned_coordinator:
+        raise BundleError("the audit order was signed by a different coordinator than the pinned one")
+    verify(req, PublicIdentity(coordinator_key), what="audit order (coordinator signature)")
+    audit.validate_request(req)
+    art = audit.Artifacts(request=req)
+    art.attestation = r.claim("attestation", pb.StateAttestation)
+    art.state = {n.removeprefix("state/"): r.tensor(n) for n in r.names("state/")}
+    audit.check_attestation(art.attestation, req.target, req, req.step, art.state)
+    if r.has("next_attestation"):
+        art.next_attestation = r.claim("next_attestation", pb.StateAttestation)
+        art.next_state = {n.removeprefix("next_state/"): r.tensor(n) for n in r.names("next_state/")}
+        audit.check_attestation(art.next_attestation, req.target, req, req.step + 1, art.next_state)
+    for mb in audit.micro_batches_of(req):
+        if f"input/{mb}" in r.manifest["claims"]:
+            art.inputs[mb] = r.received(f"input/{mb}", req.prev)
+        if f"grad_in/{mb}" in r.manifest["claims"]:
+            art.grads_in[mb] = r.received(f"grad_in/{mb}", req.next)
+        for direction in (pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD):
+            name = f"output/{direction}/{mb}"
+            if name in r.manifest["claims"]:
+                rt = r.received(name, req.target)
+                receiver = req.next if direction == pb.DIRECTION_FORWARD else req.prev
+                audit.check_tensor_header(rt, req, direction, mb, req.target.node_id, receiver.node_id)
+                art.outputs[(direction, mb)] = rt
+        if f"tokens/{mb}/x" in r.manifest["tensors"]:
+            art.tokens[mb] = (r.tensor(f"tokens/{mb}/x"), r.tensor(f"tokens/{mb}/y"))
+    return art
+
+
+def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> VerifyResult:
+    """Re-check a bundle offline. Never raises for a bad bundle: returns valid=False and why."""
+    try:
+        r = _Reader(Path(path))
+        kind = r.manifest.get("kind", "?")
+        accused = r.manifest.get("accused", "?")
+        if kind == "equivocation":
+            key = bytes.fromhex(r.manifest["signer_key"])
+            signer = node_id_for(key)
+            types = {r.manifest["claims"][n]["type"] for n in ("first", "second")}
+            cls = pb.TensorCommitment if types == {pb.TensorCommitment.DESCRIPTOR.full_name} else pb.StateAttestation
+            a, b = r.claim("first", cls), r.claim("second", cls)
+            for claim in (a, b):
+                verify(claim, PublicIdentity(key), what="equivocating claim")
+            owner = {a.header.sender, b.header.sender} if cls is pb.TensorCommitment else {a.node_id, b.node_id}
+            if owner != {signer}:
+                return VerifyResult(False, kind, signer, "the claims are not about the signer's own output")
+            if not _same_subject(a, b):
+                return VerifyResult(False, kind, signer, "the two claims are not contradictory")
+            what = (f"tensor step {a.header.step} micro-batch {a.header.micro_batch}" if cls is pb.TensorCommitment
+                    else f"state of stage {a.stage} at step {a.step}")
+            return VerifyResult(True, kind, signer, f"node {signer} signed two different versions of its {what}")
+        art = _load_artifacts(r, pinned_coordinator)
+        finding = audit.check(art)
+        req = art.request
+        where = f"step {req.step} stage {req.stage} ({audit.KIND_NAMES[req.kind]} audit)"
+        if kind == "audit":
+            if finding.verdict == pb.VERDICT_FAIL:
+                return VerifyResult(True, kind, req.target.node_id,
+                                    f"node {req.target.node_id} cheated at {where}: {finding.detail}")
+            return VerifyResult(False, kind, req.target.node_id, f"recomputation matches: {finding.detail}")
+        if kind == "false-accusation":
+            auditor_key = bytes.fromhex(r.manifest["auditor_key"])
+            verdict = r.claim("verdict", pb.AuditVerdict)
+            verify(verdict, PublicIdentity(auditor_key), what="auditor's verdict")
+            if verdict.auditor != node_id_for(auditor_key) or verdict.auditor != req.auditor:
+                raise BundleError("the verdict is not signed by the auditor the order named")
+            if (verdict.audit_id, verdict.run_id) != (req.audit_id, req.run_id):
+                raise BundleError("the verdict answers a different audit")
+            if verdict.verdict != pb.VERDICT_FAIL:
+                return VerifyResult(False, kind, verdict.auditor, "the auditor did not accuse anyone")
+            if finding.verdict == pb.VERDICT_PASS:
+                return VerifyResult(True, kind, verdict.auditor, f"auditor {verdict.auditor} accused "
+                                    f"{req.target.node_id[:8]} at {where}, but {finding.detail}")
+            return VerifyResult(False, kind, verdict.auditor, f"the accusation holds: {finding.detail}")
+        return VerifyResult(False, kind, accused, f"unknown bundle kind {kind!r}")
+    except (BundleError, PipeguardError, KeyError, ValueError, TypeError) as exc:
+        return VerifyResult(False, "?", "?", f"{type(exc).__name__}: {exc}")
+
+
+def read_manifest(path: Path) -> dict:
+    return _Reader(Path(path)).manifest
+
