@@ -54,18 +54,25 @@ class PeerPool:
         Returns the signed commitment (kept by the caller for audits). Chunks are hashed as
         they are sent (the next one on a worker thread while this one is written); Ed25519
         signatures are deterministic, so a retry re-sends exactly the same signed claim, never
-        a second, different one.
+        a second, different one. That is also why ALREADY_EXISTS after an attempt that failed in
+        transit counts as delivered: the receiver got that attempt's bytes, only its reply was
+        lost, and it refuses the identical copy as a replay.
         """
         sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)
         delay = self.timeouts.retry_backoff
         attempts = 5
+        maybe_delivered = False
         for attempt in range(1, attempts + 1):
             try:
                 await self._push_call(address)(sender.wire_chunks(), timeout=self.timeouts.request)
                 break
             except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS and maybe_delivered:
+                    log.debug("push to %s: an earlier attempt was delivered (%s)", address, err.details())
+                    break
                 if err.code() not in RETRYABLE or attempt == attempts:
                     raise from_rpc_error(err) from None
+                maybe_delivered = True
                 log.debug("push to %s failed (%s); retry %d", address, err.code().name, attempt)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(2 * delay, self.timeouts.retry_max)

@@ -19,8 +19,9 @@ from pipeguard.errors import PipeguardError, Unavailable, from_rpc_error
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Codes worth retrying: the peer may come back. Everything else is an answer.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Codes worth retrying: the peer may come back. Everything else is an answer; in particular
+# RESOURCE_EXHAUSTED (a size over a limit) would be refused again, byte for byte.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def install_event_loop_policy() -> None:
