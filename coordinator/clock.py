@@ -380,7 +380,7 @@ class StepClock:
             raise StepFailed(f"{method}: {exc}") from None
 
     async def abort_step(self, step: int) -> None:
-        orders = [pb.AbortStepRequest(run_id=self.state.run_id, step=step, node_id=r.node_id)
+        orders = [pb.AbortStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id)
                   for r in self.stage_nodes]
         results = await asyncio.gather(
             *(self._call(r, "AbortStep", o, self.cfg.timeouts.request) for r, o in zip(self.stage_nodes, orders)),

@@ -120,6 +120,7 @@ class NodeService(pb_grpc.NodeServicer):
     @abort_on_error
     async def AbortStep(self, request: pb.AbortStepRequest, context) -> pb.Ack:
         self._check_order(request, "abort-step")
+        self._check_epoch(request.epoch)
         await self.runtime.abort(request.step)
         return pb.Ack()
 

@@ -434,7 +434,12 @@ class StageRuntime:
         self._grads_for = None
 
     async def abort(self, step: int) -> None:
-        """Drop a failed step's partial work so it can be run again from the same state."""
+        """Drop a failed step's partial work so it can be run again from the same state.
+
+        Refused while that step is still running: its gradients and inbox are in use.
+        """
+        if self._running == step:
+            raise FailedPrecondition(f"step {step} is still running; it cannot be aborted now")
         if self.opt is not None and step == self.completed_step + 1:
             await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
             self._grads_for = None

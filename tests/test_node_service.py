@@ -570,3 +570,66 @@ def test_apply_update_refuses_a_learning_rate_off_schedule(tmp_path):
             assert err.value.code() == C.INVALID_ARGUMENT and "does not follow the schedule" in err.value.details()
 
     run(scenario())
+
+
+# -- aborting a step ---------------------------------------------------------------------------
+
+
+async def push_step_inputs(bed: Bed) -> None:
+    for mb in range(MICRO_BATCHES):
+        assert await bed.push(bed.tensor_chunks(micro_batch=mb)) == (C.OK, "")
+        assert await bed.push(bed.tensor_chunks(bed.next, micro_batch=mb, direction=BACKWARD)) == (C.OK, "")
+
+
+def test_abort_from_another_epoch_is_refused_and_the_gradients_stay(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            await push_step_inputs(bed)
+            me = bed.node.node_id
+            report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            # an abort the coordinator signed for this step under an older assignment, replayed now
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch - 1, step=0, node_id=me))
+            assert err.value.code() == C.FAILED_PRECONDITION and "epoch" in err.value.details()
+            update = pb.ApplyUpdateRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me,
+                                           global_grad_norm=math.sqrt(report.grad_sq_norm), lr=lr_at(0, OPTIM))
+            applied = await bed.order("ApplyUpdate", update)
+            assert applied.step == 0 and applied.state_digest != report.state_digest
+
+    run(scenario())
+
+
+def test_abort_of_the_current_epoch_drops_the_gradients(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            await push_step_inputs(bed)
+            me = bed.node.node_id
+            report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.order("ApplyUpdate", pb.ApplyUpdateRequest(
+                    run_id=RUN, epoch=bed.epoch, step=0, node_id=me,
+                    global_grad_norm=math.sqrt(report.grad_sq_norm), lr=lr_at(0, OPTIM)))
+            assert err.value.code() == C.FAILED_PRECONDITION and "no finished gradients" in err.value.details()
+
+    run(scenario())
+
+
+def test_abort_of_a_running_step_is_refused_and_the_step_completes(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            me = bed.node.node_id
+            running = asyncio.create_task(
+                bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me)))
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while bed.runtime._running != 0:  # the step waits for its inputs
+                assert asyncio.get_running_loop().time() < deadline, "RunStep never started"
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            assert err.value.code() == C.FAILED_PRECONDITION and "still running" in err.value.details()
+            await push_step_inputs(bed)
+            report = await asyncio.wait_for(running, DEADLINE)
+            assert report.step == 0 and report.micro_batches == MICRO_BATCHES
+
+    run(scenario())

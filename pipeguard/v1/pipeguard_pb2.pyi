@@ -396,16 +396,18 @@ class UpdateReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AbortStepRequest(_message.Message):
-    __slots__ = ("run_id", "step", "node_id", "signature")
+    __slots__ = ("run_id", "step", "node_id", "signature", "epoch")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     node_id: str
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    epoch: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
