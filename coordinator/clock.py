@@ -354,6 +354,9 @@ class StepClock:
         done = await self._gather(nodes, "ApplyUpdate", updates, self.cfg.timeouts.step)
         for slot, rec, up in zip(slots, nodes, done):
             verify(up, rec.identity, what=f"update report from stage {slot}")
+            if (up.run_id, up.step, up.stage, up.node_id) != (self.state.run_id, step, slot, rec.node_id):
+                raise Unauthenticated(f"stage {slot} update report is for a different step/stage/node")
+        for slot, up in zip(slots, done):
             self.state.commitments[str(slot)] = up.state_digest.hex()
         record.update_orders, record.update_reports = updates, list(done)
         if self.auditor is not None:

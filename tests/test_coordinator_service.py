@@ -20,11 +20,12 @@ import torch
 
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig
-from coordinator.registry import Registry
+from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
+from pipeguard.errors import Unauthenticated
 from pipeguard.identity import Identity, node_id_for
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -330,5 +331,79 @@ def test_hostile_registration_or_heartbeat_is_refused(tmp_path, fault):
             else:
                 reply = await bed.heartbeat(newcomer, seq=1)
                 assert list(reply.banned) == [node.node_id], "the ban list reaches every node"
+
+    run(scenario())
+
+
+# -- the step clock against scripted stages ----------------------------------------------------
+
+
+class ScriptedStage(pb_grpc.NodeServicer):
+    """A stage that answers RunStep and ApplyUpdate with reports signed by its own key; ``lie``
+    overrides fields of its UpdateReport (a report replayed from another step, stage or run)."""
+
+    START, AFTER = b"\x01" * 32, b"\x02" * 32
+
+    def __init__(self, node: Identity, slot: int, lie: dict):
+        self.node, self.slot, self.lie = node, slot, lie
+
+    async def RunStep(self, request, context):
+        return sign(pb.StepReport(run_id=request.run_id, step=request.step, stage=self.slot, node_id=self.node.node_id,
+                                  state_digest=self.START, grad_sq_norm=1.0, micro_batches=1), self.node)
+
+    async def ApplyUpdate(self, request, context):
+        report = pb.UpdateReport(run_id=request.run_id, step=request.step, stage=self.slot,
+                                 node_id=self.node.node_id, state_digest=self.AFTER)
+        for name, value in self.lie.items():
+            setattr(report, name, value)
+        return sign(report, self.node)
+
+
+@contextlib.asynccontextmanager
+async def scripted_pipeline(bed: Bed, lies: list[dict]):
+    """Stage i is a ScriptedStage lying with ``lies[i]``; the clock's pipeline is set to them."""
+    servers, records = [], []
+    for slot, lie in enumerate(lies):
+        node = Identity.generate()
+        server = grpc.aio.server()
+        pb_grpc.add_NodeServicer_to_server(ScriptedStage(node, slot, lie), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        rec = NodeRecord(node_id=node.node_id, public_key=node.public_key, address=f"127.0.0.1:{port}",
+                         role=pb.ROLE_STAGE, stage=slot)
+        bed.registry.nodes[rec.node_id] = rec
+        records.append(rec)
+    clock = bed.service.clock
+    clock.stage_nodes, clock.slots = records, list(range(len(lies)))
+    clock.state.epoch = 1
+    clock.state.commitments = {str(s): ScriptedStage.START.hex() for s in range(len(lies))}
+    try:
+        yield clock
+    finally:
+        for server in servers:
+            await server.stop(None)
+
+
+def test_clock_applies_honest_update_reports(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed, scripted_pipeline(bed, [{}, {}]) as clock:
+            await clock.run_step(0)
+            assert clock.state.step == 1
+            assert clock.state.commitments == {"0": ScriptedStage.AFTER.hex(), "1": ScriptedStage.AFTER.hex()}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("lie", [{"run_id": "another-run"}, {"step": 7}, {"stage": 0}, {"node_id": "f" * 32}],
+                         ids=["run_id", "step", "stage", "node_id"])
+def test_clock_refuses_an_update_report_for_another_step_stage_or_node(tmp_path, lie):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed, scripted_pipeline(bed, [{}, lie]) as clock:
+            before = dict(clock.state.commitments)
+            with pytest.raises(Unauthenticated, match="update report"):
+                await clock.run_step(0)
+            assert clock.state.step == 0
+            assert clock.state.commitments == before, "no stage's commitment moved on a refused step"
 
     run(scenario())
