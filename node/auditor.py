@@ -30,13 +30,14 @@ class NodeAuditor:
         self.timeout = timeout
         self.done = 0
         self._lock = asyncio.Lock()  # one audit's recomputation at a time: bounded memory
+        self._cache = audit.CachingFetcher(inner=None)  # type: ignore[arg-type]
 
     async def audit(self, req: pb.AuditRequest) -> pb.AuditVerdict:
         audit.validate_request(req)
-        fetcher = audit.RpcFetcher(self.identity, self.identity.node_id, self.peers.stub, req.run_id,
-                             self.max_tensor_bytes, self.timeout)
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id)
         async with self._lock:
+            fetcher = self._cache.using(audit.RpcFetcher(self.identity, self.identity.node_id, self.peers.stub,
+                                                         req.run_id, self.max_tensor_bytes, self.timeout))
             try:
                 art = await audit.gather(req, fetcher)
                 audit.attach_artifacts(verdict, art)

@@ -192,6 +192,31 @@ class RpcFetcher:
             raise from_rpc_error(err) from None
 
 
+class CachingFetcher:
+    """Remembers the last few states fetched, keyed by (node, step, stage): with several audits
+    of one stage and step (common at high audit rates) the state crosses the network once.
+    Tensors are the same signed bytes either way; every audit still checks the attestation."""
+
+    def __init__(self, inner: Fetcher, capacity: int = 4):
+        self.inner, self.capacity = inner, capacity
+        self._states: dict[tuple[str, int, int], tuple[dict[str, torch.Tensor], pb.StateAttestation]] = {}
+
+    def using(self, inner: Fetcher) -> "CachingFetcher":
+        self.inner = inner
+        return self
+
+    async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
+        key = (peer.node_id, step, stage)
+        if key not in self._states:
+            self._states[key] = await self.inner.fetch_state(peer, step, stage)
+            while len(self._states) > self.capacity:
+                del self._states[next(iter(self._states))]
+        return self._states[key]
+
+    def fetch_tensor(self, *args, **kwargs):
+        return self.inner.fetch_tensor(*args, **kwargs)
+
+
 def _peer_key(peer: pb.PeerInfo) -> PublicIdentity:
     if node_id_for(peer.public_key) != peer.node_id:
         raise Unauthenticated(f"peer {peer.node_id} does not match its public key")
