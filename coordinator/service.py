@@ -58,11 +58,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back (standby)", node_id=rec.node_id)
             self.clock.membership_changed.set()
         reply = pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
-                                  banned=self.registry.banned_ids())
+                                  banned=self.registry.banned_ids(), seq=request.seq)
         for m in self.registry.nodes.values():
             if m.role != pb.ROLE_BANNED:
                 reply.members.add(node_id=m.node_id, address=m.address, public_key=m.public_key)
-        return reply
+        return sign(reply, self.identity)
 
     @abort_on_error
     async def FetchData(self, request: pb.FetchDataRequest, context):

@@ -13,7 +13,7 @@ import grpc
 from pipeguard import __version__
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
-from pipeguard.errors import DataLoss, PermissionDenied, PipeguardError, Unauthenticated, from_rpc_error
+from pipeguard.errors import DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated, from_rpc_error
 from pipeguard.identity import Identity, PublicIdentity, node_id_for
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
@@ -93,10 +93,17 @@ class Membership:
                 delay = min(2 * delay, self.timeouts.retry_max)
 
     async def heartbeat(self) -> None:
+        """One heartbeat; the reply is acted on only if the coordinator signed it for this seq."""
+        key = self.coordinator_key
+        if key is None:
+            raise FailedPrecondition("not registered with a coordinator yet")
         self._seq += 1
         req = self.stats()
         req.node_id, req.seq = self.identity.node_id, self._seq
         reply = await self.stub.Heartbeat(sign(req, self.identity), timeout=self.timeouts.request)
+        verify(reply, key, what="heartbeat reply")
+        if reply.seq != req.seq:
+            raise Unauthenticated(f"heartbeat reply is for seq {reply.seq}, not {req.seq} (a replayed reply)")
         self.role = reply.role
         self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
                         if node_id_for(m.public_key) == m.node_id}

@@ -164,6 +164,20 @@ def test_registering_again_keeps_one_record_and_updates_the_address(tmp_path):
     run(scenario())
 
 
+def test_heartbeat_reply_is_signed_by_the_coordinator_and_echoes_the_seq(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            node, banned = Identity.generate(), Identity.generate()
+            await bed.register(node)
+            await bed.register(banned)
+            _ban(bed, banned)
+            reply = await bed.heartbeat(node, seq=41)
+            verify(reply, bed.coord.public(), what="heartbeat reply")
+            assert reply.seq == 41 and list(reply.banned) == [banned.node_id]
+
+    run(scenario())
+
+
 def test_fetch_data_streams_the_dataset_by_digest(tmp_path):
     async def scenario():
         async with coordinator_bed(tmp_path) as bed:

@@ -202,18 +202,22 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerCounters, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("role", "stage", "step", "banned", "members")
+    __slots__ = ("role", "stage", "step", "banned", "members", "seq", "signature")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     BANNED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     stage: int
     step: int
     banned: _containers.RepeatedScalarFieldContainer[str]
     members: _containers.RepeatedCompositeFieldContainer[PeerInfo]
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
+    seq: int
+    signature: bytes
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., seq: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
