@@ -41,9 +41,12 @@ class NodeConfig:
     coordinator: str = "127.0.0.1:7000"
     """Coordinator address HOST:PORT."""
     coordinator_key: str = ""
-    """Pin the coordinator's Ed25519 public key (hex); empty trusts the first key seen."""
+    """Pin the coordinator's Ed25519 public key (hex). Empty: trust on first use — the key of the first
+    coordinator this node registers with is kept in HOME/coordinator.pub and any other key is refused
+    until that file is deleted or a key is pinned here (a pin overrides and replaces the file)."""
     home: str = "~/.pipeguard/node"
-    """Directory for this node's key (node.key, 0600) and dataset cache."""
+    """Directory for this node's key (node.key, 0600), the trusted coordinator key (coordinator.pub)
+    and the dataset cache."""
     threads: int = 1
     """Torch intra-op threads for this node's compute."""
     log_level: str = "INFO"

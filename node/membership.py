@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -14,13 +15,16 @@ from pipeguard import __version__
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated, from_rpc_error
-from pipeguard.identity import Identity, PublicIdentity, node_id_for
+from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+KEY_FILE = "coordinator.pub"
+"""File in the node's home holding the coordinator key trusted on first use (hex, 0600)."""
 
 
 class Membership:
@@ -48,20 +52,85 @@ class Membership:
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.on_banned: Callable[[set[str]], None] = lambda banned: None
 
+    @property
+    def key_file(self) -> Path:
+        """Where the coordinator key trusted on first use is remembered."""
+        return Path(self.home).expanduser() / KEY_FILE
+
+    def remembered_key(self) -> bytes | None:
+        """The coordinator key remembered from an earlier registration, if any."""
+        path = self.key_file
+        if not path.exists():
+            return None
+        mode = path.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise KeyFileError(f"{path} is writable by group or others (mode {stat.S_IMODE(mode):o}); "
+                               f"run `chmod 600 {path}`")
+        try:
+            raw = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            raw = b""
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise KeyFileError(f"{path} does not hold a hex-encoded {PUBLIC_KEY_BYTES}-byte public key; "
+                               "delete it to trust the coordinator's key on first use again")
+        return raw
+
+    def _remember(self, key: bytes) -> None:
+        path = self.key_file
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, (key.hex() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
     async def register(self) -> None:
+        """Register with the coordinator, trusting only the pinned key, or else the remembered one.
+
+        Without a pin, the first coordinator key this node registers with is remembered in
+        ``home/coordinator.pub`` (trust on first use) and any other key is refused afterwards.
+        A pin overrides the remembered key (and replaces it once registration succeeds).
+        """
         nonce = os.urandom(16)
         hello = await self.stub.Hello(pb.HelloRequest(client_nonce=nonce), timeout=self.timeouts.request)
         if hello.client_nonce != nonce:
             raise Unauthenticated("coordinator did not echo our nonce")
-        if self.pinned is not None and hello.coordinator_key != self.pinned:
-            raise Unauthenticated(
-                f"coordinator key {hello.coordinator_key.hex()} does not match the pinned key {self.pinned.hex()}"
-            )
-        key = PublicIdentity(hello.coordinator_key)
+        offered = hello.coordinator_key
+        if self.pinned is not None:
+            try:
+                remembered = self.remembered_key()
+            except KeyFileError as exc:  # the pin decides; the file is rewritten below
+                log.warning("%s", exc)
+                remembered = None
+            if offered != self.pinned:
+                raise Unauthenticated(
+                    f"coordinator key {offered.hex()} does not match the pinned key {self.pinned.hex()}")
+        else:
+            remembered = self.remembered_key()
+            if remembered is not None and offered != remembered:
+                raise Unauthenticated(
+                    f"the coordinator presents key {offered.hex()}, but this node trusted key {remembered.hex()} "
+                    f"on first use (remembered in {self.key_file}); refusing to register. If the coordinator's "
+                    f"key changed on purpose, delete {self.key_file} or pin the new key with --coordinator-key "
+                    f"{offered.hex()}; otherwise someone else is answering at {self.coordinator}"
+                )
+        key = PublicIdentity(offered)
         verify(hello, key, what="coordinator hello")
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
                                  challenge=hello.challenge, version=__version__)
         reply = await self.stub.Register(sign(req, self.identity), timeout=self.timeouts.request)
+        if remembered != offered:
+            if self.pinned is None:
+                log.info("trusting coordinator key %s on first use; remembered in %s", offered.hex(), self.key_file)
+            elif remembered is None:
+                log.info("remembering the pinned coordinator key %s in %s", offered.hex(), self.key_file)
+            else:
+                log.warning("pinned coordinator key %s replaces the remembered key %s in %s", offered.hex(),
+                            remembered.hex(), self.key_file)
+            self._remember(offered)
         self.coordinator_key, self.run_id = key, reply.run_id
         self.registered.set()
         log.info("registered with coordinator %s (key %s…) for run %s as %s",
@@ -88,7 +157,7 @@ class Membership:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, self.timeouts.retry_max)
             except PipeguardError as exc:
-                log.error("coordinator %s refused: %s (retry in %.1fs)", self.coordinator, exc, delay)
+                log.error("coordinator %s: %s: %s (retry in %.1fs)", self.coordinator, exc.code.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, self.timeouts.retry_max)
 

@@ -48,6 +48,7 @@ class Bed:
     service: CoordinatorService
     registry: Registry
     stub: pb_grpc.CoordinatorStub
+    address: str = ""
 
     async def hello(self) -> pb.HelloReply:
         return await self.stub.Hello(pb.HelloRequest(client_nonce=os.urandom(16)), timeout=DEADLINE)
@@ -88,7 +89,8 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE):
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=cfg.net.grpc_options())
     try:
-        yield Bed(coord=coord, service=service, registry=registry, stub=pb_grpc.CoordinatorStub(channel))
+        yield Bed(coord=coord, service=service, registry=registry, stub=pb_grpc.CoordinatorStub(channel),
+                  address=f"127.0.0.1:{port}")
     finally:
         await channel.close()
         await server.stop(None)

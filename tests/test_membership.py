@@ -1,7 +1,9 @@
-"""The node's side of the coordinator relationship, in-process: heartbeat replies it may act on.
+"""The node's side of the coordinator relationship, in-process: whom it trusts, what it acts on.
 
 A scripted coordinator answers heartbeats; the node must act (ban list, members, role) only on
-a reply the coordinator it registered with signed, for the heartbeat it just sent.
+a reply the coordinator it registered with signed, for the heartbeat it just sent. Real
+coordinators (tests/test_coordinator_service.py's bed) with different keys check that the node
+remembers the first coordinator key it registered with and refuses any other.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
+import stat
 from pathlib import Path
 
 import grpc
@@ -21,6 +25,7 @@ from pipeguard.identity import Identity
 from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from tests.test_coordinator_service import coordinator_bed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +103,94 @@ def test_heartbeat_reply_not_from_the_coordinator_is_not_acted_on(tmp_path, faul
             assert member.banned == set() and seen == [{"a" * 32}, set()]
 
     asyncio.run(scenario())
+
+
+# -- trust on first use of the coordinator's key -------------------------------------------------
+
+
+def _member(bed, home: Path, pinned: str = "") -> Membership:
+    member = Membership(Identity.load_or_create(home / "node.key"), bed.address, pinned, home, NET, TIMEOUTS,
+                        stats=lambda: pb.HeartbeatRequest())
+    member.address = "127.0.0.1:7101"
+    return member
+
+
+def test_first_coordinator_key_is_remembered_and_another_refused(tmp_path):
+    async def scenario():
+        home = tmp_path / "node"
+        key_file = home / "coordinator.pub"
+        async with coordinator_bed(tmp_path / "first") as first:
+            member = _member(first, home)
+            await member.register()
+            await member.close()
+            assert key_file.read_text().strip() == first.coord.public_key.hex()
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+            again = _member(first, home)  # the node restarted: the same coordinator is still trusted
+            await again.register()
+            await again.close()
+
+        async with coordinator_bed(tmp_path / "impostor") as impostor:
+            member = _member(impostor, home)
+            with pytest.raises(Unauthenticated) as err:
+                await member.register()
+            await member.close()
+            message = str(err.value)
+            assert impostor.coord.public_key.hex() in message and first.coord.public_key.hex() in message
+            assert str(key_file) in message and "--coordinator-key" in message, "the error says how to fix it"
+            assert not member.registered.is_set() and member.coordinator_key is None
+            assert impostor.registry.nodes == {}, "the node never registered with the other key"
+            assert key_file.read_text().strip() == first.coord.public_key.hex()
+
+    asyncio.run(scenario())
+
+
+def test_a_pinned_key_overrides_the_remembered_one(tmp_path):
+    async def scenario():
+        home = tmp_path / "node"
+        async with coordinator_bed(tmp_path / "old") as old:
+            member = _member(old, home)
+            await member.register()
+            await member.close()
+        async with coordinator_bed(tmp_path / "new") as new:
+            member = _member(new, home, pinned=new.coord.public_key.hex())
+            await member.register()
+            await member.close()
+            assert member.coordinator_key == new.coord.public()
+            assert (home / "coordinator.pub").read_text().strip() == new.coord.public_key.hex()
+            unpinned = _member(new, home)  # the pin is remembered: dropping it later keeps trusting this key
+            await unpinned.register()
+            await unpinned.close()
+            # and a pin refuses every other key, whatever the file says
+            stranger = Identity.generate().public_key.hex()
+            pinned_elsewhere = _member(new, home, pinned=stranger)
+            with pytest.raises(Unauthenticated, match="pinned key"):
+                await pinned_elsewhere.register()
+            await pinned_elsewhere.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_coordinator_key_is_logged_with_the_fix(tmp_path, caplog):
+    async def scenario():
+        home = tmp_path / "node"
+        home.mkdir()
+        (home / "coordinator.pub").write_text(Identity.generate().public_key.hex() + "\n")
+        (home / "coordinator.pub").chmod(0o600)
+        async with coordinator_bed(tmp_path / "coordinator") as bed:
+            member = _member(bed, home)
+            task = asyncio.create_task(member.run())
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while not any("UNAUTHENTICATED" in r.getMessage() for r in caplog.records):
+                assert asyncio.get_running_loop().time() < deadline, "the refusal was never logged"
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await member.close()
+            record = next(r for r in caplog.records if "UNAUTHENTICATED" in r.getMessage())
+            assert record.levelname == "ERROR" and "delete" in record.getMessage()
+            assert bed.registry.nodes == {}
+
+    with caplog.at_level(logging.INFO, logger="node.membership"):
+        asyncio.run(scenario())
