@@ -97,14 +97,13 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
             await clock.run()
         except StateError as exc:
             state.phase = pb.RUN_PHASE_FAILED
-            events.emit("run_failed", f"run state cannot be saved, training stopped: {exc}", step=state.step,
-                        persist=False)
+            events.emit("run_failed", f"run state cannot be saved, training stopped: {exc}", step=state.step)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must show up in status, not vanish with the task
             log.exception("step clock crashed")
             state.phase = pb.RUN_PHASE_FAILED
-            events.emit("run_failed", f"step clock crashed: {exc!r}", step=state.step, persist=False)
+            events.emit("run_failed", f"step clock crashed: {exc!r}", step=state.step)
 
     clock_task = asyncio.create_task(drive())
     monitor_task = asyncio.create_task(monitor())

@@ -2,9 +2,10 @@
 
 ``state.json`` (run id, step, epoch, nodes, bans, losses) is rewritten atomically (temp file,
 fsync, rename) after every change that matters, so a coordinator killed at any instant
-restarts from the last completed step. ``events.jsonl`` is append-only. Writes that fail
-(disk full, unwritable directory) raise ``StateError`` with the path and the reason; the
-previous state file is never truncated.
+restarts from the last completed step. ``events.jsonl`` is append-only and holds every event, so
+event ``seq`` numbers keep increasing across restarts. Writes that fail (disk full, unwritable
+directory) raise ``StateError`` with the path and the reason; the previous state file is never
+truncated. The state directory holds the coordinator's private key and is kept ``0700``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import collections
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 2000
+EVENTS_COMPACT_AT = 10 * EVENTS_KEPT
+"""events.jsonl is cut down to its last EVENTS_KEPT lines at start once it holds more than this."""
 LOSSES_KEPT = 100_000
 
 
@@ -53,7 +57,12 @@ class RunStore:
     def __init__(self, directory: Path):
         self.dir = Path(directory).expanduser()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mode = stat.S_IMODE(self.dir.stat().st_mode)
+            if mode & 0o077:  # it holds the coordinator's private key and the run's evidence
+                os.chmod(self.dir, mode & 0o700)
+                log.warning("state directory %s was accessible by group or others (mode %o); changed to %o",
+                            self.dir, mode, mode & 0o700)
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from None
         self.state_path = self.dir / "state.json"
@@ -109,16 +118,31 @@ class RunStore:
             log.error("cannot append to %s: %s", self.events_path, exc.strerror or exc)
 
     def load_events(self) -> list[pb.Event]:
+        """The last ``EVENTS_KEPT`` events; a file grown far past that is cut down to them."""
         if not self.events_path.exists():
             return []
+        lines = self.events_path.read_text().splitlines()
+        if len(lines) > EVENTS_COMPACT_AT:
+            self._compact(lines[-EVENTS_KEPT:])
         out = []
-        for line in self.events_path.read_text().splitlines()[-EVENTS_KEPT:]:
+        for line in lines[-EVENTS_KEPT:]:
             try:
                 d = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
             out.append(pb.Event(**d))
         return out
+
+    def _compact(self, lines: list[str]) -> None:
+        tmp = self.events_path.with_suffix(".jsonl.tmp")
+        try:
+            with open(tmp, "w") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.events_path)
+        except OSError as exc:
+            log.error("cannot compact %s: %s", self.events_path, exc.strerror or exc)
 
 
 class EventLog:
@@ -131,11 +155,17 @@ class EventLog:
         self.watchers: set[asyncio.Queue] = set()
 
     def emit(self, kind: str, message: str, node_id: str = "", step: int = 0, persist: bool = True) -> pb.Event:
+        """Record an event and push it to watchers.
+
+        Every event is written to events.jsonl, so a restarted coordinator goes on numbering after
+        the last one and a watcher resuming with ``after_seq`` misses nothing. ``persist`` is
+        ignored (it used to keep per-step events in memory only, which made ``seq`` numbers repeat
+        after a restart); it is accepted so that existing callers keep working.
+        """
         self.seq += 1
         ev = pb.Event(seq=self.seq, time=time.time(), kind=kind, message=message, node_id=node_id, step=step)
         self.recent.append(ev)
-        if persist:
-            self.store.append_event(ev)
+        self.store.append_event(ev)
         log.info("event %s: %s", kind, message)
         for q in list(self.watchers):
             try:

@@ -1,0 +1,56 @@
+"""The coordinator's run store and event log on disk: permissions, event numbering across restarts."""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import pytest
+
+from coordinator import state as state_mod
+from coordinator.state import EventLog, RunStore
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_state_directory_is_created_private(tmp_path):
+    store = RunStore(tmp_path / "deep" / "state")
+    assert _mode(store.dir) == 0o700
+
+
+def test_a_looser_existing_state_directory_is_tightened_and_logged(tmp_path, caplog):
+    d = tmp_path / "state"
+    d.mkdir()
+    d.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="coordinator.state"):
+        RunStore(d)
+    assert _mode(d) == 0o700
+    assert any(str(d) in r.getMessage() and "755" in r.getMessage() for r in caplog.records)
+
+
+def test_event_seq_keeps_increasing_across_a_restart(tmp_path):
+    events = EventLog(RunStore(tmp_path))
+    events.emit("node_registered", "node a registered")
+    events.emit("step", "step 0 loss 5.5", step=0, persist=False)  # per-step events, as the clock emits them
+    events.emit("step", "step 1 loss 5.4", step=1, persist=False)
+
+    restarted = EventLog(RunStore(tmp_path))
+    assert [e.seq for e in restarted.recent] == [1, 2, 3]
+    assert restarted.emit("coordinator_started", "restarted").seq == 4
+
+
+def test_a_long_event_log_is_compacted_at_start_without_reusing_seq(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_mod, "EVENTS_KEPT", 5)
+    monkeypatch.setattr(state_mod, "EVENTS_COMPACT_AT", 10)
+    store = RunStore(tmp_path)
+    events = EventLog(store)
+    for i in range(12):
+        events.emit("step", f"step {i}", step=i)
+    restarted = EventLog(RunStore(tmp_path))
+    assert [e.seq for e in restarted.recent] == [8, 9, 10, 11, 12]
+    assert len(store.events_path.read_text().splitlines()) == 5
+    assert restarted.emit("coordinator_started", "restarted").seq == 13
