@@ -55,7 +55,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.registry.nodes[request.node_id].role == pb.ROLE_OFFLINE
         rec = self.registry.heartbeat(request)
         if was_offline:
-            self.events.emit("node_back", f"node {rec.node_id[:8]} is back (standby)", node_id=rec.node_id)
+            if rec in self.clock.stage_nodes:  # it never stopped serving its stage in the current pipeline
+                rec.role = pb.ROLE_STAGE
+            what = f"stage {rec.stage}" if rec.role == pb.ROLE_STAGE else "standby"
+            self.events.emit("node_back", f"node {rec.node_id[:8]} is back ({what})", node_id=rec.node_id)
             self.clock.membership_changed.set()
         reply = pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
                                   banned=self.registry.banned_ids(), seq=request.seq)

@@ -180,6 +180,33 @@ def test_heartbeat_reply_is_signed_by_the_coordinator_and_echoes_the_seq(tmp_pat
     run(scenario())
 
 
+def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            holder, standby = Identity.generate(), Identity.generate()
+            for i, node in enumerate((holder, standby)):
+                await bed.register(node, address=f"127.0.0.1:{7101 + i}")
+                await bed.heartbeat(node, seq=1)
+            rec = bed.registry.nodes[holder.node_id]
+            rec.role, rec.stage = pb.ROLE_STAGE, 1
+            bed.service.clock.stage_nodes = [rec]
+            for r in bed.registry.nodes.values():  # both go silent for longer than the timeout
+                r.last_heartbeat = 0.0
+            assert {r.node_id for r in bed.registry.expire()} == {holder.node_id, standby.node_id}
+
+            reply = await bed.heartbeat(holder, seq=2)
+            assert (reply.role, reply.stage) == (pb.ROLE_STAGE, 1), "it still serves stage 1 of the pipeline"
+            assert (await bed.heartbeat(standby, seq=2)).role == pb.ROLE_STANDBY
+            status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
+            roles = {n.node_id: (n.role, n.stage) for n in status.nodes}
+            assert roles[holder.node_id] == (pb.ROLE_STAGE, 1) and roles[standby.node_id][0] == pb.ROLE_STANDBY
+            back = [e.message for e in status.events if e.kind == "node_back"]
+            assert back == [f"node {holder.node_id[:8]} is back (stage 1)",
+                            f"node {standby.node_id[:8]} is back (standby)"]
+
+    run(scenario())
+
+
 def test_fetch_data_streams_the_dataset_by_digest(tmp_path):
     async def scenario():
         async with coordinator_bed(tmp_path) as bed:
