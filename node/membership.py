@@ -14,7 +14,8 @@ import grpc
 from pipeguard import __version__
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
-from pipeguard.errors import DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated, from_rpc_error
+from pipeguard.errors import (DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated,
+                              from_rpc_error)
 from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
