@@ -78,7 +78,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     service: NodeService | None = None
     membership = Membership(identity, cfg.coordinator, cfg.coordinator_key, home, cfg.net, cfg.timeouts,
                             stats=lambda: service.heartbeat_stats())
-    service = NodeService(identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
+    service = NodeService(identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes,
+                          max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
     membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
     runtime.fetch_checkpoint = membership.fetch_checkpoint
     service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step)

@@ -1,4 +1,4 @@
-"""Outgoing tensor traffic: one channel per peer, signed chunk streams, retries."""
+"""Outgoing tensor traffic: one channel per peer, signed chunk streams, bounded per peer, retries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.errors import from_rpc_error
 from pipeguard.identity import Identity
-from pipeguard.rpc import RETRYABLE, channel
+from pipeguard.rpc import RETRYABLE, channel, is_busy
 from pipeguard.tensors import TensorSender
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 PUSH_TENSOR = "/{}/PushTensor".format(pb.DESCRIPTOR.services_by_name["Node"].full_name)
 """The PushTensor method path, for a call that takes chunks already serialised."""
+ATTEMPTS = 5
+"""Tries of a push to a peer that cannot be reached before the push fails."""
 
 
 class PeerPool:
@@ -31,6 +33,7 @@ class PeerPool:
         self.net = net
         self.timeouts = timeouts
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub, grpc.aio.StreamUnaryMultiCallable]] = {}
+        self._sending: dict[str, asyncio.Semaphore] = {}
         self.sent = 0
         self.sent_bytes = 0
 
@@ -48,32 +51,51 @@ class PeerPool:
             self._stubs[address] = (ch, pb_grpc.NodeStub(ch), push)
         return self._stubs[address]
 
+    def _slots(self, address: str) -> asyncio.Semaphore:
+        """Streams this node may have open to ``address`` at once: half the receiver's budget
+        (``net.max_inflight_streams``), so that its two neighbours together stay within it."""
+        if address not in self._sending:
+            self._sending[address] = asyncio.Semaphore(max(1, self.net.max_inflight_streams // 2))
+        return self._sending[address]
+
     async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> pb.TensorCommitment:
-        """Stream ``tensor`` to ``address``, signed; retry while the peer is unreachable.
+        """Stream ``tensor`` to ``address``, signed; retry while the peer is unreachable or busy.
 
         Returns the signed commitment (kept by the caller for audits). Chunks are hashed as
         they are sent (the next one on a worker thread while this one is written); Ed25519
         signatures are deterministic, so a retry re-sends exactly the same signed claim, never
         a second, different one. That is also why ALREADY_EXISTS after an attempt that failed in
         transit counts as delivered: the receiver got that attempt's bytes, only its reply was
-        lost, and it refuses the identical copy as a replay.
+        lost, and it refuses the identical copy as a replay. A receiver that is busy (too many
+        streams at once, see ``rpc.BUSY``) is retried for up to ``timeouts.step``; an unreachable
+        one ``ATTEMPTS`` times.
         """
         sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.timeouts.step
         delay = self.timeouts.retry_backoff
-        attempts = 5
+        failures = 0
         maybe_delivered = False
-        for attempt in range(1, attempts + 1):
+        while True:
             try:
-                await self._push_call(address)(sender.wire_chunks(), timeout=self.timeouts.request)
+                async with self._slots(address):
+                    await self._push_call(address)(sender.wire_chunks(), timeout=self.timeouts.request)
                 break
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.ALREADY_EXISTS and maybe_delivered:
                     log.debug("push to %s: an earlier attempt was delivered (%s)", address, err.details())
                     break
-                if err.code() not in RETRYABLE or attempt == attempts:
+                if is_busy(err):
+                    if loop.time() + delay > give_up:
+                        raise from_rpc_error(err) from None
+                elif err.code() in RETRYABLE:
+                    failures += 1
+                    if failures == ATTEMPTS:
+                        raise from_rpc_error(err) from None
+                    maybe_delivered = True
+                else:
                     raise from_rpc_error(err) from None
-                maybe_delivered = True
-                log.debug("push to %s failed (%s); retry %d", address, err.code().name, attempt)
+                log.debug("push to %s failed (%s); retrying", address, err.code().name)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(2 * delay, self.timeouts.retry_max)
         self.sent += 1

@@ -3,25 +3,32 @@
 Every order is checked against the coordinator's key and addressed to this node; every
 tensor goes through ``receive_tensor`` (size, header, digest, signature) and the stage's
 admission rules before it is used. Rejections are answered with a precise status, logged,
-counted against the (claimed) sender, and never disturb the daemon.
+counted against the (claimed) sender, and never disturb the daemon. At most
+``net.max_inflight_streams`` tensor streams are received at once (one more is refused at once,
+marked busy) and each must finish within the request timeout, so neither many nor idle streams
+can pile up buffers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
 from pipeguard.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     PipeguardError,
+    ResourceExhausted,
     Unauthenticated,
     abort_on_error,
 )
 from pipeguard.identity import Identity, PublicIdentity, node_id_for
 from pipeguard.model import lr_at
+from pipeguard.rpc import BUSY
 from pipeguard.signing import sign, verify
 from pipeguard.tensors import receive_tensor, signed_chunks, state_chunks
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -41,7 +48,7 @@ class PeerStats:
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, identity: Identity, runtime: StageRuntime, membership: Membership, max_tensor_bytes: int,
-                 chunk_bytes: int):
+                 chunk_bytes: int, *, max_inflight_streams: int = 16, stream_timeout: float = 30.0):
         self.identity = identity
         self.chunk_bytes = chunk_bytes
         self.auditor = None
@@ -52,6 +59,10 @@ class NodeService(pb_grpc.NodeServicer):
         self.epoch = -1
         self.peer_keys: dict[str, PublicIdentity] = {}
         self.peer_stats: dict[str, PeerStats] = defaultdict(PeerStats)
+        self.max_inflight_streams = max_inflight_streams
+        self.stream_timeout = stream_timeout
+        """Seconds an inbound tensor stream may take, so that idle streams cannot hold their slots."""
+        self._streams = asyncio.Semaphore(max_inflight_streams)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -185,6 +196,13 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def PushTensor(self, request_iterator, context) -> pb.PushReply:
+        if self._streams.locked():  # refuse now rather than queue another stream's buffers
+            context.set_trailing_metadata((BUSY,))
+            raise ResourceExhausted(f"{self.max_inflight_streams} tensor streams already in flight; retry shortly")
+        async with self._streams:
+            return await self._receive(request_iterator)
+
+    async def _receive(self, request_iterator) -> pb.PushReply:
         claimed = {"sender": "unknown"}
 
         async def noting_sender():
@@ -201,7 +219,12 @@ class NodeService(pb_grpc.NodeServicer):
             return self.runtime.admit(header, self.peer_keys)
 
         try:
-            rt = await receive_tensor(noting_sender(), max_tensor_bytes=self.max_tensor_bytes, admit=admit)
+            try:
+                rt = await asyncio.wait_for(
+                    receive_tensor(noting_sender(), max_tensor_bytes=self.max_tensor_bytes, admit=admit),
+                    self.stream_timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
             self.runtime.deliver(rt)
         except PipeguardError as exc:
             stats = self.peer_stats[claimed["sender"]]

@@ -49,6 +49,11 @@ class NetConfig:
     """Payload bytes per tensor stream chunk (~1 MiB is the measured sweet spot)."""
     max_tensor_bytes: int = 1024 * MiB
     """Largest tensor a daemon accepts; a larger claimed size is refused before allocating."""
+    max_inflight_streams: int = 16
+    """Tensor streams a node receives at once. One more is refused at once with RESOURCE_EXHAUSTED,
+    marked momentary so the sender backs off and retries, instead of buffering it. A sender opens
+    at most half as many (at least one) to one peer, so two neighbours with the same setting do
+    not hit it."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "net.bind")
@@ -63,6 +68,8 @@ class NetConfig:
             )
         if self.max_tensor_bytes < 1:
             raise ConfigError("net.max_tensor_bytes must be positive")
+        if self.max_inflight_streams < 1:
+            raise ConfigError(f"net.max_inflight_streams must be at least 1, got {self.max_inflight_streams}")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [

@@ -22,6 +22,16 @@ T = TypeVar("T")
 # Codes worth retrying: the peer may come back. Everything else is an answer; in particular
 # RESOURCE_EXHAUSTED (a size over a limit) would be refused again, byte for byte.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+BUSY = ("pipeguard-busy", "1")
+"""Trailing metadata a server adds to RESOURCE_EXHAUSTED when the refusal is momentary (too many
+streams at once) rather than about the message: the caller may retry after a backoff."""
+
+
+def is_busy(err: grpc.aio.AioRpcError) -> bool:
+    """True for a RESOURCE_EXHAUSTED that the server marked momentary with ``BUSY``."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return any((key, value) == BUSY for key, value in (err.trailing_metadata() or ()))
 
 
 def install_event_loop_policy() -> None:
@@ -86,7 +96,7 @@ async def call_with_retry(fn: Callable[[], Awaitable[T]], timeouts: TimeoutConfi
         try:
             return await fn()
         except grpc.aio.AioRpcError as err:
-            if err.code() not in RETRYABLE or attempt == attempts:
+            if not (err.code() in RETRYABLE or is_busy(err)) or attempt == attempts:
                 raise from_rpc_error(err) from None
             log.debug("%s failed (%s), retry %d in %.2fs", what, err.code().name, attempt, delay)
         await asyncio.sleep(delay * (0.5 + random.random()))

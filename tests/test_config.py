@@ -87,6 +87,7 @@ def test_bad_coordinator_values_say_how_to_fix(tmp_path, toml, fragment):
         ({"coordinator_key": "abcd"}, "64 hex characters"),
         ({"coordinator": "nowhere"}, "coordinator must be HOST:PORT"),
         ({"threads": 0}, "threads must be >= 1"),
+        ({"net.max_inflight_streams": 0}, "net.max_inflight_streams must be at least 1"),
     ],
 )
 def test_bad_node_values_say_how_to_fix(cli, fragment):

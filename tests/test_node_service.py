@@ -148,7 +148,7 @@ DATASET = Dataset(blob=bytes(torch.randint(0, 256, (4096,), generator=g, dtype=t
 
 
 @contextlib.asynccontextmanager
-async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True):
+async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True, **service_options):
     node, coord, prev, nxt, stranger = (Identity.generate() for _ in range(5))
     DATASET.save(_cache_path(home))  # Assign finds the dataset in the node's cache, no coordinator needed
 
@@ -166,7 +166,7 @@ async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True
     membership = Membership(node, "127.0.0.1:9", "", home, NET, timeouts, stats=lambda: service.heartbeat_stats())
     if registered:
         membership.coordinator_key, membership.run_id = coord.public(), RUN
-    service = NodeService(node, runtime, membership, MAX_TENSOR_BYTES, NET.chunk_bytes)
+    service = NodeService(node, runtime, membership, MAX_TENSOR_BYTES, NET.chunk_bytes, **service_options)
     server = grpc.aio.server(options=NET.grpc_options())
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -631,5 +631,58 @@ def test_abort_of_a_running_step_is_refused_and_the_step_completes(tmp_path):
             await push_step_inputs(bed)
             report = await asyncio.wait_for(running, DEADLINE)
             assert report.step == 0 and report.micro_batches == MICRO_BATCHES
+
+    run(scenario())
+
+
+# -- concurrent streams ------------------------------------------------------------------------
+
+
+async def held_stream(chunks: list[pb.TensorChunk], release: asyncio.Event):
+    """The first chunk now, the rest once ``release`` is set: a stream that stays in flight."""
+    yield chunks[0]
+    await release.wait()
+    for chunk in chunks[1:]:
+        yield chunk
+
+
+async def wait_until(condition, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def test_streams_over_the_limit_are_refused_at_once_as_busy(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path, max_inflight_streams=2) as bed:
+            release = asyncio.Event()
+            held = [asyncio.ensure_future(bed.stub.PushTensor(held_stream(bed.tensor_chunks(micro_batch=mb), release),
+                                                              timeout=DEADLINE)) for mb in range(2)]
+            await wait_until(bed.service._streams.locked, "the two streams never got in")
+
+            call = bed.stub.PushTensor(iter(bed.tensor_chunks(bed.next, direction=BACKWARD)), timeout=DEADLINE)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == C.RESOURCE_EXHAUSTED and "in flight" in err.value.details()
+            assert ("pipeguard-busy", "1") in tuple(err.value.trailing_metadata()), "marked momentary"
+            assert bed.stats() == {}, "a busy refusal is nobody's fault"
+
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*held), DEADLINE)
+            assert await bed.push(bed.tensor_chunks(bed.next, direction=BACKWARD)) == (C.OK, "")
+            assert bed.stats() == {bed.prev.node_id: (2, 0, ""), bed.next.node_id: (1, 0, "")}
+
+    run(scenario())
+
+
+def test_an_idle_stream_is_dropped_and_frees_its_slot(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path, max_inflight_streams=1, stream_timeout=0.5) as bed:
+            never = asyncio.Event()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.stub.PushTensor(held_stream(bed.tensor_chunks(), never), timeout=DEADLINE)
+            assert err.value.code() == C.DEADLINE_EXCEEDED and "not complete" in err.value.details()
+            assert await bed.push(bed.tensor_chunks()) == (C.OK, "")
 
     run(scenario())
