@@ -10,7 +10,8 @@ Hashing a large payload costs as much CPU as moving it, so for large chunks it r
 small worker pool (SHA-256 releases the GIL): the sender hashes chunk k+1 while gRPC writes
 chunk k, and the receiver hashes chunk k while it already waits for chunk k+1 — a receiver
 with a read outstanding keeps HTTP/2 flow control open, so the two sides overlap instead of
-taking turns (benchmarks/transport.py measures it).
+taking turns (benchmarks/transport.py measures it). The first chunk sent and the last chunk
+received are hashed inline: nothing overlaps them, and a thread hop adds latency.
 """
 
 from __future__ import annotations
@@ -216,12 +217,14 @@ class TensorSender:
             done.set_result(build(i))
             return done
 
-        pending = start(0)
+        # The first chunk is built here: handing it to the pool would only add a thread hop
+        # (a one-chunk activation gains nothing from the pool, and hops cost most on a busy host).
+        message = build(0)
         for i in range(len(starts)):
-            message = await pending
-            if i < last:
-                pending = start(i + 1)
+            pending = start(i + 1) if i < last else None  # built while chunk i is written
             yield message
+            if pending is not None:
+                message = await pending
 
 
 _DATA_TAG = bytes([(2 << 3) | 2])  # TensorChunk.data: field 2, wire type LEN
@@ -294,7 +297,7 @@ async def receive_tensor(
             if pending is not None:
                 await pending  # one chunk in the pool at a time keeps the hash in order
                 pending = None
-            if len(data) >= OFFLOAD_BYTES:
+            if len(data) >= OFFLOAD_BYTES and not chunk.signature:  # the pool only helps if more is coming
                 pending = loop.run_in_executor(_pool(), absorb, data, offset)
             else:
                 absorb(data, offset)
