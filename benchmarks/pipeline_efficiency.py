@@ -6,7 +6,9 @@
 Pipeline: ``pipeguard.testnet.LocalTestnet`` — a coordinator and two node daemons as local
 processes on loopback, signatures on, nodes at their default of one torch thread. Its tokens/s
 per step come from the coordinator's status (``StatusReply.losses[i].tokens_per_s``: one
-RunStep + ApplyUpdate round, as the coordinator times it).
+RunStep + ApplyUpdate round, as the coordinator times it). Audits are off unless asked for
+(``--audit-rate``, ``--screen``): this measures the pipeline itself; audits cost what their
+rate says on top.
 
 Single process: ``pipeguard.reference.train_reference`` after ``torch.set_num_threads(2)``,
 same model, seed, data, micro-batches and micro-batch size. It is called one step at a time
@@ -62,6 +64,10 @@ max_bytes = {data_bytes}
 
 [timeouts]
 step = {step_timeout}
+
+[audit]
+rate = {audit_rate}
+screen = {screen}
 {extra}
 """
 
@@ -124,6 +130,7 @@ def pipeline_run(opts: argparse.Namespace, workdir: Path, deadline: float) -> di
     toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,
                            steps=opts.steps, micro_batches=opts.micro_batches, micro_batch_size=opts.micro_batch_size,
                            seed=opts.seed, stages=STAGES, data_bytes=opts.data_bytes, step_timeout=opts.step_timeout,
+                           audit_rate=opts.audit_rate, screen="true" if opts.screen else "false",
                            extra=opts.extra_toml.replace("\\n", "\n"))
     net = LocalTestnet(workdir, toml)
     t0 = time.monotonic()
@@ -193,7 +200,8 @@ def report(r: dict) -> None:
     o = r["config"]
     print(f"pipeline efficiency: GPT {o['n_layer']} layers x {o['n_embd']} wide, {o['n_head']} heads, "
           f"block {o['block_size']}; batch {o['micro_batches']} micro-batches x {o['micro_batch_size']} sequences "
-          f"= {r['tokens_per_step']} tokens/step; {len(r['pipeline_runs'])} pipeline runs (first {o['warmup']} "
+          f"= {r['tokens_per_step']} tokens/step; audits {'at rate ' + str(o['audit_rate']) if o['audit_rate'] else 'off'}"
+          f", screen {'on' if o['screen'] else 'off'}; {len(r['pipeline_runs'])} pipeline runs (first {o['warmup']} "
           f"steps skipped) between {len(r['reference_runs'])} single-process blocks of the same measured steps "
           f"({r['cpus']} CPUs, 1-min load {r['load_average_1min']['before']:.1f} before, "
           f"{r['load_average_1min']['after']:.1f} after, {r['wall_s']:.0f}s in all)")
@@ -239,8 +247,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-bytes", type=int, default=1 << 20, help="standard-library corpus size (default 1 MiB)")
     p.add_argument("--one-thread", action="store_true", help="also time the single process with one thread")
+    p.add_argument("--audit-rate", type=float, default=0.0, help="[audit] rate of the run (default 0: the "
+                   "pipeline alone; the project default is 0.05)")
+    p.add_argument("--screen", action="store_true", help="let the statistical screen force audits ([audit] screen)")
     p.add_argument("--extra-toml", default="", help="appended to the run's TOML (\\n for newlines), e.g. "
-                   "'[audit]\\nrate = 0'")
+                   "'[net]\\nchunk_bytes = 4194304'")
     p.add_argument("--quiet-wait", type=float, default=3.0, help="before each block, wait up to this many seconds "
                    "for other processes to leave the CPUs idle (default 3)")
     p.add_argument("--max-seconds", type=float, default=170.0, help="wrap up after this long (default 170)")
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pipeline_efficiency",
         "config": {k: getattr(opts, k) for k in ("n_layer", "n_embd", "n_head", "block_size", "micro_batches",
                                                   "micro_batch_size", "steps", "warmup", "rounds", "seed",
-                                                  "data_bytes", "extra_toml")},
+                                                  "data_bytes", "audit_rate", "screen", "extra_toml")},
         "stages": STAGES,
         "tokens_per_step": opts.micro_batches * opts.micro_batch_size * opts.block_size,
         "pipeline_runs": pipeline_runs,
