@@ -41,6 +41,7 @@ class StepRecord:
     """What the coordinator knows of one step, for building audit orders."""
 
     step: int
+    epoch: int
     nodes: list[NodeRecord]
     slots: list[int]
     reports: list[pb.StepReport]
@@ -117,7 +118,7 @@ class AuditScheduler:
         req = pb.AuditRequest(run_id=self.run_id, audit_id=self.next_id, kind=kind, step=rec.step,
                               stage=rec.slots[pos], micro_batch=mb, num_stages=self.num_stages,
                               model=self.model_spec, train=self.train_spec, data_digest=self.data_digest,
-                              report=rec.reports[pos], tolerance=self.tolerance)
+                              report=rec.reports[pos], tolerance=self.tolerance, epoch=rec.epoch)
         self.next_id += 1
         req.target.CopyFrom(_peer(node, rec.slots[pos]))
         if pos > 0:
@@ -244,7 +245,8 @@ class AuditScheduler:
         """The coordinator's own recomputation: the only thing that can lead to a ban."""
         if self._banned(req.target.node_id):
             return
-        fetcher = audit.RpcFetcher(self.identity, "", self.stub_for, req.run_id, self.max_tensor_bytes, self.timeout)
+        fetcher = audit.RpcFetcher(self.identity, "", self.stub_for, req.run_id, self.max_tensor_bytes, self.timeout,
+                                   req.epoch)
         try:
             art = await audit.gather(req, fetcher)
         except PipeguardError as exc:

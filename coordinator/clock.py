@@ -338,7 +338,8 @@ class StepClock:
                                  node_id=rec.node_id, step=step)
             if not math.isfinite(rep.grad_sq_norm) or not math.isfinite(rep.loss):
                 raise StepFailed(f"stage {slot} reported a non-finite loss or gradient norm")
-        record = StepRecord(step=step, nodes=list(nodes), slots=list(slots), reports=list(reports))
+        record = StepRecord(step=step, epoch=self.state.epoch, nodes=list(nodes), slots=list(slots),
+                            reports=list(reports))
         # Every tensor of the step is committed: now draw the forward/backward audits.
         if self.auditor is not None:
             self.auditor.launch(self.auditor.select(record))

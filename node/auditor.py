@@ -37,7 +37,8 @@ class NodeAuditor:
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id)
         async with self._lock:
             fetcher = self._cache.using(audit.RpcFetcher(self.identity, self.identity.node_id, self.peers.stub,
-                                                         req.run_id, self.max_tensor_bytes, self.timeout))
+                                                         req.run_id, self.max_tensor_bytes, self.timeout,
+                                                         req.epoch))
             try:
                 art = await audit.gather(req, fetcher)
                 audit.attach_artifacts(verdict, art)

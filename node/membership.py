@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import stat
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,10 @@ class Membership:
         """Registered, non-banned nodes (from the last heartbeat): who may fetch retained data."""
         self.role = pb.ROLE_UNSPECIFIED
         self._seq = 0
+        self._last_beat = 0.0
+        self._beat_lock = asyncio.Lock()  # one heartbeat at a time: sequence numbers stay in order
+        self.interval = timeouts.heartbeat_interval
+        """Seconds between heartbeats: the coordinator's value once registered."""
         self._channel = channel(coordinator, net)
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.on_banned: Callable[[set[str]], None] = lambda banned: None
@@ -123,6 +128,8 @@ class Membership:
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
                                  challenge=hello.challenge, version=__version__)
         reply = await self.stub.Register(sign(req, self.identity), timeout=self.timeouts.request)
+        if reply.heartbeat_interval_ms:
+            self.interval = reply.heartbeat_interval_ms / 1000
         if remembered != offered:
             if self.pinned is None:
                 log.info("trusting coordinator key %s on first use; remembered in %s", offered.hex(), self.key_file)
@@ -146,7 +153,7 @@ class Membership:
                     await self.register()
                     delay = self.timeouts.retry_backoff
                 await self.heartbeat()
-                await asyncio.sleep(self.timeouts.heartbeat_interval)
+                await asyncio.sleep(self.interval)
             except grpc.aio.AioRpcError as err:
                 exc = from_rpc_error(err)
                 if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
@@ -162,7 +169,22 @@ class Membership:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, self.timeouts.retry_max)
 
+    async def refresh(self) -> None:
+        """An extra heartbeat now (at most one at a time), to learn of nodes that just joined."""
+        if not self.registered.is_set():
+            return
+        if time.monotonic() - self._last_beat < 0.05:
+            return
+        try:
+            await self.heartbeat()
+        except (grpc.aio.AioRpcError, PipeguardError) as exc:
+            log.debug("membership refresh failed: %s", exc)
+
     async def heartbeat(self) -> None:
+        async with self._beat_lock:
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
         """One heartbeat; the reply is acted on only if the coordinator signed it for this seq."""
         key = self.coordinator_key
         if key is None:
@@ -174,6 +196,7 @@ class Membership:
         verify(reply, key, what="heartbeat reply")
         if reply.seq != req.seq:
             raise Unauthenticated(f"heartbeat reply is for seq {reply.seq}, not {req.seq} (a replayed reply)")
+        self._last_beat = time.monotonic()
         self.role = reply.role
         self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
                         if node_id_for(m.public_key) == m.node_id}

@@ -135,7 +135,7 @@ class NodeService(pb_grpc.NodeServicer):
         await self.runtime.abort(request.step)
         return pb.Ack()
 
-    def _check_fetch(self, request, what: str) -> None:
+    async def _check_fetch(self, request, what: str) -> None:
         """Retained data goes to the coordinator and to registered, non-banned nodes only."""
         if request.node_id != self.identity.node_id:
             raise InvalidArgument(f"{what} request is addressed to {request.node_id!r}, not this node")
@@ -143,6 +143,9 @@ class NodeService(pb_grpc.NodeServicer):
             if request.requester in self.runtime.banned:
                 raise PermissionDenied(f"{request.requester} is banned")
             key = self.membership.members.get(request.requester)
+            if key is None:  # it may have registered since our last heartbeat: ask once
+                await self.membership.refresh()
+                key = self.membership.members.get(request.requester)
             if key is None:
                 raise Unauthenticated(f"{request.requester!r} is not a registered node")
             verify(request, key, what=f"{what} request")
@@ -156,22 +159,22 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def FetchState(self, request: pb.FetchStateRequest, context):
-        self._check_fetch(request, "fetch-state")
+        await self._check_fetch(request, "fetch-state")
         a = self.runtime.assignment
         if a is None or a.stage != request.stage:
             raise FailedPrecondition(f"this node does not serve stage {request.stage}")
-        named, digest = await self.runtime.state_at(request.step)
+        named, digest, epoch = await self.runtime.state_at(request.step)
         items = [(n, t) for n, t in named.items() if request.include_optimizer or n.startswith("param/")]
         chunks = state_chunks(items, a.stage, request.step, self.chunk_bytes)
         for chunk in chunks:
             await context.write(chunk)
         attestation = sign(pb.StateAttestation(run_id=a.run_id, node_id=self.identity.node_id, stage=a.stage,
-                                               step=request.step, state_digest=digest), self.identity)
+                                               step=request.step, state_digest=digest, epoch=epoch), self.identity)
         await context.write(pb.StateChunk(attestation=attestation, stage=a.stage))
 
     @abort_on_error
     async def FetchTensor(self, request: pb.FetchTensorRequest, context):
-        self._check_fetch(request, "fetch-tensor")
+        await self._check_fetch(request, "fetch-tensor")
         kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
         for chunk in signed_chunks(kept.commitment, kept.tensor, self.chunk_bytes):
             await context.write(chunk)

@@ -55,6 +55,8 @@ class Snapshot:
     """Weights and optimizer state, as ``named_state`` names them."""
     commitment: bytes
     """Its digest (what the step's report committed to)."""
+    epoch: int
+    """Assignment epoch in which this state began its step."""
 
 
 @dataclass
@@ -242,6 +244,8 @@ class StageRuntime:
             raise FailedPrecondition(f"tensor is for run {header.run_id!r}, this node runs {a.run_id!r}")
         if header.receiver != self.identity.node_id:
             raise InvalidArgument(f"tensor is addressed to {header.receiver!r}, not this node")
+        if header.epoch != a.epoch:
+            raise FailedPrecondition(f"tensor from assignment epoch {header.epoch}, this node is in epoch {a.epoch}")
         if header.direction == FORWARD:
             if a.prev is None or header.sender != a.prev.node_id or header.stage != a.prev.stage:
                 raise PermissionDenied(f"{header.sender} is not the previous stage of this pipeline")
@@ -270,7 +274,7 @@ class StageRuntime:
         self._seen[key] = rt.commitment.payload_digest
         self._inbox[key] = rt
         self.kept[(*key, False)] = Kept(rt.commitment, rt.tensor)
-        reason = self.screen.observe(h.direction, rt.tensor)
+        reason = self.screen.observe(h.direction, rt.tensor, h.step, h.micro_batch)
         if reason is not None:
             log.info("screen flagged step %d micro-batch %d from %s: %s", h.step, h.micro_batch, h.sender[:8], reason)
             self.flags.setdefault(h.step, []).append(
@@ -307,7 +311,7 @@ class StageRuntime:
             peer = a.next if direction == FORWARD else a.prev
             assert peer is not None
             header = make_header(run_id=a.run_id, step=step, micro_batch=mb, stage=a.stage, direction=direction,
-                                 sender=self.identity.node_id, receiver=peer.node_id, tensor=tensor)
+                                 sender=self.identity.node_id, receiver=peer.node_id, tensor=tensor, epoch=a.epoch)
             task = asyncio.create_task(self._send(peer.address, header, tensor))
             task.add_done_callback(lambda _t: self._wake.set())
             sends.append(task)
@@ -348,7 +352,7 @@ class StageRuntime:
         report = pb.StepReport(
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
             loss=loss_sum / M if a.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
-            flags=self.flags.pop(step, []),
+            flags=_merge_flags(self.flags.pop(step, []), self.screen.cross_check(step)),
         )
         return report
 
@@ -402,7 +406,7 @@ class StageRuntime:
             # Runs on the compute thread, like every other reader of the state (state_at), so
             # nobody ever sees new weights paired with the old commitment or the reverse.
             named = {n: t.clone() for n, t in named_state(self.module, self.opt)}
-            self.snapshots[step] = Snapshot(named, self.state_commitment)
+            self.snapshots[step] = Snapshot(named, self.state_commitment, a.epoch)
             for old in sorted(self.snapshots)[:-a.retention]:
                 del self.snapshots[old]
             clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
@@ -448,18 +452,19 @@ class StageRuntime:
             for key in [k for k in self._seen if k[0] == step]:
                 del self._seen[key]
 
-    async def state_at(self, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
-        """The stage state at the start of ``step`` (a retained snapshot or the current state)
-        and its digest. Names follow ``named_state`` (``param/...``, ``optim/...``)."""
+    async def state_at(self, step: int) -> tuple[dict[str, torch.Tensor], bytes, int]:
+        """The stage state at the start of ``step`` (a retained snapshot or the current state),
+        its digest and the epoch it began that step in. Names follow ``named_state``."""
         if self.module is None or self.opt is None:
             raise FailedPrecondition("this node serves no stage")
 
         def lookup():  # on the compute thread: consistent with apply_update's update()
             if step in self.snapshots:
                 snap = self.snapshots[step]
-                return snap.named, snap.commitment
+                return snap.named, snap.commitment, snap.epoch
             if step == self.completed_step + 1:
-                return {n: t.clone() for n, t in named_state(self.module, self.opt)}, self.state_commitment
+                named = {n: t.clone() for n, t in named_state(self.module, self.opt)}
+                return named, self.state_commitment, self.assignment.epoch
             return None
 
         found = await self._compute(lookup)
@@ -494,3 +499,12 @@ def _replay_error(header: pb.TensorHeader) -> AlreadyExists:
     return AlreadyExists(
         f"replay: step {header.step} micro-batch {header.micro_batch} direction {header.direction} already received"
     )
+
+
+def _merge_flags(*groups: list[pb.ScreenFlag]) -> list[pb.ScreenFlag]:
+    """One flag per (direction, micro-batch), the first reason kept."""
+    out: dict[tuple[int, int], pb.ScreenFlag] = {}
+    for group in groups:
+        for f in group:
+            out.setdefault((f.direction, f.micro_batch), f)
+    return [out[k] for k in sorted(out)]

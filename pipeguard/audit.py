@@ -151,9 +151,11 @@ class RpcFetcher:
     or empty when the coordinator fetches)."""
 
     def __init__(self, identity: Identity, requester: str, stub_for, run_id: str, max_tensor_bytes: int,
-                 timeout: float):
+                 timeout: float, epoch: int):
         self.identity, self.requester, self.stub_for = identity, requester, stub_for
         self.run_id, self.max_tensor_bytes, self.timeout = run_id, max_tensor_bytes, timeout
+        self.epoch = epoch
+        """Only tensors of this assignment epoch are accepted (the audited history)."""
 
     async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
         req = sign(pb.FetchStateRequest(run_id=self.run_id, node_id=peer.node_id, include_optimizer=True, step=step,
@@ -181,7 +183,7 @@ class RpcFetcher:
 
         def admit(header: pb.TensorHeader) -> PublicIdentity:
             if (header.step, header.micro_batch, header.direction, header.sender) != (
-                    step, micro_batch, direction, signer.node_id):
+                    step, micro_batch, direction, signer.node_id) or header.epoch != self.epoch:
                 raise AuditIncomplete(f"{peer.node_id[:8]} served a different tensor than asked for")
             return key
 
@@ -206,7 +208,7 @@ class CachingFetcher:
         return self
 
     async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
-        key = (peer.node_id, step, stage)
+        key = (peer.node_id, step, stage, getattr(self.inner, "epoch", 0))
         if key not in self._states:
             self._states[key] = await self.inner.fetch_state(peer, step, stage)
             while len(self._states) > self.capacity:
@@ -227,6 +229,9 @@ def check_attestation(att: pb.StateAttestation, peer: pb.PeerInfo, req: pb.Audit
                       named: dict[str, torch.Tensor]) -> None:
     """The served state is signed by the node, for the right step, and hashes to what it says."""
     verify(att, _peer_key(peer), what="state attestation")
+    if att.epoch != req.epoch:
+        raise AuditIncomplete(f"the state served is from epoch {att.epoch}, the audit is of epoch {req.epoch} "
+                              "(the run was rolled back since)")
     if (att.run_id, att.node_id, att.stage, att.step) != (req.run_id, peer.node_id, req.stage, step):
         raise AuditIncomplete(f"state attestation is for {att.node_id[:8]} stage {att.stage} step {att.step}, "
                               f"expected {peer.node_id[:8]} stage {req.stage} step {step}")
@@ -412,7 +417,8 @@ def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[objec
     pairs: list[tuple[object, object]] = []
     for theirs, ours in ((verdict.attestation, art.attestation), (verdict.next_attestation, art.next_attestation)):
         if ours is not None and theirs.node_id and theirs.state_digest != ours.state_digest and (
-                theirs.node_id, theirs.stage, theirs.step) == (ours.node_id, ours.stage, ours.step):
+                theirs.node_id, theirs.stage, theirs.step, theirs.epoch) == (ours.node_id, ours.stage, ours.step,
+                                                                             ours.epoch):
             pairs.append((theirs, ours))
     mine = {_header_key(rt.commitment.header): rt.commitment
             for rt in [*art.inputs.values(), *art.grads_in.values(), *art.outputs.values()]}

@@ -134,8 +134,10 @@ def make_header(
     sender: str,
     receiver: str,
     tensor: torch.Tensor,
+    epoch: int = 0,
 ) -> pb.TensorHeader:
     return pb.TensorHeader(
+        epoch=epoch,
         run_id=run_id,
         step=step,
         micro_batch=micro_batch,

@@ -122,7 +122,7 @@ class Bed:
             self.pushed += 1
         header = make_header(run_id=run_id, step=self.step if step is None else step, micro_batch=micro_batch,
                              stage=stage, direction=direction, sender=sender.node_id,
-                             receiver=receiver or self.node.node_id, tensor=tensor)
+                             receiver=receiver or self.node.node_id, tensor=tensor, epoch=self.epoch)
         return list(TensorSender(header, tensor, signer or sender, CHUNK_BYTES).chunks())
 
     async def push(self, chunks: list[pb.TensorChunk]) -> tuple[grpc.StatusCode, str]:

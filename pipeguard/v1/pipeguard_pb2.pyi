@@ -78,7 +78,7 @@ RUN_PHASE_FINISHED: RunPhase
 RUN_PHASE_FAILED: RunPhase
 
 class TensorHeader(_message.Message):
-    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape")
+    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class TensorHeader(_message.Message):
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     micro_batch: int
@@ -97,7 +98,8 @@ class TensorHeader(_message.Message):
     receiver: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TensorCommitment(_message.Message):
     __slots__ = ("header", "payload_digest", "signature")
@@ -436,20 +438,22 @@ class FetchStateRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., include_optimizer: _Optional[bool] = ..., signature: _Optional[bytes] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class StateAttestation(_message.Message):
-    __slots__ = ("run_id", "node_id", "stage", "step", "state_digest", "signature")
+    __slots__ = ("run_id", "node_id", "stage", "step", "state_digest", "signature", "epoch")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
     stage: int
     step: int
     state_digest: bytes
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    epoch: int
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class FetchTensorRequest(_message.Message):
     __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature")
@@ -486,7 +490,7 @@ class FetchCheckpointRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature")
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -506,6 +510,7 @@ class AuditRequest(_message.Message):
     AUDITOR_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     kind: AuditKind
@@ -525,7 +530,8 @@ class AuditRequest(_message.Message):
     auditor: str
     tolerance: float
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    epoch: int
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
     __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments")
