@@ -157,6 +157,7 @@ def _summary(args, status: pb.StatusReply | None, malicious_id: str, attacks: li
         print(f"  evidence          {path}\n                    pipeguard verify: {'VALID' if result.valid else 'INVALID'}"
               f" ({result.summary[:100]})")
     if not args.no_compare and not interrupted and status.step == status.total_steps:
+        print("  clean reference   training the same model in this process…", end="\r", flush=True)
         clean = _clean_loss(args, status.step)
         ratio = final / clean
         print(f"  clean reference   {clean:.4f} (same model, seed and batches in one process)")
@@ -172,7 +173,7 @@ def _clean_loss(args, steps: int) -> float:
 
     gpt = ModelConfig(preset=args.model).gpt()
     train = TrainConfig(steps=steps, seed=args.seed, micro_batches=args.micro_batches, micro_batch_size=8)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: OpenMP threads crawl on a busy machine
     ref = train_reference(gpt, train.optim(), stdlib_corpus(4 * 1024 * 1024), seed=args.seed, steps=steps,
                           micro_batches=args.micro_batches, micro_batch_size=8)
     tail = ref.losses[-max(1, len(ref.losses) // 10):]
