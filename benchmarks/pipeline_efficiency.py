@@ -217,6 +217,9 @@ def report(r: dict) -> None:
     if "reference_1thread_tokens_per_s" in r:
         print(f"  single process, 1 thread:                     {r['reference_1thread_tokens_per_s']:7.0f} tok/s  "
               f"(2 threads are {r['thread_scaling']:.2f}x one)")
+    print(f"  best steps: pipeline {r['pipeline_best_tokens_per_s']:.0f}, single process "
+          f"{r['reference_best_tokens_per_s']:.0f} tok/s, ratio "
+          f"{r['pipeline_best_tokens_per_s'] / r['reference_best_tokens_per_s']:.2f} (less sensitive to other load)")
     worst = max(b["foreign_cpu_share"] for b in [*r["pipeline_runs"], *r["reference_runs"]])
     if worst > 0.1:
         print(f"  WARNING: other processes used up to {worst:.0%} of the CPUs during a block; figures from such "
@@ -324,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "round_ratios": round_ratios,
         "ratio": median([x for x in round_ratios if x == x]),
         "ratio_of_medians": pipe / ref,
+        "pipeline_best_tokens_per_s": max([v for p in pipeline_runs for v in p["tokens_per_s"][warmup:]], default=0.0),
+        "reference_best_tokens_per_s": max(v for r in reference_runs for v in r["tokens_per_s"]),
         "goal_ratio": GOAL_RATIO,
         "bubble_bound": opts.micro_batches / (opts.micro_batches + STAGES - 1),
         "step0_loss_pipeline": pipeline_runs[0]["losses"][0],
