@@ -81,6 +81,8 @@ class AuditScheduler:
         self.next_id = 1
         self.pending: dict[int, tuple[int, asyncio.Task]] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-judge")
+        self._convicting: set[str] = set()
+        """Nodes whose conviction is being written: one bundle per ban."""
         self.run_id = ""
         self.model_spec = pb.ModelSpec()
         self.train_spec = pb.TrainSpec()
@@ -128,6 +130,8 @@ class AuditScheduler:
         if kind == pb.AUDIT_KIND_UPDATE:
             req.update.CopyFrom(rec.update_orders[pos])
             req.update_report.CopyFrom(rec.update_reports[pos])
+        if pos == 0 or pos == len(rec.nodes) - 1:
+            req.tokens_digest = audit.tokens_digest(audit.tokens_for(req, self.dataset))
         return req
 
     def _choose_auditor(self, req: pb.AuditRequest) -> NodeRecord | None:
@@ -173,7 +177,8 @@ class AuditScheduler:
     async def _run(self, req: pb.AuditRequest) -> None:
         try:
             auditor = self._choose_auditor(req)
-            if auditor is None:
+            if auditor is None:  # nobody else: the coordinator audits (its order is signed all the same)
+                sign(req, self.identity)
                 await self._judge(req, None)
                 return
             req.auditor = auditor.node_id
@@ -222,6 +227,9 @@ class AuditScheduler:
                 verify(theirs, PublicIdentity(key), what="claim in the auditor's verdict")
             except PipeguardError:
                 continue  # a forged claim in a verdict proves nothing against its "signer"
+            if self._banned(signer):
+                return True
+            self._convicting.add(signer)
             path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-equivocation-{signer[:8]}.pgev"
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, evidence.write_equivocation_bundle, path, theirs, ours, key)
@@ -239,7 +247,7 @@ class AuditScheduler:
 
     def _banned(self, node_id: str) -> bool:
         rec = self.registry.nodes.get(node_id)
-        return rec is not None and rec.role == pb.ROLE_BANNED
+        return node_id in self._convicting or (rec is not None and rec.role == pb.ROLE_BANNED)
 
     async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> None:
         """The coordinator's own recomputation: the only thing that can lead to a ban."""
@@ -260,10 +268,12 @@ class AuditScheduler:
             return
         if art.needs_tokens():
             art.fill_tokens(self.dataset)
+            audit.check_tokens(art)
         finding = await loop.run_in_executor(self.executor, audit.check, art)
         if finding.verdict == pb.VERDICT_FAIL:
             if self._banned(target):
                 return
+            self._convicting.add(target)
             self.stats.failed[target] = self.stats.failed.get(target, 0) + 1
             self.stats.detections += 1
             path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-{target[:8]}.pgev"
@@ -274,6 +284,9 @@ class AuditScheduler:
         elif verdict is not None and finding.verdict == pb.VERDICT_PASS:
             liar = verdict.auditor
             self._passed(req)
+            if self._banned(liar):
+                return
+            self._convicting.add(liar)
             path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-false-accusation-{liar[:8]}.pgev"
             rec = self.registry.nodes[liar]
             await loop.run_in_executor(self.executor, lambda: evidence.write_audit_bundle(

@@ -101,8 +101,9 @@ class AuditConfig:
     """Probability that each stage's output for each micro-batch (forward and backward) is audited,
     and that each stage's optimizer update is audited, per step. 1 checks every message."""
     tolerance: float = 1e-3
-    """Relative deviation max|a-b|/max|b| above which a recomputation fails; 0 = exact mode
-    (bit-identical results, for identical hardware and thread counts)."""
+    """Relative deviation (largest absolute difference over largest absolute claimed value)
+    above which a recomputation fails; 0 = exact mode (bit-identical results, for identical
+    hardware and thread counts)."""
     screen: bool = True
     """Always audit tensors that a receiver's statistical screen flags."""
     retention: int = 4

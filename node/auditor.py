@@ -44,6 +44,7 @@ class NodeAuditor:
                 audit.attach_artifacts(verdict, art)
                 if art.needs_tokens():
                     art.fill_tokens(await self.membership.dataset(req.data_digest))
+                    audit.check_tokens(art)
                 finding = await self.runtime._compute(audit.check, art)
                 verdict.verdict, verdict.deviation, verdict.detail = finding.verdict, finding.deviation, finding.detail
             except PipeguardError as exc:

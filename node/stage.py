@@ -217,6 +217,7 @@ class StageRuntime:
             self.state_commitment = digest
             how = "loaded checkpoint for" if want else "built"
         self.assignment, self.dataset = a, dataset
+        self.screen = Screen()  # new neighbours (or a new history): new baselines
         self._inbox.clear()
         self._seen.clear()
         self.kept = {k: v for k, v in self.kept.items() if k[0] < start_step}

@@ -28,6 +28,7 @@ benchmarks/audit_tolerance.py). Tolerance 0 is exact mode: bit-identical results
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,13 +47,14 @@ from pipeguard.model import (
     StageModule,
     StageSpec,
     clip_and_step,
+    grad_sq_norm,
     load_named_state,
     make_optimizer,
     named_state,
     partition,
 )
 from pipeguard.signing import sign, verify
-from pipeguard.tensors import ReceivedTensor, StateAssembler, receive_tensor, state_digest
+from pipeguard.tensors import ReceivedTensor, StateAssembler, receive_tensor, state_digest, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,28 @@ class Artifacts:
         return setup.is_first or setup.is_last
 
     def fill_tokens(self, dataset: Dataset) -> None:
-        setup = StageSetup.from_request(self.request)
-        for mb in micro_batches_of(self.request):
-            self.tokens[mb] = _tokens(setup, dataset, self.request.step, mb)
+        self.tokens = tokens_for(self.request, dataset)
+
+
+def tokens_for(req: pb.AuditRequest, dataset: Dataset) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The (inputs, targets) of every micro-batch ``req`` covers, from the dataset."""
+    setup = StageSetup.from_request(req)
+    return {mb: _tokens(setup, dataset, req.step, mb) for mb in micro_batches_of(req)}
+
+
+def tokens_digest(tokens: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bytes:
+    h = hashlib.sha256(b"pipeguard-tokens\x00")
+    for mb in sorted(tokens):
+        x, y = tokens[mb]
+        h.update(mb.to_bytes(4, "big") + tensor_digest(x) + tensor_digest(y))
+    return h.digest()
+
+
+def check_tokens(art: "Artifacts") -> None:
+    """First/last stage: the tokens are the ones the coordinator signed into the audit order."""
+    if art.needs_tokens() and tokens_digest(art.tokens) != art.request.tokens_digest:
+        raise AuditIncomplete("the micro-batch tokens are not the ones the audit order commits to "
+                              "(a different dataset, or substituted tokens)")
 
 
 class Fetcher(Protocol):
@@ -283,6 +304,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher) -> Artifacts:
             art.outputs[(BACKWARD, mb)] = await _first_of(
                 lambda: fetcher.fetch_tensor(prev, req.step, mb, BACKWARD, False, target),
                 lambda: fetcher.fetch_tensor(target, req.step, mb, BACKWARD, True, target))
+    check_headers(art)
     if kinds == pb.AUDIT_KIND_UPDATE:
         try:
             art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
@@ -295,10 +317,24 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher) -> Artifacts:
 def check_tensor_header(rt: ReceivedTensor, req: pb.AuditRequest, direction: int, mb: int, sender: str,
                         receiver: str) -> None:
     h = rt.commitment.header
-    got = (h.run_id, h.step, h.micro_batch, h.direction, h.sender, h.receiver)
-    want = (req.run_id, req.step, mb, direction, sender, receiver)
+    got = (h.run_id, h.step, h.micro_batch, h.direction, h.sender, h.receiver, h.epoch)
+    want = (req.run_id, req.step, mb, direction, sender, receiver, req.epoch)
     if got != want:
         raise AuditIncomplete(f"tensor header {got} is not the one audited {want}")
+
+
+def check_headers(art: "Artifacts") -> None:
+    """Every tensor is the one the audit is about: run, step, micro-batch, direction, sender,
+    receiver and epoch. A signature alone only says who sent it, not that it belongs here."""
+    req = art.request
+    target = req.target.node_id
+    for mb, rt in art.inputs.items():
+        check_tensor_header(rt, req, FORWARD, mb, req.prev.node_id, target)
+    for mb, rt in art.grads_in.items():
+        check_tensor_header(rt, req, BACKWARD, mb, req.next.node_id, target)
+    for (direction, mb), rt in art.outputs.items():
+        receiver = req.next.node_id if direction == FORWARD else req.prev.node_id
+        check_tensor_header(rt, req, direction, mb, target, receiver)
 
 
 # -- recomputation ------------------------------------------------------------------------------
@@ -353,7 +389,10 @@ def check(art: Artifacts) -> Finding:
                        f"{req.step} is not the state its update report committed to")
     module = StageModule(setup.gpt, setup.spec, setup.seed)
     opt = make_optimizer(module, setup.optim)
-    load_named_state(module, opt, art.state)
+    try:
+        load_named_state(module, opt, art.state)
+    except (ValueError, RuntimeError) as exc:  # it hashes to the node's own commitment: its fault
+        return Finding(pb.VERDICT_FAIL, math.inf, f"the committed state does not fit stage {req.stage}: {exc}")
     worst, where = 0.0, ""
     recomputed: dict[str, torch.Tensor] = {}
     for mb in micro_batches_of(req):
@@ -382,6 +421,12 @@ def check(art: Artifacts) -> Finding:
                 if dev > worst or math.isinf(dev):
                     worst, where = dev, f"input gradient of micro-batch {mb}"
     if req.kind == pb.AUDIT_KIND_UPDATE:
+        # The reported gradient norm feeds every stage's clipping: it is a claim to check too.
+        sq = grad_sq_norm(module)
+        claimed = req.report.grad_sq_norm
+        dev = abs(sq - claimed) / max(abs(claimed), 1e-30) if sq != claimed else 0.0
+        if dev > worst or math.isinf(dev):
+            worst, where = dev, "reported gradient norm"
         up = req.update
         clip_and_step(module, opt, up.global_grad_norm, up.lr, setup.optim.grad_clip)
         for name, t in named_state(module, opt):

@@ -139,7 +139,7 @@ def _same_subject(a, b) -> bool:
     if isinstance(a, pb.TensorCommitment):
         return (a.header.SerializeToString(deterministic=True) == b.header.SerializeToString(deterministic=True)
                 and a.payload_digest != b.payload_digest)
-    return ((a.run_id, a.node_id, a.stage, a.step) == (b.run_id, b.node_id, b.stage, b.step)
+    return ((a.run_id, a.node_id, a.stage, a.step, a.epoch) == (b.run_id, b.node_id, b.stage, b.step, b.epoch)
             and a.state_digest != b.state_digest)
 
 
@@ -230,6 +230,8 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
                 art.outputs[(direction, mb)] = rt
         if f"tokens/{mb}/x" in r.manifest["tensors"]:
             art.tokens[mb] = (r.tensor(f"tokens/{mb}/x"), r.tensor(f"tokens/{mb}/y"))
+    audit.check_headers(art)
+    audit.check_tokens(art)
     return art
 
 

@@ -2,9 +2,11 @@
 
 Protobuf serialisation is not canonical, so signatures never cover serialised bytes. They
 cover ``canonical_bytes(message)``: a domain tag with the message's full name, then every
-field in field-number order as (number, value) with fixed-width integers, length-prefixed
-strings/bytes/repeated fields and a presence byte for sub-messages. The top-level
-``signature`` field is left out. Any implementation can rebuild these bytes from the typed
+field that holds a non-default value, in field-number order, as (number, value) with
+fixed-width integers, length-prefixed strings/bytes/repeated fields and nested messages
+encoded the same way. Default-valued fields are left out (as proto3 does on the wire), so
+a field added to the schema later does not change the bytes, and old signatures and
+evidence bundles stay valid. The top-level ``signature`` field is left out. Any implementation can rebuild these bytes from the typed
 fields alone, which is what lets an evidence bundle be re-checked offline.
 """
 
@@ -60,21 +62,28 @@ def _encode_value(field: FieldDescriptor, value, out: bytearray) -> None:
 
 
 def _encode_message(msg: Message, out: bytearray, skip_signature: bool) -> None:
+    """Fields in number order; fields holding their default value (0, "", empty, absent) are
+    left out, so adding a field to the schema leaves every existing signature valid."""
     for field in sorted(msg.DESCRIPTOR.fields, key=lambda f: f.number):
         if skip_signature and field.name == "signature":
             continue
-        out += struct.pack(">I", field.number)
         value = getattr(msg, field.name)
         if field.is_repeated:
+            if len(value) == 0:
+                continue
+            out += struct.pack(">I", field.number)
             out += struct.pack(">I", len(value))
             for item in value:
                 _encode_value(field, item, out)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            present = msg.HasField(field.name)
-            out += b"\x01" if present else b"\x00"
-            if present:
-                _encode_value(field, value, out)
+            if not msg.HasField(field.name):
+                continue
+            out += struct.pack(">I", field.number)
+            _encode_value(field, value, out)
         else:
+            if value == field.default_value:
+                continue
+            out += struct.pack(">I", field.number)
             _encode_value(field, value, out)
 
 

@@ -50,6 +50,7 @@ class RunPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_PHASE_TRAINING: _ClassVar[RunPhase]
     RUN_PHASE_FINISHED: _ClassVar[RunPhase]
     RUN_PHASE_FAILED: _ClassVar[RunPhase]
+    RUN_PHASE_STOPPED: _ClassVar[RunPhase]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_FORWARD: Direction
 DIRECTION_BACKWARD: Direction
@@ -76,6 +77,7 @@ RUN_PHASE_WAITING: RunPhase
 RUN_PHASE_TRAINING: RunPhase
 RUN_PHASE_FINISHED: RunPhase
 RUN_PHASE_FAILED: RunPhase
+RUN_PHASE_STOPPED: RunPhase
 
 class TensorHeader(_message.Message):
     __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch")
@@ -490,7 +492,7 @@ class FetchCheckpointRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch")
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -511,6 +513,7 @@ class AuditRequest(_message.Message):
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     kind: AuditKind
@@ -531,7 +534,8 @@ class AuditRequest(_message.Message):
     tolerance: float
     signature: bytes
     epoch: int
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    tokens_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
     __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments")
@@ -660,7 +664,7 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence")
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -674,6 +678,8 @@ class StatusReply(_message.Message):
     AUDITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     phase: RunPhase
     step: int
@@ -687,10 +693,56 @@ class StatusReply(_message.Message):
     audits_total: int
     detections: int
     evidence: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: ModelSpec
+    audit_rate: float
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("after_seq",)
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     after_seq: int
     def __init__(self, after_seq: _Optional[int] = ...) -> None: ...
+
+class BanRequest(_message.Message):
+    __slots__ = ("node_id", "reason", "operator")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    operator: str
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class UnbanRequest(_message.Message):
+    __slots__ = ("node_id", "operator")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    operator: str
+    def __init__(self, node_id: _Optional[str] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class StopRunRequest(_message.Message):
+    __slots__ = ("operator",)
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    operator: str
+    def __init__(self, operator: _Optional[str] = ...) -> None: ...
+
+class SetAuditRateRequest(_message.Message):
+    __slots__ = ("rate", "operator")
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    rate: float
+    operator: str
+    def __init__(self, rate: _Optional[float] = ..., operator: _Optional[str] = ...) -> None: ...
+
+class AdminReply(_message.Message):
+    __slots__ = ("detail", "node_id", "phase", "step")
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    detail: str
+    node_id: str
+    phase: RunPhase
+    step: int
+    def __init__(self, detail: _Optional[str] = ..., node_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,26 @@ class CoordinatorStub:
                 request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.SerializeToString,
                 response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.Ban = channel.unary_unary(
+                '/pipeguard.v1.Coordinator/Ban',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.BanRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.Unban = channel.unary_unary(
+                '/pipeguard.v1.Coordinator/Unban',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.UnbanRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.StopRun = channel.unary_unary(
+                '/pipeguard.v1.Coordinator/StopRun',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.StopRunRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.SetAuditRate = channel.unary_unary(
+                '/pipeguard.v1.Coordinator/SetAuditRate',
+                request_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.SetAuditRateRequest.SerializeToString,
+                response_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -145,6 +165,34 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ban(self, request, context):
+        """Ban a node by hand (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unban(self, request, context):
+        """Lift a ban (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopRun(self, request, context):
+        """Checkpoint and stop stepping (admin token); resume with `pipeguard-coordinator --resume`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAuditRate(self, request, context):
+        """Change audit.rate live (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +235,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchCheckpoint,
                     request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.FromString,
                     response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.SerializeToString,
+            ),
+            'Ban': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ban,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.BanRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.SerializeToString,
+            ),
+            'Unban': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unban,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.UnbanRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.SerializeToString,
+            ),
+            'StopRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopRun,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.StopRunRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.SerializeToString,
+            ),
+            'SetAuditRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAuditRate,
+                    request_deserializer=pipeguard_dot_v1_dot_pipeguard__pb2.SetAuditRateRequest.FromString,
+                    response_serializer=pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +478,114 @@ class Coordinator:
             '/pipeguard.v1.Coordinator/FetchCheckpoint',
             pipeguard_dot_v1_dot_pipeguard__pb2.FetchCheckpointRequest.SerializeToString,
             pipeguard_dot_v1_dot_pipeguard__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ban(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeguard.v1.Coordinator/Ban',
+            pipeguard_dot_v1_dot_pipeguard__pb2.BanRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unban(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeguard.v1.Coordinator/Unban',
+            pipeguard_dot_v1_dot_pipeguard__pb2.UnbanRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeguard.v1.Coordinator/StopRun',
+            pipeguard_dot_v1_dot_pipeguard__pb2.StopRunRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAuditRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeguard.v1.Coordinator/SetAuditRate',
+            pipeguard_dot_v1_dot_pipeguard__pb2.SetAuditRateRequest.SerializeToString,
+            pipeguard_dot_v1_dot_pipeguard__pb2.AdminReply.FromString,
             options,
             channel_credentials,
             insecure,
