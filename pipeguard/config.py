@@ -18,7 +18,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+
+if TYPE_CHECKING:
+    import argparse
 
 T = TypeVar("T")
 
@@ -54,6 +57,20 @@ class NetConfig:
     marked momentary so the sender backs off and retries, instead of buffering it. A sender opens
     at most half as many (at least one) to one peer, so two neighbours with the same setting do
     not hit it."""
+    tls_cert: str = ""
+    """PEM certificate (chain) of this daemon. With tls_key its gRPC server speaks TLS only, and its
+    outgoing calls present it to servers that ask for a client certificate (mutual TLS)."""
+    tls_key: str = ""
+    """PEM private key of tls_cert (keep it 0600)."""
+    tls_ca: str = ""
+    """PEM bundle of the CA(s) peers' certificates must chain to. Outgoing calls use TLS and check the
+    server against it; with tls_require_client_cert the server checks clients against it too. Empty with
+    tls_cert set: outgoing calls use TLS checked against the system's roots."""
+    tls_require_client_cert: bool = False
+    """Mutual TLS: the server refuses clients without a certificate signed by tls_ca (needs tls_cert,
+    tls_key and tls_ca)."""
+    metrics_port: int = 0
+    """HTTP port serving Prometheus metrics at /metrics, on net.bind's host; 0 = off."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "net.bind")
@@ -70,6 +87,23 @@ class NetConfig:
             raise ConfigError("net.max_tensor_bytes must be positive")
         if self.max_inflight_streams < 1:
             raise ConfigError(f"net.max_inflight_streams must be at least 1, got {self.max_inflight_streams}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("net.tls_cert and net.tls_key go together: set both (this daemon's certificate and "
+                              "its private key, e.g. --tls-cert node.pem --tls-key node.key) or neither")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).expanduser().is_file():
+                raise ConfigError(f"net.{name}: no such file {path!r}")
+        if self.tls_require_client_cert and not (self.tls_cert and self.tls_ca):
+            raise ConfigError("net.tls_require_client_cert needs net.tls_cert, net.tls_key (this server's certificate) "
+                              "and net.tls_ca (the CA client certificates must chain to)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"net.metrics_port must be a TCP port (1-65535) or 0 for off, got {self.metrics_port}")
+
+    @property
+    def tls(self) -> bool:
+        """Whether outgoing calls use TLS (a CA bundle or a certificate of our own is configured)."""
+        return bool(self.tls_ca or self.tls_cert)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
@@ -104,6 +138,23 @@ class TimeoutConfig:
                 "timeouts.heartbeat_timeout must be more than twice timeouts.heartbeat_interval "
                 f"({self.heartbeat_timeout} <= 2 x {self.heartbeat_interval})"
             )
+
+
+def add_tls_flags(p: "argparse.ArgumentParser", server: bool = True) -> None:
+    """The ``--tls-*`` flags every daemon and client command takes (they set ``net.tls_*``)."""
+    p.add_argument("--tls-cert", help="PEM certificate of this " + ("daemon: serve gRPC over TLS (with --tls-key)"
+                                                                     if server else "client (mutual TLS)"))
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA bundle peers' certificates must chain to (turns on TLS for calls)")
+    if server:
+        p.add_argument("--tls-require-client-cert", action="store_true", default=None,
+                       help="mutual TLS: refuse clients without a certificate signed by --tls-ca")
+
+
+def tls_flag_values(args: "argparse.Namespace", prefix: str = "net.") -> dict[str, Any]:
+    """``add_tls_flags``' values as dotted config keys (None for flags not given)."""
+    return {f"{prefix}tls_cert": args.tls_cert, f"{prefix}tls_key": args.tls_key, f"{prefix}tls_ca": args.tls_ca,
+            f"{prefix}tls_require_client_cert": getattr(args, "tls_require_client_cert", None)}
 
 
 # -- the loader ------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""gRPC plumbing both daemons share: servers, channels, deadlines, retries, health, logging."""
+"""gRPC plumbing both daemons share: servers, channels, TLS, deadlines, retries, health, logging.
+
+Every server and channel of pipeguard is made here (``start_server``, ``channel``,
+``blocking_channel``), so TLS (``net.tls_*``) applies to all of them or none.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pipeguard.config import NetConfig, TimeoutConfig, parse_hostport
+from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
 from pipeguard.errors import PipeguardError, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -71,9 +75,12 @@ async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_hostport(net.bind, "net.bind")
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(bind)
+    creds = server_credentials(net)
+    bound = server.add_secure_port(bind, creds) if creds is not None else server.add_insecure_port(bind)
     if bound == 0:
         raise Unavailable(f"cannot bind {net.bind}")
+    if creds is not None:
+        log.info("serving gRPC over TLS%s", " (client certificates required)" if net.tls_require_client_cert else "")
     await server.start()
     advertise = net.advertise or (f"{host}:{bound}" if host not in ("0.0.0.0", "::") else f"127.0.0.1:{bound}")
     for name in ["", *service_names]:
@@ -81,8 +88,48 @@ async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], Non
     return server, advertise, health_servicer
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(net: NetConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for this daemon's server, or None to serve plaintext (no tls_cert)."""
+    if not net.tls_cert:
+        return None
+    pair = (_read(net.tls_key, "net.tls_key"), _read(net.tls_cert, "net.tls_cert"))
+    ca = _read(net.tls_ca, "net.tls_ca") if net.tls_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=net.tls_require_client_cert)
+
+
+def channel_credentials(net: NetConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for outgoing calls (server checked against tls_ca, or the system roots; our own
+    certificate offered for mutual TLS), or None for plaintext."""
+    if not net.tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(net.tls_ca, "net.tls_ca") if net.tls_ca else None,
+        private_key=_read(net.tls_key, "net.tls_key") if net.tls_key else None,
+        certificate_chain=_read(net.tls_cert, "net.tls_cert") if net.tls_cert else None,
+    )
+
+
 def channel(address: str, net: NetConfig) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=net.grpc_options())
+    """An asyncio channel to ``address``: TLS when ``net`` configures it, with explicit message limits."""
+    creds = channel_credentials(net)
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=net.grpc_options())
+    return grpc.aio.secure_channel(address, creds, options=net.grpc_options())
+
+
+def blocking_channel(address: str, net: NetConfig) -> grpc.Channel:
+    """The same as ``channel`` for synchronous callers (the CLI, test and script helpers)."""
+    creds = channel_credentials(net)
+    if creds is None:
+        return grpc.insecure_channel(address, options=net.grpc_options())
+    return grpc.secure_channel(address, creds, options=net.grpc_options())
 
 
 async def call_with_retry(fn: Callable[[], Awaitable[T]], timeouts: TimeoutConfig, what: str,

@@ -1,7 +1,8 @@
 """Local processes for a whole run on one machine: used by ``pipeguard testnet`` and the tests.
 
 Every daemon is a real subprocess on loopback with port 0; its bound address is learned from
-its ready file, and every wait polls a condition against a deadline.
+its ready file, and every wait polls a condition against a deadline. With ``tls`` every daemon
+serves and calls over TLS, and so do the helpers that talk to the coordinator.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Callable
 
 import grpc
 
+from pipeguard.config import NetConfig
+from pipeguard.rpc import blocking_channel
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -109,10 +112,30 @@ class Daemon:
             return "(no log)"
 
 
+@dataclass
+class TlsFiles:
+    """PEM files every daemon of a testnet uses: one CA, one certificate valid for 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    mutual: bool = True
+    """Servers require client certificates (signed by ``ca``)."""
+
+    def daemon_args(self) -> list[str]:
+        args = ["--tls-ca", str(self.ca), "--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        return args + (["--tls-require-client-cert"] if self.mutual else [])
+
+    def client_net(self, **overrides) -> NetConfig:
+        return NetConfig(tls_ca=str(self.ca), tls_cert=str(self.cert), tls_key=str(self.key), **overrides)
+
+
 class LocalTestnet:
     """A coordinator and nodes as local processes under ``workdir``."""
 
-    def __init__(self, workdir: Path, coordinator_toml: str = "", python: str = sys.executable):
+    def __init__(self, workdir: Path, coordinator_toml: str = "", python: str = sys.executable,
+                 tls: TlsFiles | None = None):
+        self.tls = tls
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -126,7 +149,7 @@ class LocalTestnet:
         self.coordinator = Daemon(
             "coordinator",
             [self.python, "-m", "coordinator.daemon", "--config", str(self.config_path), "--bind", "127.0.0.1:0",
-             "--state-dir", str(d / "state"), "--ready-file", str(d / "ready.json"), *extra],
+             "--state-dir", str(d / "state"), "--ready-file", str(d / "ready.json"), *self._tls_args(), *extra],
             ready_file=d / "ready.json", log_path=d / "coordinator.log",
         ).start()
         self.coordinator.wait_ready(timeout)
@@ -140,7 +163,7 @@ class LocalTestnet:
             name,
             [self.python, "-m", "node.daemon", "--coordinator", self.coordinator.address, "--bind", "127.0.0.1:0",
              "--coordinator-key", self.coordinator.info["public_key"], "--home", str(d / "home"),
-             "--ready-file", str(d / "ready.json"), *extra],
+             "--ready-file", str(d / "ready.json"), *self._tls_args(), *extra],
             ready_file=d / "ready.json", log_path=d / "node.log",
         ).start()
         self.nodes.append(node)
@@ -148,12 +171,21 @@ class LocalTestnet:
             node.wait_ready(timeout)
         return node
 
+    def _tls_args(self) -> list[str]:
+        return self.tls.daemon_args() if self.tls is not None else []
+
+    @property
+    def admin_token_file(self) -> Path:
+        """The coordinator's admin token (its default place in the state directory)."""
+        return self.workdir / "coordinator" / "state" / "admin.token"
+
     # -- talking to the coordinator --------------------------------------------------------------
 
     def channel(self) -> grpc.Channel:
         assert self.coordinator is not None
-        return grpc.insecure_channel(self.coordinator.address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        limits = {"max_message_bytes": 64 * 1024 * 1024}
+        net = self.tls.client_net(**limits) if self.tls is not None else NetConfig(**limits)
+        return blocking_channel(self.coordinator.address, net)
 
     def status(self, history: int = 1000, timeout: float = 10.0) -> pb.StatusReply:
         with self.channel() as ch:
