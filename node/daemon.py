@@ -13,12 +13,14 @@ import torch
 
 from pipeguard import config as pgconfig
 from pipeguard.identity import Identity
+from pipeguard.metrics import serve_metrics
 from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node import attacks
 from node.config import NodeConfig
 from node.auditor import NodeAuditor
 from node.membership import Membership
+from node.metrics import NodeMetrics
 from node.peers import PeerPool
 from node.service import NodeService
 from node.stage import StageRuntime
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attack-plugin", help="user behaviour PATH.py:ClassName")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--ready-file", help="write {address, node_id} JSON here once serving")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0 = off)")
+    pgconfig.add_tls_flags(p)
     return p.parse_args(argv)
 
 
@@ -60,6 +64,8 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
         "attack.plugin": args.attack_plugin,
         "log_level": args.log_level,
         "ready_file": args.ready_file,
+        "net.metrics_port": args.metrics_port,
+        **pgconfig.tls_flag_values(args),
     })
 
 
@@ -86,14 +92,18 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"])
     membership.address = address
+    metrics = serve_metrics(cfg.net, NodeMetrics(service))
     log.info("node %s serving on %s (bound %s)", identity.node_id, address, cfg.net.bind)
-    write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id)
+    write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id,
+                     metrics=metrics.address if metrics else "")
     member_task = asyncio.create_task(membership.run())
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         member_task.cancel()
+        if metrics is not None:
+            metrics.close()
         await server.stop(grace=1.0)
         runtime.close()
         await peers.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from pipeguard.errors import (
@@ -59,6 +59,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.epoch = -1
         self.peer_keys: dict[str, PublicIdentity] = {}
         self.peer_stats: dict[str, PeerStats] = defaultdict(PeerStats)
+        self.rejected_by_reason: Counter[str] = Counter()
+        """Refused tensors by the gRPC status the sender got (for metrics)."""
         self.max_inflight_streams = max_inflight_streams
         self.stream_timeout = stream_timeout
         """Seconds an inbound tensor stream may take, so that idle streams cannot hold their slots."""
@@ -233,6 +235,7 @@ class NodeService(pb_grpc.NodeServicer):
             stats = self.peer_stats[claimed["sender"]]
             stats.rejected += 1
             stats.last_reason = exc.code.name
+            self.rejected_by_reason[exc.code.name] += 1
             raise
         self.peer_stats[rt.commitment.header.sender].accepted += 1
         return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())

@@ -161,6 +161,9 @@ class StageRuntime:
         """step -> received tensors the screen flagged."""
         self.fetch_checkpoint = None
         """async (stage, step) -> named tensors; set by the daemon (pulls from the coordinator)."""
+        self.steps_computed = 0
+        self.compute_seconds = 0.0
+        """Steps whose forward and backward finished here, and their compute time (for metrics)."""
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -350,6 +353,8 @@ class StageRuntime:
         await asyncio.gather(*sends)
         sq = await self._compute(grad_sq_norm, self.module)
         self._grads_for = step
+        self.steps_computed += 1
+        self.compute_seconds += compute
         report = pb.StepReport(
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
             loss=loss_sum / M if a.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
