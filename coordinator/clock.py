@@ -80,6 +80,10 @@ class StepClock:
         self.checkpoints = CheckpointStore(store.dir / "checkpoints", keep=cfg.audit.keep_checkpoints)
         self.evidence: list[str] = list(state.evidence)
         self.auditor: AuditScheduler | None = None
+        self.task: asyncio.Task | None = None
+        """The task running ``run``, for ``stop``."""
+        self.stopping = False
+        self.started = time.monotonic()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -115,13 +119,15 @@ class StepClock:
 
     # -- faults reported from elsewhere ----------------------------------------------------------
 
-    def convict(self, node_id: str, step: int, reason: str, bundle: Path) -> None:
-        """Ban ``node_id`` (called by the audit judge with evidence already on disk)."""
+    def convict(self, node_id: str, step: int, reason: str, bundle: Path | None) -> None:
+        """Ban ``node_id``: by the audit judge with evidence already on disk, or by an operator
+        (``bundle`` None, the reason says who)."""
         rec = self.registry.nodes.get(node_id)
         if rec is None or rec.role == pb.ROLE_BANNED:
             return
         rec.role, rec.ban_reason = pb.ROLE_BANNED, reason
-        self.evidence.append(str(bundle))
+        if bundle is not None:
+            self.evidence.append(str(bundle))
         was_stage = rec in self.stage_nodes
         if was_stage:
             # Roll back to before the first step the convicted node's output may have touched.
@@ -129,8 +135,8 @@ class StepClock:
             self.suspect_step = first if self.suspect_step is None else min(self.suspect_step, first)
         self.reform_needed = True
         self.persist()
-        self.events.emit("banned", f"node {node_id[:8]} banned: {reason}; evidence {bundle}", node_id=node_id,
-                         step=max(step, 0))
+        self.events.emit("banned", f"node {node_id[:8]} banned: {reason}" + (f"; evidence {bundle}" if bundle else ""),
+                         node_id=node_id, step=max(step, 0))
 
     def node_lost(self, rec: NodeRecord) -> None:
         """The monitor saw a node go silent."""
@@ -164,7 +170,9 @@ class StepClock:
                 continue
             if spares:
                 holders[slot] = spares.pop(0)
-            elif self.state.step > 0 and 0 < slot < n - 1:
+            elif self.state.step > 0 and 0 < slot < n - 1 and \
+                    time.monotonic() - self.started > self.cfg.timeouts.heartbeat_timeout:
+                # Not in the first heartbeat timeout after a (re)start: nodes may still be coming back.
                 skipped.add(slot)
             else:
                 return None
@@ -281,10 +289,13 @@ class StepClock:
 
     async def run(self) -> None:
         """Train until the configured step count; never give up on the run."""
+        self.task = asyncio.current_task()
         total = self.cfg.train.steps
         need_formation = True
         while True:
             await self._train_until(total, need_formation)
+            if self.stopping:  # an operator's StopRun takes it from here
+                return
             if self.auditor is not None:
                 await self.auditor.drain(total)
             if not self.reform_needed:  # a late conviction rolls back and trains on
@@ -300,13 +311,15 @@ class StepClock:
         if need_formation or self.reform_needed:
             await self.form_pipeline()  # waits (never spins) until a pipeline can be formed
             need_formation = False
-        while self.state.step < total:
+        while self.state.step < total and not self.stopping:
             if need_formation or self.reform_needed:
                 await self.form_pipeline()
                 need_formation = False
             step = self.state.step
             try:
                 async with self.step_lock:
+                    if self.stopping:
+                        return
                     await self.run_step(step)
                 failures = 0
             except Reform:
@@ -373,6 +386,40 @@ class StepClock:
                          f"{tokens / elapsed:,.0f} tok/s", step=step, persist=False)
         if self.state.step % self.cfg.audit.checkpoint_every == 0 and self.state.step < t.steps:
             await self.checkpoint(self.state.step)
+
+    async def checkpoint_now(self, timeout: float) -> int | None:
+        """Make sure a verified checkpoint of the current step exists (at a stop or a shutdown).
+
+        Returns its step, or None when none could be made within ``timeout`` (stages gone): then
+        a resumed run starts from the last checkpoint before it.
+        """
+        step = self.state.step
+        if step in self.checkpoints.steps():
+            return step
+        if not self.stage_nodes or self.state.phase != pb.RUN_PHASE_TRAINING:
+            return None
+        try:
+            await asyncio.wait_for(self.checkpoint(step), timeout)
+            return step
+        except (PipeguardError, asyncio.TimeoutError) as exc:
+            self.events.emit("checkpoint_failed", f"no checkpoint at step {step}: {exc or 'timed out'}; a resumed run "
+                             f"starts from step {self.checkpoints.latest(step)}", step=step)
+            return None
+
+    async def stop(self, who: str) -> int | None:
+        """Stop the run for an operator: let the step in flight finish, stop stepping, checkpoint,
+        mark the run stopped. Returns the checkpointed step (None if none could be made)."""
+        self.stopping = True
+        async with self.step_lock:  # the step in flight (and its periodic checkpoint) finishes first
+            if self.task is not None and not self.task.done():
+                self.task.cancel()  # waiting for the lock, forming the pipeline, or draining audits
+                await asyncio.wait([self.task])
+            saved = await self.checkpoint_now(self.cfg.timeouts.step)
+            self.state.phase = pb.RUN_PHASE_STOPPED
+            self.persist()
+        self.events.emit("stopped", f"run stopped at step {self.state.step} (by {who}); "
+                         f"resume with `pipeguard-coordinator --resume`", step=self.state.step)
+        return saved
 
     async def _gather(self, nodes: list[NodeRecord], method: str, requests: list, timeout: float) -> list:
         tasks = [asyncio.create_task(self._call(rec, method, req, timeout)) for rec, req in zip(nodes, requests)]

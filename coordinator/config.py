@@ -135,6 +135,12 @@ class CoordinatorConfig:
     """Logging level: DEBUG, INFO, WARNING, ERROR."""
     ready_file: str = ""
     """If set, write {address, node_id} JSON here once serving (for scripts and tests)."""
+    resume: bool = False
+    """Continue the run held in state_dir (``--resume``). Without it a state_dir that holds a run is refused,
+    and with it one that holds none is."""
+    admin_token_file: str = ""
+    """File with the admin token that mutating calls (ban, unban, stop, audit rate) must present; empty means
+    STATE_DIR/admin.token. Created 0600 with a random token on first start if missing."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

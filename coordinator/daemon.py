@@ -12,16 +12,22 @@ from pipeguard import config as pgconfig
 from pipeguard.data import load_dataset
 from pipeguard.identity import Identity
 from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
+from pipeguard.metrics import serve_metrics
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.admin import Admin, load_or_create_token, token_path
 from coordinator.audits import AuditScheduler
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore, StateError
 
 log = logging.getLogger("coordinator")
+
+SHUTDOWN_CHECKPOINT_S = 8.0
+"""At most this long is spent on a last checkpoint at shutdown (docker stop waits 10 s by default)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="text file to train on (default: Python standard library sources)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--ready-file", help="write {address, node_id} JSON here once serving")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run held in --state-dir (required when it holds one)")
+    p.add_argument("--admin-token-file", help="admin token for ban/unban/stop/audit-rate "
+                   "(default STATE_DIR/admin.token, created if missing)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0 = off)")
+    pgconfig.add_tls_flags(p)
     return p.parse_args(argv)
 
 
@@ -52,6 +64,10 @@ def load_config(args: argparse.Namespace) -> CoordinatorConfig:
         "data.path": args.data,
         "log_level": args.log_level,
         "ready_file": args.ready_file,
+        "resume": args.resume,
+        "admin_token_file": args.admin_token_file,
+        "net.metrics_port": args.metrics_port,
+        **pgconfig.tls_flag_values(args),
     })
 
 
@@ -59,7 +75,11 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     store = RunStore(cfg.state_dir)
     identity = Identity.load_or_create(store.key_path)
     set_log_prefix(f"coordinator {identity.node_id[:8]}")
-    state, resumed = store.load_or_create(cfg.run_id)
+    state, resumed = store.load_or_create(cfg.run_id, resume=cfg.resume)
+    if state.audit_rate is not None and state.audit_rate != cfg.audit.rate:
+        log.warning("audit rate %g set by an operator overrides the config's %g", state.audit_rate, cfg.audit.rate)
+        cfg.audit.rate = state.audit_rate
+    token = load_or_create_token(token_path(cfg.admin_token_file, cfg.state_dir))
     events = EventLog(store)
     registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request)
     for d in state.nodes:
@@ -74,15 +94,16 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     auditor.run_id, auditor.num_stages, auditor.data_digest = state.run_id, cfg.pipeline.stages, dataset.digest
     auditor.model_spec, auditor.train_spec = clock.model_spec(), clock.train_spec()
     clock.auditor = auditor
-    service = CoordinatorService(cfg, identity, registry, clock, events, dataset)
+    service = CoordinatorService(cfg, identity, registry, clock, events, dataset, Admin(token, clock))
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
+    metrics = serve_metrics(cfg.net, CoordinatorMetrics(clock, events))
     events.emit("coordinator_started", f"coordinator {identity.node_id[:8]} serving run {state.run_id} on {address}"
                 + (f", resumed at step {state.step}" if resumed else ""), step=state.step)
     log.info("coordinator key %s; dataset %s… (%d train + %d validation bytes)", identity.public_key.hex(),
              dataset.digest.hex()[:16], dataset.train_bytes, dataset.val_bytes)
     write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id, public_key=identity.public_key.hex(),
-                     run_id=state.run_id)
+                     run_id=state.run_id, metrics=metrics.address if metrics else "")
 
     async def monitor() -> None:
         while True:
@@ -105,7 +126,11 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
             state.phase = pb.RUN_PHASE_FAILED
             events.emit("run_failed", f"step clock crashed: {exc!r}", step=state.step)
 
-    clock_task = asyncio.create_task(drive())
+    if state.phase == pb.RUN_PHASE_FINISHED and state.step >= cfg.train.steps:
+        log.info("run %s finished at step %d: serving its status only", state.run_id, state.step)
+        clock_task = asyncio.create_task(asyncio.sleep(0))
+    else:
+        clock_task = asyncio.create_task(drive())
     monitor_task = asyncio.create_task(monitor())
     try:
         await stop.wait()
@@ -113,8 +138,13 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         log.info("shutting down")
         clock_task.cancel()
         monitor_task.cancel()
+        await asyncio.wait([clock_task])
         if state.phase == pb.RUN_PHASE_TRAINING:
+            # Keep what the stages hold now, so that --resume loses nothing (if they are still up).
+            await clock.checkpoint_now(SHUTDOWN_CHECKPOINT_S)
             clock.persist()
+        if metrics is not None:
+            metrics.close()
         await server.stop(grace=1.0)
         await clock.close()
 

@@ -1,4 +1,4 @@
-"""The Coordinator gRPC service: registration, heartbeats, dataset, status, events."""
+"""The Coordinator gRPC service: registration, heartbeats, dataset, status, events, operator orders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pipeguard.identity import Identity
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+from coordinator.admin import Admin
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import Registry
@@ -24,14 +25,15 @@ DEFAULT_HISTORY = 50
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, cfg: CoordinatorConfig, identity: Identity, registry: Registry, clock: StepClock,
-                 events: EventLog, dataset: Dataset):
+                 events: EventLog, dataset: Dataset, admin: Admin | None = None):
         self.cfg = cfg
         self.identity = identity
         self.registry = registry
         self.clock = clock
         self.events = events
         self.dataset = dataset
-        self._config_toml = to_toml(cfg)
+        self.admin = admin
+        """Checks the token of operator orders; None refuses them all."""
 
     @abort_on_error
     async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
@@ -55,7 +57,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.registry.nodes[request.node_id].role == pb.ROLE_OFFLINE
         rec = self.registry.heartbeat(request)
         if was_offline:
-            if rec in self.clock.stage_nodes:  # it never stopped serving its stage in the current pipeline
+            if rec in self.clock.stage_nodes and rec.stage >= 0:  # it never stopped serving its stage
                 rec.role = pb.ROLE_STAGE
             what = f"stage {rec.stage}" if rec.role == pb.ROLE_STAGE else "standby"
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back ({what})", node_id=rec.node_id)
@@ -86,7 +88,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         st = self.clock.state
         reply = pb.StatusReply(run_id=st.run_id, phase=st.phase, step=st.step, total_steps=self.cfg.train.steps,
                                num_stages=self.cfg.pipeline.stages, coordinator_key=self.identity.public_key.hex(),
-                               config_toml=self._config_toml)
+                               config_toml=to_toml(self.cfg), audit_rate=self.cfg.audit.rate)
+        reply.model.CopyFrom(self.clock.model_spec())
         now = time.monotonic()
         for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
             a = self.clock.auditor.stats if self.clock.auditor is not None else None
@@ -128,6 +131,33 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ExportState(self, request: pb.ExportRequest, context):
         async for chunk in self.clock.export_state(request.include_optimizer):
             await context.write(chunk)
+
+    # -- operator orders (admin token) -----------------------------------------------------------
+
+    def _authorize(self, context, operator: str) -> tuple[Admin, str]:
+        if self.admin is None:
+            raise PermissionDenied("operator orders are turned off on this coordinator")
+        return self.admin, self.admin.authorize(context, operator)
+
+    @abort_on_error
+    async def Ban(self, request: pb.BanRequest, context) -> pb.AdminReply:
+        admin, who = self._authorize(context, request.operator)
+        return admin.ban(request.node_id, request.reason, who)
+
+    @abort_on_error
+    async def Unban(self, request: pb.UnbanRequest, context) -> pb.AdminReply:
+        admin, who = self._authorize(context, request.operator)
+        return admin.unban(request.node_id, who)
+
+    @abort_on_error
+    async def StopRun(self, request: pb.StopRunRequest, context) -> pb.AdminReply:
+        admin, who = self._authorize(context, request.operator)
+        return await admin.stop_run(who)
+
+    @abort_on_error
+    async def SetAuditRate(self, request: pb.SetAuditRateRequest, context) -> pb.AdminReply:
+        admin, who = self._authorize(context, request.operator)
+        return admin.set_audit_rate(request.rate, who)
 
     async def Watch(self, request: pb.WatchRequest, context):
         queue = self.events.subscribe()  # before the replay, so nothing falls in between

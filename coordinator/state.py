@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pipeguard.errors import PipeguardError
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -51,6 +52,8 @@ class RunState:
     """Stages bypassed for lack of a standby (skip-layer mode)."""
     evidence: list[str] = field(default_factory=list)
     """Evidence bundles written, one per ban."""
+    audit_rate: float | None = None
+    """Audit rate set by an operator (SetAuditRate); overrides audit.rate when the run resumes."""
 
 
 class RunStore:
@@ -69,21 +72,34 @@ class RunStore:
         self.events_path = self.dir / "events.jsonl"
         self.key_path = self.dir / "coordinator.key"
 
-    def load_or_create(self, run_id: str) -> tuple[RunState, bool]:
-        """Load the run, or start a new one. Returns (state, resumed)."""
+    def load_or_create(self, run_id: str, resume: bool = False) -> tuple[RunState, bool]:
+        """Load the run (``resume``), or start a new one. Returns (state, resumed).
+
+        A directory that holds a run is never reused for a new one by accident: without
+        ``resume`` it is refused, and ``resume`` without a run is refused too.
+        """
         if self.state_path.exists():
             raw = json.loads(self.state_path.read_text())
             st = RunState(
                 run_id=raw["run_id"], step=raw["step"], epoch=raw["epoch"], phase=raw["phase"], nodes=raw["nodes"],
                 losses=[tuple(x) for x in raw["losses"]], commitments=raw.get("commitments", {}),
-                skipped=raw.get("skipped", []), evidence=raw.get("evidence", []),
+                skipped=raw.get("skipped", []), evidence=raw.get("evidence", []), audit_rate=raw.get("audit_rate"),
             )
+            if not resume:
+                phase = pb.RunPhase.Name(st.phase).removeprefix("RUN_PHASE_").lower()
+                raise StateError(
+                    f"state directory {self.dir} already holds run {st.run_id!r} ({phase}, at step {st.step}); "
+                    "pass --resume to continue it, or pick another --state-dir for a new run"
+                )
             if run_id and run_id != st.run_id:
                 raise StateError(
                     f"{self.state_path} holds run {st.run_id!r} but the config asks for {run_id!r}; "
                     "use another state_dir or the same run_id"
                 )
             return st, True
+        if resume:
+            raise StateError(f"nothing to resume: {self.dir} holds no run ({self.state_path.name} is missing); "
+                             "point --state-dir at the run's directory, or start without --resume for a new run")
         st = RunState(run_id=run_id or f"run-{uuid.uuid4().hex[:12]}")
         self.save(st)
         return st, False
@@ -92,7 +108,7 @@ class RunStore:
         data = json.dumps({
             "run_id": st.run_id, "step": st.step, "epoch": st.epoch, "phase": st.phase, "nodes": st.nodes,
             "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "skipped": st.skipped,
-            "evidence": st.evidence, "saved_at": time.time(),
+            "evidence": st.evidence, "audit_rate": st.audit_rate, "saved_at": time.time(),
         })
         tmp = self.state_path.with_suffix(".json.tmp")
         try:
@@ -153,6 +169,8 @@ class EventLog:
         self.recent: collections.deque[pb.Event] = collections.deque(store.load_events(), maxlen=EVENTS_KEPT)
         self.seq = self.recent[-1].seq if self.recent else 0
         self.watchers: set[asyncio.Queue] = set()
+        self.listeners: list[Callable[[pb.Event], None]] = []
+        """Called with every event as it is emitted (metrics count steps and bans this way)."""
 
     def emit(self, kind: str, message: str, node_id: str = "", step: int = 0, persist: bool = True) -> pb.Event:
         """Record an event and push it to watchers.
@@ -167,6 +185,8 @@ class EventLog:
         self.recent.append(ev)
         self.store.append_event(ev)
         log.info("event %s: %s", kind, message)
+        for listener in self.listeners:
+            listener(ev)
         for q in list(self.watchers):
             try:
                 q.put_nowait(ev)

@@ -152,7 +152,7 @@ def test_coordinator_killed_mid_run_resumes_without_losing_a_step(testnet):
     net.start_node()
     wait_for(lambda: net.status().step >= 10, 60, "10 steps")
     net.coordinator.kill()  # SIGKILL, possibly between two stages' updates
-    net.start_coordinator("--bind", f"127.0.0.1:{port}")
+    net.start_coordinator("--bind", f"127.0.0.1:{port}", "--resume")
     status = net.wait_finished(timeout=120)
 
     assert [p.step for p in status.losses] == list(range(steps)), "every step recorded exactly once"

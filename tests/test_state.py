@@ -54,3 +54,19 @@ def test_a_long_event_log_is_compacted_at_start_without_reusing_seq(tmp_path, mo
     assert [e.seq for e in restarted.recent] == [8, 9, 10, 11, 12]
     assert len(store.events_path.read_text().splitlines()) == 5
     assert restarted.emit("coordinator_started", "restarted").seq == 13
+
+
+def test_a_state_directory_holding_a_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    store = RunStore(tmp_path)
+    with pytest.raises(state_mod.StateError, match="nothing to resume.*start without --resume"):
+        store.load_or_create("", resume=True)
+    assert not store.state_path.exists(), "a refused resume leaves nothing behind"
+    st, resumed = store.load_or_create("")
+    assert not resumed
+    st.step, st.audit_rate = 12, 0.3
+    store.save(st)
+    with pytest.raises(state_mod.StateError, match=f"holds run '{st.run_id}' \\(waiting, at step 12\\); pass --resume "
+                                                   "to continue it, or pick another --state-dir"):
+        store.load_or_create("")
+    again, resumed = store.load_or_create("", resume=True)
+    assert resumed and (again.run_id, again.step, again.audit_rate) == (st.run_id, 12, 0.3)
