@@ -1,21 +1,38 @@
 """``pipeguard``: the user's command line.
 
     pipeguard status  --coordinator HOST:PORT [--json] [--watch]
+    pipeguard admin   ban|unban|stop|audit-rate ... --coordinator HOST:PORT --token-file PATH
     pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] ...
     pipeguard export  --coordinator HOST:PORT --out model.pt
+    pipeguard sample  --model model.pt [--prompt TEXT] [--tokens N]
     pipeguard verify  BUNDLE.pgev ...
     pipeguard keygen  PATH
+
+Commands that talk to a coordinator take ``--tls-ca/--tls-cert/--tls-key`` (or the daemons'
+environment variables ``PIPEGUARD_NET_TLS_CA`` ...) to call it over TLS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
 
+from pipeguard import config as pgconfig
 from pipeguard.errors import from_rpc_error
+
+EXPORT_MESSAGE_BYTES = 64 << 20
+
+
+def _client_net(args: argparse.Namespace, **overrides):
+    """The NetConfig of a client command: TLS from flags, else from PIPEGUARD_NET_* (as the daemons)."""
+    from pipeguard.config import NetConfig
+
+    return pgconfig.load(NetConfig, cli={**pgconfig.tls_flag_values(args, prefix=""), **overrides},
+                         env_prefix="PIPEGUARD_NET_")
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
@@ -25,7 +42,9 @@ def _status_cmd(args: argparse.Namespace) -> int:
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.coordinator) as ch:
+    from pipeguard.rpc import blocking_channel
+
+    with blocking_channel(args.coordinator, _client_net(args)) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         try:
             reply = stub.Status(pb.StatusRequest(history=args.history), timeout=args.timeout)
@@ -51,23 +70,94 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
-    import torch
-
+    from pipeguard import export
+    from pipeguard.model import GPTConfig
+    from pipeguard.rpc import blocking_channel
     from pipeguard.tensors import StateAssembler
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
     asm = StateAssembler(max_tensor_bytes=1 << 36)
-    with grpc.insecure_channel(args.coordinator, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+    with blocking_channel(args.coordinator, _client_net(args, max_message_bytes=EXPORT_MESSAGE_BYTES)) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
         try:
-            for chunk in pb_grpc.CoordinatorStub(ch).ExportState(pb.ExportRequest(), timeout=args.timeout):
+            status = stub.Status(pb.StatusRequest(history=1), timeout=args.timeout)
+            for chunk in stub.ExportState(pb.ExportRequest(), timeout=args.timeout):
                 asm.add(chunk)
         except grpc.RpcError as err:
             print(f"pipeguard export: {args.coordinator}: {from_rpc_error(err)}", file=sys.stderr)
             return 1
     state = asm.finish()
-    torch.save({k: v.clone() for k, v in state.items()}, args.out)
-    print(f"wrote {len(state)} tensors ({sum(v.numel() for v in state.values()):,} parameters) to {args.out}")
+    m = status.model
+    gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                    n_embd=m.n_embd, dropout=m.dropout) if status.HasField("model") else None
+    export.save(args.out, {k: v.clone() for k, v in state.items()}, gpt, run_id=status.run_id, step=status.step)
+    print(f"wrote {len(state)} tensors ({sum(v.numel() for v in state.values()):,} parameters) of run "
+          f"{status.run_id} at step {status.step} to {args.out}")
+    return 0
+
+
+def _sample_cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeguard import export
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    try:
+        model, gpt, notes = export.load(args.model, args.preset, args.n_head)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        print(f"pipeguard sample: {args.model}: {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"pipeguard sample: {note}", file=sys.stderr)
+    prompt = args.prompt.encode()
+    for i in range(args.samples):
+        text = export.sample(model, prompt, args.tokens, args.temperature, args.top_k or None, args.seed + i)
+        if i:
+            print("\n" + "-" * 40)
+        print(text.decode(errors="replace"), flush=True)
+    return 0
+
+
+def _admin_cmd(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from pipeguard.rpc import blocking_channel
+    from pipeguard.v1 import pipeguard_pb2 as pb
+    from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+    if not args.token_file:
+        print("pipeguard admin: --token-file is required (or PIPEGUARD_ADMIN_TOKEN_FILE); the coordinator keeps "
+              "its token in STATE_DIR/admin.token unless admin_token_file says otherwise", file=sys.stderr)
+        return 2
+    try:
+        with open(os.path.expanduser(args.token_file)) as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        print(f"pipeguard admin: cannot read the token file {args.token_file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        user = str(os.getuid())
+    operator = args.operator or f"{user}@{socket.gethostname()}"
+    with blocking_channel(args.coordinator, _client_net(args)) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        if args.order == "ban":
+            call, req = stub.Ban, pb.BanRequest(node_id=args.node_id, reason=args.reason, operator=operator)
+        elif args.order == "unban":
+            call, req = stub.Unban, pb.UnbanRequest(node_id=args.node_id, operator=operator)
+        elif args.order == "stop":
+            call, req = stub.StopRun, pb.StopRunRequest(operator=operator)
+        else:
+            call, req = stub.SetAuditRate, pb.SetAuditRateRequest(rate=args.rate, operator=operator)
+        try:
+            reply = call(req, timeout=args.timeout, metadata=(("authorization", f"Bearer {token}"),))
+        except grpc.RpcError as err:
+            print(f"pipeguard admin {args.order}: {args.coordinator}: {from_rpc_error(err)}", file=sys.stderr)
+            return 1
+    print(reply.detail)
     return 0
 
 
@@ -120,7 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="then follow events live (Ctrl-C to stop)")
     s.add_argument("--history", type=int, default=20, help="recent losses and events to show")
     s.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    pgconfig.add_tls_flags(s, server=False)
     s.set_defaults(func=_status_cmd)
+
+    a = sub.add_parser("admin", help="operator orders: ban, unban, stop the run, change the audit rate")
+    orders = a.add_subparsers(dest="order", required=True)
+    ban = orders.add_parser("ban", help="ban a node (as after a failed audit, without evidence)")
+    ban.add_argument("node_id", help="node id, or its first 8+ characters")
+    ban.add_argument("--reason", default="", help="why (kept as the node's ban reason)")
+    unban = orders.add_parser("unban", help="lift a ban; the node rejoins as a standby")
+    unban.add_argument("node_id", help="node id, or its first 8+ characters")
+    orders.add_parser("stop", help="finish the step in flight, checkpoint and stop (resume with --resume)")
+    rate = orders.add_parser("audit-rate", help="change audit.rate of the running run")
+    rate.add_argument("rate", type=float, help="probability in [0, 1]")
+    for o in orders.choices.values():
+        o.add_argument("--coordinator", default="127.0.0.1:7000", help="coordinator HOST:PORT")
+        o.add_argument("--token-file", default=os.environ.get("PIPEGUARD_ADMIN_TOKEN_FILE"),
+                       help="file holding the admin token (the coordinator's STATE_DIR/admin.token)")
+        o.add_argument("--operator", help="your name for the run's events (default USER@HOST)")
+        o.add_argument("--timeout", type=float, default=60.0, help="RPC deadline in seconds")
+        pgconfig.add_tls_flags(o, server=False)
+    a.set_defaults(func=_admin_cmd)
 
     t = sub.add_parser("testnet", help="run a local coordinator + nodes (one malicious) and train")
     t.add_argument("--nodes", type=int, default=4, help="node processes (extra ones beyond --stages stand by)")
@@ -141,7 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--coordinator", default="127.0.0.1:7000", help="coordinator HOST:PORT")
     e.add_argument("--out", required=True, help="output file (torch.save format)")
     e.add_argument("--timeout", type=float, default=300.0, help="RPC deadline in seconds")
+    pgconfig.add_tls_flags(e, server=False)
     e.set_defaults(func=_export_cmd)
+
+    m = sub.add_parser("sample", help="print text generated by an exported model")
+    m.add_argument("--model", required=True, help="file written by `pipeguard export`")
+    m.add_argument("--preset", help="model preset, for files that record no shape (older exports)")
+    m.add_argument("--n-head", type=int, help="attention heads, for files that record no shape")
+    m.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
+    m.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    m.add_argument("--samples", type=int, default=1, help="how many samples")
+    m.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    m.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest bytes (0 = all)")
+    m.add_argument("--seed", type=int, default=0, help="sampling seed")
+    m.set_defaults(func=_sample_cmd)
 
     v = sub.add_parser("verify", help="re-check evidence bundles offline (exit 0 only if all are VALID)")
     v.add_argument("bundles", nargs="+", help="evidence bundle files (.pgev)")
@@ -156,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except pgconfig.ConfigError as exc:
+        print(f"pipeguard {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
