@@ -145,9 +145,14 @@ class Admin:
         if self.clock.stopping:
             raise FailedPrecondition("the run is already stopping")
         saved = await self.clock.stop(who)
-        where = f"checkpoint at step {saved}" if saved is not None else "no new checkpoint (see events)"
-        return self._reply(f"run stopped at step {self.clock.state.step}, {where}; continue it with "
-                           "`pipeguard-coordinator --resume`")
+        step = self.clock.state.step
+        if saved is not None:
+            where = f"checkpoint at step {saved}"
+        else:
+            latest = self.clock.checkpoints.latest(step)
+            where = f"no checkpoint at step {step}: a resumed run starts from " + (
+                f"the checkpoint at step {latest}" if latest is not None else "the beginning")
+        return self._reply(f"run stopped at step {step}, {where}; continue it with `pipeguard-coordinator --resume`")
 
     def set_audit_rate(self, rate: float, who: str) -> pb.AdminReply:
         if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
