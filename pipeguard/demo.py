@@ -157,7 +157,8 @@ def _summary(args, status: pb.StatusReply | None, malicious_id: str, attacks: li
         print(f"  evidence          {path}\n                    pipeguard verify: {'VALID' if result.valid else 'INVALID'}"
               f" ({result.summary[:100]})")
     if not args.no_compare and not interrupted and status.step == status.total_steps:
-        print("  clean reference   training the same model in this process…", end="\r", flush=True)
+        if sys.stdout.isatty():
+            print("  clean reference   training the same model in this process…", end="\r", flush=True)
         clean = _clean_loss(args, status.step)
         ratio = final / clean
         print(f"  clean reference   {clean:.4f} (same model, seed and batches in one process)")
