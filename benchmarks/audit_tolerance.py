@@ -1,0 +1,349 @@
+"""How far an honest recomputation lands from the original: calibrating ``audit.tolerance``.
+
+    python benchmarks/audit_tolerance.py [--json PATH] [--quick]
+
+About 2 CPU-minutes (wall time grows with other processes' load).
+
+A "claimant" process (this one, one torch thread, as a node runs by default) trains a
+3-stage pipeline of ``pipeguard.model.StageModule``s in one process exactly as the node
+daemons do (``node/stage.py``: forward on ``x.detach().requires_grad_(True)``, the last stage
+backwards ``loss / micro_batches``, the others ``y.backward(grad_in)``, gradients accumulated in
+micro-batch order, then ``clip_and_step`` with the global norm over all stages). At a chosen
+step it records, for every stage, what the node would commit to: its state (weights and AdamW
+state), the activations and gradients it received, the activations and input gradients it
+sent, the ApplyUpdate order (global norm, lr) and its state after the update.
+
+Then ``pipeguard.audit.check`` -- the very function auditors, the coordinator's judge and
+``pipeguard verify`` run -- recomputes forward, backward and update audits of every stage
+with tolerance 0 and reports its deviation ``max|a - b| / max|b|``:
+
+- in this process (the same process that made the claims: a sanity check, must be 0),
+- in a fresh process with 1 torch thread, and
+- in a fresh process with 2 torch threads (a node configured with ``threads = 2``, or an
+  auditor on a machine with another core count).
+
+Models: the ``tiny`` and ``small`` presets and two wider custom ones (3 blocks of width 512
+and 768, the latter GPT-2's width), at step 0 (initial weights, empty AdamW state) and some
+steps into training. Claims travel to the child
+processes as a ``torch.save`` file in a temporary directory (a benchmark's private scratch
+file, never a wire format). Prints a table and the largest deviation per thread setting,
+compares them with the default tolerance (``AuditConfig.tolerance``), and prints what
+deviation the built-in attacks produce, for scale. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeguard.audit import Artifacts, check, deviation
+from pipeguard.data import Dataset, stdlib_corpus
+from pipeguard.model import (
+    GPTConfig,
+    OptimSettings,
+    Randomness,
+    StageModule,
+    clip_and_step,
+    grad_sq_norm,
+    lr_at,
+    make_optimizer,
+    named_state,
+    partition,
+    preset,
+)
+from pipeguard.tensors import ReceivedTensor
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+STAGES = 3
+SEED = 1234
+DATA_BYTES = 262144
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    gpt: GPTConfig
+    micro_batches: int
+    micro_batch_size: int
+    steps: tuple[int, ...]
+    """Steps at which claims are recorded (the pipeline trains up to each first)."""
+
+
+def cases(quick: bool) -> list[Case]:
+    out = [
+        Case("tiny", preset("tiny"), 4, 8, (0, 40)),
+        Case("small", preset("small"), 2, 2, (0, 3)),
+        Case("w512", GPTConfig(block_size=64, n_layer=3, n_head=8, n_embd=512), 2, 4, (0, 10)),
+        Case("w768", GPTConfig(block_size=64, n_layer=3, n_head=12, n_embd=768), 2, 4, (0, 2)),
+    ]
+    if quick:
+        out = [Case(c.name, c.gpt, c.micro_batches, c.micro_batch_size, c.steps[:1] + (min(c.steps[-1], 3),))
+               for c in out]
+    return out
+
+
+def optim_for(case: Case) -> OptimSettings:
+    # A short schedule so that "some steps in" already sees a large learning rate.
+    return OptimSettings(lr=3e-3, warmup_steps=2, total_steps=max(case.steps) + 10)
+
+
+# -- the claimant: the pipeline as the nodes compute it ----------------------------------------------
+
+
+class Pipeline:
+    def __init__(self, case: Case, dataset: Dataset):
+        self.case, self.dataset, self.optim = case, dataset, optim_for(case)
+        self.specs = partition(case.gpt, STAGES)
+        self.modules = [StageModule(case.gpt, s, SEED) for s in self.specs]
+        self.opts = [make_optimizer(m, self.optim) for m in self.modules]
+
+    def step(self, step: int, record: bool) -> dict | None:
+        c, M = self.case, self.case.micro_batches
+        last = STAGES - 1
+        rec = {"step": step, "stages": [dict(inputs={}, grads_in={}, outputs={}) for _ in range(STAGES)]}
+        if record:
+            for s, (m, o) in enumerate(zip(self.modules, self.opts)):
+                rec["stages"][s]["state"] = {n: t.clone() for n, t in named_state(m, o)}
+        for mb in range(M):
+            rng = Randomness(SEED, step, mb)
+            tokens, targets = self.dataset.batch(SEED, step, mb, c.micro_batch_size, c.gpt.block_size)  # (B, T)
+            xs, ys, sent = [], [], None
+            for s, m in enumerate(self.modules):  # forward, as each node's _forward
+                x = tokens if s == 0 else sent.detach().requires_grad_(True)  # (B, T) or (B, T, C)
+                y = m(x, rng)
+                xs.append(x)
+                ys.append(y)
+                if s < last:
+                    sent = y.detach().contiguous()
+                    if record:
+                        rec["stages"][s]["outputs"][(FORWARD, mb)] = sent.clone()
+                        rec["stages"][s + 1]["inputs"][mb] = sent.clone()
+            grad = None
+            for s in range(last, -1, -1):  # backward, as each node's _backward
+                if s == last:
+                    (StageModule.loss(ys[s], targets) / M).backward()
+                else:
+                    ys[s].backward(grad)
+                if s > 0:
+                    grad = xs[s].grad.detach().contiguous()  # (B, T, C)
+                    if record:
+                        rec["stages"][s]["outputs"][(BACKWARD, mb)] = grad.clone()
+                        rec["stages"][s - 1]["grads_in"][mb] = grad.clone()
+        norm = math.sqrt(sum(grad_sq_norm(m) for m in self.modules))
+        lr = lr_at(step, self.optim)
+        for m, o in zip(self.modules, self.opts):
+            clip_and_step(m, o, norm, lr, self.optim.grad_clip)
+        if not record:
+            return None
+        rec.update(global_norm=norm, lr=lr)
+        for s, (m, o) in enumerate(zip(self.modules, self.opts)):
+            rec["stages"][s]["next_state"] = {n: t.clone() for n, t in named_state(m, o)}
+        return rec
+
+
+def make_claims(case: Case, dataset: Dataset) -> list[dict]:
+    pipe = Pipeline(case, dataset)
+    out = []
+    for step in range(max(case.steps) + 1):
+        r = pipe.step(step, record=step in case.steps)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+# -- the auditor: pipeguard.audit.check over those claims -------------------------------------------
+
+
+DIGEST, NEXT_DIGEST = b"\x01" * 32, b"\x02" * 32  # check() compares digests, not contents: same on both sides
+
+
+def _request(case: Case, rec: dict, stage: int, kind: int, mb: int) -> pb.AuditRequest:
+    g, o = case.gpt, optim_for(case)
+    return pb.AuditRequest(
+        kind=kind, step=rec["step"], stage=stage, micro_batch=mb, num_stages=STAGES, tolerance=0.0,
+        model=pb.ModelSpec(block_size=g.block_size, vocab_size=g.vocab_size, n_layer=g.n_layer, n_head=g.n_head,
+                           n_embd=g.n_embd, dropout=g.dropout),
+        train=pb.TrainSpec(seed=SEED, micro_batches=case.micro_batches, micro_batch_size=case.micro_batch_size,
+                           lr=o.lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps,
+                           min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
+                           grad_clip=o.grad_clip),
+        report=pb.StepReport(step=rec["step"], stage=stage, state_digest=DIGEST),
+        update=pb.ApplyUpdateRequest(step=rec["step"], global_grad_norm=rec["global_norm"], lr=rec["lr"]),
+        update_report=pb.UpdateReport(step=rec["step"], stage=stage, state_digest=NEXT_DIGEST),
+    )
+
+
+def _rt(t: torch.Tensor) -> ReceivedTensor:
+    return ReceivedTensor(commitment=pb.TensorCommitment(), tensor=t)
+
+
+def audit_stage(case: Case, rec: dict, stage: int, dataset: Dataset, tamper=None) -> dict[str, tuple[float, str]]:
+    """Forward, backward and update audits of one stage: (deviation, check's detail) of each (tolerance 0)."""
+    st = rec["stages"][stage]
+    M = case.micro_batches
+    kinds = {"update": pb.AUDIT_KIND_UPDATE}
+    if stage < STAGES - 1:
+        kinds["forward"] = pb.AUDIT_KIND_FORWARD
+    if stage > 0:
+        kinds["backward"] = pb.AUDIT_KIND_BACKWARD
+    out = {}
+    for name, kind in kinds.items():
+        mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else [0]
+        art = Artifacts(request=_request(case, rec, stage, kind, mbs[0]),
+                        attestation=pb.StateAttestation(state_digest=DIGEST), state=st["state"])
+        for mb in mbs:
+            if stage > 0:
+                art.inputs[mb] = _rt(st["inputs"][mb])
+            if stage < STAGES - 1 and kind != pb.AUDIT_KIND_FORWARD:
+                art.grads_in[mb] = _rt(st["grads_in"][mb])
+            for d in (FORWARD, BACKWARD):
+                wanted = kind == pb.AUDIT_KIND_UPDATE or (d == FORWARD) == (kind == pb.AUDIT_KIND_FORWARD)
+                if wanted and (d, mb) in st["outputs"]:
+                    claimed = st["outputs"][(d, mb)]
+                    art.outputs[(d, mb)] = _rt(tamper(claimed) if tamper else claimed)
+        if kind == pb.AUDIT_KIND_UPDATE:
+            art.next_state = st["next_state"]
+            art.next_attestation = pb.StateAttestation(state_digest=NEXT_DIGEST)
+        if art.needs_tokens():
+            art.fill_tokens(dataset)
+        finding = check(art)
+        out[name] = (finding.deviation, finding.detail)
+        if kind == pb.AUDIT_KIND_UPDATE:  # split the update audit: the new weights alone
+            params = [(deviation(t, st["next_state"][k.removeprefix("next/")]), k.removeprefix("next/"))
+                      for k, t in finding.recomputed.items() if k.startswith("next/")]
+            out["update:new weights"] = max(params) if params else (0.0, "")
+    return out
+
+
+def audit_all(case: Case, claims: list[dict], dataset: Dataset) -> list[dict]:
+    rows = []
+    for rec in claims:
+        for stage in range(STAGES):
+            for kind, (dev, detail) in audit_stage(case, rec, stage, dataset).items():
+                rows.append({"model": case.name, "step": rec["step"], "stage": stage, "kind": kind, "deviation": dev,
+                             "detail": detail})
+    return rows
+
+
+# -- orchestration ---------------------------------------------------------------------------------
+
+
+def child(path: Path, threads: int, out: Path) -> None:
+    torch.set_num_threads(threads)
+    blob = torch.load(path, weights_only=True)
+    case = Case(blob["case"]["name"], GPTConfig(**blob["case"]["gpt"]), blob["case"]["micro_batches"],
+                blob["case"]["micro_batch_size"], tuple(blob["case"]["steps"]))
+    t0 = time.perf_counter()
+    rows = audit_all(case, blob["claims"], stdlib_corpus(DATA_BYTES))
+    out.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0}))
+
+
+def in_child(path: Path, threads: int, scratch: Path, timeout: float) -> list[dict]:
+    out = scratch / f"rows-{path.stem}-{threads}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, __file__, "--child", str(path), "--threads", str(threads), "--child-out", str(out)],
+                   check=True, timeout=timeout, env=env)
+    return json.loads(out.read_text())["rows"]
+
+
+def attack_scale(case: Case, rec: dict, dataset: Dataset) -> dict[str, float]:
+    """Deviation a tampered forward output shows in a forward audit of stage 1, for scale."""
+    g = torch.Generator().manual_seed(0)
+    tampers = {
+        "forward:reverse (negate)": lambda t: -t,
+        "scale by 1 + 1e-3": lambda t: t * (1 + 1e-3),
+        "add N(0, (1e-4 max|y|)^2)": lambda t: t + 1e-4 * t.abs().max() * torch.randn(t.shape, generator=g),
+    }
+    return {name: audit_stage(case, rec, 1, dataset, tamper=f)["forward"][0] for name, f in tampers.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--quick", action="store_true", help="fewer training steps before the later measurement")
+    ap.add_argument("--timeout", type=float, default=150.0, help="limit for each child process (s)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(Path(args.child), args.threads, Path(args.child_out))
+        return 0
+
+    from coordinator.config import AuditConfig
+
+    tolerance = AuditConfig().tolerance
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    dataset = stdlib_corpus(DATA_BYTES)
+    rows: list[dict] = []
+    scale: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="pipeguard-tolerance-") as tmp:
+        scratch = Path(tmp)
+        for case in cases(args.quick):
+            t0 = time.perf_counter()
+            claims = make_claims(case, dataset)
+            path = scratch / f"{case.name}.pt"
+            torch.save({"case": {**asdict(case), "gpt": asdict(case.gpt)}, "claims": claims}, path)
+            same = audit_all(case, claims, dataset)
+            if not scale:
+                scale = attack_scale(case, claims[-1], dataset)
+            other = {n: in_child(path, n, scratch, args.timeout) for n in (1, 2)}
+            for a, b, c in zip(same, other[1], other[2]):
+                assert (a["model"], a["step"], a["stage"], a["kind"]) == (b["model"], b["step"], b["stage"], b["kind"])
+                rows.append({**a, "same_process": a.pop("deviation"), "other_1_thread": b["deviation"],
+                             "other_2_threads": c["deviation"], "detail_2_threads": c["detail"]})
+            params = sum(p.numel() for p in StageModule(case.gpt, partition(case.gpt, 1)[0], SEED).parameters())
+            print(f"# {case.name}: {params / 1e6:.2f}M params, {case.gpt.n_layer} layers x {case.gpt.n_embd} wide, "
+                  f"block {case.gpt.block_size}; {case.micro_batches} micro-batches x {case.micro_batch_size} "
+                  f"sequences; steps {list(case.steps)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    cols = ("same_process", "other_1_thread", "other_2_threads")
+    print(f"\nhonest deviation max|a-b|/max|b| of pipeguard.audit.check's recomputation (claims: 1 thread; "
+          f"{STAGES} stages; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs)\n")
+    print(f"{'model':<6} {'step':>4} {'stage':>5} {'audit':<20} {'same proc':>10} {'1 thread':>10} {'2 threads':>10}")
+    for r in rows:
+        print(f"{r['model']:<6} {r['step']:>4} {r['stage']:>5} {r['kind']:<20} "
+              + " ".join(f"{r[c]:>10.3g}" for c in cols))
+    worst = {c: max(r[c] for r in rows) for c in cols}
+    where = {c: max(rows, key=lambda r: r[c]) for c in cols}
+    print()
+    for c, label in zip(cols, ("same process, 1 thread", "other process, 1 thread", "other process, 2 threads")):
+        w = where[c]
+        head = ("bit-identical" if worst[c] == 0 else "EXCEEDS it" if worst[c] > tolerance
+                else f"{tolerance / worst[c]:.2g}x headroom")
+        print(f"max {label:<26} {worst[c]:.3g}  (at {w['model']} step {w['step']} stage {w['stage']} {w['kind']}); "
+              f"default tolerance {tolerance:g}: {head}")
+    over = [r for r in rows if r["other_2_threads"] > tolerance and r["kind"] != "update:new weights"]
+    for r in over:
+        print(f"  OVER TOLERANCE with 2 threads: {r['model']} step {r['step']} stage {r['stage']} {r['kind']} audit: "
+              f"{r['detail_2_threads']}")
+    exact = worst["other_1_thread"] == 0.0
+    print(f"exact mode (tolerance 0) with identical thread counts: {'HOLDS' if exact else 'FAILS'} "
+          f"(every recomputation in a fresh 1-thread process is {'bit-identical' if exact else 'NOT bit-identical'})")
+    print(f"exact mode across thread counts (1 vs 2): {'holds' if worst['other_2_threads'] == 0 else 'fails'}")
+    print("\nfor scale, a forward audit of stage 1 (tiny, last step) when its output was tampered with:")
+    for name, dev in scale.items():
+        print(f"  {name:<28} deviation {dev:.3g}  -> {'caught' if dev > tolerance else 'PASSES'} at tolerance "
+              f"{tolerance:g}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tolerance": tolerance, "rows": rows, "max": worst,
+                                               "exact_mode_same_threads": exact, "attack_scale": scale,
+                                               "torch": torch.__version__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
