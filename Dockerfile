@@ -9,11 +9,14 @@
 # Build arguments:
 #   BASE_IMAGE      any Debian-like image with python3 >= 3.11 and its venv module
 #                   (default python:3.11-slim; a plain Debian 12 image with python3-venv works too).
+#                   Without Docker Hub, tests/docker/prepare-engine.sh builds one with debootstrap
+#                   (pipeguard-base:bookworm); when the machine has a CPU torch wheel it goes into
+#                   that image with PIP_FIND_LINKS pointing at it, so the torch step below takes it.
 #   EXTRA_CA_CERT   PEM text of extra CA certificate(s), for builds whose registries sit behind a
 #                   TLS-intercepting proxy:
 #                     docker build --build-arg EXTRA_CA_CERT="$(cat corp-ca.pem)" .
-#                   It is added to the system bundle and pip is pointed at that bundle. It stays in
-#                   the image (a CA certificate is public).
+#                   Each certificate is added to the system bundle and pip is pointed at that
+#                   bundle. They stay in the image (a CA certificate is public).
 #   TORCH_SPEC      the torch requirement (default torch==2.13.0, the version the tests use).
 #   TORCH_PIP_ARGS  extra pip arguments for the torch install only. By default torch comes from
 #                   PyPI, which on x86-64 Linux is the CUDA build and pulls several GB of nvidia-*
@@ -41,11 +44,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN set -eu; \
     if [ -n "$EXTRA_CA_CERT" ]; then \
         mkdir -p /usr/local/share/ca-certificates /etc/ssl/certs; \
-        printf '%s\n' "$EXTRA_CA_CERT" > /usr/local/share/ca-certificates/pipeguard-extra-ca.crt; \
+        printf '%s\n' "$EXTRA_CA_CERT" | awk '/-----BEGIN CERTIFICATE-----/ { n++ }; \
+            n { print > ("/usr/local/share/ca-certificates/pipeguard-extra-ca-" n ".crt") }'; \
+        ls /usr/local/share/ca-certificates/pipeguard-extra-ca-*.crt >/dev/null 2>&1 \
+            || { echo "EXTRA_CA_CERT holds no PEM certificate (-----BEGIN CERTIFICATE-----)" >&2; exit 1; }; \
         if command -v update-ca-certificates >/dev/null 2>&1; then \
             update-ca-certificates; \
         else \
-            cat /usr/local/share/ca-certificates/pipeguard-extra-ca.crt >> /etc/ssl/certs/ca-certificates.crt; \
+            cat /usr/local/share/ca-certificates/pipeguard-extra-ca-*.crt >> /etc/ssl/certs/ca-certificates.crt; \
         fi; \
         printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > /etc/pip.conf; \
     fi
