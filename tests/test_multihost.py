@@ -3,7 +3,7 @@
 Each daemon runs under ``ip netns exec`` in a namespace of its own, with one interface and one
 address in a private /24 that exists only inside this test: veth pairs join the namespaces to
 a Linux bridge, which also holds one address of the /24 so that this process can ask the
-coordinator for its status. Nothing listens on loopback. Nodes bind 0.0.0.0 and advertise
+coordinator for its status. No daemon is reached over loopback. Nodes bind 0.0.0.0 and advertise
 their namespace's address, so the run only works if the coordinator hands out the advertised
 addresses (a node's own bound address would be unreachable from the others).
 
