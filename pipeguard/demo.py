@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -60,6 +61,8 @@ def run_testnet(args: argparse.Namespace) -> int:
                            stages=args.stages)
     net = LocalTestnet(workdir, toml)
     tty = sys.stdout.isatty()
+    # SIGTERM (e.g. `timeout`, a service manager) gets the same clean shutdown as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     status: pb.StatusReply | None = None
     malicious_id = ""
     interrupted = False
