@@ -48,6 +48,10 @@ def _progress(status: pb.StatusReply, t0: float, tty: bool) -> str:
     return ("\r" + text) if tty else text
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_testnet(args: argparse.Namespace) -> int:
     attacks = [a for a in (args.attack or ["forward:reverse"]) if a != "none"]
     if args.nodes < args.stages:
@@ -62,7 +66,7 @@ def run_testnet(args: argparse.Namespace) -> int:
     net = LocalTestnet(workdir, toml)
     tty = sys.stdout.isatty()
     # SIGTERM (e.g. `timeout`, a service manager) gets the same clean shutdown as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     status: pb.StatusReply | None = None
     malicious_id = ""
     interrupted = False
