@@ -16,7 +16,7 @@ same model, seed, data, micro-batches and micro-batch size. It is called one ste
 outside its timer, and a fresh optimizer costs well under 1% of a step here.
 
 The first ``--warmup`` steps of every pipeline run are skipped (connections, allocations); the
-single process runs those steps once, up front. Pipeline runs alternate with single-process
+single process runs step 0 once, up front, to warm up. Pipeline runs alternate with single-process
 blocks of the same measured steps (S P S P S ...), and each pipeline run is compared with the
 mean of the blocks just before and after it, so that load from other processes on a shared
 machine falls on both sides; the headline ratio is the median of those round ratios. The GPipe
@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "'[net]\\nchunk_bytes = 4194304'")
     p.add_argument("--quiet-wait", type=float, default=3.0, help="before each block, wait up to this many seconds "
                    "for other processes to leave the CPUs idle (default 3)")
-    p.add_argument("--max-seconds", type=float, default=170.0, help="wrap up after this long (default 170)")
+    p.add_argument("--max-seconds", type=float, default=140.0, help="wrap up after this long (default 140)")
     p.add_argument("--step-timeout", type=float, default=120.0, help="[timeouts] step of the run, seconds")
     p.add_argument("--run-timeout", type=float, default=150.0, help="stop a pipeline run after this long")
     p.add_argument("--keep", metavar="DIR", help="keep the testnets' logs and state under DIR")
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
               f"tok/s over {len(tps)} steps, other processes' CPU share {out['foreign_cpu_share']:.0%}", flush=True)
         return out
 
-    # Warm-up of the single process; also gives the step-0 loss to check the pipeline against.
-    warm = reference_run(opts, threads=2, steps=range(0, max(opts.warmup, 1)))
+    # Warm-up of the single process (step 0); also gives the step-0 loss to check the pipeline against.
+    warm = reference_run(opts, threads=2, steps=range(0, 1))
     reference_runs = [block("single process", reference_run, opts, 2, measured_steps, deadline)]
     pipeline_runs = []
     with tempfile.TemporaryDirectory(prefix="pipeguard-bench-") as tmp:
