@@ -159,6 +159,8 @@ class StepClock:
         alive = sorted((r for r in self.registry.nodes.values()
                         if r.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and self.registry.is_alive(r)),
                        key=lambda r: r.registered_at)
+        if self.state.step == 0 and not self.stage_nodes and len(alive) < self.cfg.pipeline.min_nodes:
+            return None  # the operator asked for standbys to be ready before the first step
         holders: dict[int, NodeRecord] = {}
         for r in alive:
             if 0 <= r.stage < n and r.stage not in holders and r.stage not in self.skipped:

@@ -81,10 +81,15 @@ class TrainConfig:
 class PipelineConfig:
     stages: int = 3
     """Pipeline stages; the first this many registered nodes serve them, later ones stand by."""
+    min_nodes: int = 0
+    """Live nodes to wait for before the first step (0 = stages). Set it to stages + the
+    standbys you want ready from step 0, e.g. to audit and take over from the start."""
 
     def __post_init__(self) -> None:
         if self.stages < 1:
             raise ConfigError("pipeline.stages must be >= 1")
+        if self.min_nodes < 0:
+            raise ConfigError("pipeline.min_nodes must be >= 0 (0 means pipeline.stages)")
 
 
 @dataclass

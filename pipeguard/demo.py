@@ -31,6 +31,7 @@ micro_batch_size = 8
 
 [pipeline]
 stages = {stages}
+min_nodes = {nodes}
 
 [timeouts]
 heartbeat_interval = 0.5
@@ -62,7 +63,7 @@ def run_testnet(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pipeguard-testnet-"))
     toml = RUN_TOML.format(model=args.model, steps=args.steps, seed=args.seed, micro_batches=args.micro_batches,
-                           stages=args.stages)
+                           stages=args.stages, nodes=args.nodes)
     net = LocalTestnet(workdir, toml)
     tty = sys.stdout.isatty()
     # SIGTERM (e.g. `timeout`, a service manager) gets the same clean shutdown as Ctrl-C.

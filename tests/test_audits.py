@@ -33,10 +33,12 @@ def clean_losses(steps: int) -> list[float]:
                            micro_batch_size=4).losses
 
 
-def audit_toml(steps: int, rate: float, checkpoint_every: int = 5, screen: bool = True) -> str:
+def audit_toml(steps: int, rate: float, checkpoint_every: int = 5, screen: bool = True, nodes: int = 4) -> str:
+    """Three stages; the first step waits for ``nodes`` nodes, so the standby audits from step 0."""
     return tiny_run_toml(stages=3, steps=steps, extra=(
         f"\n[audit]\nrate = {rate}\nscreen = {'true' if screen else 'false'}\n"
-        f"checkpoint_every = {checkpoint_every}\nretention = 4\n"))
+        f"checkpoint_every = {checkpoint_every}\nretention = 4\n")).replace(
+        "[pipeline]\n", f"[pipeline]\nmin_nodes = {nodes}\n")
 
 
 def start(net, roles: dict[int, list[str]], count: int):
@@ -163,7 +165,7 @@ def test_stage_node_killed_mid_run_is_replaced_by_a_standby(testnet):
 @pytest.mark.timeout(150)
 def test_without_a_standby_the_attacked_stage_is_skipped(testnet):
     steps = 12
-    net = testnet(audit_toml(steps, rate=0.3))
+    net = testnet(audit_toml(steps, rate=0.3, nodes=3))
     start(net, {1: ["--attack", "forward:reverse", "--attack-rate", "1", "--attack-start", "1"]}, count=3)
     attacker = net.nodes[1].node_id
     status = net.wait_finished(timeout=140)
