@@ -141,7 +141,8 @@ class Pipeline:
                     if record:
                         rec["stages"][s]["outputs"][(BACKWARD, mb)] = grad.clone()
                         rec["stages"][s - 1]["grads_in"][mb] = grad.clone()
-        norm = math.sqrt(sum(grad_sq_norm(m) for m in self.modules))
+        sq = [grad_sq_norm(m) for m in self.modules]  # each stage's StepReport.grad_sq_norm
+        norm = math.sqrt(sum(sq))
         lr = lr_at(step, self.optim)
         for m, o in zip(self.modules, self.opts):
             clip_and_step(m, o, norm, lr, self.optim.grad_clip)
@@ -150,6 +151,7 @@ class Pipeline:
         rec.update(global_norm=norm, lr=lr)
         for s, (m, o) in enumerate(zip(self.modules, self.opts)):
             rec["stages"][s]["next_state"] = {n: t.clone() for n, t in named_state(m, o)}
+            rec["stages"][s]["grad_sq_norm"] = sq[s]
         return rec
 
 
@@ -179,7 +181,8 @@ def _request(case: Case, rec: dict, stage: int, kind: int, mb: int) -> pb.AuditR
                            lr=o.lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps,
                            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
                            grad_clip=o.grad_clip),
-        report=pb.StepReport(step=rec["step"], stage=stage, state_digest=DIGEST),
+        report=pb.StepReport(step=rec["step"], stage=stage, state_digest=DIGEST,
+                             grad_sq_norm=rec["stages"][stage]["grad_sq_norm"]),
         update=pb.ApplyUpdateRequest(step=rec["step"], global_grad_norm=rec["global_norm"], lr=rec["lr"]),
         update_report=pb.UpdateReport(step=rec["step"], stage=stage, state_digest=NEXT_DIGEST),
     )
