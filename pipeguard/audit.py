@@ -19,11 +19,14 @@ UPDATE     the same for every micro-batch, plus the      every output above, and
                                                          to the digest k committed to)
 =========  ===========================================  ==========================================
 
-Tolerance: the deviation of a recomputed tensor ``a`` from a claimed one ``b`` is
-``max|a - b| / max|b|`` (0 when both are zero, infinite for non-finite values). An audit fails
-when the deviation exceeds the run's tolerance (``audit.tolerance``, default 1e-3; honest
-recomputation on another process or thread count stays below 1e-5 in
-benchmarks/audit_tolerance.py). Tolerance 0 is exact mode: bit-identical results required.
+Tolerance: the deviation of a recomputed activation or gradient ``a`` from a claimed one ``b``
+is ``max|a - b| / max|b|`` (0 when both are zero, infinite for non-finite values); an audit
+fails when it exceeds the run's tolerance (``audit.tolerance``, default 1e-3). Honest
+recomputation in another process with the same thread count is bit-identical; with another
+thread count forward/backward deviations stayed below 3e-7 (benchmarks/audit_tolerance.py).
+Optimizer updates are compared as whole updates in relative L2 against 100x the tolerance,
+because AdamW turns last-bit gradient differences into lr-sized steps in single elements
+(max-element deviation 1.1e-3 seen with 2 threads vs 1). Tolerance 0 is exact mode.
 """
 
 from __future__ import annotations
@@ -366,6 +369,18 @@ def _tokens(setup: StageSetup, dataset: Dataset, step: int, mb: int) -> tuple[to
     return dataset.batch(setup.seed, step, mb, setup.micro_batch_size, setup.gpt.block_size)
 
 
+UPDATE_TOLERANCE_FACTOR = 100.0
+"""Update audits compare whole updates in relative L2 against this many times the tolerance
+(0.1 at the default 1e-3): benchmarks/audit_tolerance.py saw honest max-element deviations of
+1.1e-3 in AdamW updates recomputed with another thread count."""
+
+
+def _relative_l2(got: torch.Tensor, claimed: torch.Tensor) -> float:
+    ref = float(torch.linalg.vector_norm(claimed))
+    diff = float(torch.linalg.vector_norm(got - claimed))
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
 def _exceeds(dev: float, tolerance: float) -> bool:
     return dev > tolerance if tolerance > 0 else dev != 0.0
 
@@ -429,14 +444,31 @@ def check(art: Artifacts) -> Finding:
             worst, where = dev, "reported gradient norm"
         up = req.update
         clip_and_step(module, opt, up.global_grad_norm, up.lr, setup.optim.grad_clip)
+        # AdamW divides by sqrt(v): a last-bit difference in a near-zero gradient element can
+        # become a full lr-sized step in that element. So the update is compared as a whole:
+        # relative L2 of (new - old) weights, and of the optimizer moments, against
+        # UPDATE_TOLERANCE_FACTOR x tolerance (exact mode stays exact).
+        diff_sq = ref_sq = 0.0
         for name, t in named_state(module, opt):
             if name not in art.next_state:
                 return Finding(pb.VERDICT_FAIL, math.inf, f"served next state lacks {name}")
-            dev = deviation(t, art.next_state[name])
-            if dev > worst or math.isinf(dev):
-                worst, where = dev, f"updated {name}"
+            claimed = art.next_state[name].detach().double()
+            if claimed.shape != t.shape or not bool(torch.isfinite(claimed).all()):
+                return Finding(pb.VERDICT_FAIL, math.inf, f"served next {name} is malformed or not finite")
+            base = art.state[name].detach().double() if name.startswith("param/") else 0.0
+            got, ref = t.detach().double() - base, claimed - base
             if name.startswith("param/"):
+                diff_sq += float((got - ref).pow(2).sum())
+                ref_sq += float(ref.pow(2).sum())
                 recomputed[f"next/{name}"] = t.detach().clone()
+            else:
+                dev = _relative_l2(got, ref) / UPDATE_TOLERANCE_FACTOR
+                if dev > worst or math.isinf(dev):
+                    worst, where = dev, f"updated {name} (relative L2 / {UPDATE_TOLERANCE_FACTOR:g})"
+        dev = (math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf))
+        dev /= UPDATE_TOLERANCE_FACTOR
+        if dev > worst or math.isinf(dev):
+            worst, where = dev, f"weight update (relative L2 / {UPDATE_TOLERANCE_FACTOR:g})"
     tol = req.tolerance
     if _exceeds(worst, tol):
         return Finding(pb.VERDICT_FAIL, worst, f"{where} deviates from recomputation by {worst:.3g} "
