@@ -2,7 +2,7 @@
 
     python benchmarks/audit_tolerance.py [--json PATH] [--quick]
 
-About 2 CPU-minutes (wall time grows with other processes' load).
+About a minute on an idle 2-core machine (wall time grows with other processes' load).
 
 A "claimant" process (this one, one torch thread, as a node runs by default) trains a
 3-stage pipeline of ``pipeguard.model.StageModule``s in one process exactly as the node
@@ -15,7 +15,10 @@ sent, the ApplyUpdate order (global norm, lr) and its state after the update.
 
 Then ``pipeguard.audit.check`` -- the very function auditors, the coordinator's judge and
 ``pipeguard verify`` run -- recomputes forward, backward and update audits of every stage
-with tolerance 0 and reports its deviation ``max|a - b| / max|b|``:
+with tolerance 0 and reports the deviation it compares with the tolerance (for forward and
+backward audits ``max|a - b| / max|b|``; for update audits whatever ``check`` uses at this
+commit), plus two diagnostics of the new weights (max-element deviation per tensor, and the
+relative L2 deviation of the whole weight update):
 
 - in this process (the same process that made the claims: a sanity check, must be 0),
 - in a fresh process with 1 torch thread, and
@@ -24,11 +27,11 @@ with tolerance 0 and reports its deviation ``max|a - b| / max|b|``:
 
 Models: the ``tiny`` and ``small`` presets and two wider custom ones (3 blocks of width 512
 and 768, the latter GPT-2's width), at step 0 (initial weights, empty AdamW state) and some
-steps into training. Claims travel to the child
-processes as a ``torch.save`` file in a temporary directory (a benchmark's private scratch
-file, never a wire format). Prints a table and the largest deviation per thread setting,
-compares them with the default tolerance (``AuditConfig.tolerance``), and prints what
-deviation the built-in attacks produce, for scale. Asserts nothing.
+steps into training. Claims travel to the child processes as a ``torch.save`` file in a
+temporary directory (a benchmark's private scratch file, never a wire format). Prints a table
+and the largest deviation per thread setting, compares them with the default tolerance
+(``AuditConfig.tolerance``), and prints what deviation some tampering produces (a cheating
+activation, a cheating optimizer step), for scale. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -192,8 +195,12 @@ def _rt(t: torch.Tensor) -> ReceivedTensor:
     return ReceivedTensor(commitment=pb.TensorCommitment(), tensor=t)
 
 
-def audit_stage(case: Case, rec: dict, stage: int, dataset: Dataset, tamper=None) -> dict[str, tuple[float, str]]:
-    """Forward, backward and update audits of one stage: (deviation, check's detail) of each (tolerance 0)."""
+def audit_stage(case: Case, rec: dict, stage: int, dataset: Dataset, tamper=None,
+                tamper_update=None) -> dict[str, tuple[float, str]]:
+    """Forward, backward and update audits of one stage: (deviation, check's detail) of each (tolerance 0).
+
+    ``tamper(claimed output)`` and ``tamper_update(old weight, claimed new weight)`` return what a
+    cheater would have sent or served instead, for scale."""
     st = rec["stages"][stage]
     M = case.micro_batches
     kinds = {"update": pb.AUDIT_KIND_UPDATE}
@@ -217,16 +224,21 @@ def audit_stage(case: Case, rec: dict, stage: int, dataset: Dataset, tamper=None
                     claimed = st["outputs"][(d, mb)]
                     art.outputs[(d, mb)] = _rt(tamper(claimed) if tamper else claimed)
         if kind == pb.AUDIT_KIND_UPDATE:
-            art.next_state = st["next_state"]
+            art.next_state = st["next_state"] if tamper_update is None else {
+                n: tamper_update(st["state"][n], v) if n.startswith("param/") else v
+                for n, v in st["next_state"].items()}
             art.next_attestation = pb.StateAttestation(state_digest=NEXT_DIGEST)
         if art.needs_tokens():
             art.fill_tokens(dataset)
         finding = check(art)
         out[name] = (finding.deviation, finding.detail)
-        if kind == pb.AUDIT_KIND_UPDATE:  # split the update audit: the new weights alone
-            params = [(deviation(t, st["next_state"][k.removeprefix("next/")]), k.removeprefix("next/"))
-                      for k, t in finding.recomputed.items() if k.startswith("next/")]
+        if kind == pb.AUDIT_KIND_UPDATE:  # the new weights alone, in two metrics
+            new = {k.removeprefix("next/"): t.double() for k, t in finding.recomputed.items() if k.startswith("next/")}
+            params = [(deviation(t, art.next_state[k]), k) for k, t in new.items()]
             out["update:new weights"] = max(params) if params else (0.0, "")
+            diff = sum(float(((t - art.next_state[k].double())).pow(2).sum()) for k, t in new.items())
+            ref = sum(float((art.next_state[k].double() - st["state"][k].double()).pow(2).sum()) for k in new)
+            out["update:rel L2 of update"] = (math.sqrt(diff / ref) if ref > 0 else 0.0, "")
     return out
 
 
@@ -262,14 +274,37 @@ def in_child(path: Path, threads: int, scratch: Path, timeout: float) -> list[di
 
 
 def attack_scale(case: Case, rec: dict, dataset: Dataset) -> dict[str, float]:
-    """Deviation a tampered forward output shows in a forward audit of stage 1, for scale."""
+    """What check() reports for a tampered output (forward audit) or a tampered optimizer step
+    (update audit) of stage 1, for scale: the deviation it compares with the tolerance."""
     g = torch.Generator().manual_seed(0)
     tampers = {
-        "forward:reverse (negate)": lambda t: -t,
-        "scale by 1 + 1e-3": lambda t: t * (1 + 1e-3),
-        "add N(0, (1e-4 max|y|)^2)": lambda t: t + 1e-4 * t.abs().max() * torch.randn(t.shape, generator=g),
+        "activation negated (forward:reverse)": lambda t: -t,
+        "activation scaled by 1 + 1e-3": lambda t: t * (1 + 1e-3),
+        "activation + N(0, (1e-4 max|y|)^2)": lambda t: t + 1e-4 * t.abs().max() * torch.randn(t.shape, generator=g),
     }
-    return {name: audit_stage(case, rec, 1, dataset, tamper=f)["forward"][0] for name, f in tampers.items()}
+    out = {name: audit_stage(case, rec, 1, dataset, tamper=f)["forward"][0] for name, f in tampers.items()}
+
+    def scaled(k: float):
+        return lambda old, new: old + k * (new - old)
+
+    def edit_four(by: float):
+        def f(old, new):
+            if new.dim() < 2:
+                return new
+            new = new.clone()
+            new.view(-1)[:4] += by
+            return new
+        return f
+
+    update_tampers = {
+        "optimizer step scaled by 1.05": scaled(1.05),
+        "optimizer step scaled by 1.5": scaled(1.5),
+        "4 entries of every matrix moved by 0.0005": edit_four(0.0005),
+        "4 entries of every matrix moved by 0.003": edit_four(0.003),
+    }
+    for name, f in update_tampers.items():
+        out[name] = audit_stage(case, rec, 1, dataset, tamper_update=f)["update"][0]
+    return out
 
 
 def main() -> int:
@@ -313,14 +348,18 @@ def main() -> int:
                   f"block {case.gpt.block_size}; {case.micro_batches} micro-batches x {case.micro_batch_size} "
                   f"sequences; steps {list(case.steps)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     cols = ("same_process", "other_1_thread", "other_2_threads")
-    print(f"\nhonest deviation max|a-b|/max|b| of pipeguard.audit.check's recomputation (claims: 1 thread; "
-          f"{STAGES} stages; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs)\n")
-    print(f"{'model':<6} {'step':>4} {'stage':>5} {'audit':<20} {'same proc':>10} {'1 thread':>10} {'2 threads':>10}")
+    print(f"\nhonest deviation reported by pipeguard.audit.check (forward, backward, update rows: what it compares "
+          f"with the tolerance), and two diagnostics of the update audit (update:new weights = max|a-b|/max|b| per "
+          f"weight tensor, the metric update audits used before b7e49b8; update:rel L2 of update = "
+          f"|new_a - new_b| / |new_b - old| over the stage's weights). Claims: 1 thread; {STAGES} stages; "
+          f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs\n")
+    print(f"{'model':<6} {'step':>4} {'stage':>5} {'audit':<24} {'same proc':>10} {'1 thread':>10} {'2 threads':>10}")
     for r in rows:
-        print(f"{r['model']:<6} {r['step']:>4} {r['stage']:>5} {r['kind']:<20} "
+        print(f"{r['model']:<6} {r['step']:>4} {r['stage']:>5} {r['kind']:<24} "
               + " ".join(f"{r[c]:>10.3g}" for c in cols))
-    worst = {c: max(r[c] for r in rows) for c in cols}
-    where = {c: max(rows, key=lambda r: r[c]) for c in cols}
+    compared = [r for r in rows if ":" not in r["kind"]]
+    worst = {c: max(r[c] for r in compared) for c in cols}
+    where = {c: max(compared, key=lambda r: r[c]) for c in cols}
     print()
     for c, label in zip(cols, ("same process, 1 thread", "other process, 1 thread", "other process, 2 threads")):
         w = where[c]
@@ -328,17 +367,19 @@ def main() -> int:
                 else f"{tolerance / worst[c]:.2g}x headroom")
         print(f"max {label:<26} {worst[c]:.3g}  (at {w['model']} step {w['step']} stage {w['stage']} {w['kind']}); "
               f"default tolerance {tolerance:g}: {head}")
-    over = [r for r in rows if r["other_2_threads"] > tolerance and r["kind"] != "update:new weights"]
-    for r in over:
+    for kind in ("forward", "backward", "update", "update:new weights", "update:rel L2 of update"):
+        m = max(r["other_2_threads"] for r in rows if r["kind"] == kind)
+        print(f"  2 threads, {kind + ':':<25} max {m:.3g}")
+    for r in [r for r in compared if r["other_2_threads"] > tolerance]:
         print(f"  OVER TOLERANCE with 2 threads: {r['model']} step {r['step']} stage {r['stage']} {r['kind']} audit: "
               f"{r['detail_2_threads']}")
-    exact = worst["other_1_thread"] == 0.0
+    exact = max(r["other_1_thread"] for r in rows) == 0.0
     print(f"exact mode (tolerance 0) with identical thread counts: {'HOLDS' if exact else 'FAILS'} "
           f"(every recomputation in a fresh 1-thread process is {'bit-identical' if exact else 'NOT bit-identical'})")
     print(f"exact mode across thread counts (1 vs 2): {'holds' if worst['other_2_threads'] == 0 else 'fails'}")
-    print("\nfor scale, a forward audit of stage 1 (tiny, last step) when its output was tampered with:")
+    print("\nfor scale, audits of stage 1 (tiny, last step) when the node tampered with what it sent or served:")
     for name, dev in scale.items():
-        print(f"  {name:<28} deviation {dev:.3g}  -> {'caught' if dev > tolerance else 'PASSES'} at tolerance "
+        print(f"  {name:<42} deviation {dev:.3g}  -> {'caught' if dev > tolerance else 'PASSES'} at tolerance "
               f"{tolerance:g}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:
