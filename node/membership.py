@@ -17,7 +17,7 @@ from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import (DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated,
                               from_rpc_error)
-from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for
+from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for, write_private_file
 from pipeguard.rpc import channel
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -46,6 +46,7 @@ class Membership:
         self.run_id = ""
         self.registered = asyncio.Event()
         self.banned: set[str] = set()
+        self._datasets: dict[bytes, Dataset] = {}
         self.members: dict[str, PublicIdentity] = {}
         """Registered, non-banned nodes (from the last heartbeat): who may fetch retained data."""
         self.role = pb.ROLE_UNSPECIFIED
@@ -82,16 +83,7 @@ class Membership:
         return raw
 
     def _remember(self, key: bytes) -> None:
-        path = self.key_file
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (key.hex() + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private_file(self.key_file, key.hex() + "\n")
 
     async def register(self) -> None:
         """Register with the coordinator, trusting only the pinned key, or else the remembered one.
@@ -206,10 +198,18 @@ class Membership:
             self.on_banned(banned)
 
     async def dataset(self, digest: bytes) -> Dataset:
-        """The run's dataset, from the local cache or fetched from the coordinator and verified."""
+        """The run's dataset: kept in memory once verified, else from the disk cache, else
+        fetched from the coordinator and verified (every audit of a first or last stage asks)."""
+        if digest in self._datasets:
+            return self._datasets[digest]
+        ds = await self._load_dataset(digest)
+        self._datasets = {digest: ds}  # one run's dataset at a time
+        return ds
+
+    async def _load_dataset(self, digest: bytes) -> Dataset:
         cache = self.home / "data" / f"{digest.hex()}.bin"
         if cache.exists():
-            ds = Dataset.load(cache)
+            ds = await asyncio.get_running_loop().run_in_executor(None, Dataset.load, cache)
             if ds.digest == digest:
                 return ds
             log.warning("cached dataset %s is corrupt; fetching again", cache)

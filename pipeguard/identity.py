@@ -28,6 +28,19 @@ SIGNATURE_BYTES = 64
 NODE_ID_HEX = 32
 
 
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` atomically to ``path`` with mode 0600 (parent created 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class KeyFileError(PipeguardError):
     """A key file that is unsafe or unreadable."""
 
@@ -90,16 +103,8 @@ class Identity:
         path = Path(path).expanduser()
         if path.exists():
             return cls.load(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = cls.generate()
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (ident.private_bytes_hex() + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private_file(path, ident.private_bytes_hex() + "\n")
         log.info("created new identity %s at %s", ident.node_id, path)
         return ident
 
