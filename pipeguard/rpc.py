@@ -7,6 +7,7 @@ Every server and channel of pipeguard is made here (``start_server``, ``channel`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
-from pipeguard.errors import PipeguardError, Unavailable, from_rpc_error
+from pipeguard.errors import InvalidArgument, PipeguardError, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +64,74 @@ def set_log_prefix(prefix: str) -> None:
         handler.setFormatter(logging.Formatter(fmt))
 
 
+class RejectMalformed(grpc.aio.ServerInterceptor):
+    """Answer a request whose bytes do not parse as its message with INVALID_ARGUMENT.
+
+    grpc parses requests before the servicer runs and answers a parse failure with UNKNOWN;
+    this interceptor takes the parsing over so that malformed input gets a precise status, is
+    logged, and (for a stream) the handler's own error path runs. Every server of pipeguard
+    installs it (``start_server``).
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def parsed(raw: bytes):
+            try:
+                return parse(raw)
+            except DecodeError as exc:
+                log.warning("%s rejected: INVALID_ARGUMENT: malformed request (%s)", method, exc)
+                raise InvalidArgument(f"{method}: malformed request: {exc}") from None
+
+        if handler.request_streaming:
+            inner = handler.stream_unary or handler.stream_stream
+
+            async def requests(raw_iterator):
+                async for raw in raw_iterator:
+                    yield parsed(raw)
+
+            async def stream_behaviour(raw_iterator, context):
+                # A handler decorated with errors.abort_on_error answers the InvalidArgument a
+                # malformed chunk raises itself (and charges it to the sender); any other gets it here.
+                try:
+                    return await inner(requests(raw_iterator), context)
+                except InvalidArgument as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+            kind = "stream_unary" if handler.stream_unary else "stream_stream"
+            return handler._replace(request_deserializer=None, **{kind: stream_behaviour})
+
+        inner = handler.unary_unary or handler.unary_stream
+        kind = "unary_unary" if handler.unary_unary else "unary_stream"
+
+        async def decode(raw: bytes, context):
+            try:
+                return parsed(raw)
+            except InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        if inspect.isasyncgenfunction(inner):
+            async def gen_behaviour(raw, context):
+                request = await decode(raw, context)
+                async for item in inner(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=None, **{kind: gen_behaviour})
+
+        async def behaviour(raw, context):
+            return await inner(await decode(raw, context), context)
+
+        return handler._replace(request_deserializer=None, **{kind: behaviour})
+
+
+def server_options(net: NetConfig) -> dict:
+    """Keyword arguments for ``grpc.aio.server``: explicit message limits and ``RejectMalformed``."""
+    return {"options": net.grpc_options(), "interceptors": [RejectMalformed()]}
+
+
 async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None],
                        service_names: list[str]) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
     """Start a grpc.aio server with explicit message limits and the health service.
@@ -69,7 +139,7 @@ async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], Non
     Returns the server, the address to advertise (``net.advertise`` or the bound address)
     and the health servicer (set to SERVING for every name in ``service_names``).
     """
-    server = grpc.aio.server(options=net.grpc_options())
+    server = grpc.aio.server(**server_options(net))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

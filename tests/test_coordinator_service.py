@@ -25,6 +25,7 @@ from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
+from pipeguard.rpc import server_options
 from pipeguard.errors import Unauthenticated
 from pipeguard.identity import Identity, node_id_for
 from pipeguard.signing import sign, verify
@@ -83,7 +84,7 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE):
     registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl)
     clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
     service = CoordinatorService(cfg, coord, registry, clock, events, DATASET)
-    server = grpc.aio.server(options=cfg.net.grpc_options())
+    server = grpc.aio.server(**server_options(cfg.net))
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -448,5 +449,28 @@ def test_clock_refuses_an_update_report_for_another_step_stage_or_node(tmp_path,
                 await clock.run_step(0)
             assert clock.state.step == 0
             assert clock.state.commitments == before, "no stage's commitment moved on a refused step"
+
+    run(scenario())
+
+
+# -- malformed bytes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["Hello", "Register", "Heartbeat", "SetAuditRate"])
+def test_request_bytes_that_do_not_parse_get_invalid_argument(tmp_path, method):
+    """grpc itself would answer UNKNOWN; pipeguard.rpc.RejectMalformed answers INVALID_ARGUMENT."""
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            channel = grpc.aio.insecure_channel(bed.address)
+            try:
+                raw = channel.unary_unary(f"/pipeguard.v1.Coordinator/{method}", request_serializer=None,
+                                          response_deserializer=None)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await raw(b"\x0a\xff\xff\x03", timeout=DEADLINE)  # a length prefix past the end
+                assert err.value.code() == C.INVALID_ARGUMENT and "malformed request" in err.value.details()
+            finally:
+                await channel.close()
+            node = Identity.generate()
+            assert (await bed.register(node)).node_id == node.node_id, "still serving"
 
     run(scenario())

@@ -29,6 +29,7 @@ from node.service import NodeService
 from node.stage import StageRuntime
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
+from pipeguard.rpc import server_options
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
 from pipeguard.signing import sign, verify
@@ -85,6 +86,7 @@ class Bed:
     epoch: int = 0
     step: int = 0
     pushed: int = field(default=0)
+    address: str = ""
 
     def peer_info(self, ident: Identity, stage: int) -> pb.PeerInfo:
         info = pb.PeerInfo(node_id=ident.node_id, address=self.sink_address, public_key=ident.public_key)
@@ -167,13 +169,14 @@ async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True
     if registered:
         membership.coordinator_key, membership.run_id = coord.public(), RUN
     service = NodeService(node, runtime, membership, MAX_TENSOR_BYTES, NET.chunk_bytes, **service_options)
-    server = grpc.aio.server(options=NET.grpc_options())
+    server = grpc.aio.server(**server_options(NET))
     pb_grpc.add_NodeServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NET.grpc_options())
     bed = Bed(node=node, coord=coord, prev=prev, next=nxt, stranger=stranger, service=service, runtime=runtime,
-              stub=pb_grpc.NodeStub(channel), sink=sink, sink_address=f"127.0.0.1:{sink_port}")
+              stub=pb_grpc.NodeStub(channel), sink=sink, sink_address=f"127.0.0.1:{sink_port}",
+              address=f"127.0.0.1:{port}")
     try:
         if assigned:
             bed.epoch = 1
@@ -684,5 +687,24 @@ def test_an_idle_stream_is_dropped_and_frees_its_slot(tmp_path):
                 await bed.stub.PushTensor(held_stream(bed.tensor_chunks(), never), timeout=DEADLINE)
             assert err.value.code() == C.DEADLINE_EXCEEDED and "not complete" in err.value.details()
             assert await bed.push(bed.tensor_chunks()) == (C.OK, "")
+
+    run(scenario())
+
+
+def test_a_chunk_that_does_not_parse_is_invalid_argument_and_the_node_keeps_serving(tmp_path):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            channel = grpc.aio.insecure_channel(bed.address)
+            try:
+                push = channel.stream_unary("/pipeguard.v1.Node/PushTensor", request_serializer=None,
+                                            response_deserializer=None)
+                good = bed.tensor_chunks()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await push(iter([good[0].SerializeToString(), b"\x12\x80"]), timeout=DEADLINE)
+                assert err.value.code() == C.INVALID_ARGUMENT and "malformed request" in err.value.details()
+            finally:
+                await channel.close()
+            assert bed.stats()[bed.prev.node_id] == (0, 1, "INVALID_ARGUMENT"), "charged to the claimed sender"
+            assert await bed.push(good) == (C.OK, "")
 
     run(scenario())
