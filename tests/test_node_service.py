@@ -563,13 +563,13 @@ def test_order_not_from_the_coordinator_is_refused(tmp_path, fault):
     run(scenario())
 
 
-def test_apply_update_refuses_a_learning_rate_off_schedule(tmp_path):
+@pytest.mark.parametrize("lr", [10 * lr_at(0, OPTIM), math.nan, math.inf], ids=["10x", "nan", "inf"])
+def test_apply_update_refuses_a_learning_rate_off_schedule(tmp_path, lr):
     async def scenario():
         async with node_bed(tmp_path) as bed:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await bed.order("ApplyUpdate", pb.ApplyUpdateRequest(
-                    run_id=RUN, epoch=bed.epoch, step=0, node_id=bed.node.node_id, global_grad_norm=1.0,
-                    lr=10 * lr_at(0, OPTIM)))
+                    run_id=RUN, epoch=bed.epoch, step=0, node_id=bed.node.node_id, global_grad_norm=1.0, lr=lr))
             assert err.value.code() == C.INVALID_ARGUMENT and "does not follow the schedule" in err.value.details()
 
     run(scenario())
