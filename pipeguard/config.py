@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it takes)
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:7000), got {value!r}")
     return host.strip("[]"), int(port)
 

@@ -257,6 +257,7 @@ class Fault(enum.Enum):
     SHORT_PUBLIC_KEY = "public key of 31 bytes"
     LONG_PUBLIC_KEY = "public key of 33 bytes"
     BAD_ADDRESS = "address without a port"
+    NON_ASCII_PORT = "port in digits other than ASCII (int() refuses '²', takes '٣')"
     EMPTY_ADDRESS = "no address"
     HEARTBEAT_UNKNOWN_NODE = "heartbeat from a node that never registered"
     HEARTBEAT_REPLAYED_SEQ = "heartbeat with a sequence number already seen"
@@ -275,6 +276,7 @@ EXPECTED = {
     Fault.SHORT_PUBLIC_KEY: (C.INVALID_ARGUMENT, "public_key must be 32 bytes"),
     Fault.LONG_PUBLIC_KEY: (C.INVALID_ARGUMENT, "public_key must be 32 bytes"),
     Fault.BAD_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
+    Fault.NON_ASCII_PORT: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.EMPTY_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.HEARTBEAT_UNKNOWN_NODE: (C.NOT_FOUND, "register first"),
     Fault.HEARTBEAT_REPLAYED_SEQ: (C.ALREADY_EXISTS, "replayed"),
@@ -323,6 +325,9 @@ async def hostile(bed: Bed, fault: Fault, node: Identity):
         return await bed.register(other, public_key=other.public_key + b"\x00")
     if fault is Fault.BAD_ADDRESS:
         return await bed.register(other, address="node7.example.org")
+    if fault is Fault.NON_ASCII_PORT:
+        await bed.register(Identity.generate(), address="127.0.0.1:٣")
+        return await bed.register(other, address="127.0.0.1:7²")
     if fault is Fault.EMPTY_ADDRESS:
         return await bed.register(other, address="")
     if fault is Fault.HEARTBEAT_UNKNOWN_NODE:
