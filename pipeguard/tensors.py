@@ -40,6 +40,8 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_DIMS = 8
+MAX_DIM = 2**63 - 1
+"""Largest dimension a shape may have (torch sizes are int64; the wire's are uint64)."""
 OFFLOAD_BYTES = 256 * 1024
 """Chunks at least this large are hashed on the worker pool; smaller ones inline (a thread hop
 costs more than hashing a few KiB)."""
@@ -73,6 +75,8 @@ def payload_nbytes(dtype: int, shape) -> int:
     item = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"tensor has {len(shape)} dimensions; at most {MAX_DIMS} allowed")
+    if any(int(d) > MAX_DIM for d in shape):  # the wire allows 2^64 - 1; torch shapes are int64
+        raise InvalidArgument(f"tensor dimension over {MAX_DIM} in shape {[int(d) for d in shape]}")
     return item * math.prod(int(d) for d in shape)
 
 

@@ -148,6 +148,20 @@ def test_absurd_claimed_shape_is_refused_without_allocating():
         receive([pb.TensorChunk(header=header)], max_tensor_bytes=1 << 30)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**64 - 1, 0], [3, 0, 2**63 + 5]])
+def test_a_dimension_past_int64_is_refused_even_when_the_size_is_zero(shape):
+    """prod(shape) is 0, so no size limit refuses it; torch cannot hold the shape (TypeError)."""
+    header = header_for(torch.zeros(1))
+    del header.shape[:]
+    header.shape.extend(shape)
+    with pytest.raises(InvalidArgument, match="dimension over"):
+        receive([pb.TensorChunk(header=header, signature=b"\x00" * 64)], max_tensor_bytes=1 << 30)
+    asm = StateAssembler(max_tensor_bytes=1 << 30)
+    with pytest.raises(InvalidArgument, match="dimension over"):
+        asm.add(pb.StateChunk(name="param/x", dtype=pb.DTYPE_FLOAT32, shape=shape))
+        asm.finish()
+
+
 def _tamper(chunks, i, fn):
     c = pb.TensorChunk()
     c.CopyFrom(chunks[i])
