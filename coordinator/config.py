@@ -131,6 +131,28 @@ class AuditConfig:
 
 
 @dataclass
+class RegistryConfig:
+    max_nodes: int = 10_000
+    """Node records kept (live, offline and banned). A new key registering beyond it displaces the
+    longest-silent offline node that holds no stage, or is refused (RESOURCE_EXHAUSTED)."""
+    max_open_challenges: int = 10_000
+    """Hello challenges issued and not yet answered (each lives timeouts.request seconds); one more
+    Hello is refused (RESOURCE_EXHAUSTED) until some expire or are used."""
+    registrations_per_s: float = 100.0
+    """Sustained rate of registrations admitted (a token bucket, counted after the signature
+    checks, so forged registrations cannot use it up); beyond it RESOURCE_EXHAUSTED, and nodes retry."""
+    registration_burst: int = 2000
+    """Registrations admitted at once before registrations_per_s applies (a whole testnet starting)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_nodes", "max_open_challenges", "registration_burst"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"registry.{name} must be >= 1")
+        if not self.registrations_per_s > 0:
+            raise ConfigError("registry.registrations_per_s must be positive")
+
+
+@dataclass
 class CoordinatorConfig:
     run_id: str = ""
     """Run identifier; empty generates one on first start (kept in the state directory)."""
@@ -151,6 +173,7 @@ class CoordinatorConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     net: NetConfig = field(default_factory=lambda: NetConfig(bind="127.0.0.1:7000"))
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from pipeguard.config import ConfigError, parse_hostport
 from pipeguard.identity import PUBLIC_KEY_BYTES, PublicIdentity, node_id_for
 from pipeguard.signing import verify
 from pipeguard.v1 import pipeguard_pb2 as pb
+from coordinator.config import RegistryConfig
 
-MAX_OPEN_CHALLENGES = 10_000
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,11 +55,14 @@ class NodeRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout: float, challenge_ttl: float):
+    def __init__(self, heartbeat_timeout: float, challenge_ttl: float, limits: RegistryConfig | None = None):
         self.nodes: dict[str, NodeRecord] = {}
         self.heartbeat_timeout = heartbeat_timeout
         self.challenge_ttl = challenge_ttl
+        self.limits = limits or RegistryConfig()
         self._challenges: dict[bytes, float] = {}
+        self._tokens = float(self.limits.registration_burst)
+        self._tokens_at = time.monotonic()
         self.rejected_by_peers: dict[str, dict[str, int]] = {}
         """node id -> {reporting peer -> how many of its messages that peer rejected}"""
 
@@ -67,8 +72,9 @@ class Registry:
         now = time.monotonic()
         for c in [c for c, exp in self._challenges.items() if exp < now]:
             del self._challenges[c]
-        if len(self._challenges) >= MAX_OPEN_CHALLENGES:
-            raise ResourceExhausted("too many registrations in progress; retry shortly")
+        if len(self._challenges) >= self.limits.max_open_challenges:
+            raise ResourceExhausted(f"{len(self._challenges)} registrations in progress (registry.max_open_challenges); "
+                                    "retry shortly")
         challenge = os.urandom(32)
         self._challenges[challenge] = now + self.challenge_ttl
         return challenge
@@ -89,8 +95,16 @@ class Registry:
         rec = self.nodes.get(node_id)
         if rec is not None and rec.role == pb.ROLE_BANNED:
             raise PermissionDenied(f"node {node_id} is banned: {rec.ban_reason}")
+        if rec is not None and rec.heartbeat_seq > 0 and self.is_alive(rec):
+            # Someone else holds this key (a copied key file) or the node restarted within the
+            # heartbeat timeout; either way the live one keeps its place until it falls silent.
+            raise AlreadyExists(
+                f"node {node_id} is live (last heartbeat {time.monotonic() - rec.last_heartbeat:.1f}s ago); a "
+                f"restarted node is admitted once it has been silent for {self.heartbeat_timeout:g}s")
+        self._take_token()
         is_new = rec is None
         if rec is None:
+            self._make_room()
             rec = NodeRecord(node_id=node_id, public_key=req.public_key, address=req.address)
             self.nodes[node_id] = rec
         else:
@@ -101,6 +115,33 @@ class Registry:
         rec.last_heartbeat = time.monotonic()
         rec.heartbeat_seq = 0
         return rec, is_new
+
+    def _take_token(self) -> None:
+        """Admit one registration under registry.registrations_per_s (burst registration_burst)."""
+        now = time.monotonic()
+        lim = self.limits
+        self._tokens = min(float(lim.registration_burst), self._tokens + (now - self._tokens_at) * lim.registrations_per_s)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            raise ResourceExhausted(f"more than {lim.registrations_per_s:g} registrations per second "
+                                    "(registry.registrations_per_s); retry shortly")
+        self._tokens -= 1.0
+
+    def _make_room(self) -> None:
+        """Keep at most registry.max_nodes records: displace the longest-silent offline node that
+        holds no stage (it registers again if it comes back), or refuse the newcomer."""
+        if len(self.nodes) < self.limits.max_nodes:
+            return
+        idle = [r for r in self.nodes.values()
+                if r.role != pb.ROLE_BANNED and r.stage < 0 and not self.is_alive(r)]
+        if not idle:
+            raise ResourceExhausted(f"the registry holds {len(self.nodes)} nodes (registry.max_nodes), none of "
+                                    "them idle; retry later")
+        gone = min(idle, key=lambda r: r.last_heartbeat)
+        del self.nodes[gone.node_id]
+        self.rejected_by_peers.pop(gone.node_id, None)
+        log.info("registry full (%d nodes): forgot offline node %s to admit a new one", self.limits.max_nodes,
+                 gone.node_id[:8])
 
     # -- liveness ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from coordinator.clock import StepClock
-from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig
+from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
@@ -70,7 +70,7 @@ class Bed:
 
 
 @contextlib.asynccontextmanager
-async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE):
+async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None):
     cfg = CoordinatorConfig(run_id=RUN, state_dir=str(state_dir),
                             model=ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16),
                             pipeline=PipelineConfig(stages=2),
@@ -81,7 +81,7 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE):
     state, resumed = store.load_or_create(cfg.run_id)
     assert not resumed
     events = EventLog(store)
-    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl)
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl, limits=limits)
     clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
     service = CoordinatorService(cfg, coord, registry, clock, events, DATASET)
     server = grpc.aio.server(**server_options(cfg.net))
@@ -157,12 +157,42 @@ def test_registering_again_keeps_one_record_and_updates_the_address(tmp_path):
             node = Identity.generate()
             await bed.register(node, address="127.0.0.1:7101")
             await bed.heartbeat(node, seq=5)
+            bed.registry.nodes[node.node_id].last_heartbeat -= 31.0  # silent past the 30 s timeout: restarted
             await bed.register(node, address="127.0.0.1:7202")
             status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
             assert [(n.node_id, n.address) for n in status.nodes] == [(node.node_id, "127.0.0.1:7202")]
             assert [e.message for e in status.events if e.kind == "node_registered"][-1].count("re-registered") == 1
             # a restarted node counts heartbeats from 1 again
             await bed.heartbeat(node, seq=1)
+
+    run(scenario())
+
+
+def test_a_second_registration_of_a_live_node_is_refused_until_it_falls_silent(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            node = Identity.generate()
+            await bed.register(node, address="127.0.0.1:7101")
+            # a registration whose reply was lost is answered again: the node never heartbeated
+            await bed.register(node, address="127.0.0.1:7101")
+            await bed.heartbeat(node, seq=1)
+            rec = bed.registry.nodes[node.node_id]
+            rec.role, rec.stage = pb.ROLE_STAGE, 0
+
+            # the same key from elsewhere (a copied key file, or a restart within the timeout)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.register(node, address="10.6.6.6:7101")
+            assert err.value.code() == C.ALREADY_EXISTS and "is live" in err.value.details()
+            assert (rec.address, rec.role, rec.stage, rec.heartbeat_seq) == ("127.0.0.1:7101", pb.ROLE_STAGE, 0, 1)
+            await bed.heartbeat(node, seq=2)  # the live one is undisturbed
+
+            # declared offline (30 s without heartbeats): the node that restarts with its key comes back
+            rec.last_heartbeat -= 31.0
+            assert bed.registry.expire() == [rec]
+            reply = await bed.register(node, address="127.0.0.1:7202")
+            assert reply.node_id == node.node_id
+            assert (rec.address, rec.role, rec.stage) == ("127.0.0.1:7202", pb.ROLE_STANDBY, -1)
+            assert (await bed.heartbeat(node, seq=1)).role == pb.ROLE_STANDBY
 
     run(scenario())
 
@@ -477,5 +507,81 @@ def test_request_bytes_that_do_not_parse_get_invalid_argument(tmp_path, method):
                 await channel.close()
             node = Identity.generate()
             assert (await bed.register(node)).node_id == node.node_id, "still serving"
+
+    run(scenario())
+
+
+# -- registration floods ------------------------------------------------------------------------
+
+
+async def _codes(calls) -> list[grpc.StatusCode]:
+    out = []
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, grpc.aio.AioRpcError):
+            out.append(result.code())
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            out.append(C.OK)
+    return out
+
+
+def test_a_registration_flood_is_bounded_and_honest_nodes_keep_their_place(tmp_path):
+    limits = RegistryConfig(max_nodes=1000, max_open_challenges=40, registrations_per_s=0.001, registration_burst=30)
+
+    async def scenario():
+        async with coordinator_bed(tmp_path, limits=limits) as bed:
+            honest = Identity.generate()
+            await bed.register(honest)
+            await bed.heartbeat(honest, seq=1)
+            state_before = (tmp_path / "state.json").stat().st_size
+
+            # 60 Hellos: at most 40 challenges are open at once
+            hellos = await asyncio.gather(*[bed.hello() for _ in range(40)])
+            codes = await _codes([bed.hello() for _ in range(20)])
+            assert codes == [C.RESOURCE_EXHAUSTED] * 20
+
+            # 40 fresh keys answer them: 29 more fit the burst of 30 (the honest node took one)
+            async def register(hello):
+                node = Identity.generate()
+                req = pb.RegisterRequest(public_key=node.public_key, address="127.0.0.1:7300",
+                                         challenge=hello.challenge)
+                return await bed.stub.Register(sign(req, node), timeout=DEADLINE)
+
+            codes = await _codes([register(h) for h in hellos])
+            assert codes.count(C.OK) == 29 and codes.count(C.RESOURCE_EXHAUSTED) == 11, codes
+            assert len(bed.registry.nodes) == 30
+
+            # the honest node still heartbeats; the refused ones left nothing behind
+            reply = await bed.heartbeat(honest, seq=2)
+            assert reply.role == pb.ROLE_STANDBY and len(reply.members) == 30
+            assert len(bed.registry._challenges) == 0, "every challenge was used once"
+            assert (tmp_path / "state.json").stat().st_size < 30 * (state_before + 1024)
+
+    run(scenario())
+
+
+def test_a_full_registry_displaces_the_longest_silent_idle_node_or_refuses(tmp_path):
+    limits = RegistryConfig(max_nodes=3)
+
+    async def scenario():
+        async with coordinator_bed(tmp_path, limits=limits) as bed:
+            nodes = [Identity.generate() for _ in range(3)]
+            for i, node in enumerate(nodes):
+                await bed.register(node, address=f"127.0.0.1:{7101 + i}")
+                await bed.heartbeat(node, seq=1)
+            bed.registry.nodes[nodes[0].node_id].stage = 0  # holds a stage: never displaced
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.register(Identity.generate())
+            assert err.value.code() == C.RESOURCE_EXHAUSTED and "registry.max_nodes" in err.value.details()
+
+            for node in nodes[:2]:  # both silent; only the one without a stage may go
+                bed.registry.nodes[node.node_id].last_heartbeat -= 31.0
+            newcomer = Identity.generate()
+            await bed.register(newcomer)
+            assert set(bed.registry.nodes) == {nodes[0].node_id, nodes[2].node_id, newcomer.node_id}
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # the forgotten one is told to register again
+                await bed.heartbeat(nodes[1], seq=2)
+            assert err.value.code() == C.NOT_FOUND
 
     run(scenario())
