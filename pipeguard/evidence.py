@@ -21,6 +21,7 @@ import base64
 import json
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pipeguard import audit
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
 from pipeguard.signing import verify
-from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, tensor_bytes, tensor_digest
+from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_nbytes, tensor_bytes, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 FORMAT = "pipeguard-evidence/1"
@@ -146,22 +147,45 @@ def _same_subject(a, b) -> bool:
 # -- reading and verifying ------------------------------------------------------------------------
 
 
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+"""Largest manifest.json a bundle may hold (uncompressed)."""
+MAX_MEMBER_BYTES = 1 << 32
+"""Largest tensor file a bundle may hold (uncompressed); each is also checked against its shape
+before it is read, so a small zip cannot inflate into memory (a zip bomb)."""
+_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+
+
 class _Reader:
     def __init__(self, path: Path):
         try:
             self.zf = zipfile.ZipFile(path)
-            self.manifest = json.loads(self.zf.read("manifest.json"))
-        except (OSError, zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"not a readable evidence bundle: {exc}") from None
+            self.manifest = json.loads(self._member("manifest.json", None, MAX_MANIFEST_BYTES))
+        except (KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, *_READ_ERRORS) as exc:
+            raise BundleError(f"not a readable evidence bundle: {type(exc).__name__}: {exc}") from None
+        if not isinstance(self.manifest, dict):
+            raise BundleError("not a readable evidence bundle: the manifest is not a JSON object")
         if self.manifest.get("format") != FORMAT:
             raise BundleError(f"unknown bundle format {self.manifest.get('format')!r}")
+        for section in ("claims", "tensors"):
+            if not isinstance(self.manifest.setdefault(section, {}), dict):
+                raise BundleError(f"the manifest's {section!r} is not a JSON object")
+
+    def _member(self, name: str, expected: int | None, limit: int = MAX_MEMBER_BYTES) -> bytes:
+        """A member's bytes, refused before reading when its declared size is over ``limit`` or is not
+        ``expected`` (zipfile never inflates past the declared size)."""
+        info = self.zf.getinfo(name)
+        if info.file_size > limit:
+            raise BundleError(f"{name} holds {info.file_size} bytes; at most {limit} allowed")
+        if expected is not None and info.file_size != expected:
+            raise BundleError(f"{name} holds {info.file_size} bytes, its shape needs {expected}")
+        return self.zf.read(info)
 
     def has(self, name: str) -> bool:
         return name in self.manifest["claims"]
 
     def claim(self, name: str, cls):
         entry = self.manifest["claims"].get(name)
-        if entry is None:
+        if not isinstance(entry, dict):
             raise BundleError(f"bundle lacks claim {name!r}")
         if entry["type"] != cls.DESCRIPTOR.full_name:
             raise BundleError(f"claim {name!r} is a {entry['type']}, expected {cls.DESCRIPTOR.full_name}")
@@ -172,19 +196,20 @@ class _Reader:
 
     def tensor(self, name: str) -> torch.Tensor:
         entry = self.manifest["tensors"].get(name)
-        if entry is None:
+        if not isinstance(entry, dict):
             raise BundleError(f"bundle lacks tensor {name!r}")
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if not (isinstance(dtype, int) and isinstance(shape, list) and all(type(d) is int for d in shape)):
+            raise BundleError(f"tensor {name!r}: dtype and shape must be an integer and a list of integers")
         try:
-            data = bytearray(self.zf.read(entry["file"]))
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"tensor {name!r} unreadable: {exc}") from None
-        dtype = TORCH_DTYPES.get(entry["dtype"])
-        shape = [int(d) for d in entry["shape"]]
-        if dtype is None:
-            raise BundleError(f"tensor {name!r} has unknown dtype")
-        expected = torch.empty((), dtype=dtype).element_size() * (int(torch.tensor(shape).prod()) if shape else 1)
-        if len(data) != expected:
-            raise BundleError(f"tensor {name!r} holds {len(data)} bytes, its shape needs {expected}")
+            expected = payload_nbytes(dtype, shape)
+        except PipeguardError as exc:
+            raise BundleError(f"tensor {name!r}: {exc}") from None
+        try:
+            data = bytearray(self._member(str(entry.get("file")), expected))
+        except (KeyError, *_READ_ERRORS) as exc:
+            raise BundleError(f"tensor {name!r} unreadable: {type(exc).__name__}: {exc}") from None
+        dtype = TORCH_DTYPES[dtype]
         return torch.frombuffer(data, dtype=dtype).view(shape).clone() if data else torch.empty(shape, dtype=dtype)
 
     def names(self, prefix: str) -> list[str]:
@@ -281,7 +306,7 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
                                     f"{req.target.node_id[:8]} at {where}, but {finding.detail}")
             return VerifyResult(False, kind, verdict.auditor, f"the accusation holds: {finding.detail}")
         return VerifyResult(False, kind, accused, f"unknown bundle kind {kind!r}")
-    except (BundleError, PipeguardError, KeyError, ValueError, TypeError) as exc:
+    except (BundleError, PipeguardError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         return VerifyResult(False, "?", "?", f"{type(exc).__name__}: {exc}")
 
 
