@@ -15,6 +15,10 @@ import asyncio
 import copy
 import json
 import math
+import os
+import stat
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -349,3 +353,27 @@ def test_every_fault_has_a_precise_status():
         assert not {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL} & set(table.values())
     assert set(hostile.C_EXPECTED) == set(hostile.CFault) == set(hostile.coordinator_cases())
     assert set(hostile.N_EXPECTED) == set(hostile.NFault) == set(hostile.node_cases())
+
+
+# -- identity hygiene -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("daemon, mode", [("pipeguard-node", 0o640), ("pipeguard-coordinator", 0o604)])
+def test_a_daemon_refuses_a_key_file_readable_by_group_or_others(tmp_path, daemon, mode):
+    """Both real entry points, started on a key file anyone else may read: exit 1, the chmod hint,
+    and the file left as it was (never silently replaced by a fresh identity). Every other mode is
+    covered by tests/test_identity.py; that a node cannot register under another's key, and that a
+    live id cannot register twice, by REGISTER_UNDER_ANOTHER_KEY and REGISTER_LIVE_ID above."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    key = home / ("node.key" if daemon == "pipeguard-node" else "coordinator.key")
+    seed = Identity.generate().private_bytes_hex() + "\n"
+    key.write_text(seed)
+    os.chmod(key, mode)
+    args = (["--home", str(home), "--coordinator", "127.0.0.1:9"] if daemon == "pipeguard-node"
+            else ["--state-dir", str(home), "--stages", "1"])
+    exe = Path(sys.executable).with_name(daemon)
+    proc = subprocess.run([str(exe), *args, "--bind", "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"chmod 600 {key}" in proc.stderr
+    assert key.read_text() == seed and stat.S_IMODE(key.stat().st_mode) == mode
