@@ -84,9 +84,11 @@ class Registry:
         if len(req.public_key) != PUBLIC_KEY_BYTES:
             raise InvalidArgument(f"public_key must be {PUBLIC_KEY_BYTES} bytes")
         try:
-            parse_hostport(req.address, "address")
+            _, port = parse_hostport(req.address, "address")
         except ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
+        if port == 0:  # fine to bind, but nobody can reach it
+            raise InvalidArgument(f"address must be HOST:PORT with a port in 1-65535, got {req.address!r}")
         expiry = self._challenges.pop(req.challenge, None)
         if expiry is None or expiry < time.monotonic():
             raise Unauthenticated("unknown or expired challenge; call Hello first")

@@ -288,6 +288,7 @@ class Fault(enum.Enum):
     LONG_PUBLIC_KEY = "public key of 33 bytes"
     BAD_ADDRESS = "address without a port"
     NON_ASCII_PORT = "port in digits other than ASCII (int() refuses '²', takes '٣')"
+    PORT_ZERO = "port 0 (bindable, not reachable)"
     EMPTY_ADDRESS = "no address"
     HEARTBEAT_UNKNOWN_NODE = "heartbeat from a node that never registered"
     HEARTBEAT_REPLAYED_SEQ = "heartbeat with a sequence number already seen"
@@ -307,6 +308,7 @@ EXPECTED = {
     Fault.LONG_PUBLIC_KEY: (C.INVALID_ARGUMENT, "public_key must be 32 bytes"),
     Fault.BAD_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.NON_ASCII_PORT: (C.INVALID_ARGUMENT, "HOST:PORT"),
+    Fault.PORT_ZERO: (C.INVALID_ARGUMENT, "port in 1-65535"),
     Fault.EMPTY_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.HEARTBEAT_UNKNOWN_NODE: (C.NOT_FOUND, "register first"),
     Fault.HEARTBEAT_REPLAYED_SEQ: (C.ALREADY_EXISTS, "replayed"),
@@ -358,6 +360,8 @@ async def hostile(bed: Bed, fault: Fault, node: Identity):
     if fault is Fault.NON_ASCII_PORT:
         await bed.register(Identity.generate(), address="127.0.0.1:٣")
         return await bed.register(other, address="127.0.0.1:7²")
+    if fault is Fault.PORT_ZERO:
+        return await bed.register(other, address="127.0.0.1:000000")
     if fault is Fault.EMPTY_ADDRESS:
         return await bed.register(other, address="")
     if fault is Fault.HEARTBEAT_UNKNOWN_NODE:
