@@ -16,6 +16,9 @@ from coordinator.config import RegistryConfig
 
 log = logging.getLogger(__name__)
 
+MAX_ADDRESS_CHARS = 300
+"""Longest address a node may register (a DNS name is at most 253 characters, plus :PORT)."""
+
 
 @dataclass
 class NodeRecord:
@@ -83,6 +86,8 @@ class Registry:
         """Admit a node that signed a fresh challenge. Returns (record, is_new)."""
         if len(req.public_key) != PUBLIC_KEY_BYTES:
             raise InvalidArgument(f"public_key must be {PUBLIC_KEY_BYTES} bytes")
+        if len(req.address) > MAX_ADDRESS_CHARS:  # it goes out to every node in every heartbeat reply
+            raise InvalidArgument(f"address of {len(req.address)} characters; at most {MAX_ADDRESS_CHARS}")
         try:
             _, port = parse_hostport(req.address, "address")
         except ConfigError as exc:

@@ -149,6 +149,7 @@ class CFault(enum.Enum):
     REGISTER_REPLAYED = "a live node's earlier registration sent again"
     REGISTER_BAD_KEY_LENGTH = "public key that is not 32 bytes"
     REGISTER_BAD_ADDRESS = "address that is not HOST:PORT"
+    REGISTER_LONG_ADDRESS = "a valid HOST:PORT longer than 300 characters"
     REGISTER_BANNED = "registration of a banned key"
     REGISTER_LIVE_ID = "a second registration of a node that is heartbeating"
     REGISTER_OVERSIZED = "registration larger than net.max_message_bytes"
@@ -179,6 +180,7 @@ C_EXPECTED: dict[CFault, grpc.StatusCode] = {
     CFault.REGISTER_REPLAYED: C.UNAUTHENTICATED,
     CFault.REGISTER_BAD_KEY_LENGTH: C.INVALID_ARGUMENT,
     CFault.REGISTER_BAD_ADDRESS: C.INVALID_ARGUMENT,
+    CFault.REGISTER_LONG_ADDRESS: C.INVALID_ARGUMENT,
     CFault.REGISTER_BANNED: C.PERMISSION_DENIED,
     CFault.REGISTER_LIVE_ID: C.ALREADY_EXISTS,
     CFault.REGISTER_OVERSIZED: C.RESOURCE_EXHAUSTED,
@@ -204,7 +206,7 @@ C_EXPECTED: dict[CFault, grpc.StatusCode] = {
 
 COORDINATOR_UNARY = {"Hello": "unary", "Register": "unary", "Heartbeat": "unary", "Status": "unary",
                      "Ban": "unary", "Unban": "unary", "StopRun": "unary", "SetAuditRate": "unary",
-                     "FetchData": "stream", "FetchCheckpoint": "stream", "ExportState": "stream"}
+                     "FetchData": "stream", "FetchCheckpoint": "stream", "ExportState": "stream", "Watch": "stream"}
 
 _sig = st.binary(min_size=0, max_size=96)
 _seq_or_step = st.integers(min_value=0, max_value=2**64 - 1)
@@ -226,6 +228,8 @@ def coordinator_cases() -> dict[CFault, st.SearchStrategy[Case]]:
                             st.tuples(st.from_regex(r"\A[a-z0-9.]{1,12}\Z"),
                                       st.lists(st.sampled_from("²³¹①٣١２９߂"), min_size=1, max_size=4))
                             .map(lambda t: f"{t[0]}:{''.join(t[1])}"))),
+        f.REGISTER_LONG_ADDRESS: st.builds(lambda n, p: Case(f.REGISTER_LONG_ADDRESS, {"host": n, "port": p}),
+                                           st.integers(296, 900_000), st.integers(1, 65535)),
         f.REGISTER_BANNED: st.just(Case(f.REGISTER_BANNED)),
         f.REGISTER_LIVE_ID: st.builds(lambda p: Case(f.REGISTER_LIVE_ID, {"port": p}), st.integers(1, 65535)),
         f.REGISTER_OVERSIZED: st.builds(lambda n: Case(f.REGISTER_OVERSIZED, {"size": n}), st.integers(1 << 20, 3 << 20)),
@@ -342,6 +346,8 @@ class CoordinatorTarget:
             return await register(await fresh(p["key"]), other)
         if f is CFault.REGISTER_BAD_ADDRESS:
             return await register(await fresh(other.public_key, p["address"]), other)
+        if f is CFault.REGISTER_LONG_ADDRESS:
+            return await register(await fresh(other.public_key, "h" * p["host"] + f":{p['port']}"), other)
         if f is CFault.REGISTER_BANNED:
             return await register(await fresh(self.banned.public_key), self.banned)
         if f is CFault.REGISTER_LIVE_ID:

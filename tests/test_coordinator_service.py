@@ -289,6 +289,7 @@ class Fault(enum.Enum):
     BAD_ADDRESS = "address without a port"
     NON_ASCII_PORT = "port in digits other than ASCII (int() refuses '²', takes '٣')"
     PORT_ZERO = "port 0 (bindable, not reachable)"
+    LONG_ADDRESS = "a valid HOST:PORT of 500 kB (it would go to every node in every heartbeat reply)"
     EMPTY_ADDRESS = "no address"
     HEARTBEAT_UNKNOWN_NODE = "heartbeat from a node that never registered"
     HEARTBEAT_REPLAYED_SEQ = "heartbeat with a sequence number already seen"
@@ -309,6 +310,7 @@ EXPECTED = {
     Fault.BAD_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.NON_ASCII_PORT: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.PORT_ZERO: (C.INVALID_ARGUMENT, "port in 1-65535"),
+    Fault.LONG_ADDRESS: (C.INVALID_ARGUMENT, "at most 300"),
     Fault.EMPTY_ADDRESS: (C.INVALID_ARGUMENT, "HOST:PORT"),
     Fault.HEARTBEAT_UNKNOWN_NODE: (C.NOT_FOUND, "register first"),
     Fault.HEARTBEAT_REPLAYED_SEQ: (C.ALREADY_EXISTS, "replayed"),
@@ -360,6 +362,8 @@ async def hostile(bed: Bed, fault: Fault, node: Identity):
     if fault is Fault.NON_ASCII_PORT:
         await bed.register(Identity.generate(), address="127.0.0.1:٣")
         return await bed.register(other, address="127.0.0.1:7²")
+    if fault is Fault.LONG_ADDRESS:
+        return await bed.register(other, address="n" * 500_000 + ".example.org:7300")
     if fault is Fault.PORT_ZERO:
         return await bed.register(other, address="127.0.0.1:000000")
     if fault is Fault.EMPTY_ADDRESS:
