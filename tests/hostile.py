@@ -229,7 +229,7 @@ def coordinator_cases() -> dict[CFault, st.SearchStrategy[Case]]:
                                       st.lists(st.sampled_from("²³¹①٣١２９߂"), min_size=1, max_size=4))
                             .map(lambda t: f"{t[0]}:{''.join(t[1])}"))),
         f.REGISTER_LONG_ADDRESS: st.builds(lambda n, p: Case(f.REGISTER_LONG_ADDRESS, {"host": n, "port": p}),
-                                           st.integers(296, 900_000), st.integers(1, 65535)),
+                                           st.integers(300, 900_000), st.integers(1, 65535)),
         f.REGISTER_BANNED: st.just(Case(f.REGISTER_BANNED)),
         f.REGISTER_LIVE_ID: st.builds(lambda p: Case(f.REGISTER_LIVE_ID, {"port": p}), st.integers(1, 65535)),
         f.REGISTER_OVERSIZED: st.builds(lambda n: Case(f.REGISTER_OVERSIZED, {"size": n}), st.integers(1 << 20, 3 << 20)),
