@@ -103,10 +103,11 @@ class Result:
 
 
 def garbage_bytes() -> st.SearchStrategy[bytes]:
-    """Bytes that do not parse as any protobuf message: a field tag with wire type 7 (invalid)
-    or a length prefix running past the end, after random bytes."""
-    return st.tuples(st.binary(max_size=64), st.sampled_from([b"\x0f", b"\x0a\xff\xff\x03", b"\x12\x80"])).map(
-        lambda t: t[0] + t[1])
+    """Bytes that do not parse as any protobuf message: a field tag of wire type 6 or 7 (there are
+    none) or a length prefix running past the end, then random bytes. (The broken part comes
+    first: after random bytes it could be swallowed as the value of a random field.)"""
+    return st.tuples(st.sampled_from([b"\x0f", b"\x0e", b"\x0a\xff\xff\x03", b"\x12\xff\x7f"]),
+                     st.binary(max_size=64)).map(lambda t: t[0] + t[1])
 
 
 async def raw_unary(channel: grpc.aio.Channel, service: str, method: str, payload: bytes) -> None:
