@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/fuzz.py --per-fault 200     # more cases
     .venv/bin/python benchmarks/fuzz.py --target node --fault PUSH_TRUNCATED --per-fault 50
 
-Every named fault of ``tests/hostile.py`` (27 against the coordinator, 40 against a middle-stage
+Every named fault of ``tests/hostile.py`` (28 against the coordinator, 40 against a middle-stage
 node) gets ``--per-fault`` cases, their parameters drawn by hypothesis (seeded: ``--seed``). Each
 case goes to a real server on loopback with real signatures and is checked as in the tests: the
 status its fault maps to (never UNKNOWN/INTERNAL), the run's state unchanged, the server still
