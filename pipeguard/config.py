@@ -52,7 +52,8 @@ class NetConfig:
     chunk_bytes: int = 1 * MiB
     """Payload bytes per tensor stream chunk (~1 MiB is the measured sweet spot)."""
     max_tensor_bytes: int = 1024 * MiB
-    """Largest tensor a daemon accepts; a larger claimed size is refused before allocating."""
+    """Largest tensor a daemon accepts; a larger claimed size is refused before allocating. A state
+    transfer (checkpoints, audits, hand-overs) carries at most 64 times this, in 10,000 tensors."""
     max_inflight_streams: int = 16
     """Tensor streams a node receives at once. One more is refused at once with RESOURCE_EXHAUSTED,
     marked momentary so the sender backs off and retries, instead of buffering it. A sender opens

@@ -355,10 +355,19 @@ def state_chunks(named: list[tuple[str, torch.Tensor]], stage: int, completed_st
 
 
 class StateAssembler:
-    """Rebuild named tensors from StateChunks, checking sizes against ``max_tensor_bytes``."""
+    """Rebuild named tensors from StateChunks, checking sizes against ``max_tensor_bytes``.
 
-    def __init__(self, max_tensor_bytes: int):
+    A whole stream is bounded too: at most ``max_tensors`` names and ``max_total_bytes`` of
+    payload (default 64 times ``max_tensor_bytes``), so a hostile peer cannot keep streaming
+    new names until the deadline."""
+
+    MAX_TENSORS = 10_000
+
+    def __init__(self, max_tensor_bytes: int, *, max_tensors: int = MAX_TENSORS, max_total_bytes: int | None = None):
         self.max_tensor_bytes = max_tensor_bytes
+        self.max_tensors = max_tensors
+        self.max_total_bytes = 64 * max_tensor_bytes if max_total_bytes is None else max_total_bytes
+        self._total = 0
         self.tensors: dict[str, torch.Tensor] = {}
         self.stages: dict[str, int] = {}
         self._name = ""
@@ -375,6 +384,11 @@ class StateAssembler:
             nbytes = payload_nbytes(chunk.dtype, chunk.shape)
             if nbytes > self.max_tensor_bytes:
                 raise ResourceExhausted(f"tensor {chunk.name!r} of {nbytes} bytes exceeds the limit")
+            if len(self.tensors) >= self.max_tensors:
+                raise ResourceExhausted(f"state stream carries more than {self.max_tensors} tensors")
+            if self._total + nbytes > self.max_total_bytes:
+                raise ResourceExhausted(f"state stream exceeds {self.max_total_bytes} bytes at tensor {chunk.name!r}")
+            self._total += nbytes
             self._name, self._dtype, self._shape = chunk.name, chunk.dtype, [int(d) for d in chunk.shape]
             self._buf, self._need = bytearray(), nbytes
             self.stages[chunk.name] = chunk.stage

@@ -311,6 +311,32 @@ def test_state_assembler_refuses_bad_streams():
         asm.add(pb.StateChunk(data=b"\x00"))
 
 
+def test_state_assembler_bounds_the_whole_stream():
+    """A peer that keeps streaming new names is cut off by count and by total bytes."""
+    def named_chunk(i: int) -> pb.StateChunk:
+        return pb.StateChunk(name=f"param/x{i}", dtype=pb.DTYPE_FLOAT32, shape=[16], data=bytes(64))
+
+    asm = StateAssembler(max_tensor_bytes=1 << 20, max_tensors=3)
+    for i in range(3):
+        asm.add(named_chunk(i))
+    with pytest.raises(ResourceExhausted, match="more than 3 tensors"):
+        asm.add(named_chunk(3))
+
+    asm = StateAssembler(max_tensor_bytes=100, max_total_bytes=150)
+    asm.add(named_chunk(0))
+    asm.add(named_chunk(1))
+    with pytest.raises(ResourceExhausted, match="exceeds 150 bytes"):
+        asm.add(named_chunk(2))
+    assert len(asm.finish()) == 2
+
+    # the default total is 64 tensors' worth of the per-tensor limit
+    asm = StateAssembler(max_tensor_bytes=64)
+    for i in range(64):
+        asm.add(named_chunk(i))
+    with pytest.raises(ResourceExhausted):
+        asm.add(named_chunk(64))
+
+
 def test_state_digest_depends_on_names_and_values_not_order():
     named = _state()
     base = state_digest(iter(named))
