@@ -219,7 +219,6 @@ class StepClock:
 
     async def _assign(self, holders: dict[int, NodeRecord], skipped: set[int]) -> None:
         n = self.cfg.pipeline.stages
-        self.stage_lost.clear()  # the new pipeline is formed of nodes alive now
         # A slot with history whose new holder did not hold it before has lost its state.
         lost = [s for s in range(n) if s not in skipped and holders[s].stage != s and str(s) in self.state.commitments]
         newly_skipped = skipped - self.skipped
@@ -277,6 +276,7 @@ class StepClock:
         self.stage_nodes, self.slots, self.skipped = nodes, slots, skipped
         self.suspect_step = None
         self.reform_needed = False
+        self.stage_lost.clear()  # the new pipeline was formed of nodes alive now
         self.persist()
         if start not in self.checkpoints.steps():
             await self.checkpoint(start)
