@@ -5,7 +5,8 @@ is committed), ``select`` draws audit targets from the operating system's CSPRNG
 stage's output for each micro-batch, forward and backward, with probability ``audit.rate``,
 each stage's optimizer update with the same probability, plus every message a receiver's
 screen flagged. Each audit goes to a node other than the audited one, preferring standbys,
-then stages that are not its neighbours; with nobody available the coordinator audits itself.
+then stages that are not its neighbours; with nobody available, or when the auditor fails to
+answer (crashed, silent, refused), the coordinator audits itself.
 
 A FAIL verdict never bans by itself: the coordinator gathers the same artifacts and recomputes
 them. Confirmed: the audited node is banned and an evidence bundle is written. Refuted: the
@@ -161,7 +162,7 @@ class AuditScheduler:
         """Wait for every audit of a step <= ``upto_step`` (their evidence is about to expire)."""
         waiting = [t for s, t in list(self.pending.values()) if s <= upto_step]
         if waiting:
-            await asyncio.gather(*waiting, return_exceptions=True)
+            await asyncio.wait(waiting)  # a step given up while waiting must not cancel its audits
 
     def cancel_from(self, step: int) -> None:
         """Forget audits of steps >= ``step`` (that history was rolled back)."""
@@ -186,9 +187,13 @@ class AuditScheduler:
             try:
                 verdict = await self.stub_for(auditor.address).Audit(req, timeout=self.timeout)
             except grpc.aio.AioRpcError as err:
-                self.stats.incomplete += 1
+                # The auditor crashed, went silent or refused: the audit is not dropped (that
+                # would let a crash, or a well-timed one, leave a message unchecked); the
+                # coordinator recomputes it itself.
                 self.events.emit("audit_error", f"audit {req.audit_id} by {auditor.node_id[:8]} failed: "
-                                 f"{from_rpc_error(err)}", node_id=auditor.node_id, step=req.step, persist=False)
+                                 f"{from_rpc_error(err)}; the coordinator audits it itself",
+                                 node_id=auditor.node_id, step=req.step, persist=False)
+                await self._judge(req, None)
                 return
             verify(verdict, auditor.identity, what="audit verdict")
             if (verdict.audit_id, verdict.auditor, verdict.run_id) != (req.audit_id, auditor.node_id, req.run_id):

@@ -7,7 +7,10 @@ lost node, and what a standby taking over a stage starts from.
 
 On disk: ``checkpoints/step-00000040/stage-1.pgstate``: length-prefixed ``StateChunk``
 messages (the wire format itself), written to a temporary file and renamed into place, plus
-``manifest.json`` with each stage's digest. The newest ``keep`` complete checkpoints stay.
+``manifest.json`` with each stage's digest. The newest ``keep`` complete checkpoints stay, and
+so does any older one that a rollback may still need: audits of a step may finish up to
+``audit.retention`` steps later, and a conviction rolls back to the newest checkpoint at or
+before the convicted step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from pipeguard.errors import DataLoss, NotFound
 from pipeguard.tensors import StateAssembler, state_chunks, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
+from coordinator.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +41,40 @@ class CheckpointStore:
     def _step_dir(self, step: int) -> Path:
         return self.dir / f"step-{step:08d}"
 
-    def save(self, step: int, stages: dict[int, tuple[dict[str, torch.Tensor], bytes]]) -> None:
-        """Write one checkpoint: stage -> (named tensors, digest). Digests are re-checked here."""
-        d = self._step_dir(step)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        manifest = {}
+    def save(self, step: int, stages: dict[int, tuple[dict[str, torch.Tensor], bytes]],
+             needed_from: int | None = None) -> None:
+        """Write one checkpoint: stage -> (named tensors, digest). Digests are re-checked here.
+
+        Older checkpoints beyond the newest ``keep`` are deleted, except the newest one at or
+        before ``needed_from`` and those after it: a conviction may still roll back that far.
+        """
         for stage, (named, digest) in stages.items():
             if state_digest(iter(named.items())) != digest:
                 raise DataLoss(f"stage {stage} state does not hash to its committed digest")
-            with open(tmp / f"stage-{stage}.pgstate", "wb") as fh:
-                for chunk in state_chunks(list(named.items()), stage, step, 1 << 20):
-                    raw = chunk.SerializeToString()
-                    fh.write(struct.pack(">I", len(raw)) + raw)
-                fh.flush()
-                os.fsync(fh.fileno())
-            manifest[str(stage)] = digest.hex()
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "digests": manifest}))
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        d = self._step_dir(step)
+        tmp = d.with_name(d.name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            manifest = {}
+            for stage, (named, digest) in stages.items():
+                with open(tmp / f"stage-{stage}.pgstate", "wb") as fh:
+                    for chunk in state_chunks(list(named.items()), stage, step, 1 << 20):
+                        raw = chunk.SerializeToString()
+                        fh.write(struct.pack(">I", len(raw)) + raw)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                manifest[str(stage)] = digest.hex()
+            (tmp / "manifest.json").write_text(json.dumps({"step": step, "digests": manifest}))
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
+        except OSError as exc:  # disk full, unwritable: no partial checkpoint is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StateError(f"cannot write checkpoint {d}: {exc.strerror or exc}") from None
+        floor = self.latest(max(needed_from, 0)) if needed_from is not None else None
         for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self._step_dir(old), ignore_errors=True)
+            if floor is None or old < floor:
+                shutil.rmtree(self._step_dir(old), ignore_errors=True)
 
     def steps(self) -> list[int]:
         out = []

@@ -38,7 +38,7 @@ from coordinator.audits import AuditScheduler, StepRecord
 from coordinator.checkpoints import CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import NodeRecord, Registry
-from coordinator.state import EventLog, RunState, RunStore
+from coordinator.state import EventLog, RunState, RunStore, StateError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class StepClock:
         """Partition slot (stage index) of each active node; a skipped slot is missing."""
         self.skipped: set[int] = set(state.skipped)
         self.membership_changed = asyncio.Event()
+        self.stage_lost = asyncio.Event()
+        """Set when a node of the active pipeline goes silent: the step in flight is given up."""
         self.step_lock = asyncio.Lock()
         """Held while a step runs; exports take it so they see one consistent step."""
         self.suspect_step: int | None = None
@@ -84,12 +86,14 @@ class StepClock:
         """The task running ``run``, for ``stop``."""
         self.stopping = False
         self.started = time.monotonic()
+        self.first_back: float | None = None
+        """When the first node heartbeated again after this (re)start."""
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def stub_for(self, address: str) -> pb_grpc.NodeStub:
         if address not in self._channels:
-            ch = channel(address, self.cfg.net)
+            ch = channel(address, self.cfg.net, self.cfg.timeouts)
             self._channels[address] = (ch, pb_grpc.NodeStub(ch))
         return self._channels[address][1]
 
@@ -138,10 +142,17 @@ class StepClock:
         self.events.emit("banned", f"node {node_id[:8]} banned: {reason}" + (f"; evidence {bundle}" if bundle else ""),
                          node_id=node_id, step=max(step, 0))
 
+    def node_back(self, rec: NodeRecord) -> None:
+        """A node marked offline heartbeats again (after a partition, or after our own restart)."""
+        if self.first_back is None:
+            self.first_back = time.monotonic()
+        self.membership_changed.set()
+
     def node_lost(self, rec: NodeRecord) -> None:
         """The monitor saw a node go silent."""
         if rec in self.stage_nodes:
             self.reform_needed = True
+            self.stage_lost.set()
         self.membership_changed.set()
 
     # -- forming the pipeline ----------------------------------------------------------------------
@@ -167,14 +178,18 @@ class StepClock:
                 holders[r.stage] = r
         spares = [r for r in alive if r not in holders.values()]
         skipped = set(self.skipped)
+        # Nodes come back after a restart of ours within a heartbeat timeout of each other
+        # (their reconnect backoffs are alike), counted from the first one back.
+        since = self.first_back if self.first_back is not None else self.started
+        just_started = time.monotonic() - since <= self.cfg.timeouts.heartbeat_timeout
         for slot in range(n):
             if slot in holders or slot in skipped:
                 continue
+            if just_started and any(r.stage == slot and r.role == pb.ROLE_OFFLINE for r in self.registry.nodes.values()):
+                return None  # its holder has not heartbeated yet: handing its stage away would cost a rollback
             if spares:
                 holders[slot] = spares.pop(0)
-            elif self.state.step > 0 and 0 < slot < n - 1 and \
-                    time.monotonic() - self.started > self.cfg.timeouts.heartbeat_timeout:
-                # Not in the first heartbeat timeout after a (re)start: nodes may still be coming back.
+            elif self.state.step > 0 and 0 < slot < n - 1 and not just_started:
                 skipped.add(slot)
             else:
                 return None
@@ -192,6 +207,8 @@ class StepClock:
             try:
                 await self._assign(*plan)
                 break
+            except StateError:
+                raise  # the run cannot be recorded: stop (the daemon reports it), never retry blind
             except PipeguardError as exc:
                 self.events.emit("assign_failed", f"stage assignment failed: {exc}", step=self.state.step)
                 await asyncio.sleep(self.cfg.timeouts.retry_backoff)
@@ -234,8 +251,12 @@ class StepClock:
                 raise DataLoss(f"stage {slot} on {rec.node_id[:8]} reports a state other than the committed one")
         # Committed: from here on the new pipeline is the run.
         for rec in self.registry.nodes.values():
-            if rec.role == pb.ROLE_STAGE and rec not in nodes:
-                rec.role, rec.stage = pb.ROLE_STANDBY, -1
+            if rec not in nodes:
+                if rec.role == pb.ROLE_STAGE:
+                    rec.role = pb.ROLE_STANDBY
+                # An offline node's stage is a hint for when it comes back: not once the stage has
+                # a new holder (two claims to a stage would be resolved by registration order).
+                rec.stage = -1
         for slot, rec, reply in zip(slots, nodes, replies):
             if rec.role != pb.ROLE_STAGE or rec.stage != slot:
                 self.events.emit("stage_assigned", f"stage {slot} -> node {rec.node_id[:8]} at {rec.address} "
@@ -255,6 +276,7 @@ class StepClock:
         self.stage_nodes, self.slots, self.skipped = nodes, slots, skipped
         self.suspect_step = None
         self.reform_needed = False
+        self.stage_lost.clear()  # the new pipeline was formed of nodes alive now
         self.persist()
         if start not in self.checkpoints.steps():
             await self.checkpoint(start)
@@ -283,7 +305,13 @@ class StepClock:
             verify(attestation, rec.identity, what="state attestation")
             states[slot] = (asm.finish(), committed)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.checkpoints.save, step, states)
+        # Audits of steps after step - retention may still convict someone and roll back there.
+        saving = loop.run_in_executor(None, self.checkpoints.save, step, states, step - self.cfg.audit.retention)
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            await asyncio.wait([saving])  # a checkpoint on disk is written whole before we go
+            raise
         self.events.emit("checkpoint", f"verified checkpoint of {len(states)} stages at step {step}", step=step,
                          persist=False)
 
@@ -322,11 +350,13 @@ class StepClock:
                 async with self.step_lock:
                     if self.stopping:
                         return
-                    await self.run_step(step)
+                    await self._unless_stage_lost(self.run_step(step))
                 failures = 0
             except Reform:
                 await self.abort_step(step)
                 need_formation = True
+            except StateError:
+                raise  # a step that cannot be recorded must not be followed by more
             except PipeguardError as exc:
                 failures += 1
                 self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
@@ -336,6 +366,29 @@ class StepClock:
                     need_formation = True
                 else:
                     await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
+
+    async def _unless_stage_lost(self, work) -> None:
+        """Run ``work`` (a step), but give it up as soon as a node of the pipeline goes silent.
+
+        A node that stops answering without closing its connections (stopped, frozen, cut off
+        by the network) would otherwise hold the step until the step timeout; the heartbeat
+        timeout is what decides that a node is gone.
+        """
+        task = asyncio.ensure_future(work)
+        lost = asyncio.ensure_future(self.stage_lost.wait())
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait([task])
+            raise
+        finally:
+            lost.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+            raise Reform("a node of the pipeline went offline during the step")
+        task.result()
 
     async def run_step(self, step: int) -> None:
         t0 = time.perf_counter()
@@ -433,12 +486,13 @@ class StepClock:
             raise StepFailed(f"{method}: {exc}") from None
 
     async def abort_step(self, step: int) -> None:
+        alive = [r for r in self.stage_nodes if self.registry.is_alive(r)]  # the silent are replaced anyway
         orders = [pb.AbortStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id)
-                  for r in self.stage_nodes]
+                  for r in alive]
         results = await asyncio.gather(
-            *(self._call(r, "AbortStep", o, self.cfg.timeouts.request) for r, o in zip(self.stage_nodes, orders)),
+            *(self._call(r, "AbortStep", o, self.cfg.timeouts.request) for r, o in zip(alive, orders)),
             return_exceptions=True)
-        for rec, res in zip(self.stage_nodes, results):
+        for rec, res in zip(alive, results):
             if isinstance(res, Exception):
                 log.warning("abort of step %d on %s failed: %s", step, rec.node_id[:8], res)
 

@@ -117,7 +117,8 @@ class AuditConfig:
     checkpoint_every: int = 10
     """Steps between verified coordinator checkpoints of every stage (rollback targets)."""
     keep_checkpoints: int = 3
-    """Checkpoints kept on disk."""
+    """Checkpoints kept on disk, besides an older one that a rollback may still need (the newest at
+    or before `retention` steps back)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:

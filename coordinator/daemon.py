@@ -118,7 +118,10 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
             await clock.run()
         except StateError as exc:
             state.phase = pb.RUN_PHASE_FAILED
-            events.emit("run_failed", f"run state cannot be saved, training stopped: {exc}", step=state.step)
+            log.error("run state cannot be saved, training stopped: %s", exc)
+            events.emit("run_failed", f"run state cannot be saved, training stopped: {exc}. The state directory "
+                        f"keeps the last step saved whole; make room (or make it writable) and restart the "
+                        f"coordinator with --resume", step=state.step)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must show up in status, not vanish with the task

@@ -61,7 +61,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 rec.role = pb.ROLE_STAGE
             what = f"stage {rec.stage}" if rec.role == pb.ROLE_STAGE else "standby"
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back ({what})", node_id=rec.node_id)
-            self.clock.membership_changed.set()
+            self.clock.node_back(rec)
         reply = pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
                                   banned=self.registry.banned_ids(), seq=request.seq)
         for m in self.registry.nodes.values():

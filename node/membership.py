@@ -55,7 +55,7 @@ class Membership:
         self._beat_lock = asyncio.Lock()  # one heartbeat at a time: sequence numbers stay in order
         self.interval = timeouts.heartbeat_interval
         """Seconds between heartbeats: the coordinator's value once registered."""
-        self._channel = channel(coordinator, net)
+        self._channel = channel(coordinator, net, timeouts)
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.on_banned: Callable[[set[str]], None] = lambda banned: None
 

@@ -46,7 +46,7 @@ class PeerPool:
 
     def _entry(self, address: str):
         if address not in self._stubs:
-            ch = channel(address, self.net)
+            ch = channel(address, self.net, self.timeouts)
             push = ch.stream_unary(PUSH_TENSOR, request_serializer=None, response_deserializer=pb.PushReply.FromString)
             self._stubs[address] = (ch, pb_grpc.NodeStub(ch), push)
         return self._stubs[address]

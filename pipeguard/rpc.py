@@ -186,12 +186,22 @@ def channel_credentials(net: NetConfig) -> grpc.ChannelCredentials | None:
     )
 
 
-def channel(address: str, net: NetConfig) -> grpc.aio.Channel:
-    """An asyncio channel to ``address``: TLS when ``net`` configures it, with explicit message limits."""
+def channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: TLS when ``net`` configures it, with explicit message limits.
+
+    With ``timeouts``, the channel's own reconnect backoff follows ``retry_backoff`` up to
+    ``retry_max`` (gRPC's default grows to 120 s, so a peer that was down for a while would be
+    noticed back only minutes after it returned).
+    """
+    options = net.grpc_options()
+    if timeouts is not None:
+        options += [("grpc.initial_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
+                    ("grpc.min_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
+                    ("grpc.max_reconnect_backoff_ms", int(timeouts.retry_max * 1000))]
     creds = channel_credentials(net)
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=net.grpc_options())
-    return grpc.aio.secure_channel(address, creds, options=net.grpc_options())
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
 def blocking_channel(address: str, net: NetConfig) -> grpc.Channel:

@@ -70,3 +70,27 @@ def test_a_state_directory_holding_a_run_needs_resume_and_resume_needs_a_run(tmp
         store.load_or_create("")
     again, resumed = store.load_or_create("", resume=True)
     assert resumed and (again.run_id, again.step, again.audit_rate) == (st.run_id, 12, 0.3)
+
+
+def _tiny_state(step: int):
+    import torch
+
+    from pipeguard.tensors import state_digest
+
+    named = {"param/w": torch.full((2,), float(step))}
+    return {0: (named, state_digest(iter(named.items())))}
+
+
+def test_checkpoints_keep_the_one_a_late_conviction_rolls_back_to(tmp_path):
+    from coordinator.checkpoints import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    retention = 4
+    for step in range(8):  # checkpoint_every = 1: more checkpoints than keep within the retention window
+        store.save(step, _tiny_state(step), needed_from=step - retention)
+    # Audits of step 3 may still convict (they finish before step 3 + retention applies): step 3
+    # and everything after it stay, although keep is 3.
+    assert store.steps() == [3, 4, 5, 6, 7]
+    assert store.load(3, 0)["param/w"].tolist() == [3.0, 3.0]
+    store.save(8, _tiny_state(8))  # without needed_from: just the newest keep
+    assert store.steps() == [6, 7, 8]
