@@ -8,6 +8,10 @@ from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, preset
 
 
+MEMBER_BYTES = 100
+"""Least room a member takes in a heartbeat reply (32-character id, 32-byte key, a short address)."""
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -84,10 +88,17 @@ class PipelineConfig:
     min_nodes: int = 0
     """Live nodes to wait for before the first step (0 = stages). Set it to stages + the
     standbys you want ready from step 0, e.g. to audit and take over from the start."""
+    max_nodes: int = 4096
+    """Nodes the coordinator keeps records of (banned ones aside). At the bound, a new node takes the
+    place of the longest-silent offline one that holds no stage, or is refused with RESOURCE_EXHAUSTED.
+    Heartbeat replies carry the member list when it changes, so this also bounds their size."""
 
     def __post_init__(self) -> None:
         if self.stages < 1:
             raise ConfigError("pipeline.stages must be >= 1")
+        if self.max_nodes < max(self.stages, self.min_nodes):
+            raise ConfigError(f"pipeline.max_nodes ({self.max_nodes}) must be at least pipeline.stages and "
+                              "pipeline.min_nodes")
         if self.min_nodes < 0:
             raise ConfigError("pipeline.min_nodes must be >= 0 (0 means pipeline.stages)")
 
@@ -155,6 +166,11 @@ class CoordinatorConfig:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
     def __post_init__(self) -> None:
+        if self.pipeline.max_nodes * MEMBER_BYTES > self.net.max_message_bytes:
+            raise ConfigError(
+                f"pipeline.max_nodes ({self.pipeline.max_nodes}) members would not fit a heartbeat reply of "
+                f"net.max_message_bytes ({self.net.max_message_bytes}) at {MEMBER_BYTES} bytes or more each; "
+                "lower pipeline.max_nodes or raise net.max_message_bytes")
         gpt = self.model.gpt()
         if self.pipeline.stages > gpt.n_layer:
             raise ConfigError(

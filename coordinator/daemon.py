@@ -81,7 +81,8 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         cfg.audit.rate = state.audit_rate
     token = load_or_create_token(token_path(cfg.admin_token_file, cfg.state_dir))
     events = EventLog(store)
-    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request)
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request,
+                        max_nodes=cfg.pipeline.max_nodes)
     for d in state.nodes:
         rec = NodeRecord.from_json(d)
         registry.nodes[rec.node_id] = rec

@@ -54,8 +54,10 @@ class NodeRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout: float, challenge_ttl: float):
+    def __init__(self, heartbeat_timeout: float, challenge_ttl: float, max_nodes: int = 4096):
         self.nodes: dict[str, NodeRecord] = {}
+        self.max_nodes = max_nodes
+        """Records kept, banned ones aside (``pipeline.max_nodes``)."""
         self.heartbeat_timeout = heartbeat_timeout
         self.challenge_ttl = challenge_ttl
         self._challenges: dict[bytes, float] = {}
@@ -96,6 +98,7 @@ class Registry:
             raise PermissionDenied(f"node {node_id} is banned: {rec.ban_reason}")
         is_new = rec is None
         if rec is None:
+            self._make_room()
             rec = NodeRecord(node_id=node_id, public_key=req.public_key, address=req.address)
             self.nodes[node_id] = rec
             self.members_changed()
@@ -109,6 +112,19 @@ class Registry:
         rec.last_heartbeat = time.monotonic()
         rec.heartbeat_seq = 0
         return rec, is_new
+
+    def _make_room(self) -> None:
+        """Before admitting a new node at ``max_nodes`` records (banned ones aside): forget the
+        longest-silent offline node that holds no stage, or refuse. O(nodes), but only when full."""
+        kept = [r for r in self.nodes.values() if r.role != pb.ROLE_BANNED]
+        if len(kept) < self.max_nodes:
+            return
+        gone = [r for r in kept if r.role == pb.ROLE_OFFLINE and r.stage < 0]
+        if not gone:
+            raise ResourceExhausted(f"this coordinator keeps at most {self.max_nodes} nodes (pipeline.max_nodes) "
+                                    "and all of them are live; retry later")
+        del self.nodes[min(gone, key=lambda r: r.last_heartbeat).node_id]
+        self.members_changed()
 
     # -- liveness ------------------------------------------------------------------------------
 

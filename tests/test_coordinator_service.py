@@ -213,6 +213,31 @@ def test_heartbeat_replies_carry_the_member_list_only_when_the_nodes_copy_is_sta
     assert len({Registry(10.0, 10.0).members_version for _ in range(8)}) == 8
 
 
+def test_past_max_nodes_a_new_node_replaces_an_offline_one_or_is_refused(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            a, b, c, d = (Identity.generate() for _ in range(4))
+            bed.registry.max_nodes = 2
+            await bed.register(a)
+            await bed.register(b)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.register(c)
+            assert err.value.code() == C.RESOURCE_EXHAUSTED and "pipeline.max_nodes" in err.value.details()
+            await bed.register(a, address="127.0.0.1:7999")  # a known node may always register again
+
+            bed.registry.nodes[a.node_id].last_heartbeat = 0.0  # a goes silent: its place is free
+            assert [r.node_id for r in bed.registry.expire()] == [a.node_id]
+            await bed.register(c)
+            assert set(bed.registry.nodes) == {b.node_id, c.node_id}
+            _ban(bed, b)  # banned records are kept and do not count
+            await bed.register(d)
+            assert set(bed.registry.nodes) == {b.node_id, c.node_id, d.node_id}
+            reply = await bed.heartbeat(c, seq=1)
+            assert {m.node_id for m in reply.members} == {c.node_id, d.node_id} and list(reply.banned) == [b.node_id]
+
+    run(scenario())
+
+
 def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(tmp_path):
     async def scenario():
         async with coordinator_bed(tmp_path) as bed:
