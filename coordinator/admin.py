@@ -130,8 +130,7 @@ class Admin:
         rec = self.resolve(node_id)
         if rec.role != pb.ROLE_BANNED:
             raise FailedPrecondition(f"node {rec.node_id[:8]} is not banned")
-        # Offline until it heartbeats (or registers) again; then a standby with no stage.
-        rec.role, rec.stage, rec.ban_reason = pb.ROLE_OFFLINE, -1, ""
+        self.clock.registry.unban(rec)  # offline until it heartbeats or registers again
         self.clock.persist()
         self.clock.events.emit("unbanned", f"node {rec.node_id[:8]} unbanned (by {who}); it rejoins as a standby",
                                node_id=rec.node_id, step=self.clock.state.step)

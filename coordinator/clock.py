@@ -129,7 +129,7 @@ class StepClock:
         rec = self.registry.nodes.get(node_id)
         if rec is None or rec.role == pb.ROLE_BANNED:
             return
-        rec.role, rec.ban_reason = pb.ROLE_BANNED, reason
+        self.registry.ban(rec, reason)
         if bundle is not None:
             self.evidence.append(str(bundle))
         was_stage = rec in self.stage_nodes

@@ -8,6 +8,10 @@ from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, preset
 
 
+MEMBER_BYTES = 100
+"""Least room a member takes in a heartbeat reply (32-character id, 32-byte key, a short address)."""
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -133,9 +137,10 @@ class AuditConfig:
 
 @dataclass
 class RegistryConfig:
-    max_nodes: int = 10_000
+    max_nodes: int = 4096
     """Node records kept (live, offline and banned). A new key registering beyond it displaces the
-    longest-silent offline node that holds no stage, or is refused (RESOURCE_EXHAUSTED)."""
+    longest-silent offline node that holds no stage, or is refused (RESOURCE_EXHAUSTED). Heartbeat
+    replies carry the member list when it changes, so this also bounds their size."""
     max_open_challenges: int = 10_000
     """Hello challenges issued and not yet answered (each lives timeouts.request seconds); one more
     Hello is refused (RESOURCE_EXHAUSTED) until some expire or are used."""
@@ -179,6 +184,14 @@ class CoordinatorConfig:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
     def __post_init__(self) -> None:
+        if self.registry.max_nodes < max(self.pipeline.stages, self.pipeline.min_nodes):
+            raise ConfigError(f"registry.max_nodes ({self.registry.max_nodes}) must be at least pipeline.stages "
+                              "and pipeline.min_nodes")
+        if self.registry.max_nodes * MEMBER_BYTES > self.net.max_message_bytes:
+            raise ConfigError(
+                f"registry.max_nodes ({self.registry.max_nodes}) members would not fit a heartbeat reply of "
+                f"net.max_message_bytes ({self.net.max_message_bytes}) at {MEMBER_BYTES} bytes or more each; "
+                "lower registry.max_nodes or raise net.max_message_bytes")
         gpt = self.model.gpt()
         if self.pipeline.stages > gpt.n_layer:
             raise ConfigError(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
 from pipeguard.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from pipeguard.config import ConfigError, parse_hostport
 from pipeguard.identity import PUBLIC_KEY_BYTES, PublicIdentity, node_id_for
-from pipeguard.signing import verify
+from pipeguard.signing import encode_field, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.config import RegistryConfig
 
@@ -68,6 +69,10 @@ class Registry:
         self._tokens_at = time.monotonic()
         self.rejected_by_peers: dict[str, dict[str, int]] = {}
         """node id -> {reporting peer -> how many of its messages that peer rejected}"""
+        self.members_version = secrets.randbits(62) | 1
+        """Version of the member list in heartbeat replies; a random base, so that a restarted
+        coordinator never reuses one. Bumped by ``members_changed``."""
+        self._members: tuple[list[pb.PeerInfo], bytes, list[str], int] | None = None
 
     # -- registration --------------------------------------------------------------------------
 
@@ -114,8 +119,11 @@ class Registry:
             self._make_room()
             rec = NodeRecord(node_id=node_id, public_key=req.public_key, address=req.address)
             self.nodes[node_id] = rec
+            self.members_changed()
         else:
-            rec.address = req.address
+            if rec.address != req.address:
+                rec.address = req.address
+                self.members_changed()
             if rec.role in (pb.ROLE_OFFLINE, pb.ROLE_STAGE):
                 # A node that registers again has restarted and lost its stage state.
                 rec.role, rec.stage = pb.ROLE_STANDBY, -1
@@ -147,6 +155,7 @@ class Registry:
         gone = min(idle, key=lambda r: r.last_heartbeat)
         del self.nodes[gone.node_id]
         self.rejected_by_peers.pop(gone.node_id, None)
+        self.members_changed()
         log.info("registry full (%d nodes): forgot offline node %s to admit a new one", self.limits.max_nodes,
                  gone.node_id[:8])
 
@@ -195,4 +204,33 @@ class Registry:
                       key=lambda r: r.registered_at)
 
     def banned_ids(self) -> list[str]:
-        return sorted(r.node_id for r in self.nodes.values() if r.role == pb.ROLE_BANNED)
+        return self.members()[2]
+
+    # -- the member list heartbeat replies carry -----------------------------------------------------
+
+    def ban(self, rec: NodeRecord, reason: str) -> None:
+        rec.role, rec.ban_reason = pb.ROLE_BANNED, reason
+        self.members_changed()
+
+    def unban(self, rec: NodeRecord) -> None:
+        """Offline until it heartbeats (or registers) again; then a standby with no stage."""
+        rec.role, rec.stage, rec.ban_reason = pb.ROLE_OFFLINE, -1, ""
+        self.members_changed()
+
+    def members_changed(self) -> None:
+        """A node joined, changed address, or was banned or unbanned: the next heartbeat replies
+        carry the new list (built once, not once per heartbeat)."""
+        self.members_version += 1
+        self._members = None
+
+    def members(self) -> tuple[list[pb.PeerInfo], bytes, list[str]]:
+        """(registered non-banned nodes, their canonical encoding as ``HeartbeatReply.members``
+        for ``signing.sign``'s ``preencoded``, sorted banned ids), cached until ``members_changed``."""
+        if self._members is None or self._members[3] != len(self.nodes):  # records added behind our back
+            if self._members is not None:
+                self.members_version += 1
+            members = [r.peer_info() for r in self.nodes.values() if r.role != pb.ROLE_BANNED]
+            self._members = (members, encode_field(pb.HeartbeatReply, "members", members),
+                             sorted(r.node_id for r in self.nodes.values() if r.role == pb.ROLE_BANNED),
+                             len(self.nodes))
+        return self._members[0], self._members[1], self._members[2]

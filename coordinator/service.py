@@ -62,12 +62,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             what = f"stage {rec.stage}" if rec.role == pb.ROLE_STAGE else "standby"
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back ({what})", node_id=rec.node_id)
             self.clock.node_back(rec)
+        members, encoded, banned = self.registry.members()
+        version = self.registry.members_version
         reply = pb.HeartbeatReply(role=rec.role, stage=max(rec.stage, 0), step=self.clock.state.step,
-                                  banned=self.registry.banned_ids(), seq=request.seq)
-        for m in self.registry.nodes.values():
-            if m.role != pb.ROLE_BANNED:
-                reply.members.add(node_id=m.node_id, address=m.address, public_key=m.public_key)
-        return sign(reply, self.identity)
+                                  banned=banned, seq=request.seq, members_version=version)
+        if request.members_version == version:  # the node's copy is current: O(1), not O(nodes)
+            return sign(reply, self.identity)
+        reply.members.extend(members)
+        return sign(reply, self.identity, preencoded={"members": encoded})  # encoded once per version
 
     @abort_on_error
     async def FetchData(self, request: pb.FetchDataRequest, context):

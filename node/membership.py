@@ -49,6 +49,8 @@ class Membership:
         self._datasets: dict[bytes, Dataset] = {}
         self.members: dict[str, PublicIdentity] = {}
         """Registered, non-banned nodes (from the last heartbeat): who may fetch retained data."""
+        self.members_version = 0
+        """The coordinator's version of ``members`` (sent back so that it can leave the list out)."""
         self.role = pb.ROLE_UNSPECIFIED
         self._seq = 0
         self._last_beat = 0.0
@@ -183,15 +185,18 @@ class Membership:
             raise FailedPrecondition("not registered with a coordinator yet")
         self._seq += 1
         req = self.stats()
-        req.node_id, req.seq = self.identity.node_id, self._seq
+        req.node_id, req.seq, req.members_version = self.identity.node_id, self._seq, self.members_version
         reply = await self.stub.Heartbeat(sign(req, self.identity), timeout=self.timeouts.request)
         verify(reply, key, what="heartbeat reply")
         if reply.seq != req.seq:
             raise Unauthenticated(f"heartbeat reply is for seq {reply.seq}, not {req.seq} (a replayed reply)")
         self._last_beat = time.monotonic()
         self.role = reply.role
-        self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
-                        if node_id_for(m.public_key) == m.node_id}
+        if reply.members_version == 0 or reply.members_version != req.members_version:
+            # A new list (or a coordinator that always sends it); an unchanged one is left out.
+            self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
+                            if node_id_for(m.public_key) == m.node_id}
+            self.members_version = reply.members_version
         banned = set(reply.banned)
         if banned != self.banned:
             self.banned = banned

@@ -12,10 +12,11 @@ fields alone, which is what lets an evidence bundle be re-checked offline.
 
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Protocol
+from typing import Mapping, Protocol
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from pipeguard.errors import Unauthenticated
@@ -61,20 +62,24 @@ def _encode_value(field: FieldDescriptor, value, out: bytearray) -> None:
         raise TypeError(f"unsupported field type {t} for {field.full_name}")
 
 
-def _encode_message(msg: Message, out: bytearray, skip_signature: bool) -> None:
+@functools.cache
+def _fields_in_order(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    return tuple(sorted(descriptor.fields, key=lambda f: f.number))
+
+
+def _encode_message(msg: Message, out: bytearray, skip_signature: bool,
+                    preencoded: Mapping[str, bytes] | None = None) -> None:
     """Fields in number order; fields holding their default value (0, "", empty, absent) are
     left out, so adding a field to the schema leaves every existing signature valid."""
-    for field in sorted(msg.DESCRIPTOR.fields, key=lambda f: f.number):
+    for field in _fields_in_order(msg.DESCRIPTOR):
         if skip_signature and field.name == "signature":
+            continue
+        if preencoded is not None and field.name in preencoded:
+            out += preencoded[field.name]
             continue
         value = getattr(msg, field.name)
         if field.is_repeated:
-            if len(value) == 0:
-                continue
-            out += struct.pack(">I", field.number)
-            out += struct.pack(">I", len(value))
-            for item in value:
-                _encode_value(field, item, out)
+            _encode_repeated(field, value, out)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             if not msg.HasField(field.name):
                 continue
@@ -87,12 +92,40 @@ def _encode_message(msg: Message, out: bytearray, skip_signature: bool) -> None:
             _encode_value(field, value, out)
 
 
-def canonical_bytes(msg: Message) -> bytes:
-    """The bytes a signature over ``msg`` covers (its ``signature`` field excluded)."""
+def _encode_repeated(field: FieldDescriptor, value, out: bytearray) -> None:
+    if len(value) == 0:
+        return
+    out += struct.pack(">I", field.number)
+    out += struct.pack(">I", len(value))
+    for item in value:
+        _encode_value(field, item, out)
+
+
+def encode_field(message_type: type[Message], name: str, value) -> bytes:
+    """The canonical encoding of ``value`` as repeated field ``name`` of ``message_type`` (b"" if empty).
+
+    For a large value that many messages share (the member list of every heartbeat reply): encode
+    it once and pass it to ``canonical_bytes`` / ``sign`` as ``preencoded={name: bytes}``, which then
+    give exactly the bytes they would compute from the message itself.
+    """
+    field = message_type.DESCRIPTOR.fields_by_name[name]
+    if not field.is_repeated:
+        raise ValueError(f"encode_field is for repeated fields; {field.full_name} is not one")
+    out = bytearray()
+    _encode_repeated(field, value, out)
+    return bytes(out)
+
+
+def canonical_bytes(msg: Message, preencoded: Mapping[str, bytes] | None = None) -> bytes:
+    """The bytes a signature over ``msg`` covers (its ``signature`` field excluded).
+
+    ``preencoded`` maps top-level field names to ``encode_field`` results that stand in for the
+    fields' values (the caller vouches that they encode what ``msg`` holds).
+    """
     out = bytearray(DOMAIN)
     name = msg.DESCRIPTOR.full_name.encode()
     out += struct.pack(">I", len(name)) + name
-    _encode_message(msg, out, skip_signature=True)
+    _encode_message(msg, out, skip_signature=True, preencoded=preencoded)
     return bytes(out)
 
 
@@ -100,9 +133,10 @@ class _Signed(Protocol):
     signature: bytes
 
 
-def sign(msg: Message, identity: Identity) -> Message:
-    """Fill ``msg.signature`` with ``identity``'s signature; returns ``msg``."""
-    msg.signature = identity.sign(canonical_bytes(msg))
+def sign(msg: Message, identity: Identity, preencoded: Mapping[str, bytes] | None = None) -> Message:
+    """Fill ``msg.signature`` with ``identity``'s signature; returns ``msg``. ``preencoded``: see
+    ``canonical_bytes``."""
+    msg.signature = identity.sign(canonical_bytes(msg, preencoded))
     return msg
 
 

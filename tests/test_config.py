@@ -67,6 +67,8 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
         ("[timeouts]\nheartbeat_timeout = 1.5\n", "more than twice timeouts.heartbeat_interval"),
         ("[timeouts]\nrequest = 0\n", "timeouts.request must be positive"),
         ("[pipeline]\nstages = 9\n", "lower pipeline.stages or raise model.n_layer"),
+        ("[registry]\nmax_nodes = 2\n", r"registry.max_nodes \(2\) must be at least pipeline.stages"),
+        ("[registry]\nmax_nodes = 100000\n", "lower registry.max_nodes or raise net.max_message_bytes"),
         ('[model]\npreset = "huge"\n', "choose one of"),
         ("[model]\nn_embd = 30\n", "divisible by n_head"),
         ("train = 3\n", r"\[train\] must be a table"),

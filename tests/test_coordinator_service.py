@@ -211,6 +211,60 @@ def test_heartbeat_reply_is_signed_by_the_coordinator_and_echoes_the_seq(tmp_pat
     run(scenario())
 
 
+def test_heartbeat_replies_carry_the_member_list_only_when_the_nodes_copy_is_stale(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
+            await bed.register(a, address="127.0.0.1:7101")
+            await bed.register(b, address="127.0.0.1:7102")
+            first = await bed.heartbeat(a, seq=1)
+            assert first.members_version != 0
+            assert {m.node_id for m in first.members} == {a.node_id, b.node_id}
+            same = await bed.heartbeat(a, seq=2, members_version=first.members_version)
+            verify(same, bed.coord.public(), what="heartbeat reply")
+            assert same.members_version == first.members_version and len(same.members) == 0
+            assert len((await bed.heartbeat(b, seq=1)).members) == 2, "a node without the list gets it"
+
+            await bed.register(c, address="127.0.0.1:7103")  # a join changes the list
+            joined = await bed.heartbeat(a, seq=3, members_version=first.members_version)
+            assert joined.members_version != first.members_version
+            assert {m.node_id for m in joined.members} == {a.node_id, b.node_id, c.node_id}
+            await bed.register(c, address="127.0.0.1:7203")  # so does a new address
+            moved = await bed.heartbeat(a, seq=4, members_version=joined.members_version)
+            assert {m.address for m in moved.members} == {"127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7203"}
+            _ban(bed, b)  # and a ban: b leaves the members and enters the ban list
+            after_ban = await bed.heartbeat(a, seq=5, members_version=moved.members_version)
+            assert {m.node_id for m in after_ban.members} == {a.node_id, c.node_id}
+            assert list(after_ban.banned) == [b.node_id]
+            quiet = await bed.heartbeat(a, seq=6, members_version=after_ban.members_version)
+            assert len(quiet.members) == 0 and list(quiet.banned) == [b.node_id], "the ban list is always sent"
+
+    run(scenario())
+    # A restarted coordinator starts from another random version, so no node keeps a stale list.
+    assert len({Registry(10.0, 10.0).members_version for _ in range(8)}) == 8
+
+
+def test_a_displaced_node_leaves_the_member_list_in_heartbeat_replies(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            a, b, c = (Identity.generate() for _ in range(3))
+            bed.registry.limits.max_nodes = 2
+            await bed.register(a)
+            await bed.register(b)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.register(c)
+            assert err.value.code() == C.RESOURCE_EXHAUSTED and "registry.max_nodes" in err.value.details()
+
+            bed.registry.nodes[a.node_id].last_heartbeat = 0.0  # a goes silent: its place is free
+            assert [r.node_id for r in bed.registry.expire()] == [a.node_id]
+            await bed.register(c)
+            assert set(bed.registry.nodes) == {b.node_id, c.node_id}
+            reply = await bed.heartbeat(c, seq=1)  # the cached member list was rebuilt without a
+            assert {m.node_id for m in reply.members} == {b.node_id, c.node_id}
+
+    run(scenario())
+
+
 def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(tmp_path):
     async def scenario():
         async with coordinator_bed(tmp_path) as bed:
@@ -322,8 +376,7 @@ EXPECTED = {
 
 
 def _ban(bed: Bed, node: Identity) -> None:
-    rec = bed.registry.nodes[node.node_id]
-    rec.role, rec.ban_reason = pb.ROLE_BANNED, "test: equivocation"
+    bed.registry.ban(bed.registry.nodes[node.node_id], "test: equivocation")
 
 
 async def hostile(bed: Bed, fault: Fault, node: Identity):

@@ -194,3 +194,27 @@ def test_a_refused_coordinator_key_is_logged_with_the_fix(tmp_path, caplog):
 
     with caplog.at_level(logging.INFO, logger="node.membership"):
         asyncio.run(scenario())
+
+
+def test_the_member_list_is_kept_between_replies_that_leave_it_out_and_replaced_on_change(tmp_path):
+    async def scenario():
+        async with coordinator_bed(tmp_path / "coord") as bed:
+            a, b, c = (_member(bed, tmp_path / name) for name in "abc")
+            for m in (a, b):
+                await m.register()
+            await a.heartbeat()
+            assert set(a.members) == {a.identity.node_id, b.identity.node_id} and a.members_version
+            version = a.members_version
+            await a.heartbeat()  # the reply leaves the unchanged list out; the node keeps its copy
+            assert set(a.members) == {a.identity.node_id, b.identity.node_id} and a.members_version == version
+
+            await c.register()
+            await a.heartbeat()
+            assert set(a.members) == {m.identity.node_id for m in (a, b, c)} and a.members_version != version
+            bed.registry.ban(bed.registry.nodes[b.identity.node_id], "test")
+            await a.heartbeat()
+            assert set(a.members) == {a.identity.node_id, c.identity.node_id} and a.banned == {b.identity.node_id}
+            for m in (a, b, c):
+                await m.close()
+
+    asyncio.run(scenario())

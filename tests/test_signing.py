@@ -6,7 +6,7 @@ import pytest
 
 from pipeguard.errors import Unauthenticated
 from pipeguard.identity import Identity
-from pipeguard.signing import canonical_bytes, sign, verify
+from pipeguard.signing import canonical_bytes, encode_field, sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 
@@ -136,3 +136,18 @@ def test_verify_rejects_wrong_signer_and_missing_signature():
     msg.signature = b"\x00" * 64
     with pytest.raises(Unauthenticated):
         verify(msg, alice.public())
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_a_preencoded_repeated_field_gives_the_same_bytes_and_a_valid_signature(count):
+    members = [pb.PeerInfo(node_id=f"{i}" * 32, address=f"127.0.0.1:{7100 + i}", public_key=bytes([i]) * 32)
+               for i in range(count)]
+    reply = pb.HeartbeatReply(role=pb.ROLE_STANDBY, stage=1, step=4, banned=["b" * 32], seq=12, members_version=7)
+    reply.members.extend(members)
+    encoded = encode_field(pb.HeartbeatReply, "members", members)
+    assert canonical_bytes(reply, preencoded={"members": encoded}) == canonical_bytes(reply)
+    coordinator = Identity.generate()
+    verify(pb.HeartbeatReply.FromString(sign(reply, coordinator, preencoded={"members": encoded}).SerializeToString()),
+           coordinator.public())
+    with pytest.raises(ValueError):
+        encode_field(pb.HeartbeatReply, "seq", 3)

@@ -188,7 +188,7 @@ class PeerCounters(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., last_reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "seq", "tensors_sent", "tensors_received", "tensors_rejected", "peers", "signature")
+    __slots__ = ("node_id", "seq", "tensors_sent", "tensors_received", "tensors_rejected", "peers", "signature", "members_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TENSORS_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class HeartbeatRequest(_message.Message):
     TENSORS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     seq: int
     tensors_sent: int
@@ -203,10 +204,11 @@ class HeartbeatRequest(_message.Message):
     tensors_rejected: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerCounters]
     signature: bytes
-    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerCounters, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    members_version: int
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerCounters, _Mapping]]] = ..., signature: _Optional[bytes] = ..., members_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("role", "stage", "step", "banned", "members", "seq", "signature")
+    __slots__ = ("role", "stage", "step", "banned", "members", "seq", "signature", "members_version")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,7 @@ class HeartbeatReply(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     role: Role
     stage: int
     step: int
@@ -221,7 +224,8 @@ class HeartbeatReply(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     seq: int
     signature: bytes
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., seq: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    members_version: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., banned: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., seq: _Optional[int] = ..., signature: _Optional[bytes] = ..., members_version: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
