@@ -50,7 +50,8 @@ class NodeAuditor:
             except PipeguardError as exc:
                 verdict.verdict, verdict.detail = pb.VERDICT_ERROR, f"audit incomplete: {exc}"
         verdict = self.behaviour.on_verdict(
-            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id), verdict)
+            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id, peer=req.target.node_id,
+                          signer=self.identity), verdict)
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
         log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,
