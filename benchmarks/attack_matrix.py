@@ -218,7 +218,7 @@ def _banned(status: pb.StatusReply) -> dict[str, str]:
 
 
 def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, screen: bool = True,
-             audit_extra: str = "", log_level: str = "") -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
+             audit_extra: str = "", log_level: str = "", stop_on_ban: bool = False) -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
     res = RunResult(case.name, case.family, p, note=case.note)
     toml = RUN_TOML.format(steps=steps, mb=MICRO_BATCHES, mbs=MICRO_BATCH_SIZE, seed=SEED, data=DATA_BYTES, p=p,
                            screen="true" if screen else "false", audit_extra=audit_extra)
@@ -250,6 +250,8 @@ def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, sc
             status = net.status(history=0)
             if at_ban is None and guilty & set(_banned(status)):
                 at_ban = status.audits_total
+                if stop_on_ban:
+                    break
             if status.phase in (pb.RUN_PHASE_FINISHED, pb.RUN_PHASE_FAILED):
                 break
             time.sleep(0.5)
@@ -356,7 +358,7 @@ AUDIT_STEP = re.compile(r"(forward|backward|update) audit at step (\d+)")
 def curve_trial(i: int, p: float, rate: float, steps: int, timeout: float, workdir: Path) -> dict:
     case = Case("forward:reverse", "tensor", {"behaviours": ["forward:reverse"], "rate": rate, "start_step": 0,
                                               "seed": 1000 + i})
-    res, status, net = run_case(case, p, steps, timeout, workdir, screen=False, log_level="DEBUG")
+    res, status, net = run_case(case, p, steps, timeout, workdir, screen=False, log_level="DEBUG", stop_on_ban=True)
     fired: set[tuple[int, int]] = set()
     try:
         for line in net.nodes[ATTACKER].log_path.read_text(errors="replace").splitlines():
@@ -383,22 +385,28 @@ def curve_trial(i: int, p: float, rate: float, steps: int, timeout: float, workd
             "wall_s": res.wall_s, "error": res.error, "ban_reasons": res.ban_reasons}
 
 
-def expected_cdf_messages(seqs: list[list[int]], p: float, kmax: int) -> list[float]:
-    """P(K <= k) under the scheduler's model, averaged over the trials' own gating sequences:
-    after the poisoned steps up to one with cumulative k messages in s poisoned steps, the
-    attacker has escaped with probability (1 - p)^(k + s)."""
-    out = [0.0] * (kmax + 1)
-    for seq in seqs:
-        points, k, c = {}, 0, 0
-        for n in seq:
-            if n:
-                k, c = k + n, c + n + 1
-                points[k] = 1 - (1 - p) ** c
-        cur = 0.0
-        for j in range(kmax + 1):
-            cur = points.get(j, cur)
-            out[j] += cur / len(seqs)
-    return out
+def simulate(p: float, rate: float, steps: int, trials: int = 200_000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo of what the scheduler does to this attacker: each (step, micro-batch) forward
+    message is poisoned with probability ``rate``; each message is audited with probability p,
+    and so is each step's update (which recomputes every micro-batch of the step). Returns the
+    poisoned messages K and poisoned commitments C (messages + poisoned steps) up to and
+    including the first step with an audited poisoned commitment; a large sentinel if none
+    within ``steps``."""
+    g = torch.Generator().manual_seed(seed)
+    poisoned = torch.rand((trials, steps, MICRO_BATCHES), generator=g) < rate
+    audited = torch.rand((trials, steps, MICRO_BATCHES), generator=g) < p
+    update = torch.rand((trials, steps), generator=g) < p
+    any_poisoned = poisoned.any(dim=2)
+    caught = (poisoned & audited).any(dim=2) | (any_poisoned & update)  # (trials, steps)
+    n = poisoned.sum(dim=2)
+    k_cum = n.cumsum(dim=1)
+    c_cum = (n + any_poisoned.long()).cumsum(dim=1)
+    first = torch.where(caught.any(dim=1), caught.float().argmax(dim=1), torch.full((trials,), -1))
+    never = 10 ** 9
+    idx = first.clamp(min=0).unsqueeze(1)
+    K = torch.where(first >= 0, k_cum.gather(1, idx).squeeze(1), torch.full((trials,), never))
+    C = torch.where(first >= 0, c_cum.gather(1, idx).squeeze(1), torch.full((trials,), never))
+    return K, C
 
 
 def curve(args, out: Path) -> dict:
@@ -417,36 +425,40 @@ def curve(args, out: Path) -> dict:
             shutil.rmtree(tmp / f"t{i}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    valid = [r for r in results if not r["error"]]
+    valid = [r for r in results if not r["error"] and (r["k"] is not None or not r["detected"])]
     n = len(valid)
     ks = sorted(r["k"] for r in valid if r["k"] is not None)
     cs = sorted(r["c"] for r in valid if r["c"] is not None)
-    kmax = max([sum(r["poisoned_per_step"]) for r in valid] + [1])
     eps = math.sqrt(math.log(2 / 0.05) / (2 * max(n, 1)))  # DKW, 95%
+    K, C = simulate(p, rate, steps)
+    kmax = steps * MICRO_BATCHES
+    cmax = steps * (MICRO_BATCHES + 1)
 
-    def ecdf(xs: list[int], j: int) -> float:  # censored trials count as "not yet" everywhere
+    def ecdf(xs: list[int], j: int) -> float:  # trials never caught count as "not yet" everywhere
         return sum(1 for x in xs if x <= j) / max(n, 1)
 
-    exp_k = expected_cdf_messages([r["poisoned_per_step"] for r in valid], p, kmax)
+    model_k = [float((K <= j).double().mean()) for j in range(kmax + 1)]
+    model_c = [float((C <= j).double().mean()) for j in range(cmax + 1)]
     naive = [1 - (1 - p) ** j for j in range(kmax + 1)]
-    # KS-style distances over the support where the observation window covers every trial.
-    horizon_k = min([sum(r["poisoned_per_step"]) for r in valid] + [kmax])
-    d_k = max((abs(ecdf(ks, j) - exp_k[j]) for j in range(horizon_k + 1)), default=0.0)
-    d_naive = max((abs(ecdf(ks, j) - naive[j]) for j in range(horizon_k + 1)), default=0.0)
-    cmax = max([r["c"] or 0 for r in valid] + [1])
-    horizon_c = min([sum(x + (x > 0) for x in r["poisoned_per_step"]) for r in valid] + [cmax])
-    d_c = max((abs(ecdf(cs, j) - (1 - (1 - p) ** j)) for j in range(horizon_c + 1)), default=0.0)
+    d_k = max(abs(ecdf(ks, j) - model_k[j]) for j in range(kmax + 1))
+    d_c = max(abs(ecdf(cs, j) - model_c[j]) for j in range(cmax + 1))
+    d_naive = max(abs(ecdf(ks, j) - naive[j]) for j in range(kmax + 1))
+    # At the step boundaries the commitments model is exactly 1-(1-p)^c; how far apart are they?
+    formula_gap = max(abs(model_c[j] - (1 - (1 - p) ** j)) for j in sorted(set(cs)) or [0])
     summary = {
         "p": p, "rate": rate, "trials": trials, "valid_trials": n, "detected": len(ks), "steps": steps,
-        "honest_banned": sum(r["honest_banned"] for r in valid), "dkw_eps_95": eps,
-        "ks_messages_vs_scheduler": d_k, "ks_messages_vs_naive": d_naive, "ks_commitments_vs_formula": d_c,
-        "horizon_messages": horizon_k, "horizon_commitments": horizon_c,
-        "within_error_scheduler": d_k <= eps, "within_error_commitments": d_c <= eps,
-        "within_error_naive": d_naive <= eps, "mean_k": (sum(ks) / len(ks)) if ks else None,
+        "micro_batches": MICRO_BATCHES, "honest_banned": sum(r["honest_banned"] for r in valid),
+        "dkw_eps_95": eps, "ks_messages_vs_model": d_k, "ks_commitments_vs_model": d_c,
+        "ks_messages_vs_naive_1_minus_(1-p)^k": d_naive, "model_vs_formula_at_observed_c": formula_gap,
+        "within_error_model": d_k <= eps and d_c <= eps, "within_error_naive": d_naive <= eps,
+        "mean_k": (sum(ks) / len(ks)) if ks else None,
+        "model_mean_k_if_caught": float(K[K < 10 ** 9].double().mean()),
+        "model_p_caught_within_steps": float((K < 10 ** 9).double().mean()),
         "wall_min": (time.monotonic() - t0) / 60, "trials_detail": results,
     }
-    print(f"curve: {len(ks)}/{n} detected within {steps} steps; DKW eps {eps:.3f}; KS vs scheduler model "
-          f"{d_k:.3f}, vs 1-(1-p)^k {d_naive:.3f}, commitments vs 1-(1-p)^c {d_c:.3f}", flush=True)
+    print(f"curve: {len(ks)}/{n} detected within {steps} steps (model {summary['model_p_caught_within_steps']:.3f}); "
+          f"DKW eps {eps:.3f}; KS vs scheduler model: messages {d_k:.3f}, commitments {d_c:.3f}; "
+          f"vs plain 1-(1-p)^k {d_naive:.3f}", flush=True)
     try:
         import matplotlib
 
@@ -454,30 +466,24 @@ def curve(args, out: Path) -> dict:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        xs = list(range(kmax + 1))
-        ax = axes[0]
-        emp = [ecdf(ks, j) for j in xs]
-        ax.step(xs, emp, where="post", label=f"measured ({n} trials)", color="C0")
-        ax.fill_between(xs, [max(0, e - eps) for e in emp], [min(1, e + eps) for e in emp], step="post",
-                        alpha=0.2, color="C0", label="DKW 95% band")
-        ax.step(xs, exp_k, where="post", label="scheduler model: 1-(1-p)^(k+steps)", color="C1")
-        ax.plot(xs, naive, label="1-(1-p)^k", color="C2", ls="--")
-        ax.axvline(horizon_k, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("poisoned messages sent (k)")
-        ax.set_ylabel("P(caught by then)")
-        ax.set_title(f"forward:reverse r={rate}, p={p}, screen off")
-        ax.legend(fontsize=8, loc="lower right")
-        ax = axes[1]
-        xc = list(range(cmax + 1))
-        emp_c = [ecdf(cs, j) for j in xc]
-        ax.step(xc, emp_c, where="post", label="measured", color="C0")
-        ax.fill_between(xc, [max(0, e - eps) for e in emp_c], [min(1, e + eps) for e in emp_c], step="post",
-                        alpha=0.2, color="C0", label="DKW 95% band")
-        ax.plot(xc, [1 - (1 - p) ** j for j in xc], label="1-(1-p)^c", color="C1")
-        ax.axvline(horizon_c, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("poisoned commitments c (messages + updates built on them)")
-        ax.set_title("the same, per auditable commitment")
-        ax.legend(fontsize=8, loc="lower right")
+        for ax, xs_obs, model, top, label in ((axes[0], ks, model_k, kmax, "poisoned messages sent (k)"),
+                                              (axes[1], cs, model_c, cmax, "poisoned commitments c "
+                                               "(messages + updates built on them)")):
+            top = min(top, 80)
+            xs = list(range(top + 1))
+            emp = [ecdf(xs_obs, j) for j in xs]
+            ax.step(xs, emp, where="post", label=f"measured ({n} testnet trials)", color="C0")
+            ax.fill_between(xs, [max(0, e - eps) for e in emp], [min(1, e + eps) for e in emp], step="post",
+                            alpha=0.2, color="C0", label="DKW 95% band")
+            ax.step(xs, model[: top + 1], where="post", label="scheduler model (simulated)", color="C1")
+            ax.plot(xs, [1 - (1 - p) ** j for j in xs], label="1-(1-p)^" + label.split("(")[-1][0], color="C2",
+                    ls="--")
+            ax.set_xlabel(label)
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=8, loc="lower right")
+        axes[0].set_ylabel("P(caught by then)")
+        axes[0].set_title(f"forward:reverse r={rate}, p={p}, screen off, {MICRO_BATCHES} micro-batches")
+        axes[1].set_title("per auditable commitment")
         fig.tight_layout()
         fig.savefig(out / "attack-matrix.png", dpi=110)
         print(f"wrote {out / 'attack-matrix.png'}")
