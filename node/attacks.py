@@ -451,7 +451,8 @@ class AuditClear(Behaviour):
 
 
 class Silent(Behaviour):
-    """Once it fires, every pause blocks until the daemon shuts down (``latched``)."""
+    """Fires at a send; from then on every pause (send, RPC, heartbeat) blocks until the daemon
+    shuts down (``latched``)."""
 
     name = "node:silent"
 
@@ -459,6 +460,8 @@ class Silent(Behaviour):
         self.latched = False
 
     async def pause(self, ctx, what):
+        if not self.latched and what != "send":
+            return  # it falls silent mid-step, at a send; before that it answers as usual
         if not self.latched:
             log.warning("going silent at step %d (%s)", ctx.step, what)
         self.latched = True
