@@ -141,6 +141,10 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
             if kind == "noise":
                 extra = {"noise_scale": 0.5}  # half the tensor's own std: no outlier in norm
             out.append(Case(name, "tensor", {"behaviours": [name], "rate": rate, "start_step": start, **extra}))
+            if kind == "noise" and direction == "forward":
+                out.append(Case(f"{name}(scale=1e-4)", "tensor", {"behaviours": [name], "rate": rate,
+                                                                  "start_step": start, "noise_scale": 1e-4},
+                                note="noise under the audit tolerance"))
     for name in PROTOCOL:
         if name.startswith("audit:"):
             out.append(Case(name, "protocol", liar={"behaviours": [name], "rate": 1.0}))
