@@ -257,6 +257,24 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
     return art
 
 
+def _signed_contradictions(verdict: pb.AuditVerdict, art: audit.Artifacts) -> list:
+    """Contradictions between a verdict's attached claims and the artifacts, counting only claims
+    really signed by the node they name (an auditor cannot excuse itself with made-up claims)."""
+    req = art.request
+    keys = {p.node_id: p.public_key for p in (req.target, req.prev, req.next) if p.node_id}
+    out = []
+    for theirs, ours in audit.contradictions(verdict, art):
+        signer = theirs.header.sender if isinstance(theirs, pb.TensorCommitment) else theirs.node_id
+        if signer not in keys:
+            continue
+        try:
+            verify(theirs, PublicIdentity(keys[signer]), what="claim attached to the verdict")
+        except PipeguardError:
+            continue
+        out.append((theirs, ours))
+    return out
+
+
 def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> VerifyResult:
     """Re-check a bundle offline. Never raises for a bad bundle: returns valid=False and why."""
     try:
@@ -299,7 +317,7 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
             if kind == "false-clearance":
                 if verdict.verdict != pb.VERDICT_PASS:
                     return VerifyResult(False, kind, verdict.auditor, "the auditor did not sign a PASS")
-                if audit.contradictions(verdict, art):
+                if _signed_contradictions(verdict, art):
                     return VerifyResult(False, kind, verdict.auditor, "the auditor saw other signed data than "
                                         "the bundle holds (its PASS may be honest; someone equivocated)")
                 if clearly_fails(finding, req.tolerance):

@@ -125,6 +125,17 @@ def test_false_clearance_bundles_that_prove_nothing_are_refused(tmp_path, datase
         assert "equivocated" in result.summary
 
 
+def test_a_made_up_other_version_attached_to_the_pass_does_not_excuse_the_auditor(tmp_path, dataset):
+    art, verdict, coord, auditor = forward_audit(dataset, lambda t: -t)
+    fake = pb.TensorCommitment()
+    fake.CopyFrom(verdict.commitments[0])
+    fake.payload_digest = bytes(32)  # "the target showed me another output" -- never signed by it
+    verdict.commitments.append(fake)
+    sign(verdict, auditor)
+    result = verify_bundle(bundle(tmp_path, art, verdict, coord, auditor))
+    assert result.valid and result.accused == auditor.node_id, result.summary
+
+
 # -- multi-process tier ---------------------------------------------------------------------------
 
 
