@@ -136,6 +136,31 @@ def test_a_made_up_other_version_attached_to_the_pass_does_not_excuse_the_audito
     assert result.valid and result.accused == auditor.node_id, result.summary
 
 
+def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
+    from coordinator.audits import AuditScheduler, StepRecord
+    from coordinator.registry import NodeRecord
+
+    ids = [Identity.generate() for _ in range(3)]
+    nodes = [NodeRecord(node_id=i.node_id, public_key=i.public_key, address=f"127.0.0.1:{7001 + n}", stage=n)
+             for n, i in enumerate(ids)]
+    # Stage 2 flagged the activation stage 1 sent it for micro-batch 1; nothing else is drawn (rate 0).
+    reports = [pb.StepReport(run_id=RUN, step=3, stage=n, node_id=i.node_id) for n, i in enumerate(ids)]
+    reports[2].flags.add(direction=pb.DIRECTION_FORWARD, micro_batch=1)
+    for screen in (True, False):
+        sched = AuditScheduler(identity=Identity.generate(), registry=None, events=None, dataset=None,
+                               evidence_dir=tmp_path, rate=0.0, tolerance=TOL, screen=screen, timeout=5.0,
+                               max_tensor_bytes=1 << 20, stub_for=None, convict=None, recheck_rate=0.0)
+        sched.train_spec = pb.TrainSpec(micro_batches=4)
+        sched.num_stages = 3
+        drawn = sched.select(StepRecord(step=3, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports))
+        if not screen:
+            assert drawn == [] and sched.flagged_ids == set()
+            continue
+        assert [(r.stage, r.kind, r.micro_batch, r.target.node_id) for r in drawn] == [
+            (1, pb.AUDIT_KIND_FORWARD, 1, ids[1].node_id)]
+        assert sched.flagged_ids == {drawn[0].audit_id}, "its PASS will be re-checked by the coordinator"
+
+
 # -- multi-process tier ---------------------------------------------------------------------------
 
 
