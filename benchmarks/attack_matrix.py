@@ -321,6 +321,44 @@ def describe(res: RunResult) -> str:
 # -- tables -----------------------------------------------------------------------------------------
 
 
+def curve_markdown(c: dict) -> str:
+    ok = "within" if c["within_error_model"] else "NOT within"
+    lines = [
+        "", "## Detection curve", "",
+        f"![detection curve](attack-matrix.png)", "",
+        f"{c['valid_trials']} testnet trials (of {c['trials']} started; the others failed to start or run and are "
+        f"left out) of `forward:reverse` at attack rate {c['rate']} on stage 1, audit rate p = {c['p']}, screen "
+        f"off (only random audits can catch it), re-checks at their default, {c['micro_batches']} micro-batches, "
+        f"at most {c['steps']} steps, each trial with its own attack seed; every trial stops at the ban. "
+        f"k = poisoned activations the attacker sent (its own log) in the steps up to and including the step of "
+        f"the audit that convicted it. {c['detected']} of {c['valid_trials']} were caught within {c['steps']} "
+        f"steps (model: {100 * c['model_p_caught_within_steps']:.1f}%), mean k when caught {c['mean_k']:.1f} "
+        f"(model {c['model_mean_k_if_caught']:.1f}); honest nodes banned: {c['honest_banned']}.", "",
+        "What the scheduler does (coordinator/audits.py `select`, `select_updates`): each poisoned message is "
+        "audited with probability p, and so is each step's update of the attacking stage, which recomputes "
+        "every micro-batch of the step. A step with n poisoned messages therefore escapes with probability "
+        "(1 - p)^(n + 1): per poisoned *commitment* c (messages + the updates built on them) detection is "
+        "exactly 1 - (1 - p)^c at step boundaries, and per poisoned message it is faster than 1 - (1 - p)^k. "
+        "The model curve is a Monte Carlo (200,000 runs) of exactly that, with the same micro-batches, rate "
+        "and step bound.", "",
+        "| comparison | KS distance (max \|ECDF - F\|) | DKW 95% bound | verdict |",
+        "|---|---|---|---|",
+        f"| poisoned messages k vs scheduler model | {c['ks_messages_vs_model']:.3f} | {c['dkw_eps_95']:.3f} | "
+        f"{'within' if c['ks_messages_vs_model'] <= c['dkw_eps_95'] else 'outside'} |",
+        f"| poisoned commitments c vs scheduler model (= 1-(1-p)^c at step ends) | "
+        f"{c['ks_commitments_vs_model']:.3f} | {c['dkw_eps_95']:.3f} | "
+        f"{'within' if c['ks_commitments_vs_model'] <= c['dkw_eps_95'] else 'outside'} |",
+        f"| poisoned messages k vs plain 1-(1-p)^k | {c['ks_messages_vs_naive_1_minus_(1-p)^k']:.3f} | "
+        f"{c['dkw_eps_95']:.3f} | {'within' if c['within_error_naive'] else 'outside'} |", "",
+        f"The measured curve is **{ok} statistical error** of the scheduler's model (DKW: with 95% probability "
+        f"the true CDF lies within ±{c['dkw_eps_95']:.3f} of the empirical one everywhere; the bound is "
+        f"conservative for a discrete distribution). With {c['valid_trials']} trials the band is wide: this "
+        f"rules out gross departures (a scheduler that audited per step instead of per message, or an "
+        f"auditor-choice bias), not differences of a few percent.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         "# Attack matrix",
@@ -349,6 +387,10 @@ def markdown(results: list[dict], meta: dict) -> str:
             det += f" (stopped at step {r['steps_done']})"
         lines.append(f"| {r['behaviour']} | {r['p']:g} | {det} | {steps} | {at} / {r['audits_total']} | "
                      f"{r['honest_banned']} | {loss} | {', '.join(r['actions'])} | {ev} |")
+    caught = sum(r["detected"] for r in results)
+    lines += ["", f"{caught} of {len(results)} runs caught the attacker; honest nodes banned in all runs: "
+              f"{sum(r['honest_banned'] for r in results)}. Why the rows that are not caught are not, and what "
+              "would catch them: [threat-model.md](threat-model.md) §6."]
     return "\n".join(lines) + "\n"
 
 
@@ -499,6 +541,13 @@ def curve(args, out: Path) -> dict:
 # -- main ---------------------------------------------------------------------------------------------
 
 
+def write_markdown(out: Path, data: dict) -> None:
+    text = markdown(data["results"], data["meta"]) if "results" in data else "# Attack matrix\n"
+    if "curve" in data:
+        text += curve_markdown(data["curve"])
+    (out / "attack-matrix.md").write_text(text)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="write attack-matrix.{md,json,png} here")
@@ -513,6 +562,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--curve", type=int, default=0, help="run N detection-curve trials instead of the matrix")
     ap.add_argument("--curve-rate", type=float, default=0.5, help="attack rate in the curve trials (default 0.5)")
     ap.add_argument("--curve-steps", type=int, default=24, help="steps per curve trial (default 24)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite attack-matrix.md from --out's attack-matrix.json (matrix and curve)")
     ap.add_argument("--skip-unknown", action="store_true",
                     help="skip behaviours this build's node does not know (instead of recording a run error)")
     return ap.parse_args(argv)
@@ -535,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "steps": args.steps, "rate": args.rate, "start": args.start, "run_timeout": args.run_timeout}
     t0 = time.monotonic()
+    if args.render:
+        data = json.loads((out / "attack-matrix.json").read_text())
+        write_markdown(out, data)
+        return 0
     if args.curve:
         summary = curve(args, out or Path("."))
         if out is not None:
@@ -543,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             data["curve"] = summary
             path.write_text(json.dumps(data, indent=1))
             print(f"wrote the curve into {path}")
+            write_markdown(out, data)
         return 0
     all_cases = cases(args.rate, args.start, args.patient)
     if args.quick:
@@ -574,11 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matrix: {caught}/{len(results)} runs detected, honest nodes banned: "
           f"{sum(r['honest_banned'] for r in results)}, {meta['wall_min']:.1f} min")
     if out is not None:
-        (out / "attack-matrix.md").write_text(markdown(results, meta))
         path = out / "attack-matrix.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         data.update({"meta": meta, "results": results})
         path.write_text(json.dumps(data, indent=1))
+        write_markdown(out, data)
         print(f"wrote {out / 'attack-matrix.md'} and {path}")
     return 0
 
