@@ -285,22 +285,41 @@ class ConstantDirection(TensorAttack):
         return (t.double() + norm * self.unit(t.shape)).to(t.dtype)
 
 
+class History:
+    """What a behaviour saw, per key, for its last few steps: ``earlier`` is the newest entry of a
+    step before the given one, so a retried or rolled-back step never counts as earlier."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._seen: dict[object, dict[int, object]] = {}
+
+    def remember(self, key: object, step: int, value: object) -> None:
+        steps = self._seen.setdefault(key, {})
+        steps[step] = value
+        for old in sorted(steps)[:-self.keep]:
+            del steps[old]
+
+    def earlier(self, key: object, step: int):
+        steps = self._seen.get(key, {})
+        before = [s for s in steps if s < step]
+        return steps[max(before)] if before else None
+
+
 class Stale(TensorAttack):
-    """Remembers the last tensor it saw per micro-batch; sends it at a later step."""
+    """Remembers what it saw per micro-batch; sends the newest tensor of an earlier step."""
 
     kind = "stale"
 
     def __init__(self, direction: str = "forward", params: Params | None = None):
         super().__init__(direction, params)
-        self.memory: dict[int, tuple[int, torch.Tensor]] = {}
-        """micro-batch -> (step, the honest tensor of that step)."""
+        self.history = History()
 
     def tamper(self, ctx, t):
-        earlier = self.memory.get(ctx.micro_batch)
-        self.memory[ctx.micro_batch] = (ctx.step, t.detach().clone())
-        if earlier is None or earlier[0] >= ctx.step or earlier[1].shape != t.shape:
+        earlier = self.history.earlier(ctx.micro_batch, ctx.step)
+        self.history.remember(ctx.micro_batch, ctx.step, t.detach().clone())
+        if earlier is None or earlier.shape != t.shape:
             return t  # nothing earlier to resend (the first step, or after a rollback)
-        return earlier[1]
+        return earlier
 
 
 # Lu et al.'s attacks under their original names (kept for plug-in authors and tests).
@@ -345,19 +364,19 @@ class BadSignature(Behaviour):
 
 
 class Replay(Behaviour):
+    """Sends, instead of this stream, the newest signed stream of an earlier step for the same
+    micro-batch and direction (again on every retry of the step)."""
+
     name = "wire:replay"
 
     def __init__(self):
-        self.memory: dict[tuple[int, int], tuple[int, list]] = {}
-        """(direction, micro-batch) -> (step, the signed stream sent then)."""
+        self.history = History()
 
     def on_send(self, ctx, chunks):
         key = (ctx.direction, ctx.micro_batch)
-        earlier = self.memory.get(key)
-        self.memory[key] = (ctx.step, chunks)
-        if earlier is None or earlier[0] >= ctx.step:
-            return chunks
-        return earlier[1]
+        earlier = self.history.earlier(key, ctx.step)
+        self.history.remember(key, ctx.step, chunks)
+        return chunks if earlier is None else earlier
 
 
 def sign_tensor_commitment(header, tensor: torch.Tensor, signer):

@@ -281,11 +281,12 @@ def test_stale_resends_an_earlier_steps_output():
     assert torch.equal(b.on_forward(ctx_at(0), x0), x0), "nothing earlier at the first step"
     assert torch.equal(b.on_forward(ctx_at(1), x1), x0)
     assert torch.equal(b.on_forward(ctx_at(2), x2), x1)
+    assert torch.equal(b.on_forward(ctx_at(2), x2), x1), "and again when the step is retried"
     other_mb = activation(9)
     assert torch.equal(b.on_forward(ctx_at(2, mb=0), other_mb), other_mb), "per micro-batch memory"
-    # after a rollback to step 1 nothing it holds is earlier: honest until it is
+    # after a rollback to step 0 nothing it holds is earlier: honest until it is
     again = activation(3)
-    assert torch.equal(b.on_forward(ctx_at(1), again), again)
+    assert torch.equal(b.on_forward(ctx_at(0), again), again)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -343,6 +344,7 @@ def test_replay_sends_an_earlier_valid_stream():
     _, second = signed_stream(3, seed=1)
     replayed = b.on_send(ctx_at(3), second)
     assert replayed is first
+    assert b.on_send(ctx_at(3), second) is first, "and again when the step is retried"
     rt = receive(replayed)  # a valid signature ...
     assert rt.commitment.header.step == 2, "... on the earlier step's header, which admission refuses"
     _, other_mb = signed_stream(3, mb=0, seed=2)
