@@ -1,7 +1,7 @@
 """Multi-process tests of the adversary library, one family at a time (issue 4).
 
-Each test is a real testnet: a coordinator, three stage nodes and a standby (which audits), one
-of the stage nodes configured with a built-in attack through the same flags a user types.
+Each test is a real testnet: a coordinator, three stage nodes and a standby (which audits), the
+stage-1 node configured with a built-in attack through the same flags a user types.
 Audits run at rate 1 with the screen on, so every message is checked and detection comes in
 the first steps; the tests assert what a user checks with ``pipeguard status``: who is banned
 (the attacker, and nobody honest), why, that the evidence verifies offline, and that the run
@@ -28,9 +28,8 @@ from pipeguard.evidence import verify_bundle
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 
-STEPS = 3
+STEPS = 2
 ATTACKER = 1
-STANDBY = 3
 
 
 def adversary_toml(step_timeout: float = 60.0) -> str:
@@ -43,13 +42,25 @@ def adversary_toml(step_timeout: float = 60.0) -> str:
 
 
 def run_with_attacker(net, attack: list[str], timeout: float = 100) -> tuple[pb.StatusReply, list[str]]:
-    """Node i registers i-th (node 1 serves stage 1 and attacks, node 3 stands by); run to the end."""
+    """Node 0 registers first (stage 0), the attacker second (stage 1); nodes 2 and 3 start
+    together and take stage 2 and the standby in whatever order they register. Run to the end."""
     net.start_coordinator()
-    for i in range(4):
-        net.start_node(*(attack if i == ATTACKER else []))
-        net.wait_registered(i + 1)
+    net.start_node()
+    net.wait_registered(1)
+    net.start_node(*attack)
+    net.wait_registered(2)
+    late = [net.start_node(wait=False), net.start_node(wait=False)]
+    for node in late:
+        node.wait_ready()
+    net.wait_registered(4)
     ids = [n.node_id for n in net.nodes]
     return net.wait_finished(timeout=timeout), ids
+
+
+def assert_standby_took_stage_1(status: pb.StatusReply, ids: list[str]) -> None:
+    holder = {n.stage: n.node_id for n in status.nodes if n.role == pb.ROLE_STAGE}
+    assert holder[0] == ids[0]
+    assert {holder[1], holder[2]} == {ids[2], ids[3]}, "the standby took the attacker's stage"
 
 
 def roles(status: pb.StatusReply) -> dict[str, int]:
@@ -62,8 +73,7 @@ def assert_attacker_banned_with_evidence(status: pb.StatusReply, ids: list[str],
     attacker = next(n for n in status.nodes if n.node_id == ids[ATTACKER])
     assert reason in attacker.ban_reason, attacker.ban_reason
     assert status.detections >= 1
-    holder = {n.stage: n.node_id for n in status.nodes if n.role == pb.ROLE_STAGE}
-    assert holder == {0: ids[0], 1: ids[STANDBY], 2: ids[2]}, "the standby took the attacker's stage"
+    assert_standby_took_stage_1(status, ids)
     assert [p.step for p in status.losses] == list(range(STEPS)), "the run finished every step"
     assert status.evidence
     for path in status.evidence:
@@ -99,15 +109,15 @@ def test_protocol_attacks_are_caught_and_only_the_attacker_is_banned(testnet, at
 
 @pytest.mark.timeout(150)
 def test_a_node_that_goes_silent_mid_step_is_replaced_without_a_ban(testnet):
-    # Silent at its send of micro-batch 1 of step 1: mid-step, after a whole honest step.
-    net = testnet(adversary_toml(step_timeout=10.0))
+    # Silent at its send of micro-batch 1 of step 1: mid-step, after a whole honest step. The
+    # coordinator's step deadline is short so the stalled step times out soon.
+    net = testnet(adversary_toml(step_timeout=15.0))
     status, ids = run_with_attacker(net, ["--attack", "node:silent", "--attack-start", "1",
                                           "--attack-micro-batches", "1"])
     assert {n.node_id for n in status.nodes if n.role == pb.ROLE_BANNED} == set(), "silence is not proof"
     assert roles(status)[ids[ATTACKER]] == pb.ROLE_OFFLINE
     assert any(e.kind == "node_offline" and e.node_id == ids[ATTACKER] for e in status.events)
-    holder = {n.stage: n.node_id for n in status.nodes if n.role == pb.ROLE_STAGE}
-    assert holder == {0: ids[0], 1: ids[STANDBY], 2: ids[2]}
+    assert_standby_took_stage_1(status, ids)
     assert [p.step for p in status.losses] == list(range(STEPS))
     assert status.detections == 0 and not status.evidence
     # the silent daemon still shuts down cleanly on SIGTERM
