@@ -186,7 +186,6 @@ from pipeguard.errors import PipeguardError  # noqa: E402
 from pipeguard.identity import Identity  # noqa: E402
 from pipeguard.model import GPTConfig, OptimSettings, Randomness, StageModule, clip_and_step, make_optimizer, \
     named_state, partition  # noqa: E402
-from pipeguard.signing import canonical_bytes  # noqa: E402
 from pipeguard.tensors import TensorSender, make_header, receive_tensor, state_digest, tensor_digest  # noqa: E402
 from pipeguard.v1 import pipeguard_pb2 as pb  # noqa: E402
 
