@@ -471,6 +471,12 @@ def curve(args, out: Path) -> dict:
             shutil.rmtree(tmp / f"t{i}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return summarise(results, p, rate, steps, trials, out, (time.monotonic() - t0) / 60)
+
+
+def summarise(results: list[dict], p: float, rate: float, steps: int, trials: int, out: Path,
+              wall_min: float) -> dict:
+    """The curve's statistics and plot from the trials' records (also used by ``--render``)."""
     valid = [r for r in results if not r["error"] and (r["k"] is not None or not r["detected"])]
     n = len(valid)
     ks = sorted(r["k"] for r in valid if r["k"] is not None)
@@ -500,7 +506,7 @@ def curve(args, out: Path) -> dict:
         "mean_k": (sum(ks) / len(ks)) if ks else None,
         "model_mean_k_if_caught": float(K[K < 10 ** 9].double().mean()),
         "model_p_caught_within_steps": float((K < 10 ** 9).double().mean()),
-        "wall_min": (time.monotonic() - t0) / 60, "trials_detail": results,
+        "wall_min": wall_min, "trials_detail": results,
     }
     print(f"curve: {len(ks)}/{n} detected within {steps} steps (model {summary['model_p_caught_within_steps']:.3f}); "
           f"DKW eps {eps:.3f}; KS vs scheduler model: messages {d_k:.3f}, commitments {d_c:.3f}; "
@@ -512,9 +518,9 @@ def curve(args, out: Path) -> dict:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, xs_obs, model, top, label in ((axes[0], ks, model_k, kmax, "poisoned messages sent (k)"),
-                                              (axes[1], cs, model_c, cmax, "poisoned commitments c "
-                                               "(messages + updates built on them)")):
+        for ax, xs_obs, model, top, label, var in (
+                (axes[0], ks, model_k, kmax, "poisoned messages sent (k)", "k"),
+                (axes[1], cs, model_c, cmax, "poisoned commitments c (messages + updates built on them)", "c")):
             top = min(top, 80)
             xs = list(range(top + 1))
             emp = [ecdf(xs_obs, j) for j in xs]
@@ -522,8 +528,7 @@ def curve(args, out: Path) -> dict:
             ax.fill_between(xs, [max(0, e - eps) for e in emp], [min(1, e + eps) for e in emp], step="post",
                             alpha=0.2, color="C0", label="DKW 95% band")
             ax.step(xs, model[: top + 1], where="post", label="scheduler model (simulated)", color="C1")
-            ax.plot(xs, [1 - (1 - p) ** j for j in xs], label="1-(1-p)^" + label.split("(")[-1][0], color="C2",
-                    ls="--")
+            ax.plot(xs, [1 - (1 - p) ** j for j in xs], label=f"1-(1-p)^{var}", color="C2", ls="--")
             ax.set_xlabel(label)
             ax.set_ylim(0, 1.02)
             ax.legend(fontsize=8, loc="lower right")
@@ -587,7 +592,13 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "rate": args.rate, "start": args.start, "run_timeout": args.run_timeout}
     t0 = time.monotonic()
     if args.render:
-        data = json.loads((out / "attack-matrix.json").read_text())
+        path = out / "attack-matrix.json"
+        data = json.loads(path.read_text())
+        if "curve" in data:  # recompute the statistics and redraw the plot from the trials' records
+            c = data["curve"]
+            data["curve"] = summarise(c["trials_detail"], c["p"], c["rate"], c["steps"], c["trials"], out,
+                                      c["wall_min"])
+            path.write_text(json.dumps(data, indent=1))
         write_markdown(out, data)
         return 0
     if args.curve:
