@@ -11,6 +11,17 @@ answer (crashed, silent, refused), the coordinator audits itself.
 A FAIL verdict never bans by itself: the coordinator gathers the same artifacts and recomputes
 them. Confirmed: the audited node is banned and an evidence bundle is written. Refuted: the
 auditor lied, and it is banned instead, with a bundle proving that.
+
+A PASS verdict is re-checked the same way for a random ``audit.recheck_rate`` of audits, and
+always when the audited message was screen-flagged. A PASS that the recomputation contradicts
+(beyond ``FALSE_CLEARANCE_MARGIN`` times the tolerance, so that no honest auditor's rounding
+can be blamed) bans both the audited node (``audit`` bundle) and the auditor that cleared it
+(``false-clearance`` bundle): an auditor covering for an accomplice.
+
+Before anyone is convicted on a failed recomputation, the judge fetches every tensor it used
+from both of its holders (the sender's sent copy and the receiver's received copy): two
+different versions validly signed by the same sender are equivocation, and it is the sender,
+not the audited node that computed on what it was given, who is banned.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ from coordinator.state import EventLog
 
 log = logging.getLogger(__name__)
 
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+
 
 @dataclass
 class StepRecord:
@@ -58,13 +71,15 @@ class AuditStats:
     performed: dict[str, int] = field(default_factory=dict)
     detections: int = 0
     incomplete: int = 0
+    rechecked: int = 0
+    """PASS verdicts the coordinator recomputed itself."""
 
 
 class AuditScheduler:
     def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
                  evidence_dir: Path, rate: float, tolerance: float, screen: bool, timeout: float,
                  max_tensor_bytes: int, stub_for: Callable[[str], object],
-                 convict: Callable[[str, int, str, Path], None]):
+                 convict: Callable[[str, int, str, Path], None], recheck_rate: float = 0.0):
         self.identity = identity
         self.registry = registry
         self.events = events
@@ -73,6 +88,9 @@ class AuditScheduler:
         self.rate = rate
         self.tolerance = tolerance
         self.screen = screen
+        self.recheck_rate = recheck_rate
+        self.flagged_ids: set[int] = set()
+        """Audits drawn because a receiver's screen flagged the message: a PASS is always re-checked."""
         self.timeout = timeout
         self.max_tensor_bytes = max_tensor_bytes
         self.stub_for = stub_for
@@ -105,10 +123,15 @@ class AuditScheduler:
         M = self.train_spec.micro_batches
         for pos in range(len(rec.nodes)):
             for mb in range(M):
-                if pos < last and ((pos, pb.DIRECTION_FORWARD, mb) in flagged or self.rng.random() < self.rate):
-                    out.append(self._request(rec, pos, pb.AUDIT_KIND_FORWARD, mb))
-                if pos > 0 and ((pos, pb.DIRECTION_BACKWARD, mb) in flagged or self.rng.random() < self.rate):
-                    out.append(self._request(rec, pos, pb.AUDIT_KIND_BACKWARD, mb))
+                for ok, direction, kind in ((pos < last, pb.DIRECTION_FORWARD, pb.AUDIT_KIND_FORWARD),
+                                            (pos > 0, pb.DIRECTION_BACKWARD, pb.AUDIT_KIND_BACKWARD)):
+                    if not ok:
+                        continue
+                    is_flagged = (pos, direction, mb) in flagged
+                    if is_flagged or self.rng.random() < self.rate:
+                        out.append(self._request(rec, pos, kind, mb))
+                        if is_flagged:
+                            self.flagged_ids.add(out[-1].audit_id)
         return out
 
     def select_updates(self, rec: StepRecord) -> list[pb.AuditRequest]:
@@ -156,7 +179,13 @@ class AuditScheduler:
             self.stats.dispatched += 1
             task = asyncio.create_task(self._run(req))
             self.pending[req.audit_id] = (req.step, task)
-            task.add_done_callback(lambda _t, i=req.audit_id: self.pending.pop(i, None))
+            task.add_done_callback(self._done(req.audit_id))
+
+    def _done(self, audit_id: int) -> Callable[[asyncio.Task], None]:
+        def forget(_task: asyncio.Task) -> None:
+            self.pending.pop(audit_id, None)
+            self.flagged_ids.discard(audit_id)
+        return forget
 
     async def drain(self, upto_step: int) -> None:
         """Wait for every audit of a step <= ``upto_step`` (their evidence is about to expire)."""
@@ -200,7 +229,11 @@ class AuditScheduler:
                 raise PipeguardError("verdict does not answer this audit")
             self.stats.performed[auditor.node_id] = self.stats.performed.get(auditor.node_id, 0) + 1
             if verdict.verdict == pb.VERDICT_PASS:
-                self._passed(req)
+                flagged = req.audit_id in self.flagged_ids
+                if flagged or self.rng.random() < self.recheck_rate:
+                    await self._recheck(req, verdict, "screen-flagged message" if flagged else "random re-check")
+                else:
+                    self._passed(req)
             elif verdict.verdict == pb.VERDICT_FAIL:
                 if self._banned(req.target.node_id):
                     return  # already convicted: one bundle per ban is enough
@@ -232,17 +265,8 @@ class AuditScheduler:
                 verify(theirs, PublicIdentity(key), what="claim in the auditor's verdict")
             except PipeguardError:
                 continue  # a forged claim in a verdict proves nothing against its "signer"
-            if self._banned(signer):
-                return True
-            self._convicting.add(signer)
-            path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-equivocation-{signer[:8]}.pgev"
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, evidence.write_equivocation_bundle, path, theirs, ours, key)
-            self.stats.detections += 1
-            self.stats.failed[signer] = self.stats.failed.get(signer, 0) + 1
-            self.convict(signer, req.step, f"equivocation: signed two different versions of the same "
-                         f"{'tensor' if isinstance(theirs, pb.TensorCommitment) else 'state'} (audit {req.audit_id})",
-                         path)
+            await self._convict_equivocation(
+                req, signer, key, theirs, ours, "tensor" if isinstance(theirs, pb.TensorCommitment) else "state")
             return True
         return False
 
@@ -254,10 +278,10 @@ class AuditScheduler:
         rec = self.registry.nodes.get(node_id)
         return node_id in self._convicting or (rec is not None and rec.role == pb.ROLE_BANNED)
 
-    async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> None:
-        """The coordinator's own recomputation: the only thing that can lead to a ban."""
-        if self._banned(req.target.node_id):
-            return
+    async def _confirm(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None
+                       ) -> tuple[audit.Artifacts, audit.Finding] | None:
+        """Gather and recompute what ``req`` audits, as the judge. None when there is nothing left
+        to decide: the audit could not be completed, or an equivocating signer was convicted."""
         fetcher = audit.RpcFetcher(self.identity, "", self.stub_for, req.run_id, self.max_tensor_bytes, self.timeout,
                                    req.epoch)
         try:
@@ -266,26 +290,82 @@ class AuditScheduler:
             self.stats.incomplete += 1
             self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
                              node_id=req.target.node_id, step=req.step)
-            return
-        loop = asyncio.get_running_loop()
-        target = req.target.node_id
+            return None
         if verdict is not None and await self._equivocation(req, verdict, art):
-            return
+            return None
         if art.needs_tokens():
             art.fill_tokens(self.dataset)
             audit.check_tokens(art)
-        finding = await loop.run_in_executor(self.executor, audit.check, art)
+        finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
+        if finding.verdict == pb.VERDICT_FAIL and await self._cross_holders(req, art, fetcher):
+            return None
+        return art, finding
+
+    async def _cross_holders(self, req: pb.AuditRequest, art: audit.Artifacts, fetcher: audit.RpcFetcher) -> bool:
+        """Fetch every tensor of ``art`` from both of its holders; convict a sender that signed two
+        versions (e.g. the real one to its receiver and another to auditors). True if one was."""
+        prev = req.prev if req.HasField("prev") else None
+        nxt = req.next if req.HasField("next") else None
+        target = req.target
+        items = [(rt, FORWARD, mb, prev, [(prev, True), (target, False)]) for mb, rt in art.inputs.items()]
+        items += [(rt, BACKWARD, mb, nxt, [(nxt, True), (target, False)]) for mb, rt in art.grads_in.items()]
+        items += [(rt, d, mb, target, [(nxt if d == FORWARD else prev, False), (target, True)])
+                  for (d, mb), rt in art.outputs.items()]
+        for rt, direction, mb, signer, holders in items:
+            for holder, sent in holders:
+                if holder is None or signer is None:
+                    continue
+                try:
+                    other = await fetcher.fetch_tensor(holder, req.step, mb, direction, sent, signer)
+                except PipeguardError:
+                    continue  # a holder that cannot serve proves nothing
+                if other.commitment.payload_digest == rt.commitment.payload_digest:
+                    continue
+                if not evidence.same_subject(other.commitment, rt.commitment):
+                    continue
+                await self._convict_equivocation(req, signer.node_id, signer.public_key, other.commitment,
+                                                 rt.commitment, "tensor")
+                return True
+        return False
+
+    async def _convict_equivocation(self, req: pb.AuditRequest, signer: str, key: bytes, theirs, ours,
+                                    what: str) -> None:
+        if self._banned(signer):
+            return
+        self._convicting.add(signer)
+        path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-equivocation-{signer[:8]}.pgev"
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, evidence.write_equivocation_bundle, path, theirs, ours, key)
+        self.stats.detections += 1
+        self.stats.failed[signer] = self.stats.failed.get(signer, 0) + 1
+        self.convict(signer, req.step, f"equivocation: signed two different versions of the same {what} "
+                     f"(audit {req.audit_id})", path)
+
+    async def _convict_target(self, req: pb.AuditRequest, art: audit.Artifacts, finding: audit.Finding) -> bool:
+        target = req.target.node_id
+        if self._banned(target):
+            return False
+        self._convicting.add(target)
+        self.stats.failed[target] = self.stats.failed.get(target, 0) + 1
+        self.stats.detections += 1
+        path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-{target[:8]}.pgev"
+        await asyncio.get_running_loop().run_in_executor(self.executor, evidence.write_audit_bundle, path, art,
+                                                         finding, self.identity.public_key)
+        self.convict(target, req.step, f"{audit.KIND_NAMES[req.kind]} audit at step {req.step}: "
+                     f"{finding.detail}", path)
+        return True
+
+    async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> None:
+        """The coordinator's own recomputation: the only thing that can lead to a ban."""
+        if self._banned(req.target.node_id):
+            return
+        confirmed = await self._confirm(req, verdict)
+        if confirmed is None:
+            return
+        art, finding = confirmed
+        target = req.target.node_id
         if finding.verdict == pb.VERDICT_FAIL:
-            if self._banned(target):
-                return
-            self._convicting.add(target)
-            self.stats.failed[target] = self.stats.failed.get(target, 0) + 1
-            self.stats.detections += 1
-            path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-{target[:8]}.pgev"
-            await loop.run_in_executor(self.executor, evidence.write_audit_bundle, path, art, finding,
-                                       self.identity.public_key)
-            self.convict(target, req.step, f"{audit.KIND_NAMES[req.kind]} audit at step {req.step}: "
-                         f"{finding.detail}", path)
+            await self._convict_target(req, art, finding)
         elif verdict is not None and finding.verdict == pb.VERDICT_PASS:
             liar = verdict.auditor
             self._passed(req)
@@ -294,11 +374,40 @@ class AuditScheduler:
             self._convicting.add(liar)
             path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-false-accusation-{liar[:8]}.pgev"
             rec = self.registry.nodes[liar]
-            await loop.run_in_executor(self.executor, lambda: evidence.write_audit_bundle(
+            await asyncio.get_running_loop().run_in_executor(self.executor, lambda: evidence.write_audit_bundle(
                 path, art, finding, self.identity.public_key, false_verdict=verdict, auditor_key=rec.public_key))
             self.convict(liar, -1, f"false accusation against {target[:8]} in audit {req.audit_id}", path)
         else:
             self._passed(req)
+
+    async def _recheck(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, why: str) -> None:
+        """Recompute an audit an auditor signed PASS for. If the recomputation fails it clearly
+        (beyond ``FALSE_CLEARANCE_MARGIN`` x tolerance), the audited node cheated and the auditor
+        covered for it: both are banned, each with its own bundle."""
+        self.stats.rechecked += 1
+        if self._banned(req.target.node_id):
+            return
+        confirmed = await self._confirm(req, verdict)
+        if confirmed is None:
+            return
+        art, finding = confirmed
+        if finding.verdict != pb.VERDICT_FAIL:
+            self._passed(req)
+            return
+        target, liar = req.target.node_id, verdict.auditor
+        self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the PASS signed by "
+                         f"{liar[:8]}: {finding.detail}", node_id=target, step=req.step)
+        await self._convict_target(req, art, finding)
+        if not evidence.clearly_fails(finding, req.tolerance) or self._banned(liar):
+            return  # within rounding of the tolerance: an honest auditor may have seen a pass
+        self._convicting.add(liar)
+        rec = self.registry.nodes[liar]
+        path = self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-false-clearance-{liar[:8]}.pgev"
+        await asyncio.get_running_loop().run_in_executor(self.executor, lambda: evidence.write_audit_bundle(
+            path, art, finding, self.identity.public_key, false_verdict=verdict, auditor_key=rec.public_key))
+        self.stats.detections += 1
+        self.convict(liar, -1, f"false clearance of {target[:8]} in audit {req.audit_id} ({why}): "
+                     f"signed PASS, recomputation {finding.detail}", path)
 
 
 def _peer(rec: NodeRecord, slot: int) -> pb.PeerInfo:

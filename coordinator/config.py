@@ -115,6 +115,12 @@ class AuditConfig:
     hardware and thread counts)."""
     screen: bool = True
     """Always audit tensors that a receiver's statistical screen flags."""
+    recheck_rate: float = 0.1
+    """Fraction of PASS verdicts the coordinator re-checks by its own recomputation (screen-flagged
+    messages that came back PASS are always re-checked). A PASS contradicted by the recomputation
+    bans the audited node and the auditor that cleared it, each with an evidence bundle: an auditor
+    covering for an accomplice is caught after about 1 / recheck_rate of its false verdicts. 0 trusts
+    every PASS (a colluding auditor can then shield its accomplice for as long as it is chosen)."""
     retention: int = 4
     """Steps that nodes keep state snapshots and sent/received tensors. Audits of a step finish
     before the step `retention` later applies its update, so a conviction can always roll back."""
@@ -129,6 +135,8 @@ class AuditConfig:
             raise ConfigError(f"audit.rate must be in [0, 1], got {self.rate}")
         if self.tolerance < 0:
             raise ConfigError("audit.tolerance must be >= 0 (0 = exact mode)")
+        if not 0.0 <= self.recheck_rate <= 1.0:
+            raise ConfigError(f"audit.recheck_rate must be in [0, 1], got {self.recheck_rate}")
         if self.retention < 2:
             raise ConfigError("audit.retention must be >= 2")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:

@@ -90,6 +90,7 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     auditor = AuditScheduler(
         identity=identity, registry=registry, events=events, dataset=dataset, evidence_dir=store.dir / "evidence",
         rate=cfg.audit.rate, tolerance=cfg.audit.tolerance, screen=cfg.audit.screen, timeout=cfg.timeouts.step,
+        recheck_rate=cfg.audit.recheck_rate,
         max_tensor_bytes=cfg.net.max_tensor_bytes, stub_for=clock.stub_for, convict=clock.convict)
     auditor.run_id, auditor.num_stages, auditor.data_digest = state.run_id, cfg.pipeline.stages, dataset.digest
     auditor.model_spec, auditor.train_spec = clock.model_spec(), clock.train_spec()

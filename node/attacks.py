@@ -1,9 +1,37 @@
 """Misbehaviour for experiments: the plug-in interface and the built-in attacks.
 
 A behaviour is any object with the hooks below (subclass ``Behaviour`` and override what you
-need; the defaults are honest). The node calls ``on_forward`` on every activation it is
-about to send downstream and ``on_backward`` on every input gradient it is about to send
-upstream, *before* signing: the attacker signs what it sends, as a real attacker would.
+need; the defaults are honest). Every built-in is written against these same hooks.
+
+=====================================================  ==================================================
+hook                                                   called
+=====================================================  ==================================================
+``on_forward(ctx, activation) -> tensor``              on each activation about to go downstream, before
+                                                       signing (the attacker signs what it sends)
+``on_backward(ctx, grad) -> tensor``                   on each input gradient about to go upstream
+``on_send(ctx, chunks) -> chunks``                     on the signed ``TensorChunk`` stream about to be
+                                                       pushed, *after* signing (tamper with the wire)
+``on_serve_tensor(ctx, commitment, tensor, sent)``     when a retained tensor is served to an auditor or
+                                                       the judge (``FetchTensor``); returns (commitment,
+                                                       tensor); ``ctx.signer`` can sign a new commitment
+``on_serve_state(ctx, named, digest)``                 when the stage state is served (``FetchState``);
+                                                       returns (named, digest), the attestation signs it
+``on_update(ctx, module, optimizer, before)``          after the optimizer step, before the node commits
+                                                       to its new state; may change module/optimizer in
+                                                       place (``before``: the named state before the step)
+``async pause(ctx, what)``                             before sending a tensor (``"send"``), answering an
+                                                       RPC (``"rpc"``) or a heartbeat (``"heartbeat"``);
+                                                       may sleep (slow) or never return (silent)
+``on_verdict(ctx, verdict) -> verdict``                on a verdict this node is about to sign as auditor
+                                                       (``ctx.step``/``ctx.stage``: the audited step and
+                                                       stage, ``ctx.peer``: the audited node)
+=====================================================  ==================================================
+
+``ctx`` is an ``AttackContext``: step, micro-batch (-1 where there is none), the node's stage
+and id, the direction, the peer (receiver, requester or audited node) and the node's signing
+identity. Every hook call is gated the same way by the node's ``[attack]`` settings: ``rate``
+(probability per call), ``start_step`` <= step < ``stop_step`` (-1: never stops) and
+``micro_batches`` (empty: all).
 
 Load your own with ``pipeguard-node --attack-plugin my_attack.py:MyAttack`` (or
 ``attack.plugin`` in the node's TOML). The class is instantiated with no arguments.
@@ -16,25 +44,53 @@ Example::
         def on_forward(self, ctx, activation):
             return activation * 10 if ctx.step >= 5 else activation
 
-Built-ins (``--attack DIRECTION:KIND``, gated by ``--attack-rate`` and ``--attack-start``):
+Built-ins (``--attack NAME``, repeatable; gated by ``--attack-rate``, ``--attack-start``,
+``--attack-stop``, ``--attack-micro-batches``). Tensor attacks exist for both directions,
+``forward:KIND`` on activations and ``backward:KIND`` on input gradients:
 
-- ``forward:reverse``  negate the activation (Lu et al.)
-- ``forward:random``   replace the activation with uniform noise over its own value range
-- ``backward:noise``   add N(0, noise_std^2) to the gradient (Lu et al. use std 1)
-- ``backward:reverse`` negate the gradient
-- ``audit:accuse``     as an auditor, report every audited node as cheating (a lying auditor)
+- ``forward:reverse``, ``backward:reverse``  negate the tensor (Lu et al.)
+- ``forward:random``, ``backward:random``  uniform noise over the tensor's own value range (Lu et al.)
+- ``forward:noise``, ``backward:noise``  add Gaussian noise: std ``noise_scale`` x the tensor's std
+  when ``noise_scale`` > 0, else the absolute ``noise_std`` (Lu et al.'s backward attack: std 1)
+- ``forward:scale``, ``backward:scale``  multiply by ``scale`` (k)
+- ``forward:zero``, ``backward:zero``  send zeros
+- ``forward:sign-flip``, ``backward:sign-flip``  flip the sign of a ``fraction`` of the elements,
+  chosen afresh (reproducibly) for each message
+- ``forward:constant-direction``, ``backward:constant-direction``  add one fixed unit direction
+  (derived from the attack seed), scaled to the tensor's norm: every message is pushed the same way
+  (BTARD-style)
+- ``forward:stale``, ``backward:stale``  send this micro-batch's output of the last earlier step
+  the attack saw (remembered by the behaviour itself)
 
-A behaviour may also override ``on_verdict(ctx, verdict)`` to change the verdict this node
-signs when it audits someone (``ctx.step`` and ``ctx.stage`` are the audited step and stage).
+Protocol attacks:
+
+- ``wire:bad-signature``  flip a payload byte after signing: the bytes no longer match the signature
+- ``wire:replay``  send this micro-batch's signed stream of an earlier step again instead of this one
+- ``wire:equivocate``  serve auditors a different, validly signed version (negated) of a tensor it
+  sent, while the receiver holds the real one
+- ``state:false-commitment``  serve auditors (node requesters) a state other than the committed one
+  (one weight perturbed), with an attestation over what it serves
+- ``update:skip``  skip its own optimizer step (weights and optimizer state stay as they were), sent
+  tensors stay honest
+- ``update:poison``  perturb its weights after the optimizer step (Gaussian, ``noise_scale`` or 1e-2 x
+  each weight's std), sent tensors stay honest
+- ``audit:accuse``  as an auditor, report every audited node as cheating (a lying auditor)
+- ``audit:clear``  as an auditor, sign PASS for ``accomplices`` (everybody when empty) whatever the
+  recomputation found
+- ``node:silent``  from its first firing on, never send, answer or heartbeat again (a node that
+  hangs mid-step); the daemon still shuts down on SIGTERM
+- ``node:slow``  wait ``delay`` seconds before each tensor it sends
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -42,19 +98,29 @@ from pipeguard.model import derive_seed
 
 log = logging.getLogger(__name__)
 
+NO_MICRO_BATCH = -1
+"""``AttackContext.micro_batch`` for events that belong to no micro-batch (updates, heartbeats)."""
+
 
 @dataclass(frozen=True)
 class AttackContext:
-    """What a behaviour knows about the message it is tampering with."""
+    """What a behaviour knows about the message or event it is tampering with."""
 
     step: int
     """Optimizer step."""
     micro_batch: int
-    """Micro-batch index within the step."""
+    """Micro-batch index within the step (``NO_MICRO_BATCH`` for updates, states, heartbeats)."""
     stage: int
-    """The attacker's stage."""
+    """The attacker's stage (for verdicts: the audited stage)."""
     node_id: str
     """The attacker's node id."""
+    direction: int = 0
+    """``pb.DIRECTION_FORWARD`` / ``DIRECTION_BACKWARD`` for tensors, 0 otherwise."""
+    peer: str = ""
+    """The other party: the receiver of a send, the requester of a fetch ("" = the coordinator),
+    the audited node of a verdict."""
+    signer: Any = field(default=None, compare=False, repr=False)
+    """The node's ``pipeguard.identity.Identity``, for behaviours that sign claims of their own."""
 
     def generator(self, *salt: object) -> torch.Generator:
         """A generator unique to this message, for reproducible random attacks."""
@@ -63,8 +129,12 @@ class AttackContext:
         return g
 
 
+HOOKS = ("on_forward", "on_backward", "on_send", "on_serve_tensor", "on_serve_state", "on_update", "pause",
+         "on_verdict")
+
+
 class Behaviour:
-    """Honest by default. Override hooks to misbehave; return the tensor to send."""
+    """Honest by default. Override hooks to misbehave (see the module docstring)."""
 
     name = "honest"
 
@@ -74,43 +144,298 @@ class Behaviour:
     def on_backward(self, ctx: AttackContext, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
+    def on_send(self, ctx: AttackContext, chunks: list) -> list:
+        """``chunks``: the signed ``pb.TensorChunk`` stream; return the stream to push."""
+        return chunks
+
+    def on_serve_tensor(self, ctx: AttackContext, commitment, tensor: torch.Tensor, sent: bool):
+        """A retained tensor (``sent``: this node sent it, else received it) is about to be served
+        with its ``pb.TensorCommitment``; return the (commitment, tensor) to serve."""
+        return commitment, tensor
+
+    def on_serve_state(self, ctx: AttackContext, named: dict[str, torch.Tensor], digest: bytes):
+        """The state at the start of ``ctx.step`` is about to be served; return (named, digest)."""
+        return named, digest
+
+    def on_update(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  before: dict[str, torch.Tensor]) -> None:
+        """Called on the compute thread after the optimizer step of ``ctx.step``."""
+
+    async def pause(self, ctx: AttackContext, what: str) -> None:
+        """Awaited before a send (``"send"``), an RPC answer (``"rpc"``), a heartbeat (``"heartbeat"``)."""
+
     def on_verdict(self, ctx: AttackContext, verdict):
         """``verdict`` is a ``pb.AuditVerdict`` before signing; return the one to sign."""
         return verdict
 
 
-class ForwardReverse(Behaviour):
-    name = "forward:reverse"
+def overrides(obj: object, hook: str) -> bool:
+    """Whether ``obj`` changes ``hook`` from the honest default (so callers can skip costly set-up)."""
+    if isinstance(obj, (Gated, Chain)):
+        return obj.overrides(hook)
+    impl = getattr(type(obj), hook, None)
+    return impl is not None and impl is not getattr(Behaviour, hook)
+
+
+@dataclass
+class Params:
+    """Parameters of the built-ins (the node's ``[attack]`` settings)."""
+
+    noise_std: float = 1.0
+    noise_scale: float = 0.0
+    scale: float = 10.0
+    fraction: float = 0.1
+    delay: float = 2.0
+    accomplices: tuple[str, ...] = ()
+    seed: int = 0
+
+
+# -- tensor attacks ------------------------------------------------------------------------------
+
+
+class TensorAttack(Behaviour):
+    """A tampering function applied to activations (``forward``) or input gradients (``backward``)."""
+
+    kind = ""
+
+    def __init__(self, direction: str = "forward", params: Params | None = None):
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be forward or backward, not {direction!r}")
+        self.direction = direction
+        self.params = params or Params()
+        self.name = f"{direction}:{self.kind}"
+
+    def tamper(self, ctx: AttackContext, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def on_forward(self, ctx, activation):
-        return -activation
+        return self.tamper(ctx, activation) if self.direction == "forward" else activation
+
+    def on_backward(self, ctx, grad):
+        return self.tamper(ctx, grad) if self.direction == "backward" else grad
 
 
-class ForwardRandom(Behaviour):
-    name = "forward:random"
+class Reverse(TensorAttack):
+    kind = "reverse"
 
-    def on_forward(self, ctx, activation):
-        lo, hi = activation.min(), activation.max()
-        u = torch.rand(activation.shape, generator=ctx.generator("random"), dtype=activation.dtype)
+    def tamper(self, ctx, t):
+        return -t
+
+
+class Random(TensorAttack):
+    kind = "random"
+
+    def tamper(self, ctx, t):
+        lo, hi = t.min(), t.max()
+        u = torch.rand(t.shape, generator=ctx.generator("random"), dtype=t.dtype)
         return lo + (hi - lo) * u
 
 
-class BackwardNoise(Behaviour):
-    name = "backward:noise"
+class Noise(TensorAttack):
+    kind = "noise"
 
-    def __init__(self, std: float = 1.0):
-        self.std = std
+    def tamper(self, ctx, t):
+        p = self.params
+        std = p.noise_scale * float(t.float().std()) if p.noise_scale > 0 else p.noise_std
+        noise = torch.randn(t.shape, generator=ctx.generator("noise"), dtype=t.dtype)
+        return t + std * noise
 
-    def on_backward(self, ctx, grad):
-        noise = torch.randn(grad.shape, generator=ctx.generator("noise"), dtype=grad.dtype)
-        return grad + self.std * noise
+
+class Scale(TensorAttack):
+    kind = "scale"
+
+    def tamper(self, ctx, t):
+        return t * self.params.scale
 
 
-class BackwardReverse(Behaviour):
-    name = "backward:reverse"
+class Zero(TensorAttack):
+    kind = "zero"
 
-    def on_backward(self, ctx, grad):
-        return -grad
+    def tamper(self, ctx, t):
+        return torch.zeros_like(t)
+
+
+class SignFlip(TensorAttack):
+    kind = "sign-flip"
+
+    def tamper(self, ctx, t):
+        mask = torch.rand(t.shape, generator=ctx.generator("sign-flip")) < self.params.fraction
+        return torch.where(mask, -t, t)
+
+
+class ConstantDirection(TensorAttack):
+    kind = "constant-direction"
+
+    def __init__(self, direction: str = "forward", params: Params | None = None):
+        super().__init__(direction, params)
+        self._units: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def unit(self, shape: torch.Size) -> torch.Tensor:
+        """The fixed unit direction for tensors of ``shape`` (the same for every message)."""
+        key = tuple(shape)
+        if key not in self._units:
+            g = torch.Generator()
+            g.manual_seed(derive_seed(self.params.seed, "constant-direction", self.direction, *key))
+            u = torch.randn(key, generator=g, dtype=torch.float64)
+            self._units[key] = u / torch.linalg.vector_norm(u)
+        return self._units[key]
+
+    def tamper(self, ctx, t):
+        norm = float(torch.linalg.vector_norm(t.double()))
+        return (t.double() + norm * self.unit(t.shape)).to(t.dtype)
+
+
+class History:
+    """What a behaviour saw, per key, for its last few steps: ``earlier`` is the newest entry of a
+    step before the given one, so a retried or rolled-back step never counts as earlier."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._seen: dict[object, dict[int, object]] = {}
+
+    def remember(self, key: object, step: int, value: object) -> None:
+        steps = self._seen.setdefault(key, {})
+        steps[step] = value
+        for old in sorted(steps)[:-self.keep]:
+            del steps[old]
+
+    def earlier(self, key: object, step: int):
+        steps = self._seen.get(key, {})
+        before = [s for s in steps if s < step]
+        return steps[max(before)] if before else None
+
+
+class Stale(TensorAttack):
+    """Remembers what it saw per micro-batch; sends the newest tensor of an earlier step."""
+
+    kind = "stale"
+
+    def __init__(self, direction: str = "forward", params: Params | None = None):
+        super().__init__(direction, params)
+        self.history = History()
+
+    def tamper(self, ctx, t):
+        earlier = self.history.earlier(ctx.micro_batch, ctx.step)
+        self.history.remember(ctx.micro_batch, ctx.step, t.detach().clone())
+        if earlier is None or earlier.shape != t.shape:
+            return t  # nothing earlier to resend (the first step, or after a rollback)
+        return earlier
+
+
+# Lu et al.'s attacks under their original names (kept for plug-in authors and tests).
+class ForwardReverse(Reverse):
+    def __init__(self, params: Params | None = None):
+        super().__init__("forward", params)
+
+
+class ForwardRandom(Random):
+    def __init__(self, params: Params | None = None):
+        super().__init__("forward", params)
+
+
+class BackwardReverse(Reverse):
+    def __init__(self, params: Params | None = None):
+        super().__init__("backward", params)
+
+
+class BackwardNoise(Noise):
+    def __init__(self, std: float = 1.0, params: Params | None = None):
+        p = params or Params()
+        super().__init__("backward", Params(**{**p.__dict__, "noise_std": std}))
+
+
+# -- protocol attacks ----------------------------------------------------------------------------
+
+
+class BadSignature(Behaviour):
+    name = "wire:bad-signature"
+
+    def on_send(self, ctx, chunks):
+        out = [type(c)() for c in chunks]
+        for new, old in zip(out, chunks):
+            new.CopyFrom(old)
+        for c in out:
+            if c.data:
+                data = bytearray(c.data)
+                data[len(data) // 2] ^= 0x01
+                c.data = bytes(data)
+                break
+        return out
+
+
+class Replay(Behaviour):
+    """Sends, instead of this stream, the newest signed stream of an earlier step for the same
+    micro-batch and direction (again on every retry of the step)."""
+
+    name = "wire:replay"
+
+    def __init__(self):
+        self.history = History()
+
+    def on_send(self, ctx, chunks):
+        key = (ctx.direction, ctx.micro_batch)
+        earlier = self.history.earlier(key, ctx.step)
+        self.history.remember(key, ctx.step, chunks)
+        return chunks if earlier is None else earlier
+
+
+def sign_tensor_commitment(header, tensor: torch.Tensor, signer):
+    """A fresh ``pb.TensorCommitment`` by ``signer`` over ``tensor`` under ``header``."""
+    from pipeguard.signing import canonical_bytes
+    from pipeguard.tensors import tensor_digest
+    from pipeguard.v1 import pipeguard_pb2 as pb
+
+    commitment = pb.TensorCommitment(header=header, payload_digest=tensor_digest(tensor))
+    commitment.signature = signer.sign(canonical_bytes(commitment))
+    return commitment
+
+
+class Equivocate(Behaviour):
+    name = "wire:equivocate"
+
+    def on_serve_tensor(self, ctx, commitment, tensor, sent):
+        if not sent or ctx.signer is None:
+            return commitment, tensor
+        other = (-tensor).contiguous()
+        return sign_tensor_commitment(commitment.header, other, ctx.signer), other
+
+
+class FalseCommitment(Behaviour):
+    name = "state:false-commitment"
+
+    def on_serve_state(self, ctx, named, digest):
+        from pipeguard.tensors import state_digest
+
+        if not ctx.peer:  # the coordinator (checkpoints, the judge) gets the truth; auditors do not
+            return named, digest
+        served = dict(named)
+        name = next(n for n in sorted(served) if n.startswith("param/"))
+        served[name] = served[name] + 1e-2 * torch.randn(served[name].shape, generator=ctx.generator("state"))
+        return served, state_digest(served.items())
+
+
+class UpdateSkip(Behaviour):
+    name = "update:skip"
+
+    def on_update(self, ctx, module, optimizer, before):
+        from pipeguard.model import load_named_state
+
+        load_named_state(module, optimizer, before)
+
+
+class UpdatePoison(Behaviour):
+    name = "update:poison"
+
+    def __init__(self, params: Params | None = None):
+        self.params = params or Params()
+
+    def on_update(self, ctx, module, optimizer, before):
+        rel = self.params.noise_scale if self.params.noise_scale > 0 else 1e-2
+        g = ctx.generator("update")
+        with torch.no_grad():
+            for p in module.parameters():
+                std = float(p.float().std()) if p.numel() > 1 else float(p.abs().max())
+                p.add_(rel * max(std, 1e-3) * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 class AuditAccuse(Behaviour):
@@ -125,52 +450,162 @@ class AuditAccuse(Behaviour):
         return verdict
 
 
-BUILTINS = {
-    "forward:reverse": ForwardReverse,
-    "forward:random": ForwardRandom,
-    "backward:noise": BackwardNoise,
-    "backward:reverse": BackwardReverse,
-    "audit:accuse": AuditAccuse,
+class AuditClear(Behaviour):
+    name = "audit:clear"
+
+    def __init__(self, params: Params | None = None):
+        self.accomplices = set((params or Params()).accomplices)
+
+    def on_verdict(self, ctx, verdict):
+        from pipeguard.v1 import pipeguard_pb2 as pb
+
+        if self.accomplices and ctx.peer not in self.accomplices:
+            return verdict
+        if verdict.verdict == pb.VERDICT_PASS:
+            return verdict
+        verdict.verdict = pb.VERDICT_PASS
+        verdict.deviation = 0.0
+        verdict.detail = f"audit of step {ctx.step} stage {ctx.stage} matches (made up)"
+        return verdict
+
+
+class Silent(Behaviour):
+    """Fires at a send; from then on every pause (send, RPC, heartbeat) blocks until the daemon
+    shuts down (``latched``)."""
+
+    name = "node:silent"
+
+    def __init__(self):
+        self.latched = False
+
+    async def pause(self, ctx, what):
+        if not self.latched and what != "send":
+            return  # it falls silent mid-step, at a send; before that it answers as usual
+        if not self.latched:
+            log.warning("going silent at step %d (%s)", ctx.step, what)
+        self.latched = True
+        await asyncio.Event().wait()  # never set: cancelled when the daemon stops
+
+
+class Slow(Behaviour):
+    name = "node:slow"
+
+    def __init__(self, params: Params | None = None):
+        self.delay = (params or Params()).delay
+
+    async def pause(self, ctx, what):
+        if what == "send":
+            await asyncio.sleep(self.delay)
+
+
+TENSOR_KINDS: dict[str, type[TensorAttack]] = {
+    cls.kind: cls for cls in (Reverse, Random, Noise, Scale, Zero, SignFlip, ConstantDirection, Stale)}
+
+BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
+    **{f"{d}:{k}": (lambda p, d=d, cls=cls: cls(d, p)) for d in ("forward", "backward")
+       for k, cls in TENSOR_KINDS.items()},
+    "wire:bad-signature": lambda p: BadSignature(),
+    "wire:replay": lambda p: Replay(),
+    "wire:equivocate": lambda p: Equivocate(),
+    "state:false-commitment": lambda p: FalseCommitment(),
+    "update:skip": lambda p: UpdateSkip(),
+    "update:poison": UpdatePoison,
+    "audit:accuse": lambda p: AuditAccuse(),
+    "audit:clear": AuditClear,
+    "node:silent": lambda p: Silent(),
+    "node:slow": Slow,
 }
+"""Name -> factory taking the built-ins' ``Params``."""
+
+
+# -- gating and chaining -------------------------------------------------------------------------
 
 
 class Gated(Behaviour):
-    """Fires ``inner`` with probability ``rate`` per message, from ``start_step`` on."""
+    """Fires ``inner``'s hooks with probability ``rate`` per call, for ``start_step`` <= step <
+    ``stop_step`` (-1: no end) and, where a call has a micro-batch, only for ``micro_batches``
+    (empty: all). The coin is reproducible: seeded by (seed, behaviour, hook, step, micro-batch)."""
 
-    def __init__(self, inner: Behaviour, rate: float, start_step: int, seed: int):
+    def __init__(self, inner: Behaviour, rate: float, start_step: int, seed: int, stop_step: int = -1,
+                 micro_batches: tuple[int, ...] | list[int] = ()):
         self.inner, self.rate, self.start_step, self.seed = inner, rate, start_step, seed
+        self.stop_step = stop_step
+        self.micro_batches = frozenset(micro_batches)
         self.name = getattr(inner, "name", type(inner).__name__)
         self.fired = 0
 
-    def _fires(self, ctx: AttackContext, direction: str) -> bool:
-        if ctx.step < self.start_step:
+    def overrides(self, hook: str) -> bool:
+        return overrides(self.inner, hook)
+
+    def _fires(self, ctx: AttackContext, event: str) -> bool:
+        if ctx.step < self.start_step or (self.stop_step >= 0 and ctx.step >= self.stop_step):
             return False
+        if self.micro_batches and ctx.micro_batch >= 0 and ctx.micro_batch not in self.micro_batches:
+            return False
+        if self.rate >= 1.0:
+            return True
         g = torch.Generator()
-        g.manual_seed(derive_seed(self.seed, "gate", self.name, direction, ctx.step, ctx.micro_batch))
+        g.manual_seed(derive_seed(self.seed, "gate", self.name, event, ctx.step, ctx.micro_batch))
         return float(torch.rand((), generator=g)) < self.rate
+
+    def _note(self, changed: bool, event: str, ctx: AttackContext) -> None:
+        if changed:
+            self.fired += 1
+            log.debug("attack %s fired on %s step %d mb %d", self.name, event, ctx.step, ctx.micro_batch)
 
     def on_forward(self, ctx, activation):
         if not self._fires(ctx, "forward"):
             return activation
         out = self.inner.on_forward(ctx, activation)
-        if out is not activation:
-            self.fired += 1
-            log.debug("attack %s fired on forward step %d mb %d", self.name, ctx.step, ctx.micro_batch)
+        self._note(out is not activation, "forward", ctx)
         return out
 
     def on_backward(self, ctx, grad):
         if not self._fires(ctx, "backward"):
             return grad
         out = self.inner.on_backward(ctx, grad)
-        if out is not grad:
-            self.fired += 1
-            log.debug("attack %s fired on backward step %d mb %d", self.name, ctx.step, ctx.micro_batch)
+        self._note(out is not grad, "backward", ctx)
         return out
 
+    def on_send(self, ctx, chunks):
+        if not self._fires(ctx, "send"):
+            return chunks
+        out = self.inner.on_send(ctx, chunks)
+        self._note(out is not chunks, "send", ctx)
+        return out
+
+    def on_serve_tensor(self, ctx, commitment, tensor, sent):
+        if not self._fires(ctx, "serve-tensor"):
+            return commitment, tensor
+        out = self.inner.on_serve_tensor(ctx, commitment, tensor, sent)
+        self._note(out[1] is not tensor or out[0] is not commitment, "serve-tensor", ctx)
+        return out
+
+    def on_serve_state(self, ctx, named, digest):
+        if not self._fires(ctx, "serve-state"):
+            return named, digest
+        out = self.inner.on_serve_state(ctx, named, digest)
+        self._note(out[1] != digest, "serve-state", ctx)
+        return out
+
+    def on_update(self, ctx, module, optimizer, before):
+        if self._fires(ctx, "update"):
+            self.inner.on_update(ctx, module, optimizer, before)
+            self._note(overrides(self.inner, "on_update"), "update", ctx)
+
+    async def pause(self, ctx, what):
+        # A latched behaviour (node:silent after it fired) stays in force whatever the gate says.
+        if getattr(self.inner, "latched", False) or self._fires(ctx, "pause-" + what):
+            self._note(overrides(self.inner, "pause"), "pause-" + what, ctx)
+            await self.inner.pause(ctx, what)
+
     def on_verdict(self, ctx, verdict):
-        if not self._fires(ctx, "verdict") or not hasattr(self.inner, "on_verdict"):
+        if not self._fires(ctx, "verdict"):
             return verdict
-        return self.inner.on_verdict(ctx, verdict)
+        before = verdict.verdict
+        out = self.inner.on_verdict(ctx, verdict)
+        self._note(out is not verdict or out.verdict != before, "verdict", ctx)
+        return out
 
 
 class Chain(Behaviour):
@@ -179,6 +614,9 @@ class Chain(Behaviour):
     def __init__(self, parts: list[Behaviour]):
         self.parts = parts
         self.name = "+".join(getattr(p, "name", type(p).__name__) for p in parts) or "honest"
+
+    def overrides(self, hook: str) -> bool:
+        return any(overrides(p, hook) for p in self.parts)
 
     def on_forward(self, ctx, activation):
         for p in self.parts:
@@ -189,6 +627,29 @@ class Chain(Behaviour):
         for p in self.parts:
             grad = p.on_backward(ctx, grad)
         return grad
+
+    def on_send(self, ctx, chunks):
+        for p in self.parts:
+            chunks = p.on_send(ctx, chunks)
+        return chunks
+
+    def on_serve_tensor(self, ctx, commitment, tensor, sent):
+        for p in self.parts:
+            commitment, tensor = p.on_serve_tensor(ctx, commitment, tensor, sent)
+        return commitment, tensor
+
+    def on_serve_state(self, ctx, named, digest):
+        for p in self.parts:
+            named, digest = p.on_serve_state(ctx, named, digest)
+        return named, digest
+
+    def on_update(self, ctx, module, optimizer, before):
+        for p in self.parts:
+            p.on_update(ctx, module, optimizer, before)
+
+    async def pause(self, ctx, what):
+        for p in self.parts:
+            await p.pause(ctx, what)
 
     def on_verdict(self, ctx, verdict):
         for p in self.parts:
@@ -218,20 +679,38 @@ def load_plugin(spec: str) -> Behaviour:
     if cls is None:
         raise ValueError(f"attack plugin {file} has no class {name!r}")
     obj = cls()
-    if not any(hasattr(obj, h) for h in ("on_forward", "on_backward", "on_verdict")):
-        raise ValueError(f"{spec} defines none of on_forward, on_backward, on_verdict")
-    for hook in ("on_forward", "on_backward", "on_verdict"):  # honest defaults for duck-typed plug-ins
+    if not any(hasattr(obj, h) for h in HOOKS):
+        raise ValueError(f"{spec} defines none of on_forward, on_backward, on_verdict (nor any other hook: "
+                         f"{', '.join(HOOKS)})")
+    honest = Behaviour()
+    for hook in HOOKS:  # honest defaults for duck-typed plug-ins
         if not hasattr(obj, hook):
-            setattr(obj, hook, getattr(Behaviour(), hook))
+            setattr(obj, hook, getattr(honest, hook))
     return obj
 
 
-def build(behaviours: list[str], rate: float, start_step: int, noise_std: float, plugin: str, seed: int) -> Chain:
+def build(behaviours: list[str], rate: float, start_step: int, noise_std: float, plugin: str, seed: int, *,
+          stop_step: int = -1, micro_batches: tuple[int, ...] | list[int] = (), noise_scale: float = 0.0,
+          scale: float = 10.0, fraction: float = 0.1, delay: float = 2.0,
+          accomplices: tuple[str, ...] | list[str] = ()) -> Chain:
     """The node's behaviour from its config; an empty chain is honest."""
-    parts: list[Behaviour] = []
-    for name in behaviours:
-        inner = BackwardNoise(noise_std) if name == "backward:noise" else BUILTINS[name]()
-        parts.append(Gated(inner, rate, start_step, seed))
+    params = Params(noise_std=noise_std, noise_scale=noise_scale, scale=scale, fraction=fraction, delay=delay,
+                    accomplices=tuple(accomplices), seed=seed)
+    unknown = [b for b in behaviours if b not in BUILTINS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(BUILTINS)}")
+    inners = [BUILTINS[name](params) for name in behaviours]
     if plugin:
-        parts.append(Gated(load_plugin(plugin), rate, start_step, seed))
-    return Chain(parts)
+        inners.append(load_plugin(plugin))
+    return Chain([Gated(inner, rate, start_step, seed, stop_step, micro_batches) for inner in inners])
+
+
+def from_config(cfg, seed: int) -> Chain:
+    """``build`` from a ``node.config.AttackConfig`` (``seed``: the resolved attack seed)."""
+    return build(cfg.behaviours, cfg.rate, cfg.start_step, cfg.noise_std, cfg.plugin, seed, stop_step=cfg.stop_step,
+                 micro_batches=cfg.micro_batches, noise_scale=cfg.noise_scale, scale=cfg.scale, fraction=cfg.fraction,
+                 delay=cfg.delay, accomplices=cfg.accomplices)
+
+
+__all__ = ["AttackContext", "Behaviour", "BUILTINS", "Chain", "Gated", "Params", "build", "from_config",
+           "load_plugin", "overrides"]

@@ -40,17 +40,30 @@ class NodeAuditor:
                                                          req.run_id, self.max_tensor_bytes, self.timeout,
                                                          req.epoch))
             try:
-                art = await audit.gather(req, fetcher)
+                # Forward/backward audits also fetch the senders' own copies of the tensors: a
+                # sender that shows auditors another signed version than its receiver holds is
+                # caught by the pair (update audits, covering every micro-batch, skip the extra fetches).
+                art = await audit.gather(req, fetcher, cross_check=req.kind != pb.AUDIT_KIND_UPDATE)
                 audit.attach_artifacts(verdict, art)
-                if art.needs_tokens():
-                    art.fill_tokens(await self.membership.dataset(req.data_digest))
-                    audit.check_tokens(art)
-                finding = await self.runtime._compute(audit.check, art)
-                verdict.verdict, verdict.deviation, verdict.detail = finding.verdict, finding.deviation, finding.detail
+                if art.alternates:
+                    verdict.commitments.extend(art.alternates)
+                    h = art.alternates[0].header
+                    verdict.verdict, verdict.deviation = pb.VERDICT_FAIL, float("inf")
+                    verdict.detail = (f"equivocation: {h.sender[:8]} signed two different versions of its "
+                                      f"{'activation' if h.direction == pb.DIRECTION_FORWARD else 'gradient'} of "
+                                      f"step {h.step} micro-batch {h.micro_batch}")
+                else:
+                    if art.needs_tokens():
+                        art.fill_tokens(await self.membership.dataset(req.data_digest))
+                        audit.check_tokens(art)
+                    finding = await self.runtime._compute(audit.check, art)
+                    verdict.verdict, verdict.deviation, verdict.detail = (finding.verdict, finding.deviation,
+                                                                          finding.detail)
             except PipeguardError as exc:
                 verdict.verdict, verdict.detail = pb.VERDICT_ERROR, f"audit incomplete: {exc}"
         verdict = self.behaviour.on_verdict(
-            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id), verdict)
+            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id, peer=req.target.node_id,
+                          signer=self.identity), verdict)
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
         log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,

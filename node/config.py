@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
@@ -9,20 +10,38 @@ from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostpo
 
 @dataclass
 class AttackConfig:
-    """Misbehaviour for experiments on your own testnet. Empty = honest."""
+    """Misbehaviour for experiments on your own testnet. Empty = honest. See node/attacks.py and the
+    README's attack table for what each behaviour does."""
 
     behaviours: list[str] = field(default_factory=list)
-    """Built-in attacks as DIRECTION:KIND, e.g. forward:reverse, forward:random, backward:noise."""
+    """Built-in attacks: forward:KIND or backward:KIND (KIND: reverse, random, noise, scale, zero, sign-flip,
+    constant-direction, stale), wire:bad-signature, wire:replay, wire:equivocate, state:false-commitment,
+    update:skip, update:poison, audit:accuse, audit:clear, node:silent, node:slow."""
     rate: float = 1.0
-    """Probability per micro-batch that an attack fires."""
+    """Probability, per message or event (micro-batch, served fetch, update, verdict), that an attack fires."""
     start_step: int = 0
-    """First step at which attacks fire."""
+    """First step at which attacks fire (a patient attacker behaves until then)."""
+    stop_step: int = -1
+    """Attacks fire for start_step <= step < stop_step; -1 = they never stop."""
+    micro_batches: list[int] = field(default_factory=list)
+    """Micro-batches the tensor and wire attacks target, e.g. [0, 2]; empty = all."""
     noise_std: float = 1.0
-    """Standard deviation of backward:noise (absolute, as in Lu et al.)."""
+    """Absolute standard deviation of forward/backward:noise (Lu et al. use 1 on gradients)."""
+    noise_scale: float = 0.0
+    """When > 0, forward/backward:noise use this many times the tensor's own std instead of noise_std
+    (small values try to slip under the screen); update:poison's relative scale (default 1e-2)."""
+    scale: float = 10.0
+    """The factor k of forward/backward:scale."""
+    fraction: float = 0.1
+    """Fraction of elements whose sign forward/backward:sign-flip flips, in (0, 1]."""
+    delay: float = 2.0
+    """Seconds node:slow waits before each tensor it sends."""
+    accomplices: list[str] = field(default_factory=list)
+    """Node ids audit:clear signs PASS for; empty = everybody it audits."""
     plugin: str = ""
     """A user behaviour as path/to/file.py:ClassName (see node/attacks.py for the interface)."""
     seed: int = 0
-    """Seed for the attack's own coin flips (0 derives one from the node id)."""
+    """Seed for the attack's own coin flips and directions (0 derives one from the node id)."""
 
     def __post_init__(self) -> None:
         from node.attacks import BUILTINS
@@ -32,6 +51,25 @@ class AttackConfig:
                 raise ConfigError(f"unknown attack {b!r}; choose from {sorted(BUILTINS)}")
         if not 0.0 <= self.rate <= 1.0:
             raise ConfigError(f"attack.rate must be in [0, 1], got {self.rate}")
+        if self.start_step < 0:
+            raise ConfigError(f"attack.start_step must be >= 0, got {self.start_step}")
+        if self.stop_step != -1 and self.stop_step <= self.start_step:
+            raise ConfigError(f"attack.stop_step must be -1 (never stop) or greater than attack.start_step "
+                              f"({self.start_step}), got {self.stop_step}")
+        bad = [m for m in self.micro_batches if m < 0]
+        if bad:
+            raise ConfigError(f"attack.micro_batches are micro-batch indices (>= 0), got {bad}")
+        if self.noise_std < 0 or not math.isfinite(self.noise_std):
+            raise ConfigError(f"attack.noise_std must be a finite number >= 0, got {self.noise_std}")
+        if self.noise_scale < 0 or not math.isfinite(self.noise_scale):
+            raise ConfigError(f"attack.noise_scale must be a finite number >= 0 (0 = use noise_std), "
+                              f"got {self.noise_scale}")
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"attack.scale must be finite, got {self.scale}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"attack.fraction must be in (0, 1], got {self.fraction}")
+        if self.delay < 0 or not math.isfinite(self.delay):
+            raise ConfigError(f"attack.delay must be a finite number of seconds >= 0, got {self.delay}")
         if self.plugin and ":" not in self.plugin:
             raise ConfigError("attack.plugin must be PATH.py:ClassName")
 

@@ -37,10 +37,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--advertise", help="HOST:PORT other daemons use to reach this node")
     p.add_argument("--home", help="directory for the key and dataset cache (default ~/.pipeguard/node)")
     p.add_argument("--threads", type=int, help="torch threads for compute (default 1)")
-    p.add_argument("--attack", action="append", help="misbehave: DIRECTION:KIND, repeatable (see node/attacks.py)")
-    p.add_argument("--attack-rate", type=float, help="probability per micro-batch an attack fires (default 1)")
+    p.add_argument("--attack", action="append", help="misbehave: a built-in such as forward:reverse, repeatable "
+                   "(see node/attacks.py and the README's attack table)")
+    p.add_argument("--attack-rate", type=float, help="probability per message or event an attack fires (default 1)")
     p.add_argument("--attack-start", type=int, help="first step attacks fire (default 0)")
-    p.add_argument("--attack-noise-std", type=float, help="std of backward:noise (default 1)")
+    p.add_argument("--attack-stop", type=int, help="attacks fire before this step only (default -1: never stop)")
+    p.add_argument("--attack-micro-batches", help="micro-batches to attack, e.g. 0,2 (default all)")
+    p.add_argument("--attack-noise-std", type=float, help="absolute std of forward/backward:noise (default 1)")
+    p.add_argument("--attack-noise-scale", type=float, help="noise std relative to the tensor's std (default 0: "
+                   "use --attack-noise-std)")
+    p.add_argument("--attack-scale", type=float, help="factor k of forward/backward:scale (default 10)")
+    p.add_argument("--attack-fraction", type=float, help="fraction of elements sign-flip flips (default 0.1)")
+    p.add_argument("--attack-delay", type=float, help="seconds node:slow waits before each send (default 2)")
+    p.add_argument("--attack-accomplice", action="append", help="node id audit:clear shields, repeatable "
+                   "(default: everybody)")
+    p.add_argument("--attack-seed", type=int, help="seed of the attack's coin flips (default: from the node id)")
     p.add_argument("--attack-plugin", help="user behaviour PATH.py:ClassName")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--ready-file", help="write {address, node_id} JSON here once serving")
@@ -60,7 +71,15 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
         "attack.behaviours": args.attack,
         "attack.rate": args.attack_rate,
         "attack.start_step": args.attack_start,
+        "attack.stop_step": args.attack_stop,
+        "attack.micro_batches": args.attack_micro_batches,
         "attack.noise_std": args.attack_noise_std,
+        "attack.noise_scale": args.attack_noise_scale,
+        "attack.scale": args.attack_scale,
+        "attack.fraction": args.attack_fraction,
+        "attack.delay": args.attack_delay,
+        "attack.accomplices": args.attack_accomplice,
+        "attack.seed": args.attack_seed,
         "attack.plugin": args.attack_plugin,
         "log_level": args.log_level,
         "ready_file": args.ready_file,
@@ -75,10 +94,11 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     set_log_prefix(f"node {identity.node_id[:8]}")
     torch.set_num_threads(cfg.threads)
     a = cfg.attack
-    behaviour = attacks.build(a.behaviours, a.rate, a.start_step, a.noise_std, a.plugin,
-                              a.seed or int(identity.node_id[:15], 16))
+    behaviour = attacks.from_config(a, a.seed or int(identity.node_id[:15], 16))
     if behaviour.parts:
-        log.warning("MALICIOUS node: behaviour %s at rate %.2f from step %d", behaviour.name, a.rate, a.start_step)
+        log.warning("MALICIOUS node: behaviour %s at rate %.2f from step %d%s%s", behaviour.name, a.rate,
+                    a.start_step, f" to {a.stop_step}" if a.stop_step >= 0 else "",
+                    f", micro-batches {a.micro_batches}" if a.micro_batches else "")
     peers = PeerPool(identity, cfg.net, cfg.timeouts)
     runtime = StageRuntime(identity, peers, behaviour, cfg.timeouts.step)
     service: NodeService | None = None
@@ -88,6 +108,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
                           max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
     membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
     runtime.fetch_checkpoint = membership.fetch_checkpoint
+    if "pause" in runtime.attacks:  # node:silent stops heartbeats too
+        membership.before_heartbeat = lambda: runtime.pause("heartbeat", runtime.completed_step + 1)
     service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step)
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"])

@@ -8,7 +8,7 @@ import os
 import time
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -60,6 +60,8 @@ class Membership:
         self._channel = channel(coordinator, net, timeouts)
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.on_banned: Callable[[set[str]], None] = lambda banned: None
+        self.before_heartbeat: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each regular heartbeat (experiments: node:silent stops them)."""
 
     @property
     def key_file(self) -> Path:
@@ -146,6 +148,8 @@ class Membership:
                 if not self.registered.is_set():
                     await self.register()
                     delay = self.timeouts.retry_backoff
+                if self.before_heartbeat is not None:
+                    await self.before_heartbeat()
                 await self.heartbeat()
                 await asyncio.sleep(self.interval)
             except grpc.aio.AioRpcError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from typing import Callable
 
 import grpc
 import torch
@@ -58,7 +59,9 @@ class PeerPool:
             self._sending[address] = asyncio.Semaphore(max(1, self.net.max_inflight_streams // 2))
         return self._sending[address]
 
-    async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> pb.TensorCommitment:
+    async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor, *,
+                   rewrite: Callable[[list[pb.TensorChunk]], list[pb.TensorChunk]] | None = None,
+                   ) -> pb.TensorCommitment:
         """Stream ``tensor`` to ``address``, signed; retry while the peer is unreachable or busy.
 
         Returns the signed commitment (kept by the caller for audits). Chunks are hashed as
@@ -69,8 +72,19 @@ class PeerPool:
         lost, and it refuses the identical copy as a replay. A receiver that is busy (too many
         streams at once, see ``rpc.BUSY``) is retried for up to ``timeouts.step``; an unreachable
         one ``ATTEMPTS`` times.
+
+        ``rewrite`` (experiments only: node/attacks.py's ``on_send``) gets the signed chunk
+        stream and returns the one actually pushed; the honest commitment is still returned.
         """
         sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)
+        wire = None
+        if rewrite is not None:
+            wire = [c.SerializeToString() for c in rewrite(list(sender.chunks()))]
+
+        async def rewritten():
+            for piece in wire:
+                yield piece
+
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.timeouts.step
         delay = self.timeouts.retry_backoff
@@ -79,7 +93,8 @@ class PeerPool:
         while True:
             try:
                 async with self._slots(address):
-                    await self._push_call(address)(sender.wire_chunks(), timeout=self.timeouts.request)
+                    chunks = sender.wire_chunks() if wire is None else rewritten()
+                    await self._push_call(address)(chunks, timeout=self.timeouts.request)
                 break
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.ALREADY_EXISTS and maybe_delivered:

@@ -36,7 +36,7 @@ from pipeguard.model import (
 )
 from pipeguard.tensors import ReceivedTensor, make_header, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
-from node.attacks import AttackContext, Behaviour
+from node.attacks import HOOKS, NO_MICRO_BATCH, AttackContext, Behaviour, overrides
 from node.peers import PeerPool
 from node.screen import Screen
 
@@ -136,6 +136,8 @@ class StageRuntime:
         self.identity = identity
         self.peers = peers
         self.behaviour = behaviour
+        self.attacks = {hook for hook in HOOKS if overrides(behaviour, hook)}
+        """The hooks the behaviour changes; honest nodes skip the others' set-up entirely."""
         self.step_timeout = step_timeout
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-compute")
         self.assignment: Assignment | None = None
@@ -167,6 +169,17 @@ class StageRuntime:
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def attack_context(self, step: int, micro_batch: int = NO_MICRO_BATCH, direction: int = 0,
+                       peer: str = "") -> AttackContext:
+        stage = self.assignment.stage if self.assignment is not None else -1
+        return AttackContext(step, micro_batch, stage, self.identity.node_id, direction, peer, self.identity)
+
+    async def pause(self, what: str, step: int, micro_batch: int = NO_MICRO_BATCH, direction: int = 0,
+                    peer: str = "") -> None:
+        """The behaviour's ``pause`` hook (node:slow, node:silent) before a send, RPC or heartbeat."""
+        if "pause" in self.attacks:
+            await self.behaviour.pause(self.attack_context(step, micro_batch, direction, peer), what)
 
     # -- assignment ----------------------------------------------------------------------------
 
@@ -363,7 +376,10 @@ class StageRuntime:
         return report
 
     async def _send(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> None:
-        commitment = await self.peers.push(address, header, tensor)
+        ctx = self.attack_context(header.step, header.micro_batch, header.direction, header.receiver)
+        await self.pause("send", header.step, header.micro_batch, header.direction, header.receiver)
+        rewrite = (lambda chunks: self.behaviour.on_send(ctx, chunks)) if "on_send" in self.attacks else None
+        commitment = await self.peers.push(address, header, tensor, rewrite=rewrite)
         self.kept[(header.step, header.direction, header.micro_batch, True)] = Kept(commitment, tensor)
 
     def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None):
@@ -378,7 +394,8 @@ class StageRuntime:
         if a.is_last:
             return x, y, None
         out = y.detach()
-        sent = self.behaviour.on_forward(AttackContext(step, mb, a.stage, self.identity.node_id), out)
+        ctx = self.attack_context(step, mb, FORWARD, a.next.node_id if a.next is not None else "")
+        sent = self.behaviour.on_forward(ctx, out)
         return x, y, sent.contiguous()
 
     def _backward(self, a: Assignment, step: int, mb: int, x: torch.Tensor, y: torch.Tensor,
@@ -396,7 +413,8 @@ class StageRuntime:
         if a.is_first:
             return loss_value, None
         grad = x.grad.detach()  # (B, T, C)
-        sent = self.behaviour.on_backward(AttackContext(step, mb, a.stage, self.identity.node_id), grad)
+        ctx = self.attack_context(step, mb, BACKWARD, a.prev.node_id if a.prev is not None else "")
+        sent = self.behaviour.on_backward(ctx, grad)
         return loss_value, sent.contiguous()
 
     # -- update ----------------------------------------------------------------------------------
@@ -416,6 +434,9 @@ class StageRuntime:
             for old in sorted(self.snapshots)[:-a.retention]:
                 del self.snapshots[old]
             clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
+            if "on_update" in self.attacks:  # update:skip / update:poison: before the node commits
+                self.behaviour.on_update(self.attack_context(step), self.module, self.opt,
+                                         self.snapshots[step].named)
             self.state_commitment = state_digest(named_state(self.module, self.opt))
             self.completed_step = step
             return self.state_commitment

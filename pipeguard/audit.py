@@ -130,6 +130,9 @@ class Artifacts:
     next_attestation: pb.StateAttestation | None = None
     tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """micro-batch -> (inputs, targets) from the dataset, for the first and last stage."""
+    alternates: list[pb.TensorCommitment] = field(default_factory=list)
+    """With ``gather(cross_check=True)``: senders' signed copies that differ from what their
+    receivers hold (each one, with the receiver's copy, is proof of equivocation)."""
 
     def needs_tokens(self) -> bool:
         setup = StageSetup.from_request(self.request)
@@ -273,8 +276,15 @@ async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> Recei
     raise AuditIncomplete("; ".join(errors))
 
 
-async def gather(req: pb.AuditRequest, fetcher: Fetcher) -> Artifacts:
-    """Fetch and authenticate everything ``req`` needs. Raises AuditIncomplete when it cannot."""
+async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = False) -> Artifacts:
+    """Fetch and authenticate everything ``req`` needs. Raises AuditIncomplete when it cannot.
+
+    Every tensor is taken from the node that *received* it first (it is signed by its sender, so
+    the holder cannot forge it, and it is what the receiver computed with); the sender's own copy
+    is the fallback. Taking the sender's copy first would let a sender that serves auditors
+    another signed version than it sent (equivocation) frame its honest neighbour. With
+    ``cross_check`` the sender's copy is fetched too, and every validly signed copy that differs
+    from the receiver's is kept in ``Artifacts.alternates``: the pair proves equivocation."""
     setup = StageSetup.from_request(req)
     art = Artifacts(request=req)
     target = req.target
@@ -286,27 +296,33 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher) -> Artifacts:
     prev = req.prev if req.HasField("prev") else None
     nxt = req.next if req.HasField("next") else None
     kinds = req.kind
+
+    async def held(receiver: pb.PeerInfo, sender: pb.PeerInfo, mb: int, direction: int) -> ReceivedTensor:
+        got = await _first_of(
+            lambda: fetcher.fetch_tensor(receiver, req.step, mb, direction, False, sender),
+            lambda: fetcher.fetch_tensor(sender, req.step, mb, direction, True, sender))
+        if cross_check:
+            try:
+                other = await fetcher.fetch_tensor(sender, req.step, mb, direction, True, sender)
+            except PipeguardError:
+                other = None  # a sender that will not show its copy proves nothing either way
+            if other is not None and other.commitment.payload_digest != got.commitment.payload_digest:
+                art.alternates.append(other.commitment)
+        return got
+
     for mb in micro_batches_of(req):
         if not setup.is_first:
             assert prev is not None
-            art.inputs[mb] = await _first_of(
-                lambda: fetcher.fetch_tensor(prev, req.step, mb, FORWARD, True, prev),
-                lambda: fetcher.fetch_tensor(target, req.step, mb, FORWARD, False, prev))
+            art.inputs[mb] = await held(target, prev, mb, FORWARD)
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            art.grads_in[mb] = await _first_of(
-                lambda: fetcher.fetch_tensor(nxt, req.step, mb, BACKWARD, True, nxt),
-                lambda: fetcher.fetch_tensor(target, req.step, mb, BACKWARD, False, nxt))
+            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD)
         if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            art.outputs[(FORWARD, mb)] = await _first_of(
-                lambda: fetcher.fetch_tensor(nxt, req.step, mb, FORWARD, False, target),
-                lambda: fetcher.fetch_tensor(target, req.step, mb, FORWARD, True, target))
+            art.outputs[(FORWARD, mb)] = await held(nxt, target, mb, FORWARD)
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
             assert prev is not None
-            art.outputs[(BACKWARD, mb)] = await _first_of(
-                lambda: fetcher.fetch_tensor(prev, req.step, mb, BACKWARD, False, target),
-                lambda: fetcher.fetch_tensor(target, req.step, mb, BACKWARD, True, target))
+            art.outputs[(BACKWARD, mb)] = await held(prev, target, mb, BACKWARD)
     check_headers(art)
     if kinds == pb.AUDIT_KIND_UPDATE:
         try:

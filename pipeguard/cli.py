@@ -200,6 +200,23 @@ def _testnet_cmd(args: argparse.Namespace) -> int:
     return run_testnet(args)
 
 
+def _experiment_cmd(args: argparse.Namespace) -> int:
+    """Run a benchmark script of the source tree (they are not installed with the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "attack_matrix.py"
+    if not script.is_file():
+        print(f"pipeguard experiment: {script} not found (run from a source checkout)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("pipeguard_attack_matrix", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeguard", description="pipeguard: verifiable pipeline-parallel training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-compare", action="store_true", help="skip the clean single-process comparison")
     t.set_defaults(func=_testnet_cmd)
 
+    x = sub.add_parser("experiment", help="run an experiment from benchmarks/ against local testnets")
+    xs = x.add_subparsers(dest="experiment", required=True)
+    xm = xs.add_parser("matrix", help="the attack matrix (benchmarks/attack_matrix.py; --help lists its flags)",
+                       add_help=False)
+    xm.set_defaults(func=_experiment_cmd)
+
     e = sub.add_parser("export", help="write the trained model as one torch state dict")
     e.add_argument("--coordinator", default="127.0.0.1:7000", help="coordinator HOST:PORT")
     e.add_argument("--out", required=True, help="output file (torch.save format)")
@@ -278,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "experiment":
+        args.args = extra  # the benchmark script parses its own flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except pgconfig.ConfigError as exc:

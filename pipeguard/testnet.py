@@ -235,12 +235,18 @@ class LocalTestnet:
         if self.coordinator is not None and not self.coordinator.alive():
             raise TestnetError(f"coordinator died; log:\n{self.coordinator.log_tail()}")
 
-    def stop(self) -> None:
-        daemons = [d for d in [*self.nodes, self.coordinator] if d is not None]
-        for d in daemons:  # all at once: each takes a second or so to shut down cleanly
-            d.terminate()
-        for d in daemons:
-            d.stop()
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every node at once and wait for them, then the coordinator (anything still
+        running after ``timeout`` is killed)."""
+        nodes = [d for d in self.nodes if d.alive()]
+        for d in nodes:
+            assert d.proc is not None
+            d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for d in nodes:
+            d.stop(max(0.1, deadline - time.monotonic()))
+        if self.coordinator is not None:
+            self.coordinator.stop(timeout)
 
     def kill(self) -> None:
         for d in [*self.nodes, self.coordinator]:

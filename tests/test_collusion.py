@@ -1,0 +1,229 @@
+"""Coordinated attacks: a lying auditor shielding its accomplice, and a patient attacker.
+
+Unit tier: ``false-clearance`` evidence bundles built in-process from real signed claims (an
+auditor's signed PASS over a tampered activation) and what ``verify_bundle`` accepts and
+refuses. Multi-process tier: real testnets where the standby auditor signs PASS for the stage
+node it covers (``audit:clear``); the coordinator's re-check of PASS verdicts must catch and ban
+both, and nobody else.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeguard import audit
+from pipeguard.data import stdlib_corpus
+from pipeguard.evidence import FALSE_CLEARANCE_MARGIN, verify_bundle, write_audit_bundle
+from pipeguard.identity import Identity
+from pipeguard.model import GPTConfig, OptimSettings, Randomness, StageModule, make_optimizer, named_state, partition
+from pipeguard.signing import sign
+from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, state_digest, tensor_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+from tests.conftest import tiny_run_toml
+
+SEED = 7
+GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
+TOL = 1e-3
+RUN = "collusion-run"
+
+
+# -- unit tier: false-clearance bundles --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return stdlib_corpus(262144)
+
+
+def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, seen_tamper=None):
+    """A forward audit of stage 0 (of 3), micro-batch 0, step 0, with every claim really signed:
+    the target's step report, state attestation and output commitment, the coordinator's audit
+    order and the auditor's verdict. ``tamper`` changes the output the target sends;
+    ``seen_tamper`` (if given) the version attached to the verdict, signed by the target too."""
+    coord, target, nxt, auditor = (Identity.generate() for _ in range(4))
+    spec = partition(GPT, 3)[0]
+    module = StageModule(GPT, spec, SEED)
+    opt = make_optimizer(module, OptimSettings(lr=3e-3, warmup_steps=2, total_steps=10))
+    state = {k: v.detach().clone() for k, v in named_state(module, opt)}
+    digest = state_digest(iter(state.items()))
+    report = sign(pb.StepReport(run_id=RUN, step=0, stage=0, node_id=target.node_id, state_digest=digest,
+                                micro_batches=4), target)
+    attestation = sign(pb.StateAttestation(run_id=RUN, node_id=target.node_id, stage=0, step=0,
+                                           state_digest=digest, epoch=1), target)
+    x, y = dataset.batch(SEED, 0, 0, 4, GPT.block_size)
+    out = module(x, Randomness(SEED, 0, 0)).detach()
+
+    def commit(t):
+        t = t.contiguous()
+        header = pb.TensorHeader(run_id=RUN, step=0, micro_batch=0, stage=0, direction=pb.DIRECTION_FORWARD,
+                                 sender=target.node_id, receiver=nxt.node_id, dtype=WIRE_DTYPES[t.dtype],
+                                 shape=list(t.shape), epoch=1)
+        return ReceivedTensor(commitment=sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t)),
+                                              target), tensor=t)
+
+    sent = commit(tamper(out))
+    req = pb.AuditRequest(
+        run_id=RUN, audit_id=5, kind=pb.AUDIT_KIND_FORWARD, step=0, stage=0, micro_batch=0, num_stages=3,
+        model=pb.ModelSpec(block_size=GPT.block_size, vocab_size=GPT.vocab_size, n_layer=GPT.n_layer,
+                           n_head=GPT.n_head, n_embd=GPT.n_embd),
+        train=pb.TrainSpec(seed=SEED, micro_batches=4, micro_batch_size=4, lr=3e-3, warmup_steps=2, total_steps=10,
+                           min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+        report=report, tolerance=TOL, epoch=1, auditor=auditor.node_id,
+        tokens_digest=audit.tokens_digest({0: (x, y)}))
+    req.target.CopyFrom(pb.PeerInfo(node_id=target.node_id, public_key=target.public_key, stage=0))
+    req.next.CopyFrom(pb.PeerInfo(node_id=nxt.node_id, public_key=nxt.public_key, stage=1))
+    sign(req, coord)
+    art = audit.Artifacts(request=req, state=state, attestation=attestation,
+                          outputs={(pb.DIRECTION_FORWARD, 0): sent}, tokens={0: (x, y)})
+    verdict = pb.AuditVerdict(run_id=RUN, audit_id=5, auditor=auditor.node_id, verdict=verdict_kind,
+                              detail="matches (made up)")
+    if attach:
+        seen = art if seen_tamper is None else audit.Artifacts(
+            request=req, attestation=attestation, outputs={(pb.DIRECTION_FORWARD, 0): commit(seen_tamper(out))})
+        audit.attach_artifacts(verdict, seen)
+    sign(verdict, auditor)
+    return art, verdict, coord, auditor
+
+
+def bundle(tmp_path, art, verdict, coord, auditor, name="b.pgev") -> Path:
+    finding = audit.check(art)
+    return write_audit_bundle(tmp_path / name, art, finding, coord.public_key, false_verdict=verdict,
+                              auditor_key=auditor.public_key)
+
+
+def test_a_pass_signed_over_a_reversed_activation_is_proof_against_the_auditor(tmp_path, dataset):
+    art, verdict, coord, auditor = forward_audit(dataset, lambda t: -t)
+    result = verify_bundle(bundle(tmp_path, art, verdict, coord, auditor), pinned_coordinator=coord.public_key)
+    assert result.valid, result.summary
+    assert result.kind == "false-clearance" and result.accused == auditor.node_id
+    # The same artifacts also convict the audited node (the ordinary audit bundle).
+    cheat = write_audit_bundle(tmp_path / "cheat.pgev", art, audit.check(art), coord.public_key)
+    assert verify_bundle(cheat).valid and verify_bundle(cheat).accused == art.request.target.node_id
+
+
+@pytest.mark.parametrize("case", ["honest-output", "near-tolerance", "verdict-is-fail", "auditor-saw-other-data",
+                                  "verdict-forged"])
+def test_false_clearance_bundles_that_prove_nothing_are_refused(tmp_path, dataset, case):
+    tamper = {"honest-output": lambda t: t,
+              # Fails the tolerance (2e-3 > 1e-3) but within the margin: an honest auditor's rounding
+              # could not be blamed, so only the audited node can be convicted.
+              "near-tolerance": lambda t: t * (1 + 2 * TOL)}.get(case, lambda t: -t)
+    art, verdict, coord, auditor = forward_audit(
+        dataset, tamper, verdict_kind=pb.VERDICT_FAIL if case == "verdict-is-fail" else pb.VERDICT_PASS,
+        seen_tamper=(lambda t: t) if case == "auditor-saw-other-data" else None)
+    if case == "verdict-forged":
+        verdict.detail = "edited after signing"
+    result = verify_bundle(bundle(tmp_path, art, verdict, coord, auditor))
+    assert not result.valid, result.summary
+    if case == "near-tolerance":
+        assert f"{FALSE_CLEARANCE_MARGIN:g}x" in result.summary
+        assert audit.check(art).verdict == pb.VERDICT_FAIL  # ...while the cheat itself is still a cheat
+    if case == "auditor-saw-other-data":
+        assert "equivocated" in result.summary
+
+
+def test_a_made_up_other_version_attached_to_the_pass_does_not_excuse_the_auditor(tmp_path, dataset):
+    art, verdict, coord, auditor = forward_audit(dataset, lambda t: -t)
+    fake = pb.TensorCommitment()
+    fake.CopyFrom(verdict.commitments[0])
+    fake.payload_digest = bytes(32)  # "the target showed me another output" -- never signed by it
+    verdict.commitments.append(fake)
+    sign(verdict, auditor)
+    result = verify_bundle(bundle(tmp_path, art, verdict, coord, auditor))
+    assert result.valid and result.accused == auditor.node_id, result.summary
+
+
+def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
+    from coordinator.audits import AuditScheduler, StepRecord
+    from coordinator.registry import NodeRecord
+
+    ids = [Identity.generate() for _ in range(3)]
+    nodes = [NodeRecord(node_id=i.node_id, public_key=i.public_key, address=f"127.0.0.1:{7001 + n}", stage=n)
+             for n, i in enumerate(ids)]
+    # Stage 2 flagged the activation stage 1 sent it for micro-batch 1; nothing else is drawn (rate 0).
+    reports = [pb.StepReport(run_id=RUN, step=3, stage=n, node_id=i.node_id) for n, i in enumerate(ids)]
+    reports[2].flags.add(direction=pb.DIRECTION_FORWARD, micro_batch=1)
+    for screen in (True, False):
+        sched = AuditScheduler(identity=Identity.generate(), registry=None, events=None, dataset=None,
+                               evidence_dir=tmp_path, rate=0.0, tolerance=TOL, screen=screen, timeout=5.0,
+                               max_tensor_bytes=1 << 20, stub_for=None, convict=None, recheck_rate=0.0)
+        sched.train_spec = pb.TrainSpec(micro_batches=4)
+        sched.num_stages = 3
+        drawn = sched.select(StepRecord(step=3, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports))
+        if not screen:
+            assert drawn == [] and sched.flagged_ids == set()
+            continue
+        assert [(r.stage, r.kind, r.micro_batch, r.target.node_id) for r in drawn] == [
+            (1, pb.AUDIT_KIND_FORWARD, 1, ids[1].node_id)]
+        assert sched.flagged_ids == {drawn[0].audit_id}, "its PASS will be re-checked by the coordinator"
+
+
+# -- multi-process tier ---------------------------------------------------------------------------
+
+
+def collusion_toml(steps: int, rate: float, recheck: float, screen: bool = True) -> str:
+    return tiny_run_toml(stages=3, steps=steps, extra=(
+        f"\n[audit]\nrate = {rate}\nscreen = {'true' if screen else 'false'}\nrecheck_rate = {recheck}\n"
+        "checkpoint_every = 4\nretention = 4\n")).replace("[pipeline]\n", "[pipeline]\nmin_nodes = 4\n")
+
+
+def start(net, tables: dict[int, str]) -> None:
+    """Four nodes in order (node i serves stage i, node 3 stands by and is the preferred auditor)."""
+    net.start_coordinator()
+    for i in range(4):
+        extra = []
+        if i in tables:
+            path = net.workdir / f"node{i}.toml"
+            path.write_text(tables[i].replace("ATTACKER", net.nodes[1].node_id if len(net.nodes) > 1 else ""))
+            extra = ["--config", str(path)]
+        net.start_node(*extra)
+        net.wait_registered(i + 1)
+
+
+def banned(status: pb.StatusReply) -> dict[str, str]:
+    return {n.node_id: n.ban_reason for n in status.nodes if n.role == pb.ROLE_BANNED}
+
+
+@pytest.mark.timeout(180)
+def test_colluding_auditor_and_its_accomplice_are_both_banned(testnet):
+    # Screen off: only random audits (p = 0.5) and random re-checks (0.5) of their PASS verdicts.
+    net = testnet(collusion_toml(steps=14, rate=0.5, recheck=0.5, screen=False))
+    start(net, {1: '[attack]\nbehaviours = ["forward:reverse"]\nstart_step = 1\n',
+                3: '[attack]\nbehaviours = ["audit:clear"]\naccomplices = ["ATTACKER"]\n'})
+    attacker, liar = net.nodes[1].node_id, net.nodes[3].node_id
+    status = net.wait_finished(timeout=160)
+
+    bans = banned(status)
+    assert set(bans) == {attacker, liar}, bans
+    assert "false clearance" in bans[liar] and attacker[:8] in bans[liar]
+    results = {verify_bundle(Path(p)).kind: verify_bundle(Path(p)) for p in status.evidence}
+    assert results["false-clearance"].valid and results["false-clearance"].accused == liar
+    assert results["audit"].valid and results["audit"].accused == attacker
+    assert all(r.valid for r in results.values()), [r.summary for r in results.values()]
+    out = subprocess.run([sys.executable, "-m", "pipeguard.cli", "verify", *status.evidence, "--coordinator-key",
+                          status.coordinator_key], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "VALID (false-clearance)" in out.stdout, out.stdout + out.stderr
+    # No standby is left: stage 1 is bypassed and training goes on to the end.
+    assert any(e.kind == "stage_skipped" for e in status.events)
+    assert [p.step for p in status.losses] == list(range(14))
+
+
+@pytest.mark.timeout(150)
+def test_patient_attacker_is_caught_only_after_it_starts(testnet):
+    k = 5
+    net = testnet(collusion_toml(steps=12, rate=0.5, recheck=0.1, screen=False))
+    start(net, {1: f'[attack]\nbehaviours = ["forward:reverse"]\nstart_step = {k}\n'})
+    attacker = net.nodes[1].node_id
+    status = net.wait_finished(timeout=130)
+
+    bans = banned(status)
+    assert set(bans) == {attacker}, bans
+    ban = next(e for e in status.events if e.kind == "banned")
+    assert ban.step >= k, f"convicted for step {ban.step}, before it started cheating at {k}"
+    assert not any(e.kind == "audit_failed" and e.step < k for e in status.events)
+    assert all(verify_bundle(Path(p)).valid for p in status.evidence)
