@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from coordinator_load import rss_mib  # this folder is on sys.path when a benchmark runs as a script
+
 RUN_TOML = """\
 [model]
 preset = "tiny"
@@ -70,17 +72,6 @@ heartbeat_timeout = 60.0
 step = {step_timeout}
 request = 60.0
 """
-
-
-def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def pss_mib(pid: int) -> float:
