@@ -1,0 +1,44 @@
+"""A stage node whose messages its neighbours keep refusing is routed around (liveness).
+
+``wire:bad-signature`` (bytes that do not match their signature) and ``wire:replay`` (an
+earlier step's valid stream sent again) are refused by every receiver, so every attempt of the
+step fails. Nobody can be banned for it (a refused stream is no evidence a third party could
+check), but after MAX_STEP_ATTEMPTS failed attempts the coordinator attributes the failures from
+the refusals the receivers reported and takes the refused node out of the pipeline for the rest
+of the run: the standby takes its stage and the run finishes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeguard.v1 import pipeguard_pb2 as pb
+from tests.test_adversary import ATTACKER, assert_standby_took_stage_1, roles, run_with_attacker
+from tests.conftest import tiny_run_toml
+
+STEPS = 3
+
+
+def liveness_toml() -> str:
+    """Three stages of the tiny model, two micro-batches, the default audit rate; the first step
+    waits for all four nodes (three stages and a standby)."""
+    toml = tiny_run_toml(stages=3, steps=STEPS, micro_batches=2)
+    return toml.replace("[pipeline]\n", "[pipeline]\nmin_nodes = 4\n").replace("step = 60.0", "step = 20.0")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("attack", ["wire:bad-signature", "wire:replay"])
+def test_a_node_whose_messages_are_refused_is_taken_out_of_the_pipeline_not_banned(testnet, attack):
+    net = testnet(liveness_toml())
+    status, ids = run_with_attacker(net, ["--attack", attack], timeout=120)
+    assert [p.step for p in status.losses] == list(range(STEPS)), "the run finished every step"
+    assert all(math.isfinite(p.loss) for p in status.losses)
+    assert {n.node_id for n in status.nodes if n.role == pb.ROLE_BANNED} == set(), "a refused stream is no proof"
+    assert roles(status)[ids[ATTACKER]] == pb.ROLE_STANDBY, "the attacker is back to standby"
+    demoted = [e for e in status.events if e.kind == "node_demoted"]
+    assert [e.node_id for e in demoted] == [ids[ATTACKER]], [e.message for e in demoted]
+    assert "refused" in demoted[0].message
+    assert_standby_took_stage_1(status, ids)
+    assert status.detections == 0 and not status.evidence
