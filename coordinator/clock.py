@@ -407,7 +407,7 @@ class StepClock:
 
     def _attribute(self, before: dict[str, dict[str, int]]) -> tuple[str, str, int] | None:
         """(sender, its main reporter, refusals) for the pipeline node whose messages its pipeline
-        neighbours refused most since ``before``; None when nobody's were refused, or on a tie.
+        neighbours refused most since ``before``; None when nobody's were refused.
 
         Only reports by the sender's neighbours in the current pipeline count: those are the only
         nodes it sends to, and a node elsewhere cannot frame it."""
@@ -423,10 +423,10 @@ class StepClock:
                 growth[sender] = (sum(by.values()), top, by[top])
         if not growth:
             return None
-        ranked = sorted(growth.items(), key=lambda kv: -kv[1][0])
-        if len(ranked) > 1 and ranked[0][1][0] == ranked[1][1][0]:
-            return None  # two senders refused as often: nothing singles one out
-        sender, (total, reporter, _) = ranked[0]
+        # On a tie the earlier stage is taken (sorted is stable): otherwise a liar could keep the
+        # run stalled by reporting its honest neighbour exactly as often as it is refused; the
+        # one-per-reporter rule (``_distrust_refused``) makes either choice converge.
+        sender, (total, reporter, _) = sorted(growth.items(), key=lambda kv: -kv[1][0])[0]
         return sender, reporter, total
 
     def distrust(self, node_id: str, step: int, reason: str) -> None:
