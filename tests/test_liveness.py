@@ -47,6 +47,9 @@ def test_a_node_whose_messages_are_refused_is_taken_out_of_the_pipeline_not_bann
     demoted = [e for e in status.events if e.kind == "node_demoted"]
     assert [e.node_id for e in demoted] == [ids[ATTACKER]], [e.message for e in demoted]
     assert "refused" in demoted[0].message
+    attacker = next(n for n in status.nodes if n.node_id == ids[ATTACKER])
+    assert "refused" in attacker.distrusted and not attacker.ban_reason
+    assert all(not n.distrusted for n in status.nodes if n.node_id != ids[ATTACKER])
     assert_standby_took_stage_1(status, ids)
     assert status.detections == 0 and not status.evidence
 
