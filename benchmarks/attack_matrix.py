@@ -18,7 +18,7 @@ Read from the coordinator's status (``pipeguard status --json`` sees the same): 
 whether any honest node was banned), the first ``banned`` event of the attacker and the last
 ``step`` event before it (steps until ban = steps completed at the ban - the attack's start
 step), audits dispatched when the ban was first seen (polled, so an upper bound by one poll),
-``rolled_back``/``stage_assigned``/``stage_skipped`` events (what the system did), evidence
+``node_demoted``/``rolled_back``/``stage_assigned``/``stage_skipped`` events (what the system did), evidence
 bundles (each re-checked with ``pipeguard.evidence.verify_bundle``), and the final training
 losses. Final loss vs clean is the mean of the run's last three step losses over the mean of the
 same steps of the single-process reference trainer (``pipeguard.reference``) with the same seed,
@@ -278,11 +278,11 @@ def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, sc
         kinds = [e.kind for e in events]
         if bans:
             res.actions.append("ban")
-        for kind, label in (("rolled_back", "rollback"), ("stage_skipped", "skip")):
+        for kind, label in (("node_demoted", "demoted"), ("rolled_back", "rollback"), ("stage_skipped", "skip")):
             if kind in kinds:
                 res.actions.append(label)
         if any(e.kind == "stage_assigned" and e.seq > (ban_ev.seq if ban_ev else 0) for e in events) and \
-                ("node_offline" in kinds or bans):
+                ("node_offline" in kinds or "node_demoted" in kinds or bans):
             res.actions.append("reassignment")
         for kind, label in (("step_failed", "step retried"), ("node_offline", "node offline"),
                             ("commitment_mismatch", "commitment mismatch seen")):

@@ -14,6 +14,15 @@ to the newest verified checkpoint at or before the first suspect step; a standby
 vacant stage from that checkpoint (it checks the state against the committed digest). With
 no standby, a middle stage is skipped (its blocks are bypassed, Lu et al.'s skip-layer mode);
 the first and last stage cannot be skipped, so the run waits for a node.
+
+A step that fails MAX_STEP_ATTEMPTS times in a row is attributed, if it can be, from what the
+receivers reported in their heartbeats: the pipeline node whose messages its pipeline
+neighbours refused most during those attempts (bytes that do not match their signature, a
+replayed stream) is *distrusted*: taken out of the pipeline and never given a stage again in
+this run, without a ban (a refused stream proves nothing to a third party). Re-formation then
+treats it as a lost node. A receiver that lies to frame a neighbour gets at most one node
+distrusted that way: when its reports would cost a second one, the reporter itself is
+distrusted instead (``_attribute``).
 """
 
 from __future__ import annotations
@@ -88,6 +97,8 @@ class StepClock:
         self.started = time.monotonic()
         self.first_back: float | None = None
         """When the first node heartbeated again after this (re)start."""
+        self.framed_by: dict[str, str] = {}
+        """reporter id -> the node its refusal reports got distrusted (one each, see ``_attribute``)."""
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -168,7 +179,8 @@ class StepClock:
         """Holders per slot, and slots to skip; None when the pipeline cannot be formed yet."""
         n = self.cfg.pipeline.stages
         alive = sorted((r for r in self.registry.nodes.values()
-                        if r.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and self.registry.is_alive(r)),
+                        if r.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and self.registry.is_alive(r)
+                        and r.node_id not in self.state.distrusted),
                        key=lambda r: r.registered_at)
         if self.state.step == 0 and not self.stage_nodes and len(alive) < self.cfg.pipeline.min_nodes:
             return None  # the operator asked for standbys to be ready before the first step
@@ -338,6 +350,7 @@ class StepClock:
 
     async def _train_until(self, total: int, need_formation: bool) -> None:
         failures = 0
+        refused_before: dict[str, dict[str, int]] = {}
         if need_formation or self.reform_needed:
             await self.form_pipeline()  # waits (never spins) until a pipeline can be formed
             need_formation = False
@@ -346,6 +359,8 @@ class StepClock:
                 await self.form_pipeline()
                 need_formation = False
             step = self.state.step
+            if failures == 0:  # the first attempt of this step: what neighbours had refused so far
+                refused_before = {k: dict(v) for k, v in self.registry.rejected_by_peers.items()}
             try:
                 async with self.step_lock:
                     if self.stopping:
@@ -362,10 +377,68 @@ class StepClock:
                 self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
                 await self.abort_step(step)
                 if failures >= MAX_STEP_ATTEMPTS or self.reform_needed:
+                    if failures >= MAX_STEP_ATTEMPTS:
+                        await self._distrust_refused(step, refused_before)
                     failures = 0
                     need_formation = True
                 else:
                     await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
+
+    async def _distrust_refused(self, step: int, before: dict[str, dict[str, int]]) -> None:
+        """After MAX_STEP_ATTEMPTS failures of ``step``: take the node its neighbours refused out
+        of the pipeline, if the receivers' reports single one out; otherwise change nothing."""
+        # The refusals of the last attempt reach us with the receivers' next heartbeat.
+        await asyncio.sleep(2 * self.cfg.timeouts.heartbeat_interval)
+        found = self._attribute(before)
+        if found is None:
+            return
+        culprit, reporter, count = found
+        if reporter in self.framed_by and self.framed_by[reporter] != culprit:
+            # This reporter's refusals already cost one node its stage: now the common factor is
+            # the reporter (a liar framing each new neighbour), so it is the one taken out.
+            reason = (f"its refusals of node {culprit[:8]}'s messages would take out a second neighbour "
+                      f"(after {self.framed_by[reporter][:8]})")
+            culprit = reporter
+        else:
+            self.framed_by[reporter] = culprit
+            reason = (f"{count} of its messages were refused by pipeline neighbour {reporter[:8]} during "
+                      f"{MAX_STEP_ATTEMPTS} failed attempts of step {step}")
+        self.distrust(culprit, step, reason)
+
+    def _attribute(self, before: dict[str, dict[str, int]]) -> tuple[str, str, int] | None:
+        """(sender, its main reporter, refusals) for the pipeline node whose messages its pipeline
+        neighbours refused most since ``before``; None when nobody's were refused.
+
+        Only reports by the sender's neighbours in the current pipeline count: those are the only
+        nodes it sends to, and a node elsewhere cannot frame it."""
+        ids = [r.node_id for r in self.stage_nodes]
+        growth: dict[str, tuple[int, str, int]] = {}  # sender -> (total, top reporter, its count)
+        for i, sender in enumerate(ids):
+            neighbours = set(ids[max(i - 1, 0):i]) | set(ids[i + 1:i + 2])
+            now = self.registry.rejected_by_peers.get(sender, {})
+            was = before.get(sender, {})
+            by = {rep: now[rep] - was.get(rep, 0) for rep in neighbours if now.get(rep, 0) > was.get(rep, 0)}
+            if by:
+                top = max(sorted(by), key=lambda rep: by[rep])
+                growth[sender] = (sum(by.values()), top, by[top])
+        if not growth:
+            return None
+        # On a tie the earlier stage is taken (sorted is stable): otherwise a liar could keep the
+        # run stalled by reporting its honest neighbour exactly as often as it is refused; the
+        # one-per-reporter rule (``_distrust_refused``) makes either choice converge.
+        sender, (total, reporter, _) = sorted(growth.items(), key=lambda kv: -kv[1][0])[0]
+        return sender, reporter, total
+
+    def distrust(self, node_id: str, step: int, reason: str) -> None:
+        """Never give ``node_id`` a stage again in this run; not a ban (it stays a member)."""
+        if node_id in self.state.distrusted:
+            return
+        self.state.distrusted[node_id] = reason
+        if any(r.node_id == node_id for r in self.stage_nodes):
+            self.reform_needed = True
+        self.persist()
+        self.events.emit("node_demoted", f"node {node_id[:8]} taken out of the pipeline (not banned): {reason}",
+                         node_id=node_id, step=step)
 
     async def _unless_stage_lost(self, work) -> None:
         """Run ``work`` (a step), but give it up as soon as a node of the pipeline goes silent.

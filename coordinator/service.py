@@ -100,7 +100,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
                 tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
                 tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),
-                ban_reason=rec.ban_reason,
+                ban_reason=rec.ban_reason, distrusted=self.clock.state.distrusted.get(rec.node_id, ""),
                 audits_passed=a.passed.get(rec.node_id, 0) if a else 0,
                 audits_failed=a.failed.get(rec.node_id, 0) if a else 0,
                 audits_done=a.performed.get(rec.node_id, 0) if a else 0,

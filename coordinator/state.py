@@ -54,6 +54,9 @@ class RunState:
     """Evidence bundles written, one per ban."""
     audit_rate: float | None = None
     """Audit rate set by an operator (SetAuditRate); overrides audit.rate when the run resumes."""
+    distrusted: dict[str, str] = field(default_factory=dict)
+    """node id -> why: nodes taken out of the pipeline for messages their neighbours kept
+    refusing (not a ban: they stay members, but are never given a stage again in this run)."""
 
 
 class RunStore:
@@ -84,6 +87,7 @@ class RunStore:
                 run_id=raw["run_id"], step=raw["step"], epoch=raw["epoch"], phase=raw["phase"], nodes=raw["nodes"],
                 losses=[tuple(x) for x in raw["losses"]], commitments=raw.get("commitments", {}),
                 skipped=raw.get("skipped", []), evidence=raw.get("evidence", []), audit_rate=raw.get("audit_rate"),
+                distrusted=raw.get("distrusted", {}),
             )
             if not resume:
                 phase = pb.RunPhase.Name(st.phase).removeprefix("RUN_PHASE_").lower()
@@ -108,7 +112,8 @@ class RunStore:
         data = json.dumps({
             "run_id": st.run_id, "step": st.step, "epoch": st.epoch, "phase": st.phase, "nodes": st.nodes,
             "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "skipped": st.skipped,
-            "evidence": st.evidence, "audit_rate": st.audit_rate, "saved_at": time.time(),
+            "evidence": st.evidence, "audit_rate": st.audit_rate, "distrusted": st.distrusted,
+            "saved_at": time.time(),
         })
         tmp = self.state_path.with_suffix(".json.tmp")
         try:

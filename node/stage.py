@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
 DEFAULT_RETENTION = 4
+ABORT_WAIT_S = 2.0
+"""How long AbortStep waits for the step it aborts to stop running (the coordinator cancelled
+that RunStep call just before; the cancellation may reach this node after the abort order)."""
 """Steps of snapshots and tensors kept when the run does not say (TrainSpec.retention_steps)."""
 
 
@@ -153,6 +156,9 @@ class StageRuntime:
         self._seen: dict[tuple[int, int, int], bytes] = {}
         self._wake = asyncio.Event()
         self._running: int | None = None
+        self._idle = asyncio.Event()
+        """Set while no step runs."""
+        self._idle.set()
         self._grads_for: int | None = None
         self.snapshots: dict[int, Snapshot] = {}
         """step -> state at the start of that step, for the retention window."""
@@ -309,10 +315,12 @@ class StageRuntime:
         if self._running is not None:
             raise FailedPrecondition(f"step {self._running} is still running")
         self._running = step
+        self._idle.clear()
         try:
             return await self._run_step(a, step)
         finally:
             self._running = None
+            self._idle.set()
 
     async def _run_step(self, a: Assignment, step: int) -> pb.StepReport:
         deadline = time.monotonic() + self.step_timeout
@@ -467,8 +475,16 @@ class StageRuntime:
     async def abort(self, step: int) -> None:
         """Drop a failed step's partial work so it can be run again from the same state.
 
-        Refused while that step is still running: its gradients and inbox are in use.
+        Waits up to ABORT_WAIT_S for that step to stop running (its RunStep call was cancelled
+        just before), and is refused if it still runs then: its gradients and inbox are in use.
+        Refusing it would leave the step's received tensors marked as seen, so that the next
+        attempt's identical (deterministically signed) streams would be refused as replays.
         """
+        if self._running == step:
+            try:
+                await asyncio.wait_for(self._idle.wait(), ABORT_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
         if self._running == step:
             raise FailedPrecondition(f"step {step} is still running; it cannot be aborted now")
         if self.opt is not None and step == self.completed_step + 1:

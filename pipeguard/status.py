@@ -45,7 +45,7 @@ def render(s: pb.StatusReply) -> str:
         lines.append(f"{n.node_id[:8]:<10} {_role(n.role):<8} {stage:>5} {n.address:<22} {hb:>10} "
                      f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>4} "
                      f"{n.rejected_by_peers:>12} {f'{n.audits_passed}/{n.audits_failed}':>14} {n.audits_done:>7}  "
-                     f"{n.ban_reason}")
+                     f"{n.ban_reason or (f'no stage: {n.distrusted}' if n.distrusted else '')}")
     lines.append("")
     lines.append(f"audits    {s.audits_total} dispatched, {s.detections} confirmed detections, "
                  f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned")

@@ -13,8 +13,8 @@ Protocol family: behaviours that keep the tensors honest and cheat elsewhere (th
 state served to auditors, the copy served to auditors, going silent). ``audit:accuse`` is in
 tests/test_audits.py and ``audit:clear`` with its accomplice in tests/test_collusion.py.
 ``wire:bad-signature`` and ``wire:replay`` are refused by every receiver (tests/test_attacks.py
-checks the streams against the real verifier); the running system does not remove a node whose
-sends keep being refused, see the README's attack table.
+checks the streams against the real verifier); the coordinator takes a node whose sends keep
+being refused out of the pipeline without a ban, see tests/test_liveness.py.
 """
 
 from __future__ import annotations

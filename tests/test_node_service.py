@@ -638,6 +638,36 @@ def test_abort_of_a_running_step_is_refused_and_the_step_completes(tmp_path):
     run(scenario())
 
 
+def test_abort_right_after_the_coordinator_cancels_the_step_waits_for_it_and_clears_its_inputs(tmp_path):
+    # The coordinator gives up a failed attempt by cancelling the other stages' RunStep calls and
+    # sends AbortStep at once; the cancellation may reach the node after the abort. The abort
+    # waits for the step to stop, so the retry's streams are not refused as replays.
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            me = bed.node.node_id
+            running = asyncio.create_task(
+                bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me)))
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while bed.runtime._running != 0:
+                assert asyncio.get_running_loop().time() < deadline, "RunStep never started"
+                await asyncio.sleep(0.01)
+            assert await bed.push(bed.tensor_chunks(micro_batch=0)) == (C.OK, "")
+            abort = asyncio.create_task(
+                bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me)))
+            while not bed.runtime._idle._waiters:  # the abort arrived first and waits for the step
+                assert not abort.done(), f"the abort of a running step returned at once: {abort.exception()}"
+                assert asyncio.get_running_loop().time() < deadline, "the abort never arrived"
+                await asyncio.sleep(0.01)
+            running.cancel()  # now the coordinator's cancellation of RunStep arrives
+            await asyncio.wait_for(abort, DEADLINE)
+            assert bed.runtime._running is None
+            await push_step_inputs(bed)  # micro-batch 0 again: accepted, not a replay
+            report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            assert report.step == 0 and report.micro_batches == MICRO_BATCHES
+
+    run(scenario())
+
+
 # -- concurrent streams ------------------------------------------------------------------------
 
 

@@ -612,7 +612,7 @@ class StatusRequest(_message.Message):
     def __init__(self, history: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason", "audits_passed", "audits_failed", "audits_done")
+    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason", "audits_passed", "audits_failed", "audits_done", "distrusted")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -626,6 +626,7 @@ class NodeStatus(_message.Message):
     AUDITS_PASSED_FIELD_NUMBER: _ClassVar[int]
     AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
     AUDITS_DONE_FIELD_NUMBER: _ClassVar[int]
+    DISTRUSTED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: Role
@@ -639,7 +640,8 @@ class NodeStatus(_message.Message):
     audits_passed: int
     audits_failed: int
     audits_done: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., audits_done: _Optional[int] = ...) -> None: ...
+    distrusted: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., audits_done: _Optional[int] = ..., distrusted: _Optional[str] = ...) -> None: ...
 
 class LossPoint(_message.Message):
     __slots__ = ("step", "loss", "tokens_per_s")
