@@ -368,6 +368,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"{meta['steps']} steps, screen on; attacker = stage 1's node (lying auditors: the standby); "
         f"tensor/protocol attacks at rate {meta['rate']} from step {meta['start']}. Each run bounded by "
         f"{meta['run_timeout']:.0f} s. See the script's docstring for how each column is measured.",
+        *([f"Rerun since: {meta['reruns']}."] if meta.get("reruns") else []),
         "",
         "| behaviour | p | detected | steps until ban (audited step) | audits (at ban / run) | honest banned | "
         "final loss vs clean | system did | evidence |",
@@ -385,6 +386,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             det += " (run error)"
         elif not r["finished"]:
             det += f" (stopped at step {r['steps_done']})"
+        elif "demoted" in r["actions"]:
+            det += " (routed around: demoted, no ban)"
         lines.append(f"| {r['behaviour']} | {r['p']:g} | {det} | {steps} | {at} / {r['audits_total']} | "
                      f"{r['honest_banned']} | {loss} | {', '.join(r['actions'])} | {ev} |")
     caught = sum(r["detected"] for r in results)
