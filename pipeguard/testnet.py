@@ -240,8 +240,7 @@ class LocalTestnet:
         running after ``timeout`` is killed)."""
         nodes = [d for d in self.nodes if d.alive()]
         for d in nodes:
-            assert d.proc is not None
-            d.proc.send_signal(signal.SIGTERM)
+            d.terminate()
         deadline = time.monotonic() + timeout
         for d in nodes:
             d.stop(max(0.1, deadline - time.monotonic()))
