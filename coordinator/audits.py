@@ -47,9 +47,6 @@ from coordinator.state import EventLog
 
 log = logging.getLogger(__name__)
 
-FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
-
-
 @dataclass
 class StepRecord:
     """What the coordinator knows of one step, for building audit orders."""
@@ -297,36 +294,13 @@ class AuditScheduler:
             art.fill_tokens(self.dataset)
             audit.check_tokens(art)
         finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
-        if finding.verdict == pb.VERDICT_FAIL and await self._cross_holders(req, art, fetcher):
-            return None
+        if finding.verdict == pb.VERDICT_FAIL:
+            # Before convicting anyone: a sender that signed two versions of a tensor it sent
+            # (one to its receiver, another to auditors) is the one banned.
+            for sender, theirs, ours in await audit.cross_holders(req, art, fetcher):
+                await self._convict_equivocation(req, sender.node_id, sender.public_key, theirs, ours, "tensor")
+                return None
         return art, finding
-
-    async def _cross_holders(self, req: pb.AuditRequest, art: audit.Artifacts, fetcher: audit.RpcFetcher) -> bool:
-        """Fetch every tensor of ``art`` from both of its holders; convict a sender that signed two
-        versions (e.g. the real one to its receiver and another to auditors). True if one was."""
-        prev = req.prev if req.HasField("prev") else None
-        nxt = req.next if req.HasField("next") else None
-        target = req.target
-        items = [(rt, FORWARD, mb, prev, [(prev, True), (target, False)]) for mb, rt in art.inputs.items()]
-        items += [(rt, BACKWARD, mb, nxt, [(nxt, True), (target, False)]) for mb, rt in art.grads_in.items()]
-        items += [(rt, d, mb, target, [(nxt if d == FORWARD else prev, False), (target, True)])
-                  for (d, mb), rt in art.outputs.items()]
-        for rt, direction, mb, signer, holders in items:
-            for holder, sent in holders:
-                if holder is None or signer is None:
-                    continue
-                try:
-                    other = await fetcher.fetch_tensor(holder, req.step, mb, direction, sent, signer)
-                except PipeguardError:
-                    continue  # a holder that cannot serve proves nothing
-                if other.commitment.payload_digest == rt.commitment.payload_digest:
-                    continue
-                if not evidence.same_subject(other.commitment, rt.commitment):
-                    continue
-                await self._convict_equivocation(req, signer.node_id, signer.public_key, other.commitment,
-                                                 rt.commitment, "tensor")
-                return True
-        return False
 
     async def _convict_equivocation(self, req: pb.AuditRequest, signer: str, key: bytes, theirs, ours,
                                     what: str) -> None:

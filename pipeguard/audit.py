@@ -283,8 +283,9 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     the holder cannot forge it, and it is what the receiver computed with); the sender's own copy
     is the fallback. Taking the sender's copy first would let a sender that serves auditors
     another signed version than it sent (equivocation) frame its honest neighbour. With
-    ``cross_check`` the sender's copy is fetched too, and every validly signed copy that differs
-    from the receiver's is kept in ``Artifacts.alternates``: the pair proves equivocation."""
+    ``cross_check`` the sender's copy is fetched too (``cross_holders``), and every validly signed
+    copy that differs from the receiver's is kept in ``Artifacts.alternates``: the pair proves
+    equivocation."""
     setup = StageSetup.from_request(req)
     art = Artifacts(request=req)
     target = req.target
@@ -298,17 +299,9 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     kinds = req.kind
 
     async def held(receiver: pb.PeerInfo, sender: pb.PeerInfo, mb: int, direction: int) -> ReceivedTensor:
-        got = await _first_of(
+        return await _first_of(
             lambda: fetcher.fetch_tensor(receiver, req.step, mb, direction, False, sender),
             lambda: fetcher.fetch_tensor(sender, req.step, mb, direction, True, sender))
-        if cross_check:
-            try:
-                other = await fetcher.fetch_tensor(sender, req.step, mb, direction, True, sender)
-            except PipeguardError:
-                other = None  # a sender that will not show its copy proves nothing either way
-            if other is not None and other.commitment.payload_digest != got.commitment.payload_digest:
-                art.alternates.append(other.commitment)
-        return got
 
     for mb in micro_batches_of(req):
         if not setup.is_first:
@@ -324,6 +317,8 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
             assert prev is not None
             art.outputs[(BACKWARD, mb)] = await held(prev, target, mb, BACKWARD)
     check_headers(art)
+    if cross_check:
+        art.alternates = [theirs for _, theirs, _ in await cross_holders(req, art, fetcher, receivers=False)]
     if kinds == pb.AUDIT_KIND_UPDATE:
         try:
             art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
@@ -331,6 +326,35 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
             raise AuditIncomplete(f"audited node did not serve its state after step {req.step}: {exc}") from None
         check_attestation(art.next_attestation, target, req, req.step + 1, art.next_state)
     return art
+
+
+async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, receivers: bool = True
+                        ) -> list[tuple[pb.PeerInfo, pb.TensorCommitment, pb.TensorCommitment]]:
+    """Fetch every tensor of ``art`` again from its sender (and, with ``receivers``, from its
+    receiver too) and return (sender, other copy, copy in ``art``) for each validly signed copy that
+    differs from the one ``art`` holds under the same header: proof that its sender equivocated.
+    A holder that cannot serve its copy proves nothing either way and is skipped."""
+    prev = req.prev if req.HasField("prev") else None
+    nxt = req.next if req.HasField("next") else None
+    target = req.target
+    items = [(rt, FORWARD, mb, prev, target) for mb, rt in art.inputs.items()]
+    items += [(rt, BACKWARD, mb, nxt, target) for mb, rt in art.grads_in.items()]
+    items += [(rt, d, mb, target, nxt if d == FORWARD else prev) for (d, mb), rt in art.outputs.items()]
+    pairs = []
+    for rt, direction, mb, sender, receiver in items:
+        if sender is None:
+            continue
+        holders = [(sender, True)] + ([(receiver, False)] if receivers and receiver is not None else [])
+        for holder, sent in holders:
+            try:
+                other = await fetcher.fetch_tensor(holder, req.step, mb, direction, sent, sender)
+            except PipeguardError:
+                continue
+            if other.commitment.payload_digest != rt.commitment.payload_digest and \
+                    _header_key(other.commitment.header) == _header_key(rt.commitment.header):
+                pairs.append((sender, other.commitment, rt.commitment))
+                break
+    return pairs
 
 
 def check_tensor_header(rt: ReceivedTensor, req: pb.AuditRequest, direction: int, mb: int, sender: str,
