@@ -387,8 +387,13 @@ class StepClock:
     async def _distrust_refused(self, step: int, before: dict[str, dict[str, int]]) -> None:
         """After MAX_STEP_ATTEMPTS failures of ``step``: take the node its neighbours refused out
         of the pipeline, if the receivers' reports single one out; otherwise change nothing."""
-        # The refusals of the last attempt reach us with the receivers' next heartbeat.
-        await asyncio.sleep(2 * self.cfg.timeouts.heartbeat_interval)
+        # The refusals of the last attempt reach us with the receivers' next heartbeat: wait for
+        # one from every live pipeline node (at most two heartbeat intervals).
+        failed_at = time.monotonic()
+        deadline = failed_at + 2 * self.cfg.timeouts.heartbeat_interval
+        while time.monotonic() < deadline and any(
+                self.registry.is_alive(r) and r.last_heartbeat < failed_at for r in self.stage_nodes):
+            await asyncio.sleep(0.05)
         found = self._attribute(before)
         if found is None:
             return
