@@ -44,10 +44,10 @@ log = logging.getLogger(__name__)
 
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
 DEFAULT_RETENTION = 4
+"""Steps of snapshots and tensors kept when the run does not say (TrainSpec.retention_steps)."""
 ABORT_WAIT_S = 2.0
 """How long AbortStep waits for the step it aborts to stop running (the coordinator cancelled
 that RunStep call just before; the cancellation may reach this node after the abort order)."""
-"""Steps of snapshots and tensors kept when the run does not say (TrainSpec.retention_steps)."""
 
 
 @dataclass
@@ -384,9 +384,11 @@ class StageRuntime:
         return report
 
     async def _send(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor) -> None:
-        ctx = self.attack_context(header.step, header.micro_batch, header.direction, header.receiver)
         await self.pause("send", header.step, header.micro_batch, header.direction, header.receiver)
-        rewrite = (lambda chunks: self.behaviour.on_send(ctx, chunks)) if "on_send" in self.attacks else None
+        rewrite = None
+        if "on_send" in self.attacks:  # experiments: wire:bad-signature, wire:replay
+            ctx = self.attack_context(header.step, header.micro_batch, header.direction, header.receiver)
+            rewrite = lambda chunks: self.behaviour.on_send(ctx, chunks)  # noqa: E731
         commitment = await self.peers.push(address, header, tensor, rewrite=rewrite)
         self.kept[(header.step, header.direction, header.micro_batch, True)] = Kept(commitment, tensor)
 
