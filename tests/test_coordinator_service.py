@@ -274,7 +274,7 @@ def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(t
                 await bed.heartbeat(node, seq=1)
             rec = bed.registry.nodes[holder.node_id]
             rec.role, rec.stage = pb.ROLE_STAGE, 1
-            bed.service.clock.stage_nodes = [rec]
+            bed.service.clock.pipeline.nodes = [rec]
             for r in bed.registry.nodes.values():  # both go silent for longer than the timeout
                 r.last_heartbeat = 0.0
             assert {r.node_id for r in bed.registry.expire()} == {holder.node_id, standby.node_id}
@@ -515,7 +515,7 @@ async def scripted_pipeline(bed: Bed, lies: list[dict]):
         bed.registry.nodes[rec.node_id] = rec
         records.append(rec)
     clock = bed.service.clock
-    clock.stage_nodes, clock.slots = records, list(range(len(lies)))
+    clock.pipeline.nodes, clock.pipeline.slots = records, list(range(len(lies)))
     clock.state.epoch = 1
     clock.state.commitments = {str(s): ScriptedStage.START.hex() for s in range(len(lies))}
     try:
