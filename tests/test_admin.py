@@ -13,10 +13,9 @@ import grpc
 import pytest
 
 from coordinator.admin import Admin, load_or_create_token
-from coordinator.daemon import build_clock
 from pipeguard.identity import Identity, KeyFileError
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.test_coordinator_service import DATASET, DEADLINE, coordinator_bed
+from tests.test_coordinator_service import DEADLINE, coordinator_bed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,10 +141,8 @@ def test_ban_of_an_unknown_or_ambiguous_node_is_refused(tmp_path, node_id, code)
 
 def test_set_audit_rate_changes_the_scheduler_live_and_shows_in_status(tmp_path):
     async def scenario():
-        async with coordinator_bed(tmp_path) as bed:
+        async with coordinator_bed(tmp_path, audits=True) as bed:
             clock = bed.service.clock
-            clock.audits = build_clock(clock.cfg, bed.coord, bed.registry, clock.state, clock.store, clock.events,
-                                       DATASET).audits
             bed.service.admin = Admin(TOKEN, clock)
             for bad in (-0.1, 1.5, float("nan")):
                 with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -20,6 +20,7 @@ import torch
 
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
+from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
@@ -70,7 +71,9 @@ class Bed:
 
 
 @contextlib.asynccontextmanager
-async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None):
+async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None,
+                          audits: bool = False):
+    """``audits``: the clock comes with its judge and audit scheduler, as the daemon builds it."""
     cfg = CoordinatorConfig(run_id=RUN, state_dir=str(state_dir),
                             model=ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16),
                             pipeline=PipelineConfig(stages=2),
@@ -82,7 +85,10 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, l
     assert not resumed
     events = EventLog(store)
     registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl, limits=limits)
-    clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
+    if audits:
+        clock = build_clock(cfg, coord, registry, state, store, events, DATASET)
+    else:
+        clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
     service = CoordinatorService(cfg, coord, registry, clock, events, DATASET)
     server = grpc.aio.server(**server_options(cfg.net))
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
