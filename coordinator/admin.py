@@ -6,7 +6,7 @@ with a random value on first start; it is compared in constant time. Status and 
 token. Over a plaintext channel anyone on the path can read the token: use TLS (``net.tls_*``)
 when the coordinator is reached over a network.
 
-A manual ban goes through ``StepClock.convict``, the same path as a ban after a confirmed audit
+A manual ban goes through ``Convictions.convict``, the same path as a ban after a confirmed audit
 (roll back a stage holder's work to the last checkpoint, hand its stage to a standby), only
 without an evidence bundle; the reason says it was manual, who ordered it and from where.
 """
@@ -123,7 +123,7 @@ class Admin:
         rec = self.resolve(node_id)
         if rec.role == pb.ROLE_BANNED:
             raise FailedPrecondition(f"node {rec.node_id[:8]} is already banned: {rec.ban_reason}")
-        self.clock.convict(rec.node_id, -1, f"manual: {reason.strip() or 'no reason given'} (by {who})", None)
+        self.clock.convictions.convict(rec.node_id, -1, f"manual: {reason.strip() or 'no reason given'} (by {who})")
         return self._reply(f"banned node {rec.node_id}", rec.node_id)
 
     def unban(self, node_id: str, who: str) -> pb.AdminReply:
@@ -158,9 +158,7 @@ class Admin:
             raise InvalidArgument(f"audit rate must be in [0, 1], got {rate}")
         clock = self.clock
         old = clock.cfg.audit.rate
-        clock.cfg.audit.rate = rate
-        if clock.auditor is not None:
-            clock.auditor.rate = rate
+        clock.cfg.audit.rate = rate  # the scheduler draws with the rate in force
         clock.state.audit_rate = rate
         clock.persist()
         clock.events.emit("audit_rate", f"audit rate {old:g} -> {rate:g} (by {who})", step=clock.state.step)

@@ -11,10 +11,15 @@ messages (the wire format itself), written to a temporary file and renamed into 
 so does any older one that a rollback may still need: audits of a step may finish up to
 ``audit.retention`` steps later, and a conviction rolls back to the newest checkpoint at or
 before the convicted step.
+
+``Checkpointer`` takes them: it fetches each stage's state with the node's signed attestation
+(``fetch_stage_state``, which exports use too) and keeps it only if the attestation is the
+stage's and names the digest the stage committed to.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -24,10 +29,15 @@ from pathlib import Path
 
 import torch
 
-from pipeguard.errors import DataLoss, NotFound
+from pipeguard.errors import DataLoss, NotFound, PipeguardError
+from pipeguard.signing import verify
 from pipeguard.tensors import StateAssembler, state_chunks, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
-from coordinator.state import StateError
+from coordinator.channels import NodeChannels
+from coordinator.config import CoordinatorConfig
+from coordinator.pipeline import Pipeline
+from coordinator.registry import NodeRecord
+from coordinator.state import EventLog, RunState, StateError
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +115,74 @@ class CheckpointStore:
         for chunk in self.chunks(step, stage):
             asm.add(chunk)
         return asm.finish()
+
+
+def fetch_stage_state(channels: NodeChannels, run_id: str, rec: NodeRecord, slot: int, step: int,
+                      include_optimizer: bool, timeout: float):
+    """The state chunks ``rec`` serves for stage ``slot`` at ``step``, its attestation among them."""
+    req = pb.FetchStateRequest(run_id=run_id, node_id=rec.node_id, include_optimizer=include_optimizer, step=step,
+                               stage=slot)
+    return channels.stream(rec, "FetchState", req, timeout)
+
+
+class Checkpointer:
+    """Takes verified checkpoints of the active pipeline into ``store``."""
+
+    def __init__(self, store: CheckpointStore, channels: NodeChannels, cfg: CoordinatorConfig, state: RunState,
+                 pipeline: Pipeline, events: EventLog):
+        self.store = store
+        self.channels = channels
+        self.cfg = cfg
+        self.state = state
+        self.pipeline = pipeline
+        self.events = events
+
+    async def _verified_state(self, rec: NodeRecord, slot: int, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
+        asm = StateAssembler(self.cfg.net.max_tensor_bytes)
+        attestation = None
+        async for chunk in fetch_stage_state(self.channels, self.state.run_id, rec, slot, step, True,
+                                             self.cfg.timeouts.step):
+            if chunk.HasField("attestation"):
+                attestation = chunk.attestation
+            elif chunk.name or chunk.data:
+                asm.add(chunk)
+        committed = bytes.fromhex(self.state.commitments[str(slot)])
+        if attestation is None or attestation.state_digest != committed:
+            raise DataLoss(f"stage {slot} served a state other than the one it committed to for step {step}")
+        verify(attestation, rec.identity, what="state attestation")
+        return asm.finish(), committed
+
+    async def take(self, step: int) -> None:
+        """Fetch every active stage's state at ``step`` and keep it if it matches its commitment."""
+        states = {}
+        for slot, rec in zip(self.pipeline.slots, self.pipeline.nodes):
+            states[slot] = await self._verified_state(rec, slot, step)
+        loop = asyncio.get_running_loop()
+        # Audits of steps after step - retention may still convict someone and roll back there.
+        saving = loop.run_in_executor(None, self.store.save, step, states, step - self.cfg.audit.retention)
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            await asyncio.wait([saving])  # a checkpoint on disk is written whole before we go
+            raise
+        self.events.emit("checkpoint", f"verified checkpoint of {len(states)} stages at step {step}", step=step,
+                         persist=False)
+
+    async def take_now(self, timeout: float) -> int | None:
+        """Make sure a verified checkpoint of the current step exists (at a stop or a shutdown).
+
+        Returns its step, or None when none could be made within ``timeout`` (stages gone): then
+        a resumed run starts from the last checkpoint before it.
+        """
+        step = self.state.step
+        if step in self.store.steps():
+            return step
+        if not self.pipeline.nodes or self.state.phase != pb.RUN_PHASE_TRAINING:
+            return None
+        try:
+            await asyncio.wait_for(self.take(step), timeout)
+            return step
+        except (PipeguardError, asyncio.TimeoutError) as exc:
+            self.events.emit("checkpoint_failed", f"no checkpoint at step {step}: {exc or 'timed out'}; a resumed run "
+                             f"starts from step {self.store.latest(step)}", step=step)
+            return None

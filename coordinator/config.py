@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, preset
+from pipeguard.v1 import pipeguard_pb2 as pb
 
 
 MEMBER_BYTES = 100
@@ -88,12 +89,19 @@ class PipelineConfig:
     min_nodes: int = 0
     """Live nodes to wait for before the first step (0 = stages). Set it to stages + the
     standbys you want ready from step 0, e.g. to audit and take over from the start."""
+    max_step_attempts: int = 3
+    """Attempts of one step (each aborted and retried after timeouts.retry_backoff x attempts) before
+    the pipeline is formed again; the failures are then attributed from the refusals receivers
+    reported, and the node its neighbours refused is taken out of the pipeline (not banned)."""
 
     def __post_init__(self) -> None:
         if self.stages < 1:
             raise ConfigError("pipeline.stages must be >= 1")
         if self.min_nodes < 0:
             raise ConfigError("pipeline.min_nodes must be >= 0 (0 means pipeline.stages)")
+        if self.max_step_attempts < 1:
+            raise ConfigError(f"pipeline.max_step_attempts must be >= 1 (1 re-forms the pipeline after the first "
+                              f"failure), got {self.max_step_attempts}")
 
 
 @dataclass
@@ -129,6 +137,12 @@ class AuditConfig:
     keep_checkpoints: int = 3
     """Checkpoints kept on disk, besides an older one that a rollback may still need (the newest at
     or before `retention` steps back)."""
+    shutdown_checkpoint: float = 8.0
+    """Seconds spent at most on a last checkpoint when the coordinator shuts down (docker stop waits
+    10 s before it kills); a resumed run starts from the last checkpoint before it if none was made."""
+    timeout: float = 0.0
+    """Deadline in seconds of one Audit RPC to an auditor, and of each fetch the coordinator makes to
+    confirm or re-check a verdict; 0 = timeouts.step (an audit recomputes at most one stage's step)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -141,6 +155,11 @@ class AuditConfig:
             raise ConfigError("audit.retention must be >= 2")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("audit.checkpoint_every and audit.keep_checkpoints must be >= 1")
+        if not self.shutdown_checkpoint > 0:
+            raise ConfigError(f"audit.shutdown_checkpoint must be positive (seconds), got {self.shutdown_checkpoint}; "
+                              "keep it below the time your supervisor waits before it kills the coordinator")
+        if self.timeout < 0:
+            raise ConfigError(f"audit.timeout must be >= 0 seconds (0 means timeouts.step), got {self.timeout}")
 
 
 @dataclass
@@ -206,3 +225,21 @@ class CoordinatorConfig:
                 f"pipeline.stages ({self.pipeline.stages}) exceeds the model's {gpt.n_layer} blocks; "
                 "lower pipeline.stages or raise model.n_layer"
             )
+
+    def audit_timeout(self) -> float:
+        """Deadline of an Audit RPC and of the judge's fetches (``audit.timeout``, 0 = ``timeouts.step``)."""
+        return self.audit.timeout or self.timeouts.step
+
+    def model_spec(self) -> pb.ModelSpec:
+        """The model as stages and auditors are told it."""
+        g = self.model.gpt()
+        return pb.ModelSpec(block_size=g.block_size, vocab_size=g.vocab_size, n_layer=g.n_layer, n_head=g.n_head,
+                            n_embd=g.n_embd, dropout=g.dropout)
+
+    def train_spec(self) -> pb.TrainSpec:
+        """The training settings as stages and auditors are told them."""
+        t = self.train
+        return pb.TrainSpec(seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size, lr=t.lr,
+                            warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
+                            weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, grad_clip=t.grad_clip,
+                            max_in_flight=t.max_in_flight, retention_steps=self.audit.retention)

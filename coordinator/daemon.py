@@ -9,7 +9,7 @@ import signal
 import sys
 
 from pipeguard import config as pgconfig
-from pipeguard.data import load_dataset
+from pipeguard.data import Dataset, load_dataset
 from pipeguard.identity import Identity
 from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.metrics import serve_metrics
@@ -17,17 +17,18 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from coordinator.admin import Admin, load_or_create_token, token_path
 from coordinator.audits import AuditScheduler
+from coordinator.channels import NodeChannels
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
+from coordinator.convictions import Convictions
+from coordinator.judge import Judge
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pipeline import Pipeline
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
-from coordinator.state import EventLog, RunStore, StateError
+from coordinator.state import EventLog, RunState, RunStore, StateError
 
 log = logging.getLogger("coordinator")
-
-SHUTDOWN_CHECKPOINT_S = 8.0
-"""At most this long is spent on a last checkpoint at shutdown (docker stop waits 10 s by default)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +72,23 @@ def load_config(args: argparse.Namespace) -> CoordinatorConfig:
     })
 
 
+def build_clock(cfg: CoordinatorConfig, identity: Identity, registry: Registry, state: RunState, store: RunStore,
+                events: EventLog, dataset: Dataset) -> StepClock:
+    """The step clock with its judge and audit scheduler. They share the node channels and one
+    ``Convictions`` (over the clock's ``Pipeline``): the judge convicts through it, the clock reads
+    what convictions ask of the pipeline; the clock hands committed steps to the scheduler."""
+    channels = NodeChannels(identity, cfg.net, cfg.timeouts)
+    convictions = Convictions(registry, state, store, events, Pipeline(state.skipped))
+    judge = Judge(identity=identity, registry=registry, events=events, dataset=dataset,
+                  evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout(),
+                  max_tensor_bytes=cfg.net.max_tensor_bytes, channels=channels, convictions=convictions,
+                  recheck_rate=cfg.audit.recheck_rate)
+    audits = AuditScheduler(cfg=cfg, run_id=state.run_id, data_digest=dataset.digest, identity=identity,
+                            registry=registry, events=events, dataset=dataset, judge=judge, channels=channels)
+    return StepClock(cfg, identity, registry, state, store, events, dataset.digest, channels=channels,
+                     convictions=convictions, audits=audits)
+
+
 async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     store = RunStore(cfg.state_dir)
     identity = Identity.load_or_create(store.key_path)
@@ -86,15 +104,7 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         rec = NodeRecord.from_json(d)
         registry.nodes[rec.node_id] = rec
     dataset = await asyncio.get_running_loop().run_in_executor(None, load_dataset, cfg.data.path, cfg.data.max_bytes)
-    clock = StepClock(cfg, identity, registry, state, store, events, dataset.digest)
-    auditor = AuditScheduler(
-        identity=identity, registry=registry, events=events, dataset=dataset, evidence_dir=store.dir / "evidence",
-        rate=cfg.audit.rate, tolerance=cfg.audit.tolerance, screen=cfg.audit.screen, timeout=cfg.timeouts.step,
-        recheck_rate=cfg.audit.recheck_rate,
-        max_tensor_bytes=cfg.net.max_tensor_bytes, stub_for=clock.stub_for, convict=clock.convict)
-    auditor.run_id, auditor.num_stages, auditor.data_digest = state.run_id, cfg.pipeline.stages, dataset.digest
-    auditor.model_spec, auditor.train_spec = clock.model_spec(), clock.train_spec()
-    clock.auditor = auditor
+    clock = build_clock(cfg, identity, registry, state, store, events, dataset)
     service = CoordinatorService(cfg, identity, registry, clock, events, dataset, Admin(token, clock))
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
@@ -145,7 +155,7 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         await asyncio.wait([clock_task])
         if state.phase == pb.RUN_PHASE_TRAINING:
             # Keep what the stages hold now, so that --resume loses nothing (if they are still up).
-            await clock.checkpoint_now(SHUTDOWN_CHECKPOINT_S)
+            await clock.checkpointer.take_now(cfg.audit.shutdown_checkpoint)
             clock.persist()
         if metrics is not None:
             metrics.close()

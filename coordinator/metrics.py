@@ -58,7 +58,7 @@ class CoordinatorMetrics:
         yield bans
         yield GaugeMetricFamily("pipeguard_audit_rate", "Audit probability per message and per update in force.",
                                 value=clock.cfg.audit.rate)
-        a = clock.auditor.stats if clock.auditor is not None else None
+        a = clock.audits.stats if clock.audits is not None else None
         if a is not None:
             yield CounterMetricFamily("pipeguard_audits_dispatched", "Audits ordered.", value=a.dispatched)
             audits = CounterMetricFamily("pipeguard_audits", "Audits finished, by result (failed = confirmed by "

@@ -57,7 +57,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.registry.nodes[request.node_id].role == pb.ROLE_OFFLINE
         rec = self.registry.heartbeat(request)
         if was_offline:
-            if rec in self.clock.stage_nodes and rec.stage >= 0:  # it never stopped serving its stage
+            if rec in self.clock.pipeline and rec.stage >= 0:  # it never stopped serving its stage
                 rec.role = pb.ROLE_STAGE
             what = f"stage {rec.stage}" if rec.role == pb.ROLE_STAGE else "standby"
             self.events.emit("node_back", f"node {rec.node_id[:8]} is back ({what})", node_id=rec.node_id)
@@ -91,10 +91,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         reply = pb.StatusReply(run_id=st.run_id, phase=st.phase, step=st.step, total_steps=self.cfg.train.steps,
                                num_stages=self.cfg.pipeline.stages, coordinator_key=self.identity.public_key.hex(),
                                config_toml=to_toml(self.cfg), audit_rate=self.cfg.audit.rate)
-        reply.model.CopyFrom(self.clock.model_spec())
+        reply.model.CopyFrom(self.cfg.model_spec())
         now = time.monotonic()
+        a = self.clock.audits.stats if self.clock.audits is not None else None
         for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
-            a = self.clock.auditor.stats if self.clock.auditor is not None else None
             reply.nodes.add(
                 node_id=rec.node_id, address=rec.address, role=rec.role, stage=max(rec.stage, 0),
                 heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
@@ -105,10 +105,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 audits_failed=a.failed.get(rec.node_id, 0) if a else 0,
                 audits_done=a.performed.get(rec.node_id, 0) if a else 0,
             )
-        if self.clock.auditor is not None:
-            reply.audits_total = self.clock.auditor.stats.dispatched
-            reply.detections = self.clock.auditor.stats.detections
-        reply.evidence.extend(self.clock.evidence)
+        if a is not None:
+            reply.audits_total = a.dispatched
+            reply.detections = a.detections
+        reply.evidence.extend(st.evidence)
         for step, loss, tps in st.losses[-history:]:
             reply.losses.add(step=step, loss=loss, tokens_per_s=tps)
         reply.events.extend(list(self.events.recent)[-history:])

@@ -20,10 +20,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipeguard.errors import PipeguardError
 from pipeguard.v1 import pipeguard_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,11 @@ class RunStore:
             except OSError:
                 pass
             raise StateError(f"cannot write {self.state_path}: {exc.strerror or exc}") from None
+
+    def save_run(self, st: RunState, registry: "Registry") -> None:
+        """Save the run with the registry's node records as they are now (after any change to either)."""
+        st.nodes = [r.to_json() for r in registry.nodes.values()]
+        self.save(st)
 
     def append_event(self, ev: pb.Event) -> None:
         line = json.dumps({"seq": ev.seq, "time": ev.time, "kind": ev.kind, "message": ev.message,

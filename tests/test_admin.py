@@ -13,10 +13,9 @@ import grpc
 import pytest
 
 from coordinator.admin import Admin, load_or_create_token
-from coordinator.audits import AuditScheduler
 from pipeguard.identity import Identity, KeyFileError
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.test_coordinator_service import DATASET, DEADLINE, coordinator_bed
+from tests.test_coordinator_service import DEADLINE, coordinator_bed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,16 +86,16 @@ def test_manual_ban_takes_the_audit_ban_path_without_evidence_then_unban(tmp_pat
                 await bed.heartbeat(node, seq=1)
             rec = bed.registry.nodes[holder.node_id]
             rec.role, rec.stage = pb.ROLE_STAGE, 0
-            clock.stage_nodes, clock.state.step = [rec], 7
+            clock.pipeline.nodes, clock.state.step = [rec], 7
 
             reply = await bed.stub.Ban(pb.BanRequest(node_id=holder.node_id[:8], reason="serves garbage",
                                                      operator="alice@ops"), timeout=DEADLINE, metadata=auth())
             assert reply.node_id == holder.node_id and reply.step == 7
             # The same consequences as a conviction: banned, the pipeline re-formed from a checkpoint
             # at or before the current step, peers told through heartbeats. No evidence bundle.
-            assert rec.role == pb.ROLE_BANNED and clock.reform_needed and clock.suspect_step == 7
+            assert rec.role == pb.ROLE_BANNED and clock.pipeline.reform_needed and clock.pipeline.suspect_step == 7
             assert rec.ban_reason.startswith("manual: serves garbage (by alice@ops from ipv4:127.0.0.1:")
-            assert clock.evidence == []
+            assert clock.state.evidence == []
             status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
             ban = [e for e in status.events if e.kind == "banned"][-1]
             assert ban.node_id == holder.node_id and "alice@ops" in ban.message and "evidence" not in ban.message
@@ -142,12 +141,8 @@ def test_ban_of_an_unknown_or_ambiguous_node_is_refused(tmp_path, node_id, code)
 
 def test_set_audit_rate_changes_the_scheduler_live_and_shows_in_status(tmp_path):
     async def scenario():
-        async with coordinator_bed(tmp_path) as bed:
+        async with coordinator_bed(tmp_path, audits=True) as bed:
             clock = bed.service.clock
-            clock.auditor = AuditScheduler(
-                identity=bed.coord, registry=bed.registry, events=clock.events, dataset=DATASET,
-                evidence_dir=tmp_path / "evidence", rate=0.05, tolerance=1e-3, screen=True, timeout=DEADLINE,
-                max_tensor_bytes=1 << 20, stub_for=clock.stub_for, convict=clock.convict)
             bed.service.admin = Admin(TOKEN, clock)
             for bad in (-0.1, 1.5, float("nan")):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -155,7 +150,7 @@ def test_set_audit_rate_changes_the_scheduler_live_and_shows_in_status(tmp_path)
                 assert err.value.code() == C.INVALID_ARGUMENT
             reply = await bed.stub.SetAuditRate(pb.SetAuditRateRequest(rate=0.5, operator="carol"),
                                                 timeout=DEADLINE, metadata=auth())
-            assert "0.05 -> 0.5" in reply.detail and clock.auditor.rate == 0.5
+            assert "0.05 -> 0.5" in reply.detail and clock.audits.rate == 0.5
             status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
             assert status.audit_rate == 0.5 and tomllib.loads(status.config_toml)["audit"]["rate"] == 0.5
             assert [e.message for e in status.events if e.kind == "audit_rate"] == ["audit rate 0.05 -> 0.5 (by carol "

@@ -140,6 +140,7 @@ def test_a_made_up_other_version_attached_to_the_pass_does_not_excuse_the_audito
 
 def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
     from coordinator.audits import AuditScheduler, StepRecord
+    from coordinator.config import AuditConfig, CoordinatorConfig, PipelineConfig, TrainConfig
     from coordinator.registry import NodeRecord
 
     ids = [Identity.generate() for _ in range(3)]
@@ -149,11 +150,10 @@ def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
     reports = [pb.StepReport(run_id=RUN, step=3, stage=n, node_id=i.node_id) for n, i in enumerate(ids)]
     reports[2].flags.add(direction=pb.DIRECTION_FORWARD, micro_batch=1)
     for screen in (True, False):
-        sched = AuditScheduler(identity=Identity.generate(), registry=None, events=None, dataset=None,
-                               evidence_dir=tmp_path, rate=0.0, tolerance=TOL, screen=screen, timeout=5.0,
-                               max_tensor_bytes=1 << 20, stub_for=None, convict=None, recheck_rate=0.0)
-        sched.train_spec = pb.TrainSpec(micro_batches=4)
-        sched.num_stages = 3
+        cfg = CoordinatorConfig(audit=AuditConfig(rate=0.0, tolerance=TOL, screen=screen),
+                                train=TrainConfig(micro_batches=4), pipeline=PipelineConfig(stages=3))
+        sched = AuditScheduler(cfg=cfg, run_id=RUN, data_digest=b"", identity=Identity.generate(), registry=None,
+                               events=None, dataset=None, judge=None, channels=None)
         drawn = sched.select(StepRecord(step=3, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports))
         if not screen:
             assert drawn == [] and sched.flagged_ids == set()

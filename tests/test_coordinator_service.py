@@ -20,6 +20,7 @@ import torch
 
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
+from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
@@ -70,7 +71,9 @@ class Bed:
 
 
 @contextlib.asynccontextmanager
-async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None):
+async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None,
+                          audits: bool = False):
+    """``audits``: the clock comes with its judge and audit scheduler, as the daemon builds it."""
     cfg = CoordinatorConfig(run_id=RUN, state_dir=str(state_dir),
                             model=ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16),
                             pipeline=PipelineConfig(stages=2),
@@ -82,7 +85,10 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, l
     assert not resumed
     events = EventLog(store)
     registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl, limits=limits)
-    clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
+    if audits:
+        clock = build_clock(cfg, coord, registry, state, store, events, DATASET)
+    else:
+        clock = StepClock(cfg, coord, registry, state, store, events, DATASET.digest)
     service = CoordinatorService(cfg, coord, registry, clock, events, DATASET)
     server = grpc.aio.server(**server_options(cfg.net))
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
@@ -274,7 +280,7 @@ def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(t
                 await bed.heartbeat(node, seq=1)
             rec = bed.registry.nodes[holder.node_id]
             rec.role, rec.stage = pb.ROLE_STAGE, 1
-            bed.service.clock.stage_nodes = [rec]
+            bed.service.clock.pipeline.nodes = [rec]
             for r in bed.registry.nodes.values():  # both go silent for longer than the timeout
                 r.last_heartbeat = 0.0
             assert {r.node_id for r in bed.registry.expire()} == {holder.node_id, standby.node_id}
@@ -515,7 +521,7 @@ async def scripted_pipeline(bed: Bed, lies: list[dict]):
         bed.registry.nodes[rec.node_id] = rec
         records.append(rec)
     clock = bed.service.clock
-    clock.stage_nodes, clock.slots = records, list(range(len(lies)))
+    clock.pipeline.nodes, clock.pipeline.slots = records, list(range(len(lies)))
     clock.state.epoch = 1
     clock.state.commitments = {str(s): ScriptedStage.START.hex() for s in range(len(lies))}
     try:

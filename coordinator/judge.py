@@ -1,0 +1,224 @@
+"""The judge: the coordinator's own recomputation of an audit, the only thing that can lead to a ban.
+
+A FAIL verdict never bans by itself: the judge gathers the same artifacts and recomputes them.
+Confirmed: the audited node is convicted with an evidence bundle. Refuted: the auditor lied, and
+it is convicted instead, with a bundle proving that. An audit nobody else could do (no auditor
+available, or the auditor failed to answer) is judged the same way.
+
+A PASS verdict is re-checked the same way for a random ``audit.recheck_rate`` of audits, and
+always when the audited message was screen-flagged. A PASS that the recomputation contradicts
+(beyond ``FALSE_CLEARANCE_MARGIN`` times the tolerance, so that no honest auditor's rounding
+can be blamed) convicts both the audited node (``audit`` bundle) and the auditor that cleared it
+(``false-clearance`` bundle): an auditor covering for an accomplice.
+
+Before anyone is convicted on a failed recomputation, the judge fetches every tensor it used
+from both of its holders (the sender's sent copy and the receiver's received copy): two
+different versions validly signed by the same sender are equivocation, and it is the sender,
+not the audited node that computed on what it was given, who is convicted. So is a node whose
+signed claims in an auditor's verdict contradict what it showed the judge.
+
+Every conviction goes through ``Convictions`` (one bundle per ban).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeguard import audit, evidence
+from pipeguard.data import Dataset
+from pipeguard.errors import PipeguardError
+from pipeguard.identity import Identity, PublicIdentity
+from pipeguard.signing import verify
+from pipeguard.v1 import pipeguard_pb2 as pb
+from coordinator.channels import NodeChannels
+from coordinator.convictions import Convictions
+from coordinator.registry import Registry
+from coordinator.state import EventLog
+
+
+@dataclass
+class AuditStats:
+    dispatched: int = 0
+    passed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    performed: dict[str, int] = field(default_factory=dict)
+    detections: int = 0
+    incomplete: int = 0
+    rechecked: int = 0
+    """PASS verdicts the coordinator recomputed itself."""
+
+
+class Judge:
+    def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
+                 evidence_dir: Path, timeout: float, max_tensor_bytes: int, channels: NodeChannels,
+                 convictions: Convictions, recheck_rate: float = 0.0):
+        self.identity = identity
+        self.registry = registry
+        self.events = events
+        self.dataset = dataset
+        self.evidence_dir = Path(evidence_dir)
+        self.timeout = timeout
+        self.max_tensor_bytes = max_tensor_bytes
+        self.channels = channels
+        self.convictions = convictions
+        self.recheck_rate = recheck_rate
+        self.rng = secrets.SystemRandom()
+        self.stats = AuditStats()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-judge")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def decide(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None, flagged: bool = False) -> None:
+        """What follows from an auditor's signed ``verdict`` on ``req`` (None: nobody else audited it)."""
+        if verdict is None:
+            await self._judge(req, None)
+        elif verdict.verdict == pb.VERDICT_PASS:
+            if flagged or self.rng.random() < self.recheck_rate:
+                await self._recheck(req, verdict, "screen-flagged message" if flagged else "random re-check")
+            else:
+                self._passed(req)
+        elif verdict.verdict == pb.VERDICT_FAIL:
+            if self.convictions.banned(req.target.node_id):
+                return  # already convicted: one bundle per ban is enough
+            self.events.emit("audit_failed", f"auditor {verdict.auditor[:8]} reports {req.target.node_id[:8]} "
+                             f"at step {req.step} stage {req.stage}: {verdict.detail}; confirming",
+                             node_id=req.target.node_id, step=req.step)
+            await self._judge(req, verdict)
+        else:
+            self.stats.incomplete += 1
+            self.events.emit("audit_incomplete", f"audit {req.audit_id} of {req.target.node_id[:8]}: "
+                             f"{verdict.detail}", node_id=req.target.node_id, step=req.step, persist=False)
+
+    def _passed(self, req: pb.AuditRequest) -> None:
+        t = req.target.node_id
+        self.stats.passed[t] = self.stats.passed.get(t, 0) + 1
+
+    async def _convict(self, node_id: str, step: int, reason: str, path: Path, write: Callable[[], None], *,
+                       failed: bool, detection: bool) -> None:
+        """Write ``node_id``'s bundle to ``path`` (off the loop) and convict it, unless it is already."""
+        if not self.convictions.reserve(node_id):
+            return
+        if failed:
+            self.stats.failed[node_id] = self.stats.failed.get(node_id, 0) + 1
+        if detection:
+            self.stats.detections += 1
+        await asyncio.get_running_loop().run_in_executor(self.executor, write)
+        self.convictions.convict(node_id, step, reason, path)
+
+    def _path(self, req: pb.AuditRequest, what: str, node_id: str) -> Path:
+        return self.evidence_dir / f"step{req.step:06d}-audit{req.audit_id}-{what}{node_id[:8]}.pgev"
+
+    async def _equivocation(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, art: audit.Artifacts) -> bool:
+        """Did a node show the auditor other signed data than it showed us? Then that is the fault."""
+        keys = {p.node_id: p.public_key for p in (req.target, req.prev, req.next) if p.node_id}
+        for theirs, ours in audit.contradictions(verdict, art):
+            signer = theirs.header.sender if isinstance(theirs, pb.TensorCommitment) else theirs.node_id
+            key = keys.get(signer)
+            if key is None:
+                continue
+            try:
+                verify(theirs, PublicIdentity(key), what="claim in the auditor's verdict")
+            except PipeguardError:
+                continue  # a forged claim in a verdict proves nothing against its "signer"
+            await self._convict_equivocation(
+                req, signer, key, theirs, ours, "tensor" if isinstance(theirs, pb.TensorCommitment) else "state")
+            return True
+        return False
+
+    async def _convict_equivocation(self, req: pb.AuditRequest, signer: str, key: bytes, theirs, ours,
+                                    what: str) -> None:
+        path = self._path(req, "equivocation-", signer)
+        await self._convict(signer, req.step, f"equivocation: signed two different versions of the same {what} "
+                            f"(audit {req.audit_id})", path,
+                            lambda: evidence.write_equivocation_bundle(path, theirs, ours, key),
+                            failed=True, detection=True)
+
+    async def _confirm(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None
+                       ) -> tuple[audit.Artifacts, audit.Finding] | None:
+        """Gather and recompute what ``req`` audits. None when there is nothing left to decide: its
+        target is convicted already, the audit could not be completed, or an equivocating signer
+        was convicted."""
+        if self.convictions.banned(req.target.node_id):
+            return None
+        fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.max_tensor_bytes,
+                                   self.timeout, req.epoch)
+        try:
+            art = await audit.gather(req, fetcher)
+        except PipeguardError as exc:
+            self.stats.incomplete += 1
+            self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
+                             node_id=req.target.node_id, step=req.step)
+            return None
+        if verdict is not None and await self._equivocation(req, verdict, art):
+            return None
+        if art.needs_tokens():
+            art.fill_tokens(self.dataset)
+            audit.check_tokens(art)
+        finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
+        if finding.verdict == pb.VERDICT_FAIL:
+            # Before convicting anyone: a sender that signed two versions of a tensor it sent
+            # (one to its receiver, another to auditors) is the one banned.
+            for sender, theirs, ours in await audit.cross_holders(req, art, fetcher):
+                await self._convict_equivocation(req, sender.node_id, sender.public_key, theirs, ours, "tensor")
+                return None
+        return art, finding
+
+    async def _convict_target(self, req: pb.AuditRequest, art: audit.Artifacts, finding: audit.Finding) -> None:
+        path = self._path(req, "", req.target.node_id)
+        await self._convict(req.target.node_id, req.step, f"{audit.KIND_NAMES[req.kind]} audit at step {req.step}: "
+                            f"{finding.detail}", path,
+                            lambda: evidence.write_audit_bundle(path, art, finding, self.identity.public_key),
+                            failed=True, detection=True)
+
+    async def _convict_auditor(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, art: audit.Artifacts,
+                               finding: audit.Finding, what: str, reason: str) -> None:
+        """Convict the auditor that signed ``verdict``: a false accusation or a false clearance."""
+        liar = verdict.auditor
+        if self.convictions.banned(liar):
+            return
+        key = self.registry.nodes[liar].public_key
+        path = self._path(req, f"{what}-", liar)
+        await self._convict(liar, -1, reason, path, lambda: evidence.write_audit_bundle(
+            path, art, finding, self.identity.public_key, false_verdict=verdict, auditor_key=key),
+            failed=False, detection=what == "false-clearance")
+
+    async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> None:
+        """Confirm a FAIL (or decide an audit nobody else did): convict the target or the accuser."""
+        confirmed = await self._confirm(req, verdict)
+        if confirmed is None:
+            return
+        art, finding = confirmed
+        if finding.verdict == pb.VERDICT_FAIL:
+            await self._convict_target(req, art, finding)
+            return
+        self._passed(req)
+        if verdict is not None and finding.verdict == pb.VERDICT_PASS:
+            await self._convict_auditor(req, verdict, art, finding, "false-accusation", f"false accusation against "
+                                        f"{req.target.node_id[:8]} in audit {req.audit_id}")
+
+    async def _recheck(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, why: str) -> None:
+        """Recompute an audit an auditor signed PASS for. If the recomputation fails it clearly
+        (beyond ``FALSE_CLEARANCE_MARGIN`` x tolerance), the audited node cheated and the auditor
+        covered for it: both are convicted, each with its own bundle."""
+        self.stats.rechecked += 1
+        confirmed = await self._confirm(req, verdict)
+        if confirmed is None:
+            return
+        art, finding = confirmed
+        if finding.verdict != pb.VERDICT_FAIL:
+            self._passed(req)
+            return
+        target, liar = req.target.node_id, verdict.auditor
+        self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the PASS signed by "
+                         f"{liar[:8]}: {finding.detail}", node_id=target, step=req.step)
+        await self._convict_target(req, art, finding)
+        if not evidence.clearly_fails(finding, req.tolerance):
+            return  # within rounding of the tolerance: an honest auditor may have seen a pass
+        await self._convict_auditor(req, verdict, art, finding, "false-clearance", f"false clearance of {target[:8]} "
+                                    f"in audit {req.audit_id} ({why}): signed PASS, recomputation {finding.detail}")

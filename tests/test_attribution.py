@@ -1,0 +1,89 @@
+"""Refusal attribution on its own: who is taken out of the pipeline after a step failed every
+attempt, and the bound on framing (coordinator/attribution.py; no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coordinator.attribution import RefusalAttribution, attribute
+from coordinator.pipeline import Pipeline
+from coordinator.registry import NodeRecord, Registry
+from coordinator.state import EventLog, RunStore
+from pipeguard.identity import Identity
+from pipeguard.v1 import pipeguard_pb2 as pb
+from tests.test_planning import plan_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def attribution_with_pipeline(tmp_path, stages: int = 3, standbys: int = 1) -> tuple[RefusalAttribution, list[str]]:
+    """Attribution over a real registry, run store and event log, whose pipeline is formed of
+    ``stages`` registered nodes in order, with ``standbys`` more registered as standbys."""
+    store = RunStore(tmp_path)
+    state, _ = store.load_or_create("run-attribution")
+    registry = Registry(30.0, challenge_ttl=5.0)
+    pipeline = Pipeline()
+    ids = []
+    for i in range(stages + standbys):
+        node = Identity.generate()
+        rec = NodeRecord(node_id=node.node_id, public_key=node.public_key, address=f"127.0.0.1:{7100 + i}",
+                         role=pb.ROLE_STAGE if i < stages else pb.ROLE_STANDBY, stage=i if i < stages else -1)
+        rec.heartbeat_seq = 1
+        registry.nodes[rec.node_id] = rec
+        ids.append(rec.node_id)
+    pipeline.nodes, pipeline.slots = [registry.nodes[i] for i in ids[:stages]], list(range(stages))
+    return RefusalAttribution(registry, state, store, EventLog(store), pipeline, attempts=3,
+                              heartbeat_interval=0.01), ids
+
+
+def refused(att: RefusalAttribution, sender: str, reporter: str, count: int) -> None:
+    """What ``reporter``'s heartbeat reports: it has refused ``count`` of ``sender``'s messages."""
+    att.registry.rejected_by_peers.setdefault(sender, {})[reporter] = count
+
+
+def test_the_sender_its_pipeline_neighbours_refused_is_distrusted_and_not_planned_again(tmp_path):
+    att, (a, b, c, d) = attribution_with_pipeline(tmp_path)
+    refused(att, b, c, 1)  # before the step: not counted
+    before = att.snapshot()
+    refused(att, b, c, 7)
+    refused(att, a, c, 50)  # c is not a's neighbour: ignored
+    asyncio.run(att.after_failures(4, before))
+    assert set(att.state.distrusted) == {b} and "6 of its messages" in att.state.distrusted[b]
+    assert "3 failed attempts of step 4" in att.state.distrusted[b]
+    assert att.pipeline.reform_needed
+    assert att.events.recent[-1].kind == "node_demoted" and att.events.recent[-1].node_id == b
+    assert all(r.role != pb.ROLE_BANNED for r in att.registry.nodes.values()), "not a ban"
+    plan = plan_for(list(att.registry.nodes.values()), distrusted=att.state.distrusted, step=4)
+    assert plan.holders[1].node_id == d and not plan.skipped, "the standby takes the distrusted node's stage"
+    assert RunStore(tmp_path).load_or_create("run-attribution", resume=True)[0].distrusted == att.state.distrusted
+
+
+def test_no_refusals_change_nothing(tmp_path):
+    att, (a, b, c, d) = attribution_with_pipeline(tmp_path)
+    refused(att, b, c, 3)
+    asyncio.run(att.after_failures(4, att.snapshot()))
+    assert att.state.distrusted == {} and not att.pipeline.reform_needed
+
+
+def test_a_receiver_that_frames_a_second_neighbour_is_distrusted_itself(tmp_path):
+    # b lies: it reports refusing a's (honest) messages. a goes; the standby d takes stage 0, and
+    # b reports d the same way: the reporter common to both is the one taken out.
+    att, (a, b, c, d) = attribution_with_pipeline(tmp_path)
+    refused(att, a, b, 4)
+    asyncio.run(att.after_failures(1, {}))
+    assert set(att.state.distrusted) == {a}
+    att.pipeline.nodes = [att.registry.nodes[i] for i in (d, b, c)]
+    before = att.snapshot()
+    refused(att, d, b, 4)
+    asyncio.run(att.after_failures(2, before))
+    assert set(att.state.distrusted) == {a, b}, "the liar, not the second honest neighbour"
+    assert "second neighbour" in att.state.distrusted[b]
+
+
+def test_attribute_counts_only_pipeline_neighbours_and_breaks_ties_toward_the_earlier_stage():
+    ids = ["a", "b", "c"]
+    assert attribute(ids, {"a": {"c": 9}}, {}) is None, "c does not receive from a"
+    assert attribute(ids, {"a": {"b": 2}, "b": {"a": 2}}, {}) == ("a", "b", 2)
+    assert attribute(ids, {"b": {"a": 1, "c": 3}}, {"b": {"a": 1}}) == ("b", "c", 3)
