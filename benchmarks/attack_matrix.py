@@ -6,7 +6,7 @@
     python benchmarks/attack_matrix.py --curve 40 --out docs/ # the detection curve only (needs matplotlib)
     pipeguard experiment matrix ...                           # the same
 
-Every run is a ``pipeguard.testnet.LocalTestnet``: a coordinator and four node daemons on
+Every run is a ``pipeguard.app.testnet.LocalTestnet``: a coordinator and four node daemons on
 loopback (three stages of the tiny GPT registered in order, node i serves stage i, and node 3
 stands by; the standby is the auditor the scheduler prefers), signatures on, screen on, audits at
 the row's p, ``--steps`` steps (default 16) of 4 micro-batches of 4 sequences, bounded by
@@ -66,7 +66,7 @@ from pipeguard.data import stdlib_corpus  # noqa: E402
 from pipeguard.evidence import verify_bundle  # noqa: E402
 from pipeguard.model import GPTConfig, OptimSettings  # noqa: E402
 from pipeguard.reference import train_reference  # noqa: E402
-from pipeguard.testnet import LocalTestnet, TestnetError  # noqa: E402
+from pipeguard.app.testnet import LocalTestnet, TestnetError  # noqa: E402
 from pipeguard.v1 import pipeguard_pb2 as pb  # noqa: E402
 
 SEED = 7

@@ -3,7 +3,7 @@
     python benchmarks/coordinator_load.py [--nodes 1000] [--duration 60] [--workers 2]
                                           [--channels 8] [--json PATH]
 
-A real coordinator process (``pipeguard.testnet.LocalTestnet``, loopback, port 0) serves a run
+A real coordinator process (``pipeguard.app.testnet.LocalTestnet``, loopback, port 0) serves a run
 whose ``pipeline.min_nodes`` is out of reach, so it never starts training: what it does is
 exactly registration and heartbeats. ``--workers`` client processes each simulate
 ``nodes / workers`` nodes, every one a real ``node.membership.Membership`` with its own Ed25519
@@ -266,7 +266,7 @@ def check_max_nodes(workdir: Path, python: str) -> str:
     from node.membership import Membership
     from pipeguard.config import NetConfig, TimeoutConfig
     from pipeguard.identity import Identity
-    from pipeguard.testnet import LocalTestnet
+    from pipeguard.app.testnet import LocalTestnet
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     toml = RUN_TOML.format(min_nodes=4, max_nodes_line="max_nodes = 4", hb_timeout=60)  # it tries to train; no matter
@@ -341,7 +341,7 @@ def handler_cost(nodes: int, calls: int = 2000) -> dict:
 
 
 def main_parent(opts: argparse.Namespace) -> dict:
-    from pipeguard.testnet import LocalTestnet, wait_for
+    from pipeguard.app.testnet import LocalTestnet, wait_for
 
     deadline = time.monotonic() + opts.max_seconds
     python = sys.executable

@@ -3,7 +3,7 @@
     pip install -e '.[experiment]'     # matplotlib, for the plot
     python benchmarks/experiment.py --out docs/ [--steps 200] [--throughput-steps 50] [--rounds 2]
 
-Every run is a ``pipeguard.testnet.LocalTestnet``: a coordinator and four node daemons on
+Every run is a ``pipeguard.app.testnet.LocalTestnet``: a coordinator and four node daemons on
 loopback (three stages, registered in order so that node 1 serves stage 1, and a standby),
 signatures on, one torch thread per node, all with the same model, seed, data and batches:
 
@@ -226,7 +226,7 @@ def run_toml(spec: RunSpec, steps: int) -> str:
 def run_testnet(spec: RunSpec, steps: int, workdir: Path, attack_start: int, timeout: float,
                 evaluate_models: bool, dataset=None) -> RunResult:
     from pipeguard.evidence import verify_bundle
-    from pipeguard.testnet import LocalTestnet
+    from pipeguard.app.testnet import LocalTestnet
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,7 @@
                                          [--json PATH]
 
 A coordinator and ``stages + standbys`` node daemons as local processes
-(``pipeguard.testnet.LocalTestnet``: real subprocesses, real gRPC on loopback, signatures on,
+(``pipeguard.app.testnet.LocalTestnet``: real subprocesses, real gRPC on loopback, signatures on,
 one torch thread per node). The model is the tiny preset made ``--n-layer`` blocks deep (one
 block or more per stage) and narrow, so that what is measured is the cost of the processes and
 the protocol, not of the model. ``pipeline.min_nodes`` = stages + standbys, so the standbys are
@@ -99,7 +99,7 @@ def mem_available_mib() -> float:
 
 
 def run(opts: argparse.Namespace) -> dict:
-    from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
+    from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     t_start = time.monotonic()

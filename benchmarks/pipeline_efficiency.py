@@ -3,7 +3,7 @@
     python benchmarks/pipeline_efficiency.py [--micro-batches 8] [--micro-batch-size 8] [--steps 7]
                                              [--rounds 3] [--one-thread] [--json PATH]
 
-Pipeline: ``pipeguard.testnet.LocalTestnet`` — a coordinator and two node daemons as local
+Pipeline: ``pipeguard.app.testnet.LocalTestnet`` — a coordinator and two node daemons as local
 processes on loopback, signatures on, nodes at their default of one torch thread. Its tokens/s
 per step come from the coordinator's status (``StatusReply.losses[i].tokens_per_s``: one
 RunStep + ApplyUpdate round, as the coordinator times it). Audits are off unless asked for
@@ -124,7 +124,7 @@ def pipeline_run(opts: argparse.Namespace, workdir: Path, deadline: float) -> di
     Stops at ``deadline`` (monotonic) once the warm-up and one measured step are done, or at
     ``--run-timeout``, keeping the steps completed so far.
     """
-    from pipeguard.testnet import LocalTestnet, TestnetError
+    from pipeguard.app.testnet import LocalTestnet, TestnetError
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,

@@ -3,7 +3,7 @@
     pip install -e '.[experiment]'     # matplotlib, for the plot
     python benchmarks/stage_scaling.py --out docs/ [--stages 2,4,8,16] [--micro-batches 1,2,4,8,16]
 
-Every point is a real testnet (``pipeguard.testnet.LocalTestnet``: coordinator + S node daemons
+Every point is a real testnet (``pipeguard.app.testnet.LocalTestnet``: coordinator + S node daemons
 on loopback, signatures on, one torch thread per node, audits and the screen off so that the
 pipeline itself is measured) training the same model (``--n-layer`` blocks, split evenly over
 the stages) on the same global batch of ``--batch`` sequences per step:
@@ -130,7 +130,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def testnet_point(opts: argparse.Namespace, s: int, m: int, workdir: Path) -> dict:
-    from pipeguard.testnet import LocalTestnet, TestnetError
+    from pipeguard.app.testnet import LocalTestnet, TestnetError
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeguard.testnet import STARTED, LocalTestnet
+from pipeguard.app.testnet import STARTED, LocalTestnet
 
 TINY_RUN = """
 [model]

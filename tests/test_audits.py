@@ -18,7 +18,7 @@ from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import verify_bundle
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import wait_for
+from pipeguard.app.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 
@@ -94,7 +94,7 @@ def test_evidence_from_a_real_ban_verifies_and_a_flipped_byte_does_not(testnet, 
     start(net, {1: ["--attack", "forward:reverse", "--attack-rate", "1"]}, count=4)
     status = net.wait_finished(timeout=100)
     bundle = Path(status.evidence[0])
-    cli = [sys.executable, "-m", "pipeguard.cli", "verify"]
+    cli = [sys.executable, "-m", "pipeguard.app.cli", "verify"]
     ok = subprocess.run([*cli, str(bundle), "--coordinator-key", status.coordinator_key], capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and "VALID" in ok.stdout, ok.stdout + ok.stderr

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import wait_for
+from pipeguard.app.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 
@@ -33,7 +33,7 @@ def reference_losses(steps: int, micro_batches: int = 4) -> list[float]:
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeguard.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeguard.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -72,7 +72,7 @@ def test_status_cli_and_health(testnet):
 def test_watch_streams_events_live(testnet):
     net = testnet(tiny_run_toml(stages=2, steps=30, n_layer=2))
     net.start_coordinator()
-    watcher = subprocess.Popen([sys.executable, "-m", "pipeguard.cli", "status", "--coordinator",
+    watcher = subprocess.Popen([sys.executable, "-m", "pipeguard.app.cli", "status", "--coordinator",
                                 net.coordinator.address, "--watch", "--json"], stdout=subprocess.PIPE, text=True)
     try:
         net.start_node()

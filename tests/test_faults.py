@@ -43,7 +43,7 @@ from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import verify_bundle
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import Daemon, LocalTestnet, wait_for
+from pipeguard.app.testnet import Daemon, LocalTestnet, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 from tests.test_multihost import COORDINATOR_PORT, NODE_PORT, Lan, free_subnet, start_in, why_no_netns

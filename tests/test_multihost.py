@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeguard.testnet import Daemon, wait_for
+from pipeguard.app.testnet import Daemon, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 from tests.test_audits import clean_losses

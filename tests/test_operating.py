@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPT, GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
+from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from tests.conftest import tiny_run_toml
@@ -32,7 +32,7 @@ GPT2 = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeguard.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeguard.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
+from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 RUN_TOML = """\
