@@ -141,15 +141,15 @@ class TlsFiles:
 class LocalTestnet:
     """A coordinator and nodes as local processes under ``workdir``."""
 
-    def __init__(self, workdir: Path, run: CoordinatorConfig | str = "", python: str = sys.executable,
+    def __init__(self, workdir: Path, run: CoordinatorConfig | None = None, python: str = sys.executable,
                  tls: TlsFiles | None = None):
-        """``run``: the coordinator's run config (``pipeguard.app.runconfig``) or its TOML text."""
+        """``run``: the coordinator's run config (``pipeguard.app.runconfig``; None: the defaults)."""
         self.tls = tls
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.config_path = self.workdir / "run.toml"
-        self.config_path.write_text(run if isinstance(run, str) else to_toml(run))
+        self.config_path.write_text(to_toml(run or CoordinatorConfig()))
         self.coordinator: Daemon | None = None
         self.nodes: list[Daemon] = []
 
