@@ -203,11 +203,18 @@ class RunResult:
         return d
 
 
-def run_toml(spec: RunSpec, steps: int) -> str:
-    """The coordinator's run.toml for ``spec``."""
-    from pipeguard.app.runconfig import run_config, to_toml
+def run_config_for(spec: RunSpec, steps: int):
+    """The coordinator's run config for ``spec`` (a CoordinatorConfig)."""
+    from pipeguard.app.runconfig import run_config
 
-    return to_toml(run_config(RUN, {"train.steps": steps, "audit.rate": spec.audit_rate, "audit.screen": spec.screen}))
+    return run_config(RUN, {"train.steps": steps, "audit.rate": spec.audit_rate, "audit.screen": spec.screen})
+
+
+def run_toml(spec: RunSpec, steps: int) -> str:
+    """The coordinator's run.toml for ``spec`` (for the report)."""
+    from pipeguard.app.runconfig import to_toml
+
+    return to_toml(run_config_for(spec, steps))
 
 
 def run_testnet(spec: RunSpec, steps: int, workdir: Path, attack_start: int, timeout: float,
@@ -218,7 +225,7 @@ def run_testnet(spec: RunSpec, steps: int, workdir: Path, attack_start: int, tim
 
     shutil.rmtree(workdir, ignore_errors=True)
     res = RunResult(spec=spec, steps=steps, workdir=str(workdir))
-    net = LocalTestnet(workdir, run_toml(spec, steps))
+    net = LocalTestnet(workdir, run_config_for(spec, steps))
     meter = CpuMeter()
     t0 = time.perf_counter()
     try:
