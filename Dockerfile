@@ -69,7 +69,7 @@ RUN pip install $TORCH_PIP_ARGS "$TORCH_SPEC"
 WORKDIR /src
 COPY . /src
 RUN pip install /src \
-    && python -c "import torch, grpc, grpc_health.v1, pipeguard, node, coordinator; print('torch', torch.__version__)"
+    && python -c "import torch, grpc, grpc_health.v1, pipeguard, node, coordinator, pipeguard.app.cli; print('torch', torch.__version__)"
 
 # An unprivileged user. Keys and run state live under /var/lib/pipeguard; compose mounts named
 # volumes there, which start with this ownership and mode, so key files stay 0600 in 0700 dirs.

@@ -6,7 +6,7 @@
     python benchmarks/attack_matrix.py --curve 40 --out docs/ # the detection curve only (needs matplotlib)
     pipeguard experiment matrix ...                           # the same
 
-Every run is a ``pipeguard.testnet.LocalTestnet``: a coordinator and four node daemons on
+Every run is a ``pipeguard.app.testnet.LocalTestnet``: a coordinator and four node daemons on
 loopback (three stages of the tiny GPT registered in order, node i serves stage i, and node 3
 stands by; the standby is the auditor the scheduler prefers), signatures on, screen on, audits at
 the row's p, ``--steps`` steps (default 16) of 4 micro-batches of 4 sequences, bounded by
@@ -62,11 +62,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from pipeguard.app.runconfig import node_config, run_config, to_toml  # noqa: E402
+from pipeguard.app.testnet import LocalTestnet, TestnetError  # noqa: E402
 from pipeguard.data import stdlib_corpus  # noqa: E402
 from pipeguard.evidence import verify_bundle  # noqa: E402
 from pipeguard.model import GPTConfig, OptimSettings  # noqa: E402
 from pipeguard.reference import train_reference  # noqa: E402
-from pipeguard.testnet import LocalTestnet, TestnetError  # noqa: E402
 from pipeguard.v1 import pipeguard_pb2 as pb  # noqa: E402
 
 SEED = 7
@@ -77,39 +78,17 @@ GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 ATTACKER, STANDBY = 1, 3
 """Node indices: the attacker serves stage 1; the standby (node 3) is the preferred auditor."""
 
-RUN_TOML = """\
-[model]
-preset = "tiny"
-n_layer = 3
-n_embd = 32
-n_head = 2
-block_size = 32
-
-[train]
-steps = {steps}
-micro_batches = {mb}
-micro_batch_size = {mbs}
-seed = {seed}
-warmup_steps = 2
-
-[pipeline]
-stages = 3
-min_nodes = 4
-
-[data]
-max_bytes = {data}
-
-[audit]
-rate = {p}
-screen = {screen}
-checkpoint_every = 4
-retention = 4
-{audit_extra}
-[timeouts]
-heartbeat_interval = 0.2
-heartbeat_timeout = 3.0
-step = 20.0
-"""
+RUN = {
+    "model.preset": "tiny", "model.n_layer": GPT.n_layer, "model.n_embd": GPT.n_embd, "model.n_head": GPT.n_head,
+    "model.block_size": GPT.block_size,
+    "train.micro_batches": MICRO_BATCHES, "train.micro_batch_size": MICRO_BATCH_SIZE, "train.seed": SEED,
+    "train.warmup_steps": 2,
+    "pipeline.stages": 3, "pipeline.min_nodes": 4,
+    "data.max_bytes": DATA_BYTES,
+    "audit.checkpoint_every": 4, "audit.retention": 4,
+    "timeouts.heartbeat_interval": 0.2, "timeouts.heartbeat_timeout": 3.0, "timeouts.step": 20.0,
+}
+"""Every run's config (pipeguard.app.runconfig keys); each run adds its steps, audit rate and screen."""
 
 TENSOR_KINDS = ["reverse", "random", "noise", "scale", "zero", "sign-flip", "constant-direction", "stale"]
 PROTOCOL = ["wire:bad-signature", "wire:replay", "wire:equivocate", "state:false-commitment", "update:skip",
@@ -160,18 +139,8 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
     return out
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
 def node_toml(attack: dict) -> str:
-    return "[attack]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in attack.items())
+    return to_toml(node_config({f"attack.{k}": v for k, v in attack.items()}))
 
 
 # -- the clean reference ---------------------------------------------------------------------------
@@ -222,11 +191,11 @@ def _banned(status: pb.StatusReply) -> dict[str, str]:
 
 
 def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, screen: bool = True,
-             audit_extra: str = "", log_level: str = "", stop_on_ban: bool = False) -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
+             overrides: dict | None = None, log_level: str = "", stop_on_ban: bool = False) -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
+    """One run of ``case``; ``overrides`` (runconfig keys) change ``RUN`` further."""
     res = RunResult(case.name, case.family, p, note=case.note)
-    toml = RUN_TOML.format(steps=steps, mb=MICRO_BATCHES, mbs=MICRO_BATCH_SIZE, seed=SEED, data=DATA_BYTES, p=p,
-                           screen="true" if screen else "false", audit_extra=audit_extra)
-    net = LocalTestnet(workdir, toml)
+    run = run_config(RUN, {"train.steps": steps, "audit.rate": p, "audit.screen": screen}, overrides or {})
+    net = LocalTestnet(workdir, run)
     t0 = time.monotonic()
     status = None
     try:

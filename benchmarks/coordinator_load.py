@@ -3,7 +3,7 @@
     python benchmarks/coordinator_load.py [--nodes 1000] [--duration 60] [--workers 2]
                                           [--channels 8] [--json PATH]
 
-A real coordinator process (``pipeguard.testnet.LocalTestnet``, loopback, port 0) serves a run
+A real coordinator process (``pipeguard.app.testnet.LocalTestnet``, loopback, port 0) serves a run
 whose ``pipeline.min_nodes`` is out of reach, so it never starts training: what it does is
 exactly registration and heartbeats. ``--workers`` client processes each simulate
 ``nodes / workers`` nodes, every one a real ``node.membership.Membership`` with its own Ed25519
@@ -57,24 +57,8 @@ from pathlib import Path
 
 GOAL_P99_MS = 50.0
 
-RUN_TOML = """\
-[model]
-preset = "tiny"
-
-[pipeline]
-stages = 2
-min_nodes = {min_nodes}
-
-[registry]
-{max_nodes_line}
-
-[data]
-max_bytes = 262144
-
-[timeouts]
-heartbeat_interval = 1.0
-heartbeat_timeout = {hb_timeout}
-"""
+RUN = {"model.preset": "tiny", "pipeline.stages": 2, "data.max_bytes": 262144, "timeouts.heartbeat_interval": 1.0}
+"""The coordinator's run (pipeguard.app.runconfig keys); each use adds min_nodes, max_nodes and the heartbeat timeout."""
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -265,12 +249,14 @@ def check_max_nodes(workdir: Path, python: str) -> str:
 
     from node.membership import Membership
     from pipeguard.config import NetConfig, TimeoutConfig
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.app.testnet import LocalTestnet
     from pipeguard.identity import Identity
-    from pipeguard.testnet import LocalTestnet
     from pipeguard.v1 import pipeguard_pb2 as pb
 
-    toml = RUN_TOML.format(min_nodes=4, max_nodes_line="max_nodes = 4", hb_timeout=60)  # it tries to train; no matter
-    with LocalTestnet(workdir / "maxnodes", toml, python=python) as tn:
+    # It tries to train; no matter.
+    run = run_config(RUN, {"pipeline.min_nodes": 4, "registry.max_nodes": 4, "timeouts.heartbeat_timeout": 60})
+    with LocalTestnet(workdir / "maxnodes", run, python=python) as tn:
         c = tn.start_coordinator()
 
         async def go() -> str:
@@ -341,13 +327,15 @@ def handler_cost(nodes: int, calls: int = 2000) -> dict:
 
 
 def main_parent(opts: argparse.Namespace) -> dict:
-    from pipeguard.testnet import LocalTestnet, wait_for
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.app.testnet import LocalTestnet, wait_for
 
     deadline = time.monotonic() + opts.max_seconds
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="pipeguard-load-"))
-    toml = RUN_TOML.format(min_nodes=opts.nodes + 1, max_nodes_line=f"max_nodes = {max(4096, opts.nodes + 1)}",
-                           hb_timeout=max(30, opts.duration))  # one node short of training: it never starts
+    # One node short of training: it never starts.
+    run = run_config(RUN, {"pipeline.min_nodes": opts.nodes + 1, "registry.max_nodes": max(4096, opts.nodes + 1),
+                           "timeouts.heartbeat_timeout": max(30, opts.duration)})
     per_worker = [opts.nodes // opts.workers + (1 if w < opts.nodes % opts.workers else 0) for w in range(opts.workers)]
     res: dict = {"nodes": opts.nodes, "workers": opts.workers, "channels_per_worker": opts.channels,
                  "duration_s": opts.duration, "warmup_s": opts.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -355,7 +343,7 @@ def main_parent(opts: argparse.Namespace) -> dict:
     print(f"coordinator load: {opts.nodes} nodes in {opts.workers} client processes x {opts.channels} channels, "
           f"{opts.duration:.0f} s of 1 Hz heartbeats; load average {res['load_avg_start']}", flush=True)
     workers: list[subprocess.Popen] = []
-    with LocalTestnet(workdir / "net", toml, python=python) as tn:
+    with LocalTestnet(workdir / "net", run, python=python) as tn:
         coord = tn.start_coordinator()
         cpid = coord.proc.pid
         res["coordinator_rss_idle_mib"] = rss_mib(cpid)

@@ -3,7 +3,7 @@
     pip install -e '.[experiment]'     # matplotlib, for the plot
     python benchmarks/experiment.py --out docs/ [--steps 200] [--throughput-steps 50] [--rounds 2]
 
-Every run is a ``pipeguard.testnet.LocalTestnet``: a coordinator and four node daemons on
+Every run is a ``pipeguard.app.testnet.LocalTestnet``: a coordinator and four node daemons on
 loopback (three stages, registered in order so that node 1 serves stage 1, and a standby),
 signatures on, one torch thread per node, all with the same model, seed, data and batches:
 
@@ -73,27 +73,13 @@ DATA_BYTES = 4 * 1024 * 1024  # the coordinator's default data.max_bytes
 VAL_BATCHES = 16
 ATTACK_SEED = 1
 
-RUN_TOML = """\
-[model]
-preset = "{model}"
-
-[train]
-steps = {steps}
-seed = {seed}
-micro_batches = {micro_batches}
-micro_batch_size = {micro_batch_size}
-
-[pipeline]
-stages = {stages}
-
-[audit]
-rate = {rate}
-screen = {screen}
-
-[timeouts]
-heartbeat_interval = 0.5
-heartbeat_timeout = 15.0
-"""
+RUN = {
+    "model.preset": MODEL,
+    "train.seed": SEED, "train.micro_batches": MICRO_BATCHES, "train.micro_batch_size": MICRO_BATCH_SIZE,
+    "pipeline.stages": STAGES,
+    "timeouts.heartbeat_interval": 0.5, "timeouts.heartbeat_timeout": 15.0,
+}
+"""Every run's config (pipeguard.app.runconfig keys); each run adds its steps, audit rate and screen."""
 
 
 @dataclass(frozen=True)
@@ -217,21 +203,29 @@ class RunResult:
         return d
 
 
+def run_config_for(spec: RunSpec, steps: int):
+    """The coordinator's run config for ``spec`` (a CoordinatorConfig)."""
+    from pipeguard.app.runconfig import run_config
+
+    return run_config(RUN, {"train.steps": steps, "audit.rate": spec.audit_rate, "audit.screen": spec.screen})
+
+
 def run_toml(spec: RunSpec, steps: int) -> str:
-    return RUN_TOML.format(model=MODEL, steps=steps, seed=SEED, micro_batches=MICRO_BATCHES,
-                           micro_batch_size=MICRO_BATCH_SIZE, stages=STAGES, rate=spec.audit_rate,
-                           screen=str(spec.screen).lower())
+    """The coordinator's run.toml for ``spec`` (for the report)."""
+    from pipeguard.app.runconfig import to_toml
+
+    return to_toml(run_config_for(spec, steps))
 
 
 def run_testnet(spec: RunSpec, steps: int, workdir: Path, attack_start: int, timeout: float,
                 evaluate_models: bool, dataset=None) -> RunResult:
+    from pipeguard.app.testnet import LocalTestnet
     from pipeguard.evidence import verify_bundle
-    from pipeguard.testnet import LocalTestnet
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     shutil.rmtree(workdir, ignore_errors=True)
     res = RunResult(spec=spec, steps=steps, workdir=str(workdir))
-    net = LocalTestnet(workdir, run_toml(spec, steps))
+    net = LocalTestnet(workdir, run_config_for(spec, steps))
     meter = CpuMeter()
     t0 = time.perf_counter()
     try:

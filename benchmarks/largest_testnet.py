@@ -4,7 +4,7 @@
                                          [--json PATH]
 
 A coordinator and ``stages + standbys`` node daemons as local processes
-(``pipeguard.testnet.LocalTestnet``: real subprocesses, real gRPC on loopback, signatures on,
+(``pipeguard.app.testnet.LocalTestnet``: real subprocesses, real gRPC on loopback, signatures on,
 one torch thread per node). The model is the tiny preset made ``--n-layer`` blocks deep (one
 block or more per stage) and narrow, so that what is measured is the cost of the processes and
 the protocol, not of the model. ``pipeline.min_nodes`` = stages + standbys, so the standbys are
@@ -39,39 +39,14 @@ from pathlib import Path
 
 from coordinator_load import rss_mib  # this folder is on sys.path when a benchmark runs as a script
 
-RUN_TOML = """\
-[model]
-preset = "tiny"
-n_layer = {n_layer}
-n_head = {n_head}
-n_embd = {n_embd}
-block_size = {block_size}
-
-[train]
-steps = {steps}
-micro_batches = {micro_batches}
-micro_batch_size = {micro_batch_size}
-seed = 11
-warmup_steps = 2
-
-[pipeline]
-stages = {stages}
-min_nodes = {min_nodes}
-
-[data]
-max_bytes = 262144
-
-[audit]
-rate = {audit_rate}
-screen = true
-checkpoint_every = {checkpoint_every}
-
-[timeouts]
-heartbeat_interval = 1.0
-heartbeat_timeout = 60.0
-step = {step_timeout}
-request = 60.0
-"""
+RUN = {
+    "model.preset": "tiny",
+    "train.seed": 11, "train.warmup_steps": 2,
+    "data.max_bytes": 262144,
+    "audit.screen": True,
+    "timeouts.heartbeat_interval": 1.0, "timeouts.heartbeat_timeout": 60.0, "timeouts.request": 60.0,
+}
+"""The run's fixed settings (pipeguard.app.runconfig keys); the flags give the rest."""
 
 
 def pss_mib(pid: int) -> float:
@@ -99,16 +74,19 @@ def mem_available_mib() -> float:
 
 
 def run(opts: argparse.Namespace) -> dict:
-    from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     t_start = time.monotonic()
     deadline = t_start + opts.max_seconds
     n_nodes = opts.stages + opts.standbys
-    toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,
-                           steps=opts.steps, micro_batches=opts.micro_batches, micro_batch_size=opts.micro_batch_size,
-                           stages=opts.stages, min_nodes=n_nodes, audit_rate=opts.audit_rate,
-                           checkpoint_every=opts.checkpoint_every, step_timeout=opts.step_timeout)
+    run_cfg = run_config(RUN, {
+        "model.n_layer": opts.n_layer, "model.n_head": opts.n_head, "model.n_embd": opts.n_embd,
+        "model.block_size": opts.block_size, "train.steps": opts.steps, "train.micro_batches": opts.micro_batches,
+        "train.micro_batch_size": opts.micro_batch_size, "pipeline.stages": opts.stages, "pipeline.min_nodes": n_nodes,
+        "audit.rate": opts.audit_rate, "audit.checkpoint_every": opts.checkpoint_every,
+        "timeouts.step": opts.step_timeout})
     workdir = Path(tempfile.mkdtemp(prefix="pipeguard-largest-"))
     res: dict = {"stages": opts.stages, "standbys": opts.standbys, "n_layer": opts.n_layer, "n_embd": opts.n_embd,
                  "micro_batches": opts.micro_batches, "micro_batch_size": opts.micro_batch_size,
@@ -119,7 +97,7 @@ def run(opts: argparse.Namespace) -> dict:
     print(f"largest testnet: {opts.stages} stages + {opts.standbys} standbys, {opts.n_layer} blocks of width "
           f"{opts.n_embd}, audit rate {opts.audit_rate}; load average {res['load_avg_start']}, "
           f"{res['mem_available_start_mib']} MiB available", flush=True)
-    with LocalTestnet(workdir, toml) as net:
+    with LocalTestnet(workdir, run_cfg) as net:
         try:
             coord = net.start_coordinator(timeout=120)
             for i in range(n_nodes):  # started together; torch imports overlap

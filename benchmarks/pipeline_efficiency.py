@@ -3,7 +3,7 @@
     python benchmarks/pipeline_efficiency.py [--micro-batches 8] [--micro-batch-size 8] [--steps 7]
                                              [--rounds 3] [--one-thread] [--json PATH]
 
-Pipeline: ``pipeguard.testnet.LocalTestnet`` — a coordinator and two node daemons as local
+Pipeline: ``pipeguard.app.testnet.LocalTestnet`` — a coordinator and two node daemons as local
 processes on loopback, signatures on, nodes at their default of one torch thread. Its tokens/s
 per step come from the coordinator's status (``StatusReply.losses[i].tokens_per_s``: one
 RunStep + ApplyUpdate round, as the coordinator times it). Audits are off unless asked for
@@ -41,35 +41,8 @@ from pathlib import Path
 GOAL_RATIO = 0.85
 STAGES = 2
 
-RUN_TOML = """\
-[model]
-preset = "small"
-n_layer = {n_layer}
-n_head = {n_head}
-n_embd = {n_embd}
-block_size = {block_size}
-
-[train]
-steps = {steps}
-micro_batches = {micro_batches}
-micro_batch_size = {micro_batch_size}
-seed = {seed}
-warmup_steps = 2
-
-[pipeline]
-stages = {stages}
-
-[data]
-max_bytes = {data_bytes}
-
-[timeouts]
-step = {step_timeout}
-
-[audit]
-rate = {audit_rate}
-screen = {screen}
-{extra}
-"""
+RUN = {"model.preset": "small", "train.warmup_steps": 2, "pipeline.stages": STAGES}
+"""The run's fixed settings (pipeguard.app.runconfig keys); the flags give the rest."""
 
 
 class CpuMeter:
@@ -118,21 +91,31 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """``--set``'s argument: a run config key and its value (checked when the run is built)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. net.chunk_bytes=2097152), got {text!r}")
+    return key, value
+
+
 def pipeline_run(opts: argparse.Namespace, workdir: Path, deadline: float) -> dict:
     """One testnet run; per-step tokens/s and losses from the coordinator's status.
 
     Stops at ``deadline`` (monotonic) once the warm-up and one measured step are done, or at
     ``--run-timeout``, keeping the steps completed so far.
     """
-    from pipeguard.testnet import LocalTestnet, TestnetError
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.app.testnet import LocalTestnet, TestnetError
     from pipeguard.v1 import pipeguard_pb2 as pb
 
-    toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,
-                           steps=opts.steps, micro_batches=opts.micro_batches, micro_batch_size=opts.micro_batch_size,
-                           seed=opts.seed, stages=STAGES, data_bytes=opts.data_bytes, step_timeout=opts.step_timeout,
-                           audit_rate=opts.audit_rate, screen="true" if opts.screen else "false",
-                           extra=opts.extra_toml.replace("\\n", "\n"))
-    net = LocalTestnet(workdir, toml)
+    run = run_config(RUN, {
+        "model.n_layer": opts.n_layer, "model.n_head": opts.n_head, "model.n_embd": opts.n_embd,
+        "model.block_size": opts.block_size, "train.steps": opts.steps, "train.micro_batches": opts.micro_batches,
+        "train.micro_batch_size": opts.micro_batch_size, "train.seed": opts.seed, "data.max_bytes": opts.data_bytes,
+        "timeouts.step": opts.step_timeout, "audit.rate": opts.audit_rate, "audit.screen": opts.screen},
+        dict(opts.set))
+    net = LocalTestnet(workdir, run)
     t0 = time.monotonic()
     give_up = t0 + opts.run_timeout
     try:
@@ -253,8 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--audit-rate", type=float, default=0.0, help="[audit] rate of the run (default 0: the "
                    "pipeline alone; the project default is 0.05)")
     p.add_argument("--screen", action="store_true", help="let the statistical screen force audits ([audit] screen)")
-    p.add_argument("--extra-toml", default="", help="appended to the run's TOML (\\n for newlines), e.g. "
-                   "'[net]\\nchunk_bytes = 4194304'")
+    p.add_argument("--set", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="change one more setting of the run (repeatable), e.g. --set net.chunk_bytes=2097152")
     p.add_argument("--quiet-wait", type=float, default=3.0, help="before each block, wait up to this many seconds "
                    "for other processes to leave the CPUs idle (default 3)")
     p.add_argument("--max-seconds", type=float, default=140.0, help="wrap up after this long (default 140)")
@@ -316,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pipeline_efficiency",
         "config": {k: getattr(opts, k) for k in ("n_layer", "n_embd", "n_head", "block_size", "micro_batches",
                                                   "micro_batch_size", "steps", "warmup", "rounds", "seed",
-                                                  "data_bytes", "audit_rate", "screen", "extra_toml")},
+                                                  "data_bytes", "audit_rate", "screen", "set")},
         "stages": STAGES,
         "tokens_per_step": opts.micro_batches * opts.micro_batch_size * opts.block_size,
         "pipeline_runs": pipeline_runs,

@@ -3,7 +3,7 @@
     pip install -e '.[experiment]'     # matplotlib, for the plot
     python benchmarks/stage_scaling.py --out docs/ [--stages 2,4,8,16] [--micro-batches 1,2,4,8,16]
 
-Every point is a real testnet (``pipeguard.testnet.LocalTestnet``: coordinator + S node daemons
+Every point is a real testnet (``pipeguard.app.testnet.LocalTestnet``: coordinator + S node daemons
 on loopback, signatures on, one torch thread per node, audits and the screen off so that the
 pipeline itself is measured) training the same model (``--n-layer`` blocks, split evenly over
 the stages) on the same global batch of ``--batch`` sequences per step:
@@ -55,38 +55,14 @@ import tempfile
 import time
 from pathlib import Path
 
-RUN_TOML = """\
-[model]
-preset = "tiny"
-n_layer = {n_layer}
-n_head = {n_head}
-n_embd = {n_embd}
-block_size = {block_size}
-
-[train]
-steps = {steps}
-micro_batches = {micro_batches}
-micro_batch_size = {micro_batch_size}
-seed = 5
-warmup_steps = 2
-
-[pipeline]
-stages = {stages}
-
-[data]
-max_bytes = 262144
-
-[audit]
-rate = 0.0
-screen = false
-checkpoint_every = 1000
-
-[timeouts]
-heartbeat_interval = 1.0
-heartbeat_timeout = 60.0
-step = {step_timeout}
-request = 60.0
-"""
+RUN = {
+    "model.preset": "tiny",
+    "train.seed": 5, "train.warmup_steps": 2,
+    "data.max_bytes": 262144,
+    "audit.rate": 0.0, "audit.screen": False, "audit.checkpoint_every": 1000,
+    "timeouts.heartbeat_interval": 1.0, "timeouts.heartbeat_timeout": 60.0, "timeouts.request": 60.0,
+}
+"""Every point's fixed settings (pipeguard.app.runconfig keys): no audits; the flags and the point give the rest."""
 
 
 def ideal(t1: float, s: int, m: int, cores: int) -> float:
@@ -130,16 +106,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def testnet_point(opts: argparse.Namespace, s: int, m: int, workdir: Path) -> dict:
-    from pipeguard.testnet import LocalTestnet, TestnetError
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.app.testnet import LocalTestnet, TestnetError
     from pipeguard.v1 import pipeguard_pb2 as pb
 
-    toml = RUN_TOML.format(n_layer=opts.n_layer, n_head=opts.n_head, n_embd=opts.n_embd, block_size=opts.block_size,
-                           steps=opts.warmup + opts.steps, micro_batches=m, micro_batch_size=opts.batch // m,
-                           stages=s, step_timeout=opts.run_timeout)
+    run = run_config(RUN, {
+        "model.n_layer": opts.n_layer, "model.n_head": opts.n_head, "model.n_embd": opts.n_embd,
+        "model.block_size": opts.block_size, "train.steps": opts.warmup + opts.steps, "train.micro_batches": m,
+        "train.micro_batch_size": opts.batch // m, "pipeline.stages": s, "timeouts.step": opts.run_timeout})
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     out: dict = {"stages": s, "micro_batches": m, "micro_batch_size": opts.batch // m}
-    with LocalTestnet(workdir / f"s{s}-m{m}", toml) as net:
+    with LocalTestnet(workdir / f"s{s}-m{m}", run) as net:
         try:
             net.start_coordinator(timeout=120)
             for _ in range(s):

@@ -1,8 +1,10 @@
 """pipeguard: pipeline-parallel training across machines that don't trust each other.
 
-This package holds what both daemons share: the wire format (``v1``, ``signing``,
+This package is the core library both daemons share: the wire format (``v1``, ``signing``,
 ``tensors``), identities (``identity``), errors, configuration, the model and the data.
-The daemons themselves live in the top-level ``node`` and ``coordinator`` packages.
+The daemons themselves live in the top-level ``node`` and ``coordinator`` packages, and the app on
+top of them (the ``pipeguard`` command, the local testnet) in ``pipeguard.app``; the core never
+imports either (tests/test_layering.py).
 """
 
 __version__ = "0.1.0"

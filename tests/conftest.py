@@ -4,40 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from pipeguard.testnet import STARTED, LocalTestnet
+from coordinator.config import CoordinatorConfig
+from pipeguard.app.runconfig import run_config
+from pipeguard.app.testnet import STARTED, LocalTestnet
 
-TINY_RUN = """
-[model]
-preset = "tiny"
-n_layer = {n_layer}
-n_embd = 32
-n_head = 2
-block_size = 32
-
-[train]
-steps = {steps}
-micro_batches = {micro_batches}
-micro_batch_size = 4
-seed = {seed}
-warmup_steps = 2
-
-[pipeline]
-stages = {stages}
-
-[data]
-max_bytes = 262144
-
-[timeouts]
-heartbeat_interval = 0.2
-heartbeat_timeout = 3.0
-step = 60.0
-"""
+TINY = {
+    "model.preset": "tiny", "model.n_layer": 3, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 32,
+    "train.steps": 4, "train.micro_batches": 4, "train.micro_batch_size": 4, "train.seed": 7, "train.warmup_steps": 2,
+    "pipeline.stages": 3,
+    "data.max_bytes": 262144,
+    "timeouts.heartbeat_interval": 0.2, "timeouts.heartbeat_timeout": 3.0, "timeouts.step": 60.0,
+}
+"""The tests' run: the tiny model, 3 blocks over 3 stages, 4 steps of 4 micro-batches, fast heartbeats."""
 
 
-def tiny_run_toml(*, stages: int = 3, steps: int = 4, micro_batches: int = 4, seed: int = 7, n_layer: int = 3,
-                  extra: str = "") -> str:
-    return TINY_RUN.format(stages=stages, steps=steps, micro_batches=micro_batches, seed=seed,
-                           n_layer=n_layer) + extra
+def tiny_run(*layers: dict, **overrides) -> CoordinatorConfig:
+    """``TINY`` with dotted keys changed, e.g. ``tiny_run({"pipeline.stages": 2, "audit.rate": 0.0})``."""
+    return run_config(TINY, *layers, **overrides)
 
 
 @pytest.fixture
@@ -45,8 +28,8 @@ def testnet(tmp_path):
     """A function building LocalTestnets under tmp_path; every daemon is killed afterwards."""
     nets: list[LocalTestnet] = []
 
-    def make(toml: str) -> LocalTestnet:
-        net = LocalTestnet(tmp_path / f"net{len(nets)}", toml)
+    def make(run: CoordinatorConfig) -> LocalTestnet:
+        net = LocalTestnet(tmp_path / f"net{len(nets)}", run)
         nets.append(net)
         return net
 

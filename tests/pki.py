@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pipeguard.testnet import TlsFiles
+from pipeguard.app.testnet import TlsFiles
 
 
 def _name(cn: str) -> x509.Name:

@@ -24,21 +24,21 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.config import CoordinatorConfig
 from pipeguard.evidence import verify_bundle
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 
 STEPS = 2
 ATTACKER = 1
 
 
-def adversary_toml(step_timeout: float = 60.0) -> str:
+def adversary_run(step_timeout: float = 60.0) -> CoordinatorConfig:
     """Three stages of the tiny model, two micro-batches, every message audited; the first step
     waits for all four nodes so the standby audits from step 0."""
-    toml = tiny_run_toml(stages=3, steps=STEPS, micro_batches=2, extra=(
-        "\n[audit]\nrate = 1.0\nscreen = true\ncheckpoint_every = 5\nretention = 4\n"))
-    return (toml.replace("[pipeline]\n", "[pipeline]\nmin_nodes = 4\n")
-            .replace("step = 60.0", f"step = {step_timeout}"))
+    return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": 4, "train.steps": STEPS, "train.micro_batches": 2,
+                     "audit.rate": 1.0, "audit.screen": True, "audit.checkpoint_every": 5, "audit.retention": 4,
+                     "timeouts.step": step_timeout})
 
 
 def run_with_attacker(net, attack: list[str], timeout: float = 100) -> tuple[pb.StatusReply, list[str]]:
@@ -89,7 +89,7 @@ def assert_attacker_banned_with_evidence(status: pb.StatusReply, ids: list[str],
     ["--attack", "forward:stale", "--attack-micro-batches", "1"],
 ], ids=["backward:sign-flip", "forward:constant-direction", "forward:stale"])
 def test_tensor_attacks_are_caught_and_only_the_attacker_is_banned(testnet, attack):
-    net = testnet(adversary_toml())
+    net = testnet(adversary_run())
     status, ids = run_with_attacker(net, attack)
     direction = "input gradient" if attack[1].startswith("backward") else "forward activation"
     assert_attacker_banned_with_evidence(status, ids, direction)
@@ -102,7 +102,7 @@ def test_tensor_attacks_are_caught_and_only_the_attacker_is_banned(testnet, atta
     ("wire:equivocate", "equivocation"),
 ])
 def test_protocol_attacks_are_caught_and_only_the_attacker_is_banned(testnet, attack, reason):
-    net = testnet(adversary_toml())
+    net = testnet(adversary_run())
     status, ids = run_with_attacker(net, ["--attack", attack])
     assert_attacker_banned_with_evidence(status, ids, reason)
 
@@ -111,7 +111,7 @@ def test_protocol_attacks_are_caught_and_only_the_attacker_is_banned(testnet, at
 def test_a_node_that_goes_silent_mid_step_is_replaced_without_a_ban(testnet):
     # Silent at its send of micro-batch 1 of step 1: mid-step, after a whole honest step. The
     # coordinator's step deadline is short so the stalled step times out soon.
-    net = testnet(adversary_toml(step_timeout=15.0))
+    net = testnet(adversary_run(step_timeout=15.0))
     status, ids = run_with_attacker(net, ["--attack", "node:silent", "--attack-start", "1",
                                           "--attack-micro-batches", "1"])
     assert {n.node_id for n in status.nodes if n.role == pb.ROLE_BANNED} == set(), "silence is not proof"

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.config import CoordinatorConfig
+from pipeguard.app.testnet import wait_for
 from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import verify_bundle
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 
 SEED = 7
 GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
@@ -33,12 +34,11 @@ def clean_losses(steps: int) -> list[float]:
                            micro_batch_size=4).losses
 
 
-def audit_toml(steps: int, rate: float, checkpoint_every: int = 5, screen: bool = True, nodes: int = 4) -> str:
+def audit_run(steps: int, rate: float, checkpoint_every: int = 5, screen: bool = True,
+              nodes: int = 4) -> CoordinatorConfig:
     """Three stages; the first step waits for ``nodes`` nodes, so the standby audits from step 0."""
-    return tiny_run_toml(stages=3, steps=steps, extra=(
-        f"\n[audit]\nrate = {rate}\nscreen = {'true' if screen else 'false'}\n"
-        f"checkpoint_every = {checkpoint_every}\nretention = 4\n")).replace(
-        "[pipeline]\n", f"[pipeline]\nmin_nodes = {nodes}\n")
+    return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": nodes, "train.steps": steps, "audit.rate": rate,
+                     "audit.screen": screen, "audit.checkpoint_every": checkpoint_every, "audit.retention": 4})
 
 
 def start(net, roles: dict[int, list[str]], count: int):
@@ -61,7 +61,7 @@ def tail_mean(values: list[float], n: int = 3) -> float:
 @pytest.mark.parametrize("attack", ["forward:reverse", "forward:random", "backward:noise"])
 def test_lu_attacks_are_caught_banned_and_training_recovers(testnet, attack):
     steps = 16
-    net = testnet(audit_toml(steps, rate=0.05))
+    net = testnet(audit_run(steps, rate=0.05))
     start(net, {1: ["--attack", attack, "--attack-rate", "0.5"]}, count=4)
     attacker = net.nodes[1].node_id
     status = net.wait_finished(timeout=150)
@@ -90,11 +90,11 @@ def test_lu_attacks_are_caught_banned_and_training_recovers(testnet, attack):
 
 @pytest.mark.timeout(120)
 def test_evidence_from_a_real_ban_verifies_and_a_flipped_byte_does_not(testnet, tmp_path):
-    net = testnet(audit_toml(8, rate=0.2))
+    net = testnet(audit_run(8, rate=0.2))
     start(net, {1: ["--attack", "forward:reverse", "--attack-rate", "1"]}, count=4)
     status = net.wait_finished(timeout=100)
     bundle = Path(status.evidence[0])
-    cli = [sys.executable, "-m", "pipeguard.cli", "verify"]
+    cli = [sys.executable, "-m", "pipeguard.app.cli", "verify"]
     ok = subprocess.run([*cli, str(bundle), "--coordinator-key", status.coordinator_key], capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and "VALID" in ok.stdout, ok.stdout + ok.stderr
@@ -118,7 +118,7 @@ def test_evidence_from_a_real_ban_verifies_and_a_flipped_byte_does_not(testnet, 
 @pytest.mark.timeout(180)
 def test_honest_run_with_every_message_audited_bans_nobody(testnet):
     steps = 12
-    net = testnet(audit_toml(steps, rate=1.0))
+    net = testnet(audit_run(steps, rate=1.0))
     start(net, {}, count=4)
     status = net.wait_finished(timeout=170)
     assert banned(status) == set()
@@ -132,7 +132,7 @@ def test_honest_run_with_every_message_audited_bans_nobody(testnet):
 @pytest.mark.timeout(150)
 def test_lying_auditor_is_the_one_penalised(testnet):
     steps = 10
-    net = testnet(audit_toml(steps, rate=0.3))
+    net = testnet(audit_run(steps, rate=0.3))
     # The standby audits first (auditors prefer standbys) and accuses everyone it audits.
     start(net, {3: ["--attack", "audit:accuse", "--attack-rate", "1"]}, count=4)
     liar = net.nodes[3].node_id
@@ -148,7 +148,7 @@ def test_lying_auditor_is_the_one_penalised(testnet):
 @pytest.mark.timeout(180)
 def test_stage_node_killed_mid_run_is_replaced_by_a_standby(testnet):
     steps = 40
-    net = testnet(audit_toml(steps, rate=0.0, screen=False, checkpoint_every=5))
+    net = testnet(audit_run(steps, rate=0.0, screen=False, checkpoint_every=5))
     start(net, {}, count=4)
     victim, standby = net.nodes[1], net.nodes[3]
     wait_for(lambda: net.status().step >= 7, 60, "7 steps")
@@ -165,7 +165,7 @@ def test_stage_node_killed_mid_run_is_replaced_by_a_standby(testnet):
 @pytest.mark.timeout(150)
 def test_without_a_standby_the_attacked_stage_is_skipped(testnet):
     steps = 12
-    net = testnet(audit_toml(steps, rate=0.3, nodes=3))
+    net = testnet(audit_run(steps, rate=0.3, nodes=3))
     start(net, {1: ["--attack", "forward:reverse", "--attack-rate", "1", "--attack-start", "1"]}, count=3)
     attacker = net.nodes[1].node_id
     status = net.wait_finished(timeout=140)

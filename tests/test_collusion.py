@@ -24,7 +24,7 @@ from pipeguard.model import GPTConfig, OptimSettings, Randomness, StageModule, m
 from pipeguard.signing import sign
 from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, state_digest, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 
 SEED = 7
 GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
@@ -166,10 +166,10 @@ def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
 # -- multi-process tier ---------------------------------------------------------------------------
 
 
-def collusion_toml(steps: int, rate: float, recheck: float, screen: bool = True) -> str:
-    return tiny_run_toml(stages=3, steps=steps, extra=(
-        f"\n[audit]\nrate = {rate}\nscreen = {'true' if screen else 'false'}\nrecheck_rate = {recheck}\n"
-        "checkpoint_every = 4\nretention = 4\n")).replace("[pipeline]\n", "[pipeline]\nmin_nodes = 4\n")
+def collusion_run(steps: int, rate: float, recheck: float, screen: bool = True):
+    return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": 4, "train.steps": steps, "audit.rate": rate,
+                     "audit.screen": screen, "audit.recheck_rate": recheck, "audit.checkpoint_every": 4,
+                     "audit.retention": 4})
 
 
 def start(net, tables: dict[int, str]) -> None:
@@ -192,7 +192,7 @@ def banned(status: pb.StatusReply) -> dict[str, str]:
 @pytest.mark.timeout(180)
 def test_colluding_auditor_and_its_accomplice_are_both_banned(testnet):
     # Screen off: only random audits (p = 0.5) and random re-checks (0.5) of their PASS verdicts.
-    net = testnet(collusion_toml(steps=14, rate=0.5, recheck=0.5, screen=False))
+    net = testnet(collusion_run(steps=14, rate=0.5, recheck=0.5, screen=False))
     start(net, {1: '[attack]\nbehaviours = ["forward:reverse"]\nstart_step = 1\n',
                 3: '[attack]\nbehaviours = ["audit:clear"]\naccomplices = ["ATTACKER"]\n'})
     attacker, liar = net.nodes[1].node_id, net.nodes[3].node_id
@@ -205,7 +205,7 @@ def test_colluding_auditor_and_its_accomplice_are_both_banned(testnet):
     assert results["false-clearance"].valid and results["false-clearance"].accused == liar
     assert results["audit"].valid and results["audit"].accused == attacker
     assert all(r.valid for r in results.values()), [r.summary for r in results.values()]
-    out = subprocess.run([sys.executable, "-m", "pipeguard.cli", "verify", *status.evidence, "--coordinator-key",
+    out = subprocess.run([sys.executable, "-m", "pipeguard.app.cli", "verify", *status.evidence, "--coordinator-key",
                           status.coordinator_key], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "VALID (false-clearance)" in out.stdout, out.stdout + out.stderr
     # No standby is left: stage 1 is bypassed and training goes on to the end.
@@ -216,7 +216,7 @@ def test_colluding_auditor_and_its_accomplice_are_both_banned(testnet):
 @pytest.mark.timeout(150)
 def test_patient_attacker_is_caught_only_after_it_starts(testnet):
     k = 5
-    net = testnet(collusion_toml(steps=12, rate=0.5, recheck=0.1, screen=False))
+    net = testnet(collusion_run(steps=12, rate=0.5, recheck=0.1, screen=False))
     start(net, {1: f'[attack]\nbehaviours = ["forward:reverse"]\nstart_step = {k}\n'})
     attacker = net.nodes[1].node_id
     status = net.wait_finished(timeout=130)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeguard.testnet import wait_for
+from pipeguard.app.testnet import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -109,7 +109,7 @@ class Testnet:
         return done
 
     def status(self) -> dict | None:
-        done = subprocess.run([sys.executable, "-m", "pipeguard.cli", "status", "--json", "--history", "1000",
+        done = subprocess.run([sys.executable, "-m", "pipeguard.app.cli", "status", "--json", "--history", "1000",
                                "--coordinator", f"127.0.0.1:{self.port}", "--timeout", "5"],
                               capture_output=True, text=True, timeout=30)
         return json.loads(done.stdout) if done.returncode == 0 else None

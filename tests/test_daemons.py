@@ -13,14 +13,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pipeguard.app.testnet import wait_for
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 
-NO_AUDITS = "\n[audit]\nrate = 0.0\nscreen = false\n"
+NO_AUDITS = {"audit.rate": 0.0, "audit.screen": False}
 GPT_TINY = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 SEED = 7
 
@@ -33,12 +33,12 @@ def reference_losses(steps: int, micro_batches: int = 4) -> list[float]:
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeguard.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeguard.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_status_cli_and_health(testnet):
-    net = testnet(tiny_run_toml(stages=2, steps=3, n_layer=2))
+    net = testnet(tiny_run({"pipeline.stages": 2, "train.steps": 3, "model.n_layer": 2}))
     net.start_coordinator()
     a = net.start_node()
     b = net.start_node()
@@ -70,9 +70,9 @@ def test_status_cli_and_health(testnet):
 
 
 def test_watch_streams_events_live(testnet):
-    net = testnet(tiny_run_toml(stages=2, steps=30, n_layer=2))
+    net = testnet(tiny_run({"pipeline.stages": 2, "train.steps": 30, "model.n_layer": 2}))
     net.start_coordinator()
-    watcher = subprocess.Popen([sys.executable, "-m", "pipeguard.cli", "status", "--coordinator",
+    watcher = subprocess.Popen([sys.executable, "-m", "pipeguard.app.cli", "status", "--coordinator",
                                 net.coordinator.address, "--watch", "--json"], stdout=subprocess.PIPE, text=True)
     try:
         net.start_node()
@@ -100,7 +100,7 @@ def test_attacks_change_what_downstream_receives(testnet, attack, stage, start):
     """Honest before ``start``, poisoned after: the last stage's loss (computed from what it
     received) matches clean training exactly until then and departs from it afterwards."""
     steps = 5
-    net = testnet(tiny_run_toml(stages=3, steps=steps, extra=NO_AUDITS))
+    net = testnet(tiny_run(NO_AUDITS, {"pipeline.stages": 3, "train.steps": steps}))
     net.start_coordinator()
     for i in range(3):
         extra = ["--attack", attack, "--attack-rate", "1", "--attack-start", str(start)] if i == stage else []
@@ -124,7 +124,7 @@ def test_attack_plugin_is_loaded_and_used(testnet, tmp_path):
         "    def on_forward(self, ctx, activation):\n"
         "        return activation * 0\n"
     )
-    net = testnet(tiny_run_toml(stages=2, steps=2, n_layer=2, extra=NO_AUDITS))
+    net = testnet(tiny_run(NO_AUDITS, {"pipeline.stages": 2, "train.steps": 2, "model.n_layer": 2}))
     net.start_coordinator()
     net.start_node("--attack-plugin", f"{plugin}:Zero")
     net.wait_registered(1)
@@ -145,7 +145,7 @@ def free_port() -> int:
 
 def test_coordinator_killed_mid_run_resumes_without_losing_a_step(testnet):
     steps = 150
-    net = testnet(tiny_run_toml(stages=2, steps=steps, n_layer=2))
+    net = testnet(tiny_run({"pipeline.stages": 2, "train.steps": steps, "model.n_layer": 2}))
     port = free_port()
     net.start_coordinator("--bind", f"127.0.0.1:{port}")
     net.start_node()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeguard import export
-from pipeguard.cli import main
+from pipeguard.app import export
+from pipeguard.app.cli import main
 from pipeguard.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.timeout(60)

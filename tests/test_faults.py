@@ -39,13 +39,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.config import CoordinatorConfig
+from pipeguard.app.runconfig import node_config, to_toml
+from pipeguard.app.testnet import Daemon, LocalTestnet, wait_for
 from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import verify_bundle
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import Daemon, LocalTestnet, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 from tests.test_multihost import COORDINATOR_PORT, NODE_PORT, Lan, free_subnet, start_in, why_no_netns
 
 HOOKS = Path(__file__).parent / "fault_hooks"
@@ -70,11 +72,11 @@ def clean(steps: int):
                            micro_batch_size=4)
 
 
-def fault_toml(steps: int, rate: float) -> str:
+def fault_run(steps: int, rate: float) -> CoordinatorConfig:
     """Three stages; the first step waits for the standby too, so it can audit from step 0."""
-    return tiny_run_toml(stages=STAGES, steps=steps, seed=SEED, extra=(
-        f"\n[audit]\nrate = {rate}\ncheckpoint_every = {CHECKPOINT_EVERY}\nretention = 4\n")).replace(
-        "[pipeline]\n", f"[pipeline]\nmin_nodes = {STAGES + 1}\n")
+    return tiny_run({"pipeline.stages": STAGES, "pipeline.min_nodes": STAGES + 1, "train.steps": steps,
+                     "train.seed": SEED, "audit.rate": rate, "audit.checkpoint_every": CHECKPOINT_EVERY,
+                     "audit.retention": 4})
 
 
 # -- what the coordinator said -------------------------------------------------------------------
@@ -211,7 +213,7 @@ def start_net(testnet, steps: int, rate: float, *, nodes: list[NodeSpec] | None 
     stages, in that order, and the last stands by. With ``standby`` given, ``nodes`` (three)
     register first and the standby after them. Returns (net, stage -> node, standby) once the
     pipeline is formed."""
-    net = testnet(fault_toml(steps, rate))
+    net = testnet(fault_run(steps, rate))
     net.start_coordinator(*coordinator_args, env={**TIMEOUTS_ENV, **(coordinator_env or {})})
     nodes = nodes or [([], {})] * (STAGES + (standby is None))
     started = [net.start_node(*args, wait=False, env={**TIMEOUTS_ENV, **env}) for args, env in nodes]
@@ -394,8 +396,8 @@ def silent_node(kind: str):
 
 def start_lan(lan: Lan, testnet, tmp_path: Path, steps: int, daemons: list[Daemon]):
     """The coordinator and four nodes, each in its own network namespace (added to ``daemons``)."""
-    net = testnet(fault_toml(steps, rate=0.1))
-    (tmp_path / "node.toml").write_text("[timeouts]\n" + "".join(f"{k} = {v}\n" for k, v in TIMEOUTS.items()))
+    net = testnet(fault_run(steps, rate=0.1))
+    (tmp_path / "node.toml").write_text(to_toml(node_config({f"timeouts.{k}": v for k, v in TIMEOUTS.items()})))
     coord = lan.add("c", 1)
     coord_addr = f"{coord.address}:{COORDINATOR_PORT}"
     net.coordinator = start_in(coord, "coordinator", [

@@ -16,23 +16,23 @@ import math
 import pytest
 
 from pipeguard.v1 import pipeguard_pb2 as pb
+from tests.conftest import tiny_run
 from tests.test_adversary import ATTACKER, assert_standby_took_stage_1, roles, run_with_attacker
-from tests.conftest import tiny_run_toml
 
 STEPS = 3
 
 
-def liveness_toml() -> str:
+def liveness_run() -> CoordinatorConfig:
     """Three stages of the tiny model, two micro-batches, the default audit rate; the first step
     waits for all four nodes (three stages and a standby)."""
-    toml = tiny_run_toml(stages=3, steps=STEPS, micro_batches=2)
-    return toml.replace("[pipeline]\n", "[pipeline]\nmin_nodes = 4\n").replace("step = 60.0", "step = 20.0")
+    return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": 4, "train.steps": STEPS, "train.micro_batches": 2,
+                     "timeouts.step": 20.0})
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("attack", ["wire:bad-signature", "wire:replay"])
 def test_a_node_whose_messages_are_refused_is_taken_out_of_the_pipeline_not_banned(testnet, attack):
-    net = testnet(liveness_toml())
+    net = testnet(liveness_run())
     status, ids = run_with_attacker(net, ["--attack", attack], timeout=120)
     assert [p.step for p in status.losses] == list(range(STEPS)), "the run finished every step"
     assert all(math.isfinite(p.loss) for p in status.losses)

@@ -29,9 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeguard.testnet import Daemon, wait_for
+from pipeguard.app.runconfig import node_config, to_toml
+from pipeguard.app.testnet import Daemon, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 from tests.test_audits import clean_losses
 
 COORDINATOR_PORT = 7000
@@ -41,7 +42,7 @@ CMD_TIMEOUT_S = 20
 # Short timeouts, so that a cut link costs seconds: the coordinator's RunStep deadline ends the
 # step that was in flight, and the node is declared offline after heartbeat_timeout.
 TIMEOUTS = {"connect": 5.0, "request": 5.0, "step": 15.0, "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0}
-NODE_TOML = "[timeouts]\n" + "".join(f"{k} = {v}\n" for k, v in TIMEOUTS.items())
+NODE_TOML = to_toml(node_config({f"timeouts.{k}": v for k, v in TIMEOUTS.items()}))
 COORDINATOR_ENV = {"PIPEGUARD_TIMEOUTS_STEP": str(TIMEOUTS["step"]),
                    "PIPEGUARD_TIMEOUTS_REQUEST": str(TIMEOUTS["request"]),
                    "PIPEGUARD_TIMEOUTS_CONNECT": str(TIMEOUTS["connect"])}
@@ -181,8 +182,8 @@ def start_in(host: Host, name: str, argv: list[str], workdir: Path, env: dict[st
 def test_separate_hosts_train_and_recover_from_a_cut_link(lan, testnet, tmp_path):
     steps = 30
     # testnet() kills the daemons before lan's finalizer removes their namespaces.
-    net = testnet(tiny_run_toml(stages=3, steps=steps, extra="\n[audit]\nrate = 0.0\nscreen = false\n"
-                                                              "checkpoint_every = 5\n"))
+    net = testnet(tiny_run({"pipeline.stages": 3, "train.steps": steps, "audit.rate": 0.0, "audit.screen": False,
+                             "audit.checkpoint_every": 5}))
     (tmp_path / "node.toml").write_text(NODE_TOML)
 
     coord_host = lan.add("coord", 1)

@@ -15,24 +15,24 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPT, GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 from tests.pki import CA
 
 pytestmark = pytest.mark.timeout(180)
 
 SEED = 7
-CHECKPOINTS = "\n[audit]\nrate = 0.0\nscreen = false\ncheckpoint_every = 5\n"
+CHECKPOINTS = {"audit.rate": 0.0, "audit.screen": False, "audit.checkpoint_every": 5}
 GPT2 = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeguard.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeguard.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -71,8 +71,8 @@ def events_after(status: pb.StatusReply, kind: str, message_part: str) -> list[p
 def test_tls_testnet_trains_audits_exports_and_samples_and_refuses_plaintext(tmp_path):
     tls = CA().write(tmp_path / "pki", "daemon", mutual=True)
     tls_flags = ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-    toml = tiny_run_toml(stages=2, steps=6, n_layer=2, extra="\n[audit]\nrate = 0.25\n")
-    with LocalTestnet(tmp_path / "net", toml, tls=tls) as net:
+    run = tiny_run({"pipeline.stages": 2, "train.steps": 6, "model.n_layer": 2, "audit.rate": 0.25})
+    with LocalTestnet(tmp_path / "net", run, tls=tls) as net:
         net.start_coordinator()
         for node in [net.start_node(wait=False) for _ in range(3)]:  # two stages and a standby
             node.wait_ready()
@@ -113,7 +113,7 @@ def test_tls_testnet_trains_audits_exports_and_samples_and_refuses_plaintext(tmp
 
 def test_manual_ban_hands_the_stage_to_the_standby_and_metrics_show_it(testnet):
     steps = 60  # the ban lands a few steps in, long before the end
-    net = testnet(tiny_run_toml(stages=2, steps=steps, n_layer=2, extra=CHECKPOINTS))
+    net = testnet(tiny_run(CHECKPOINTS, {"pipeline.stages": 2, "train.steps": steps, "model.n_layer": 2}))
     net.start_coordinator("--metrics-port", str(free_port()))
     stage0 = net.start_node("--metrics-port", str(free_port()))
     net.wait_registered(1)
@@ -168,7 +168,7 @@ def test_manual_ban_hands_the_stage_to_the_standby_and_metrics_show_it(testnet):
 
 def test_stop_then_resume_continues_from_the_stop_and_refuses_a_reused_state_dir(testnet):
     steps = 40
-    net = testnet(tiny_run_toml(stages=2, steps=steps, n_layer=2, extra=CHECKPOINTS))
+    net = testnet(tiny_run(CHECKPOINTS, {"pipeline.stages": 2, "train.steps": steps, "model.n_layer": 2}))
     port = free_port()
     net.start_coordinator("--bind", f"127.0.0.1:{port}")
     net.start_node()
@@ -218,7 +218,7 @@ class Order(enum.Enum):
 @pytest.mark.parametrize("order", list(Order), ids=lambda o: o.value)
 def test_sigterm_everything_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(testnet, order):
     steps = 30
-    net = testnet(tiny_run_toml(stages=2, steps=steps, n_layer=2, extra=CHECKPOINTS))
+    net = testnet(tiny_run(CHECKPOINTS, {"pipeline.stages": 2, "train.steps": steps, "model.n_layer": 2}))
     port = free_port()
     net.start_coordinator("--bind", f"127.0.0.1:{port}")
     nodes = [net.start_node(), net.start_node()]

@@ -7,13 +7,13 @@ import torch
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
-from tests.conftest import tiny_run_toml
+from tests.conftest import tiny_run
 
 STEPS = 5
 
 
 def test_three_stage_pipeline_matches_single_process(testnet):
-    net = testnet(tiny_run_toml(stages=3, steps=STEPS, micro_batches=4, seed=7, n_layer=3))
+    net = testnet(tiny_run({"pipeline.stages": 3, "train.steps": STEPS, "train.micro_batches": 4, "train.seed": 7, "model.n_layer": 3}))
     net.start_coordinator()
     for _ in range(3):
         net.start_node()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeguard.configdoc import BEGIN, END, render
+from pipeguard.app.configdoc import BEGIN, END, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     current = readme[readme.index(BEGIN): readme.index(END) + len(END)]
-    assert current == render(), "README.md's config reference is stale: run `python -m pipeguard.configdoc` " \
+    assert current == render(), "README.md's config reference is stale: run `python -m pipeguard.app.configdoc` " \
                                 "and paste its output between the config-reference markers"
 
 

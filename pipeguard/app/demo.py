@@ -16,27 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeguard.testnet import LocalTestnet, TestnetError, wait_for
+from pipeguard.app.runconfig import run_config
+from pipeguard.app.testnet import LocalTestnet, TestnetError, wait_for
+from pipeguard.config import ConfigError
 from pipeguard.v1 import pipeguard_pb2 as pb
 
-RUN_TOML = """\
-[model]
-preset = "{model}"
-
-[train]
-steps = {steps}
-seed = {seed}
-micro_batches = {micro_batches}
-micro_batch_size = 8
-
-[pipeline]
-stages = {stages}
-min_nodes = {nodes}
-
-[timeouts]
-heartbeat_interval = 0.5
-heartbeat_timeout = 5.0
-"""
+RUN = {"train.micro_batch_size": 8, "timeouts.heartbeat_interval": 0.5, "timeouts.heartbeat_timeout": 5.0}
+"""The testnet's fixed settings (runconfig keys); the flags give the rest."""
 
 
 def _progress(status: pb.StatusReply, t0: float, tty: bool) -> str:
@@ -61,10 +47,15 @@ def run_testnet(args: argparse.Namespace) -> int:
     if not 0 <= args.malicious_stage < args.stages:
         print(f"pipeguard testnet: --malicious-stage must be in 0..{args.stages - 1}", file=sys.stderr)
         return 2
+    try:
+        run = run_config(RUN, {"model.preset": args.model, "train.steps": args.steps, "train.seed": args.seed,
+                               "train.micro_batches": args.micro_batches, "pipeline.stages": args.stages,
+                               "pipeline.min_nodes": args.nodes})
+    except ConfigError as exc:
+        print(f"pipeguard testnet: {exc}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pipeguard-testnet-"))
-    toml = RUN_TOML.format(model=args.model, steps=args.steps, seed=args.seed, micro_batches=args.micro_batches,
-                           stages=args.stages, nodes=args.nodes)
-    net = LocalTestnet(workdir, toml)
+    net = LocalTestnet(workdir, run)
     tty = sys.stdout.isatty()
     # SIGTERM (e.g. `timeout`, a service manager) gets the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)

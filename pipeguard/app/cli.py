@@ -38,7 +38,7 @@ def _client_net(args: argparse.Namespace, **overrides):
 def _status_cmd(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from pipeguard import status as status_view
+    from pipeguard.app import status as status_view
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -70,7 +70,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
-    from pipeguard import export
+    from pipeguard.app import export
     from pipeguard.model import GPTConfig
     from pipeguard.rpc import blocking_channel
     from pipeguard.tensors import StateAssembler
@@ -100,7 +100,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
 def _sample_cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeguard import export
+    from pipeguard.app import export
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     try:
@@ -195,7 +195,7 @@ def _verify_cmd(args: argparse.Namespace) -> int:
 
 
 def _testnet_cmd(args: argparse.Namespace) -> int:
-    from pipeguard.demo import run_testnet
+    from pipeguard.app.demo import run_testnet
 
     return run_testnet(args)
 
@@ -205,7 +205,7 @@ def _experiment_cmd(args: argparse.Namespace) -> int:
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "attack_matrix.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attack_matrix.py"
     if not script.is_file():
         print(f"pipeguard experiment: {script} not found (run from a source checkout)", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ from typing import Callable
 
 import grpc
 
+from coordinator.config import CoordinatorConfig
+from pipeguard.app.runconfig import to_toml
 from pipeguard.config import NetConfig
 from pipeguard.rpc import blocking_channel
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -139,14 +141,15 @@ class TlsFiles:
 class LocalTestnet:
     """A coordinator and nodes as local processes under ``workdir``."""
 
-    def __init__(self, workdir: Path, coordinator_toml: str = "", python: str = sys.executable,
+    def __init__(self, workdir: Path, run: CoordinatorConfig | None = None, python: str = sys.executable,
                  tls: TlsFiles | None = None):
+        """``run``: the coordinator's run config (``pipeguard.app.runconfig``; None: the defaults)."""
         self.tls = tls
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.config_path = self.workdir / "run.toml"
-        self.config_path.write_text(coordinator_toml)
+        self.config_path.write_text(to_toml(run or CoordinatorConfig()))
         self.coordinator: Daemon | None = None
         self.nodes: list[Daemon] = []
 
