@@ -73,6 +73,10 @@ class NetConfig:
     tls_key and tls_ca)."""
     metrics_port: int = 0
     """HTTP port serving Prometheus metrics at /metrics, on net.bind's host; 0 = off."""
+    drain_bytes: int = 64 * MiB
+    """Bytes a server reads and discards from a client stream it answers early (a refused push),
+    so that its status reaches the client instead of a torn-down stream; past this (or
+    timeouts.drain) it answers at once."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "net.bind")
@@ -87,6 +91,8 @@ class NetConfig:
             )
         if self.max_tensor_bytes < 1:
             raise ConfigError("net.max_tensor_bytes must be positive")
+        if self.drain_bytes < 0:
+            raise ConfigError(f"net.drain_bytes must be >= 0, got {self.drain_bytes}")
         if self.max_inflight_streams < 1:
             raise ConfigError(f"net.max_inflight_streams must be at least 1, got {self.max_inflight_streams}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -130,6 +136,8 @@ class TimeoutConfig:
     """First retry delay after a failed RPC; doubles up to retry_max."""
     retry_max: float = 5.0
     """Largest retry delay."""
+    drain: float = 2.0
+    """Seconds a server keeps reading a client stream it answers early (see net.drain_bytes)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -127,19 +127,115 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=None, **{kind: behaviour})
 
 
-def server_options(net: NetConfig) -> dict:
-    """Keyword arguments for ``grpc.aio.server``: explicit message limits and ``RejectMalformed``."""
-    return {"options": net.grpc_options(), "interceptors": [RejectMalformed()]}
+class FinishReading(grpc.aio.ServerInterceptor):
+    """Read what a client is still streaming before answering its client-streaming call.
+
+    A server that answers (refuses, or accepts early) before the client has half-closed resets
+    the stream, and a client write that races the reset makes grpc.aio replace the server's
+    status with INTERNAL "Internal error from Core" (grpc/grpc#36066): a push refused with
+    INVALID_ARGUMENT after its first chunk reached its sender as INTERNAL now and then, more
+    often the longer the stream. So every request-streaming handler answers only after the rest
+    of the request stream is read and discarded: before ``context.abort`` and before a reply. The
+    drain is bounded by ``net.drain_bytes`` and ``timeouts.drain``; a client that sends more or
+    longer gets its answer at once (and may see it as INTERNAL). Every server installs it, outside
+    ``RejectMalformed`` so that it counts and drops raw bytes without parsing them.
+    """
+
+    def __init__(self, max_bytes: int, timeout: float):
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.stream_unary is None:  # pipeguard has no stream-stream RPC
+            return handler
+        inner, method = handler.stream_unary, handler_call_details.method
+
+        async def behaviour(request_iterator, context):
+            reader = _DrainableStream(request_iterator)
+            drained = _DrainFirstContext(context, lambda: reader.drain(self.max_bytes, self.timeout, method))
+            try:
+                reply = await inner(reader, drained)
+            except grpc.aio.AbortError:  # abort() drained already
+                raise
+            except BaseException:
+                await reader.drain(self.max_bytes, self.timeout, method)
+                raise
+            await reader.drain(self.max_bytes, self.timeout, method)
+            return reply
+
+        return handler._replace(stream_unary=behaviour)
 
 
-async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None],
-                       service_names: list[str]) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
+class _DrainableStream:
+    """A request iterator that remembers whether it reached its end, and can read the rest."""
+
+    def __init__(self, stream):
+        self._it = stream.__aiter__()
+        self.ended = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+
+    async def drain(self, max_bytes: int, timeout: float, method: str) -> None:
+        if self.ended:
+            return
+        read = 0
+
+        async def rest() -> None:
+            nonlocal read
+            async for message in self:
+                read += len(message) if isinstance(message, (bytes, bytearray)) else message.ByteSize()
+                if read > max_bytes:
+                    return
+
+        try:
+            await asyncio.wait_for(rest(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the stream broke while draining: answer anyway
+            log.debug("%s: draining the request stream failed: %r", method, exc)
+        if not self.ended:
+            log.debug("%s: answering before the client finished its stream (%d bytes drained)", method, read)
+
+
+class _DrainFirstContext:
+    """A servicer context whose ``abort`` first reads the rest of the request stream."""
+
+    def __init__(self, context, drain):
+        self._context = context
+        self._drain = drain
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def abort(self, code, details="", trailing_metadata=()):
+        await self._drain()
+        await self._context.abort(code, details, trailing_metadata)
+
+
+def server_options(net: NetConfig, timeouts: TimeoutConfig | None = None) -> dict:
+    """Keyword arguments for ``grpc.aio.server``: explicit message limits, ``FinishReading`` and
+    ``RejectMalformed``."""
+    drain = (timeouts or TimeoutConfig()).drain
+    return {"options": net.grpc_options(), "interceptors": [FinishReading(net.drain_bytes, drain), RejectMalformed()]}
+
+
+async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None], service_names: list[str],
+                       timeouts: TimeoutConfig | None = None) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
     """Start a grpc.aio server with explicit message limits and the health service.
 
     Returns the server, the address to advertise (``net.advertise`` or the bound address)
     and the health servicer (set to SERVING for every name in ``service_names``).
     """
-    server = grpc.aio.server(**server_options(net))
+    server = grpc.aio.server(**server_options(net, timeouts))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
