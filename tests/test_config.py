@@ -11,6 +11,8 @@ from coordinator.config import CoordinatorConfig, DataConfig
 from node.config import NodeConfig
 from pipeguard.config import ConfigError, field_docs, load, to_toml
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path, text: str):
     path = tmp_path / "run.toml"

@@ -20,6 +20,8 @@ from pipeguard.testnet import wait_for
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run_toml
 
+pytestmark = pytest.mark.multiprocess
+
 NO_AUDITS = "\n[audit]\nrate = 0.0\nscreen = false\n"
 GPT_TINY = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 SEED = 7

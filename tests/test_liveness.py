@@ -25,6 +25,8 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.test_adversary import ATTACKER, assert_standby_took_stage_1, roles, run_with_attacker
 from tests.conftest import tiny_run_toml
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 3
 
 

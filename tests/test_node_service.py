@@ -38,7 +38,7 @@ from pipeguard.tensors import TensorSender, make_header, new_payload_hash, recei
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 RUN = "run-node-service"
 SEED = 21

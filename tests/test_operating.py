@@ -24,7 +24,7 @@ from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from tests.conftest import tiny_run_toml
 from tests.pki import CA
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
 SEED = 7
 CHECKPOINTS = "\n[audit]\nrate = 0.0\nscreen = false\ncheckpoint_every = 5\n"

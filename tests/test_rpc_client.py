@@ -11,7 +11,7 @@ from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.errors import DeadlineExceeded, NotFound, PermissionDenied, PipeguardError, RemoteError, from_rpc_error
 from pipeguard.rpc import blocking_channel, channel, default_deadline, server_options
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 SERVICE = "test.Echo"
 
