@@ -112,7 +112,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         membership.before_heartbeat = lambda: runtime.pause("heartbeat", runtime.completed_step + 1)
     service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step)
     server, address, _ = await start_server(
-        cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"])
+        cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"], cfg.timeouts)
     membership.address = address
     metrics = serve_metrics(cfg.net, NodeMetrics(service))
     log.info("node %s serving on %s (bound %s)", identity.node_id, address, cfg.net.bind)

@@ -10,15 +10,13 @@ import stat
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import grpc
-
 from pipeguard import __version__
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
-from pipeguard.errors import (DataLoss, FailedPrecondition, PermissionDenied, PipeguardError, Unauthenticated,
-                              from_rpc_error)
+from pipeguard.errors import (DataLoss, FailedPrecondition, NotFound, PermissionDenied, PipeguardError, RemoteError,
+                              Unauthenticated, Unavailable)
 from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for, write_private_file
-from pipeguard.rpc import channel
+from pipeguard.rpc import backoff, channel, connect
 from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -96,8 +94,9 @@ class Membership:
         ``home/coordinator.pub`` (trust on first use) and any other key is refused afterwards.
         A pin overrides the remembered key (and replaces it once registration succeeds).
         """
+        await connect(self._channel, self.coordinator, self.timeouts)
         nonce = os.urandom(16)
-        hello = await self.stub.Hello(pb.HelloRequest(client_nonce=nonce), timeout=self.timeouts.request)
+        hello = await self.stub.Hello(pb.HelloRequest(client_nonce=nonce))
         if hello.client_nonce != nonce:
             raise Unauthenticated("coordinator did not echo our nonce")
         offered = hello.coordinator_key
@@ -123,7 +122,7 @@ class Membership:
         verify(hello, key, what="coordinator hello")
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
                                  challenge=hello.challenge, version=__version__)
-        reply = await self.stub.Register(sign(req, self.identity), timeout=self.timeouts.request)
+        reply = await self.stub.Register(sign(req, self.identity))
         if reply.heartbeat_interval_ms:
             self.interval = reply.heartbeat_interval_ms / 1000
         if remembered != offered:
@@ -141,31 +140,31 @@ class Membership:
                  self.coordinator, key.public_key.hex()[:16], reply.run_id, reply.node_id)
 
     async def run(self) -> None:
-        """Register, then heartbeat; re-register whenever the coordinator forgets us."""
-        delay = self.timeouts.retry_backoff
+        """Register, then heartbeat; re-register whenever the coordinator forgets us. A failure is
+        retried after the next delay of ``rpc.backoff`` (the schedule starts over once registered)."""
+        delays = backoff(self.timeouts)
         while True:
             try:
                 if not self.registered.is_set():
                     await self.register()
-                    delay = self.timeouts.retry_backoff
+                    delays = backoff(self.timeouts)
                 if self.before_heartbeat is not None:
                     await self.before_heartbeat()
                 await self.heartbeat()
                 await asyncio.sleep(self.interval)
-            except grpc.aio.AioRpcError as err:
-                exc = from_rpc_error(err)
-                if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
-                    self.registered.clear()
-                level = logging.DEBUG if err.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
-                log.log(level, "coordinator %s: %s (retry in %.1fs)", self.coordinator, exc, delay)
-                if isinstance(exc, PermissionDenied):
-                    log.error("this node is banned: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, self.timeouts.retry_max)
             except PipeguardError as exc:
-                log.error("coordinator %s: %s: %s (retry in %.1fs)", self.coordinator, exc.code.name, exc, delay)
+                delay = next(delays)
+                if isinstance(exc, RemoteError) and isinstance(exc, (NotFound, Unauthenticated)):
+                    self.registered.clear()  # the coordinator forgot us (a restart): register again
+                if isinstance(exc, Unavailable):
+                    log.debug("coordinator %s: %s (retry in %.1fs)", self.coordinator, exc, delay)
+                elif isinstance(exc, RemoteError):
+                    log.warning("coordinator %s: %s (retry in %.1fs)", self.coordinator, exc, delay)
+                    if isinstance(exc, PermissionDenied):
+                        log.error("this node is banned: %s", exc)
+                else:
+                    log.error("coordinator %s: %s: %s (retry in %.1fs)", self.coordinator, exc.code.name, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, self.timeouts.retry_max)
 
     async def refresh(self) -> None:
         """An extra heartbeat now (at most one at a time), to learn of nodes that just joined."""
@@ -175,7 +174,7 @@ class Membership:
             return
         try:
             await self.heartbeat()
-        except (grpc.aio.AioRpcError, PipeguardError) as exc:
+        except PipeguardError as exc:
             log.debug("membership refresh failed: %s", exc)
 
     async def heartbeat(self) -> None:
@@ -190,7 +189,7 @@ class Membership:
         self._seq += 1
         req = self.stats()
         req.node_id, req.seq, req.members_version = self.identity.node_id, self._seq, self.members_version
-        reply = await self.stub.Heartbeat(sign(req, self.identity), timeout=self.timeouts.request)
+        reply = await self.stub.Heartbeat(sign(req, self.identity))
         verify(reply, key, what="heartbeat reply")
         if reply.seq != req.seq:
             raise Unauthenticated(f"heartbeat reply is for seq {reply.seq}, not {req.seq} (a replayed reply)")
@@ -223,7 +222,7 @@ class Membership:
                 return ds
             log.warning("cached dataset %s is corrupt; fetching again", cache)
         val_offset, parts = 0, []
-        async for chunk in self.stub.FetchData(pb.FetchDataRequest(digest=digest), timeout=self.timeouts.step):
+        async for chunk in self.stub.FetchData(pb.FetchDataRequest(digest=digest)):
             if chunk.total_bytes:
                 val_offset = chunk.val_offset
             parts.append(chunk.data)
@@ -241,12 +240,10 @@ class Membership:
 
         req = sign(pb.FetchCheckpointRequest(run_id=self.run_id, stage=stage, step=step,
                                              requester=self.identity.node_id), self.identity)
-        asm = StateAssembler(self.net.max_tensor_bytes)
-        try:
-            async for chunk in self.stub.FetchCheckpoint(req, timeout=self.timeouts.step):
-                asm.add(chunk)
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+        asm = StateAssembler(self.net.max_tensor_bytes, max_tensors=self.net.max_state_tensors,
+                             max_total_bytes=self.net.state_bytes_limit)
+        async for chunk in self.stub.FetchCheckpoint(req):
+            asm.add(chunk)
         log.info("fetched checkpoint of stage %d at step %d from the coordinator", stage, step)
         return asm.finish()
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Callable
 
 import grpc
 import torch
 
 from pipeguard.config import NetConfig, TimeoutConfig
-from pipeguard.errors import from_rpc_error
+from pipeguard.errors import AlreadyExists, PipeguardError
 from pipeguard.identity import Identity
-from pipeguard.rpc import RETRYABLE, channel, is_busy
+from pipeguard.rpc import backoff, channel, is_busy, is_retryable
 from pipeguard.tensors import TensorSender
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -22,8 +21,6 @@ log = logging.getLogger(__name__)
 
 PUSH_TENSOR = "/{}/PushTensor".format(pb.DESCRIPTOR.services_by_name["Node"].full_name)
 """The PushTensor method path, for a call that takes chunks already serialised."""
-ATTEMPTS = 5
-"""Tries of a push to a peer that cannot be reached before the push fails."""
 
 
 class PeerPool:
@@ -53,10 +50,9 @@ class PeerPool:
         return self._stubs[address]
 
     def _slots(self, address: str) -> asyncio.Semaphore:
-        """Streams this node may have open to ``address`` at once: half the receiver's budget
-        (``net.max_inflight_streams``), so that its two neighbours together stay within it."""
+        """Streams this node may have open to ``address`` at once (``net.peer_stream_slots``)."""
         if address not in self._sending:
-            self._sending[address] = asyncio.Semaphore(max(1, self.net.max_inflight_streams // 2))
+            self._sending[address] = asyncio.Semaphore(self.net.stream_slots_per_peer)
         return self._sending[address]
 
     async def push(self, address: str, header: pb.TensorHeader, tensor: torch.Tensor, *,
@@ -71,7 +67,8 @@ class PeerPool:
         transit counts as delivered: the receiver got that attempt's bytes, only its reply was
         lost, and it refuses the identical copy as a replay. A receiver that is busy (too many
         streams at once, see ``rpc.BUSY``) is retried for up to ``timeouts.step``; an unreachable
-        one ``ATTEMPTS`` times.
+        one ``timeouts.retries`` times. Every attempt has the
+        ``timeouts.request`` deadline (``rpc.TypedErrors``).
 
         ``rewrite`` (experiments only: node/attacks.py's ``on_send``) gets the signed chunk
         stream and returns the one actually pushed; the honest commitment is still returned.
@@ -87,32 +84,34 @@ class PeerPool:
 
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.timeouts.step
-        delay = self.timeouts.retry_backoff
+        delays = backoff(self.timeouts)
         failures = 0
         maybe_delivered = False
         while True:
             try:
                 async with self._slots(address):
                     chunks = sender.wire_chunks() if wire is None else rewritten()
-                    await self._push_call(address)(chunks, timeout=self.timeouts.request)
+                    await self._push_call(address)(chunks)
                 break
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.ALREADY_EXISTS and maybe_delivered:
-                    log.debug("push to %s: an earlier attempt was delivered (%s)", address, err.details())
-                    break
-                if is_busy(err):
+            except AlreadyExists as exc:
+                if not maybe_delivered:
+                    raise
+                log.debug("push to %s: an earlier attempt was delivered (%s)", address, exc.details())
+                break
+            except PipeguardError as exc:
+                if not is_retryable(exc):
+                    raise
+                delay = next(delays)
+                if is_busy(exc):
                     if loop.time() + delay > give_up:
-                        raise from_rpc_error(err) from None
-                elif err.code() in RETRYABLE:
-                    failures += 1
-                    if failures == ATTEMPTS:
-                        raise from_rpc_error(err) from None
-                    maybe_delivered = True
+                        raise
                 else:
-                    raise from_rpc_error(err) from None
-                log.debug("push to %s failed (%s); retrying", address, err.code().name)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(2 * delay, self.timeouts.retry_max)
+                    failures += 1
+                    if failures == self.timeouts.retries:
+                        raise
+                    maybe_delivered = True
+                log.debug("push to %s failed (%s); retrying", address, exc.code.name)
+            await asyncio.sleep(delay)
         self.sent += 1
         self.sent_bytes += len(sender.payload)
         assert sender.commitment is not None

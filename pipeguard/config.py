@@ -53,7 +53,7 @@ class NetConfig:
     """Payload bytes per tensor stream chunk (~1 MiB is the measured sweet spot)."""
     max_tensor_bytes: int = 1024 * MiB
     """Largest tensor a daemon accepts; a larger claimed size is refused before allocating. A state
-    transfer (checkpoints, audits, hand-overs) carries at most 64 times this, in 10,000 tensors."""
+    transfer is bounded by max_state_bytes and max_state_tensors."""
     max_inflight_streams: int = 16
     """Tensor streams a node receives at once. One more is refused at once with RESOURCE_EXHAUSTED,
     marked momentary so the sender backs off and retries, instead of buffering it. A sender opens
@@ -73,6 +73,18 @@ class NetConfig:
     tls_key and tls_ca)."""
     metrics_port: int = 0
     """HTTP port serving Prometheus metrics at /metrics, on net.bind's host; 0 = off."""
+    drain_bytes: int = 64 * MiB
+    """Bytes a server reads and discards from a client stream it answers early (a refused push),
+    so that its status reaches the client instead of a torn-down stream; past this (or
+    timeouts.drain) it answers at once."""
+
+    peer_stream_slots: int = 0
+    """Tensor streams a node opens to one peer at once; 0 = half of max_inflight_streams (at least one),
+    so that a receiver's two neighbours together stay within its budget."""
+    max_state_tensors: int = 10_000
+    """Most tensors one state transfer (checkpoint, audit fetch, hand-over) may carry."""
+    max_state_bytes: int = 0
+    """Most payload bytes one state transfer may carry; 0 = 64 times max_tensor_bytes."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "net.bind")
@@ -87,6 +99,14 @@ class NetConfig:
             )
         if self.max_tensor_bytes < 1:
             raise ConfigError("net.max_tensor_bytes must be positive")
+        if self.peer_stream_slots < 0:
+            raise ConfigError(f"net.peer_stream_slots must be >= 0 (0 = half of net.max_inflight_streams), "
+                              f"got {self.peer_stream_slots}")
+        if self.max_state_tensors < 1 or self.max_state_bytes < 0:
+            raise ConfigError(f"net.max_state_tensors must be >= 1 and net.max_state_bytes >= 0 (0 = 64 x "
+                              f"net.max_tensor_bytes), got {self.max_state_tensors} and {self.max_state_bytes}")
+        if self.drain_bytes < 0:
+            raise ConfigError(f"net.drain_bytes must be >= 0, got {self.drain_bytes}")
         if self.max_inflight_streams < 1:
             raise ConfigError(f"net.max_inflight_streams must be at least 1, got {self.max_inflight_streams}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -107,6 +127,16 @@ class NetConfig:
         """Whether outgoing calls use TLS (a CA bundle or a certificate of our own is configured)."""
         return bool(self.tls_ca or self.tls_cert)
 
+    @property
+    def stream_slots_per_peer(self) -> int:
+        """``peer_stream_slots`` resolved (0 means half of ``max_inflight_streams``, at least one)."""
+        return self.peer_stream_slots or max(1, self.max_inflight_streams // 2)
+
+    @property
+    def state_bytes_limit(self) -> int:
+        """``max_state_bytes`` resolved (0 means 64 times ``max_tensor_bytes``)."""
+        return self.max_state_bytes or 64 * self.max_tensor_bytes
+
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -117,11 +147,18 @@ class NetConfig:
 @dataclass
 class TimeoutConfig:
     connect: float = 10.0
-    """Seconds to wait for a peer's channel to become ready."""
+    """Seconds a node waits for its channel to the coordinator to become ready before it registers
+    (then it retries after the backoff)."""
     request: float = 30.0
-    """Deadline of an ordinary RPC (register, heartbeat, status, one tensor push)."""
+    """Deadline of an ordinary RPC (register, heartbeat, status, one tensor push) and of receiving one
+    tensor stream."""
     step: float = 300.0
-    """Deadline of one training step on a stage (forward + backward of all micro-batches)."""
+    """Deadline of one training step on a stage (forward + backward of all micro-batches), and of the
+    calls that wait for one or move a stage's state (assign, apply-update, state and tensor fetches)."""
+    audit: float = 300.0
+    """Deadline of an Audit call (the auditor fetches what it needs and recomputes one micro-batch)."""
+    abort_wait: float = 2.0
+    """Seconds an aborted step may take to stop running before the abort is refused."""
     heartbeat_interval: float = 1.0
     """Seconds between a node's heartbeats."""
     heartbeat_timeout: float = 10.0
@@ -130,6 +167,10 @@ class TimeoutConfig:
     """First retry delay after a failed RPC; doubles up to retry_max."""
     retry_max: float = 5.0
     """Largest retry delay."""
+    retries: int = 5
+    """Tries of a tensor push to a peer that cannot be reached before the push fails."""
+    drain: float = 2.0
+    """Seconds a server keeps reading a client stream it answers early (see net.drain_bytes)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,7 +1,8 @@
 """The exception family shared by both daemons, and its mapping to gRPC status codes.
 
 Servicers raise these; ``abort_on_error`` turns them into a precise gRPC status at the
-boundary. Clients call ``from_rpc_error`` to get the typed exception back.
+boundary. Calls through pipeguard's channels raise them back (``rpc.TypedErrors`` applies
+``from_rpc_error`` to every call), as errors that are also ``grpc.aio.AioRpcError``.
 """
 
 from __future__ import annotations
@@ -98,13 +99,77 @@ _BY_CODE = {
 }
 
 
+class _RemoteStatus:
+    """The ``code`` of an error that came back over gRPC: the status code itself for pipeguard's
+    protocol (``exc.code.name``, ``exc.code == StatusCode.X``) that can also be called, as
+    ``grpc.RpcError``'s protocol has it (``err.code()``)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: grpc.StatusCode):
+        self.status = status
+
+    def __call__(self) -> grpc.StatusCode:
+        return self.status
+
+    def __getattr__(self, name: str):
+        return getattr(self.status, name)
+
+    def __eq__(self, other: object) -> bool:
+        return self.status == (other.status if isinstance(other, _RemoteStatus) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.status)
+
+    def __repr__(self) -> str:
+        return repr(self.status)
+
+
+class RemoteError(grpc.aio.AioRpcError):
+    """Mixed into the typed errors that calls through pipeguard's channels raise (``rpc.TypedErrors``).
+
+    Such an error is both the typed exception (``except InvalidArgument``, ``exc.code.name``) and
+    a ``grpc.aio.AioRpcError`` (``except grpc.RpcError``, ``err.code()``, ``err.details()``,
+    ``err.trailing_metadata()``), so callers written either way keep working.
+    """
+
+    def __init__(self, err: grpc.RpcError):
+        status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        grpc.aio.AioRpcError.__init__(
+            self, status, _metadata(err, "initial_metadata"), _metadata(err, "trailing_metadata"), details,
+            err.debug_error_string() if hasattr(err, "debug_error_string") else None)
+        self.code = _RemoteStatus(status)  # type: ignore[assignment]
+        self.args = (f"{status.name}: {details}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.args[0]!r})"
+
+
+def _metadata(err: grpc.RpcError, which: str):
+    try:
+        return getattr(err, which)() or ()
+    except Exception:  # noqa: BLE001 - a sync call's metadata may be unavailable
+        return ()
+
+
+_REMOTE: dict[type[PipeguardError], type] = {
+    cls: type(cls.__name__, (cls, RemoteError), {"__module__": __name__, "__qualname__": f"Remote{cls.__name__}",
+                                                   "__doc__": f"{cls.__name__}, answered by a peer over gRPC."})
+    for cls in (PipeguardError, *_BY_CODE.values())
+}
+
+
 def from_rpc_error(err: grpc.RpcError) -> PipeguardError:
-    """Turn a gRPC error seen by a client back into the typed exception."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    detail = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, PipeguardError)
-    exc = cls(f"{code.name}: {detail}")
-    return exc
+    """The typed exception for a gRPC error a client saw (also a ``grpc.aio.AioRpcError``, see
+    ``RemoteError``); an error that is typed already is returned as it is."""
+    if isinstance(err, PipeguardError):
+        return err
+    status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    return _REMOTE[_BY_CODE.get(status, PipeguardError)](err)
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -126,8 +191,9 @@ def abort_on_error(method: F) -> F:
             hook = getattr(self, "on_rejected", None)
             if hook is not None:
                 hook(method.__name__, exc)
-            log.warning("%s rejected: %s: %s", method.__name__, exc.code.name, exc)
-            await context.abort(exc.code, str(exc))
+            status = grpc.StatusCode[exc.code.name]  # a plain StatusCode, also for a RemoteError
+            log.warning("%s rejected: %s: %s", method.__name__, status.name, exc)
+            await context.abort(status, str(exc))
         except grpc.aio.AbortError:
             raise
         except Exception:  # noqa: BLE001 - the boundary: never let a handler kill the daemon

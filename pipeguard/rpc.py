@@ -1,4 +1,5 @@
-"""gRPC plumbing both daemons share: servers, channels, TLS, deadlines, retries, health, logging.
+"""gRPC plumbing both daemons share: servers, the typed client layer (channels, deadlines, typed errors,
+retries), TLS, health, logging.
 
 Every server and channel of pipeguard is made here (``start_server``, ``channel``,
 ``blocking_channel``), so TLS (``net.tls_*``) applies to all of them or none.
@@ -7,35 +8,32 @@ Every server and channel of pipeguard is made here (``start_server``, ``channel`
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
+from typing import Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
-from pipeguard.errors import InvalidArgument, PipeguardError, Unavailable, from_rpc_error
+from pipeguard.errors import DeadlineExceeded, InvalidArgument, PipeguardError, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# Codes worth retrying: the peer may come back. Everything else is an answer; in particular
-# RESOURCE_EXHAUSTED (a size over a limit) would be refused again, byte for byte.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 BUSY = ("pipeguard-busy", "1")
 """Trailing metadata a server adds to RESOURCE_EXHAUSTED when the refusal is momentary (too many
 streams at once) rather than about the message: the caller may retry after a backoff."""
 
 
-def is_busy(err: grpc.aio.AioRpcError) -> bool:
+def is_busy(err: Exception) -> bool:
     """True for a RESOURCE_EXHAUSTED that the server marked momentary with ``BUSY``."""
-    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
     return any((key, value) == BUSY for key, value in (err.trailing_metadata() or ()))
 
@@ -127,19 +125,115 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=None, **{kind: behaviour})
 
 
-def server_options(net: NetConfig) -> dict:
-    """Keyword arguments for ``grpc.aio.server``: explicit message limits and ``RejectMalformed``."""
-    return {"options": net.grpc_options(), "interceptors": [RejectMalformed()]}
+class FinishReading(grpc.aio.ServerInterceptor):
+    """Read what a client is still streaming before answering its client-streaming call.
+
+    A server that answers (refuses, or accepts early) before the client has half-closed resets
+    the stream, and a client write that races the reset makes grpc.aio replace the server's
+    status with INTERNAL "Internal error from Core" (grpc/grpc#36066): a push refused with
+    INVALID_ARGUMENT after its first chunk reached its sender as INTERNAL now and then, more
+    often the longer the stream. So every request-streaming handler answers only after the rest
+    of the request stream is read and discarded: before ``context.abort`` and before a reply. The
+    drain is bounded by ``net.drain_bytes`` and ``timeouts.drain``; a client that sends more or
+    longer gets its answer at once (and may see it as INTERNAL). Every server installs it, outside
+    ``RejectMalformed`` so that it counts and drops raw bytes without parsing them.
+    """
+
+    def __init__(self, max_bytes: int, timeout: float):
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.stream_unary is None:  # pipeguard has no stream-stream RPC
+            return handler
+        inner, method = handler.stream_unary, handler_call_details.method
+
+        async def behaviour(request_iterator, context):
+            reader = _DrainableStream(request_iterator)
+            drained = _DrainFirstContext(context, lambda: reader.drain(self.max_bytes, self.timeout, method))
+            try:
+                reply = await inner(reader, drained)
+            except grpc.aio.AbortError:  # abort() drained already
+                raise
+            except BaseException:
+                await reader.drain(self.max_bytes, self.timeout, method)
+                raise
+            await reader.drain(self.max_bytes, self.timeout, method)
+            return reply
+
+        return handler._replace(stream_unary=behaviour)
 
 
-async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None],
-                       service_names: list[str]) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
+class _DrainableStream:
+    """A request iterator that remembers whether it reached its end, and can read the rest."""
+
+    def __init__(self, stream):
+        self._it = stream.__aiter__()
+        self.ended = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+
+    async def drain(self, max_bytes: int, timeout: float, method: str) -> None:
+        if self.ended:
+            return
+        read = 0
+
+        async def rest() -> None:
+            nonlocal read
+            async for message in self:
+                read += len(message) if isinstance(message, (bytes, bytearray)) else message.ByteSize()
+                if read > max_bytes:
+                    return
+
+        try:
+            await asyncio.wait_for(rest(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the stream broke while draining: answer anyway
+            log.debug("%s: draining the request stream failed: %r", method, exc)
+        if not self.ended:
+            log.debug("%s: answering before the client finished its stream (%d bytes drained)", method, read)
+
+
+class _DrainFirstContext:
+    """A servicer context whose ``abort`` first reads the rest of the request stream."""
+
+    def __init__(self, context, drain):
+        self._context = context
+        self._drain = drain
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def abort(self, code, details="", trailing_metadata=()):
+        await self._drain()
+        await self._context.abort(code, details, trailing_metadata)
+
+
+def server_options(net: NetConfig, timeouts: TimeoutConfig | None = None) -> dict:
+    """Keyword arguments for ``grpc.aio.server``: explicit message limits, ``FinishReading`` and
+    ``RejectMalformed``."""
+    drain = (timeouts or TimeoutConfig()).drain
+    return {"options": net.grpc_options(), "interceptors": [FinishReading(net.drain_bytes, drain), RejectMalformed()]}
+
+
+async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None], service_names: list[str],
+                       timeouts: TimeoutConfig | None = None) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
     """Start a grpc.aio server with explicit message limits and the health service.
 
     Returns the server, the address to advertise (``net.advertise`` or the bound address)
     and the health servicer (set to SERVING for every name in ``service_names``).
     """
-    server = grpc.aio.server(**server_options(net))
+    server = grpc.aio.server(**server_options(net, timeouts))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -186,49 +280,203 @@ def channel_credentials(net: NetConfig) -> grpc.ChannelCredentials | None:
     )
 
 
-def channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to ``address``: TLS when ``net`` configures it, with explicit message limits.
+# -- the client layer: every outgoing channel, its deadlines, errors and retries -----------------
 
-    With ``timeouts``, the channel's own reconnect backoff follows ``retry_backoff`` up to
-    ``retry_max`` (gRPC's default grows to 120 s, so a peer that was down for a while would be
-    noticed back only minutes after it returned).
+STEP_METHODS = frozenset({"Assign", "RunStep", "ApplyUpdate", "FetchState", "FetchTensor", "FetchData",
+                          "FetchCheckpoint", "ExportState"})
+"""Calls whose default deadline is ``timeouts.step``: they wait for a step's compute or move a
+stage's state; ``Audit`` gets ``timeouts.audit``, ``Watch`` none (it streams for as long as the
+caller listens), every other call ``timeouts.request``."""
+
+
+def default_deadline(method: str, timeouts: TimeoutConfig) -> float | None:
+    """Seconds a call to ``method`` (a full path such as /pipeguard.v1.Node/RunStep) may take when
+    its caller passes no ``timeout``."""
+    name = method.rsplit("/", 1)[-1]
+    if name == "Watch":
+        return None
+    if name == "Audit":
+        return timeouts.audit
+    return timeouts.step if name in STEP_METHODS else timeouts.request
+
+
+class TypedErrors:
+    """The client interceptor on every channel ``channel`` makes: a deadline from the config for a
+    call that names none (``default_deadline``), and every failure raised as pipeguard's typed
+    exception (``errors.from_rpc_error``: also a ``grpc.aio.AioRpcError``), for unary and
+    streamed replies alike. Callers catch ``InvalidArgument``, ``Unavailable``, ... and never map
+    gRPC errors themselves.
+
+    grpc.aio files an interceptor under the first call arity it implements, so ``install``
+    gives one instance per arity; they share this class's behaviour.
     """
-    options = net.grpc_options()
-    if timeouts is not None:
-        options += [("grpc.initial_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
-                    ("grpc.min_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
-                    ("grpc.max_reconnect_backoff_ms", int(timeouts.retry_max * 1000))]
-    creds = channel_credentials(net)
-    if creds is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, creds, options=options)
+
+    def __init__(self, timeouts: TimeoutConfig):
+        self.timeouts = timeouts
+
+    @staticmethod
+    def install(timeouts: TimeoutConfig) -> list["TypedErrors"]:
+        """The interceptors to pass to ``grpc.aio.*_channel``: one per call arity."""
+        return [kind(timeouts) for kind in (_TypedUnaryUnary, _TypedUnaryStream, _TypedStreamUnary,
+                                            _TypedStreamStream)]
+
+    def _details(self, details):
+        if details.timeout is not None:
+            return details
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        return _with_timeout(details, default_deadline(method, self.timeouts))
 
 
-def blocking_channel(address: str, net: NetConfig) -> grpc.Channel:
-    """The same as ``channel`` for synchronous callers (the CLI, test and script helpers)."""
-    creds = channel_credentials(net)
-    if creds is None:
-        return grpc.insecure_channel(address, options=net.grpc_options())
-    return grpc.secure_channel(address, creds, options=net.grpc_options())
+def _with_timeout(details, timeout: float | None):
+    """``details`` with ``timeout``: grpc.aio's are a namedtuple, the synchronous API's any object."""
+    if hasattr(details, "_replace"):
+        return details._replace(timeout=timeout)
+    return _BlockingCallDetails(details.method, timeout, details.metadata, details.credentials,
+                                getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
 
-async def call_with_retry(fn: Callable[[], Awaitable[T]], timeouts: TimeoutConfig, what: str,
-                          attempts: int = 5) -> T:
-    """Await ``fn()``; retry transient failures with jittered exponential backoff.
+class _BlockingCallDetails(
+        collections.namedtuple("_BlockingCallDetails", "method timeout metadata credentials wait_for_ready compression"),
+        grpc.ClientCallDetails):
+    pass
 
-    gRPC errors come back as pipeguard's typed exceptions.
-    """
-    delay = timeouts.retry_backoff
-    for attempt in range(1, attempts + 1):
+
+class _TypedUnaryUnary(TypedErrors, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(self._details(client_call_details), request)
         try:
-            return await fn()
+            return await call
         except grpc.aio.AioRpcError as err:
-            if not (err.code() in RETRYABLE or is_busy(err)) or attempt == attempts:
-                raise from_rpc_error(err) from None
-            log.debug("%s failed (%s), retry %d in %.2fs", what, err.code().name, attempt, delay)
-        await asyncio.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, timeouts.retry_max)
-    raise PipeguardError(f"{what}: unreachable")  # pragma: no cover
+            raise from_rpc_error(err) from None
+
+
+class _TypedUnaryStream(TypedErrors, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return _typed_stream(await continuation(self._details(client_call_details), request))
+
+
+class _TypedStreamUnary(TypedErrors, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return _TypedUnaryReply(await continuation(self._details(client_call_details), request_iterator))
+
+
+class _TypedStreamStream(TypedErrors, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return _typed_stream(await continuation(self._details(client_call_details), request_iterator))
+
+
+async def _typed_stream(call):
+    try:
+        async for reply in call:
+            yield reply
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from None
+
+
+class _TypedUnaryReply:
+    """A stream-unary call whose await raises the typed exception (grpc.aio needs a call object
+    back from a stream-unary interceptor); everything else is the call's own."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)
+
+    def __await__(self):
+        try:
+            return (yield from self._call.__await__())
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: TLS when ``net`` configures it, explicit message limits,
+    and ``TypedErrors`` (deadlines from ``timeouts``, typed exceptions).
+
+    The channel's own reconnect backoff follows ``retry_backoff`` up to ``retry_max`` (gRPC's
+    default grows to 120 s, so a peer that was down for a while would be noticed back only minutes
+    after it returned).
+    """
+    timeouts = timeouts or TimeoutConfig()
+    options = net.grpc_options() + [
+        ("grpc.initial_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(timeouts.retry_max * 1000))]
+    interceptors = TypedErrors.install(timeouts)
+    creds = channel_credentials(net)
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+
+
+async def connect(ch: grpc.aio.Channel, address: str, timeouts: TimeoutConfig) -> None:
+    """Wait until ``ch`` is ready, at most ``timeouts.connect`` seconds (raises ``Unavailable``)."""
+    try:
+        await asyncio.wait_for(ch.channel_ready(), timeouts.connect)
+    except asyncio.TimeoutError:
+        raise Unavailable(f"{address}: no connection within timeouts.connect ({timeouts.connect:g}s)") from None
+
+
+def blocking_channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None) -> grpc.Channel:
+    """The same as ``channel`` for synchronous callers (the CLI, test and script helpers): typed
+    errors and default deadlines for unary calls and streamed replies (``BlockingTypedErrors``)."""
+    creds = channel_credentials(net)
+    if creds is None:
+        ch = grpc.insecure_channel(address, options=net.grpc_options())
+    else:
+        ch = grpc.secure_channel(address, creds, options=net.grpc_options())
+    return grpc.intercept_channel(ch, BlockingTypedErrors(timeouts or TimeoutConfig()))
+
+
+class BlockingTypedErrors(TypedErrors, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """``TypedErrors`` for a synchronous channel (which files one interceptor under every arity it
+    implements; pipeguard's synchronous callers make unary calls and read streamed replies)."""
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        outcome = continuation(self._details(client_call_details), request)
+        err = outcome.exception()
+        if isinstance(err, grpc.RpcError):
+            raise from_rpc_error(err) from None
+        return outcome
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return _BlockingTypedStream(continuation(self._details(client_call_details), request))
+
+
+class _BlockingTypedStream:
+    """A synchronous streamed reply whose iteration raises the typed exception; everything else
+    (cancel, code, ...) is the call's own."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def backoff(timeouts: TimeoutConfig) -> Iterator[float]:
+    """The one retry schedule: jittered delays from ``retry_backoff``, doubling up to ``retry_max``."""
+    delay = timeouts.retry_backoff
+    while True:
+        yield delay * (0.5 + random.random())
+        delay = min(2 * delay, timeouts.retry_max)
+
+
+def is_retryable(err: PipeguardError) -> bool:
+    """Whether a failed call may succeed if made again: the peer could not be reached or did not
+    answer in time, or refused only momentarily (``BUSY``). Everything else is an answer; in
+    particular RESOURCE_EXHAUSTED about a size would be refused again, byte for byte."""
+    return isinstance(err, (Unavailable, DeadlineExceeded)) or is_busy(err)
 
 
 def write_ready_file(path: str, **info: object) -> None:

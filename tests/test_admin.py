@@ -17,7 +17,7 @@ from pipeguard.identity import Identity, KeyFileError
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.test_coordinator_service import DEADLINE, coordinator_bed
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 TOKEN = "t0ken-for-tests-0123456789abcdef"
 C = grpc.StatusCode

@@ -29,6 +29,8 @@ from pipeguard.evidence import verify_bundle
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 2
 ATTACKER = 1
 

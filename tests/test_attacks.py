@@ -26,6 +26,8 @@ from node.attacks import (
     load_plugin,
 )
 
+pytestmark = pytest.mark.unit
+
 CTX = AttackContext(step=3, micro_batch=1, stage=1, node_id="a" * 32)
 
 

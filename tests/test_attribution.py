@@ -15,6 +15,8 @@ from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.test_planning import plan_for
 
+pytestmark = pytest.mark.unit
+
 pytestmark = pytest.mark.timeout(30)
 
 

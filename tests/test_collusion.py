@@ -26,6 +26,8 @@ from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, state_digest, tensor_
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 
+pytestmark = pytest.mark.multiprocess
+
 SEED = 7
 GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 TOL = 1e-3

@@ -42,9 +42,9 @@ BUILD_TIMEOUT_S = 1800
 UP_TIMEOUT_S = 300
 BAN_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(os.environ.get("PIPEGUARD_DOCKER_TESTS") != "1",
+pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(os.environ.get("PIPEGUARD_DOCKER_TESTS") != "1",
                                 reason="docker compose testnet test is opt-in: set PIPEGUARD_DOCKER_TESTS=1 "
-                                       "(and start an engine, e.g. tests/docker/prepare-engine.sh)")
+                                       "(and start an engine, e.g. tests/docker/prepare-engine.sh)")]
 
 
 def compose_command() -> list[str] | None:

@@ -11,6 +11,8 @@ from coordinator.config import CoordinatorConfig, DataConfig
 from node.config import NodeConfig
 from pipeguard.config import ConfigError, field_docs, load, to_toml
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path, text: str):
     path = tmp_path / "run.toml"
@@ -134,3 +136,18 @@ def test_every_field_is_documented():
         undocumented = [key for key, _, _, doc in field_docs(cls)
                         if not doc and "." in key]  # top-level sections are documented by their class
         assert undocumented == [], f"{cls.__name__}: fields without a docstring: {undocumented}"
+
+
+def test_stream_and_drain_bounds_are_config_with_todays_defaults():
+    from pipeguard.config import NetConfig, TimeoutConfig  # noqa: PLC0415
+
+    net, t = NetConfig(), TimeoutConfig()
+    assert net.stream_slots_per_peer == 8 == NetConfig(peer_stream_slots=8).stream_slots_per_peer
+    assert NetConfig(max_inflight_streams=3).stream_slots_per_peer == 1
+    assert net.state_bytes_limit == 64 * net.max_tensor_bytes and net.max_state_tensors == 10_000
+    assert (t.audit, t.retries, t.abort_wait) == (t.step, 5, 2.0)
+    for bad in ({"peer_stream_slots": -1}, {"drain_bytes": -1}, {"max_state_tensors": 0}):
+        with pytest.raises(ConfigError, match="net."):
+            NetConfig(**bad)
+    with pytest.raises(ConfigError, match="timeouts.retries"):
+        TimeoutConfig(retries=0)

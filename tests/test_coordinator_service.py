@@ -33,7 +33,7 @@ from pipeguard.signing import sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 RUN = "run-coordinator-service"
 DEADLINE = 10.0

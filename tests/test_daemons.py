@@ -20,6 +20,8 @@ from pipeguard.reference import train_reference
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 
+pytestmark = pytest.mark.multiprocess
+
 NO_AUDITS = {"audit.rate": 0.0, "audit.screen": False}
 GPT_TINY = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)
 SEED = 7

@@ -9,6 +9,8 @@ import torch
 
 from pipeguard.data import USER_CHUNK_BYTES, Dataset, text_file_corpus
 
+pytestmark = pytest.mark.unit
+
 TRAIN_BYTES, VAL_BYTES = 8192, 2048
 
 

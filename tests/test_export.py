@@ -9,7 +9,7 @@ from pipeguard.app import export
 from pipeguard.app.cli import main
 from pipeguard.model import GPT, GPTConfig
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 SHAPE = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
 

@@ -50,6 +50,8 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 from tests.test_multihost import COORDINATOR_PORT, NODE_PORT, Lan, free_subnet, start_in, why_no_netns
 
+pytestmark = pytest.mark.multiprocess
+
 HOOKS = Path(__file__).parent / "fault_hooks"
 SEED = 7
 GPT = GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32)

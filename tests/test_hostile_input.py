@@ -41,7 +41,7 @@ from tests import hostile
 MAPPED = set(_BY_CODE) - {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 """Statuses of pipeguard's typed errors; a decoder may raise any of them, never anything else."""
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(300)]
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                suppress_health_check=list(HealthCheck))

@@ -11,6 +11,8 @@ import pytest
 from pipeguard.errors import InvalidArgument
 from pipeguard.identity import Identity, KeyFileError, PublicIdentity, node_id_for
 
+pytestmark = pytest.mark.unit
+
 
 def test_key_is_created_with_0600_and_reused(tmp_path):
     path = tmp_path / "home" / "node.key"

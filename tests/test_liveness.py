@@ -19,6 +19,8 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 from tests.test_adversary import ATTACKER, assert_standby_took_stage_1, roles, run_with_attacker
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 3
 
 

@@ -27,7 +27,7 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from tests.test_coordinator_service import coordinator_bed
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 RUN = "run-membership"
 DEADLINE = 10.0

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from pipeguard.model import GPT, GPTConfig, Randomness, StageModule, partition, preset
 
+pytestmark = pytest.mark.unit
+
 CFG = GPTConfig(block_size=16, vocab_size=256, n_layer=5, n_head=2, n_embd=16)
 
 

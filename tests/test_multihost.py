@@ -35,6 +35,8 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 from tests.test_audits import clean_losses
 
+pytestmark = pytest.mark.multiprocess
+
 COORDINATOR_PORT = 7000
 NODE_PORT = 7001
 CMD_TIMEOUT_S = 20

@@ -10,6 +10,7 @@ the peer that claimed to send it, and leave the node serving: a valid push still
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import math
@@ -37,7 +38,7 @@ from pipeguard.tensors import TensorSender, make_header, new_payload_hash, recei
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 RUN = "run-node-service"
 SEED = 21
@@ -736,5 +737,34 @@ def test_a_chunk_that_does_not_parse_is_invalid_argument_and_the_node_keeps_serv
                 await channel.close()
             assert bed.stats()[bed.prev.node_id] == (0, 1, "INVALID_ARGUMENT"), "charged to the claimed sender"
             assert await bed.push(good) == (C.OK, "")
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("refusal", ["dtype", "run", "claimed size", "busy"])
+def test_a_push_refused_early_gets_its_status_however_much_the_sender_still_streams(tmp_path, refusal):
+    """The node refuses these after the first chunk (or before any); the sender is still writing
+    many more. Without ``rpc.FinishReading`` the refusal raced the stream's teardown and a few in
+    a hundred came back INTERNAL ("Internal error from Core", grpc/grpc#36066)."""
+    expected = {"dtype": C.INVALID_ARGUMENT, "run": C.FAILED_PRECONDITION, "claimed size": C.RESOURCE_EXHAUSTED,
+                "busy": C.RESOURCE_EXHAUSTED}[refusal]
+    rest = [pb.TensorChunk(data=b"\0" * 64 * 1024) for _ in range(16)]
+
+    async def scenario():
+        async with node_bed(tmp_path, max_inflight_streams=1) as bed:
+            if refusal == "busy":
+                release = asyncio.Event()
+                held = asyncio.ensure_future(bed.stub.PushTensor(held_stream(bed.tensor_chunks(), release),
+                                                                 timeout=DEADLINE))
+                await wait_until(bed.service._streams.locked, "the first stream never got in")
+            first = {"dtype": lambda: bed.tensor_chunks(micro_batch=1, tensor=torch.zeros(ACT_SHAPE, dtype=torch.int64)),
+                     "run": lambda: bed.tensor_chunks(micro_batch=1, run_id="another run"),
+                     "claimed size": lambda: bed.tensor_chunks(micro_batch=1, tensor=torch.zeros(64, 1024)),
+                     "busy": lambda: bed.tensor_chunks(micro_batch=1)}[refusal]()[:1]
+            codes = [(await bed.push(first + rest))[0] for _ in range(60)]
+            assert codes == [expected] * 60, collections.Counter(c.name for c in codes)
+            if refusal == "busy":
+                release.set()
+                await asyncio.wait_for(held, DEADLINE)
 
     run(scenario())

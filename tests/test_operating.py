@@ -24,7 +24,7 @@ from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from tests.conftest import tiny_run
 from tests.pki import CA
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
 SEED = 7
 CHECKPOINTS = {"audit.rate": 0.0, "audit.screen": False, "audit.checkpoint_every": 5}

@@ -24,7 +24,7 @@ from pipeguard.tensors import make_header, receive_tensor
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 NET = NetConfig(chunk_bytes=1024, max_message_bytes=1 << 20, max_tensor_bytes=1 << 20)
 TIMEOUTS = TimeoutConfig(request=10.0, retry_backoff=0.01, retry_max=0.05)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeguard.data import stdlib_corpus
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
 from tests.conftest import tiny_run
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 5
 

@@ -8,6 +8,8 @@ from coordinator.planning import Plan, plan
 from coordinator.registry import NodeRecord
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 pytestmark = pytest.mark.timeout(10)
 
 

@@ -10,6 +10,8 @@ import pytest
 from pipeguard import protogen
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = sorted(p for p in (ROOT / "pipeguard").rglob("*_pb2*") if p.suffix in {".py", ".pyi"})
 FIX = "run `python -m pipeguard.protogen` and commit the result"

@@ -11,6 +11,8 @@ from pipeguard.app.runconfig import build, flatten, node_config, replace, run_co
 from pipeguard.config import ConfigError
 from tests.conftest import TINY, tiny_run
 
+pytestmark = pytest.mark.unit
+
 
 def read_back(cls, text, tmp_path):
     path = tmp_path / "run.toml"

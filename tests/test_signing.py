@@ -9,6 +9,8 @@ from pipeguard.identity import Identity
 from pipeguard.signing import canonical_bytes, encode_field, sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 
 def commitment() -> pb.TensorCommitment:
     header = pb.TensorHeader(run_id="run-1", step=7, micro_batch=2, stage=1, direction=pb.DIRECTION_FORWARD,

@@ -10,7 +10,7 @@ import pytest
 from coordinator import state as state_mod
 from coordinator.state import EventLog, RunStore
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
 def _mode(path) -> int:

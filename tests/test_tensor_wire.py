@@ -12,6 +12,8 @@ from pipeguard.identity import Identity
 from pipeguard.tensors import OFFLOAD_BYTES, TensorSender, make_header, receive_tensor, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 SENDER = Identity.generate()
 
 

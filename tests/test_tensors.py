@@ -23,6 +23,8 @@ from pipeguard.tensors import (
 )
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 SENDER = Identity.generate()
 RECEIVER = Identity.generate()
 

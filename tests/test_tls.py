@@ -15,7 +15,7 @@ from pipeguard.rpc import blocking_channel, channel, start_server
 from node.config import NodeConfig
 from tests.pki import CA
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 SERVICE = "pipeguard.v1.Node"
 
