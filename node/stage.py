@@ -91,6 +91,7 @@ class Assignment:
 
     @property
     def stage(self) -> int:
+        """The stage this node serves."""
         return self.setup.stage
 
 

@@ -3,7 +3,8 @@
 One engine serves three callers: a node auditing another node, the coordinator confirming a
 failed audit before anything happens, and ``pipeguard verify`` re-checking an evidence
 bundle offline. ``gather`` fetches artifacts and checks every signature on them; ``check`` is
-pure computation over those artifacts and needs no network.
+pure computation over those artifacts and needs no network; it recomputes through
+``pipeguard.computation``, the code the audited node ran.
 
 What each audit kind needs, for the audited stage k:
 
