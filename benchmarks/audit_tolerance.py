@@ -5,10 +5,9 @@
 About a minute on an idle 2-core machine (wall time grows with other processes' load).
 
 A "claimant" process (this one, one torch thread, as a node runs by default) trains a
-3-stage pipeline of ``pipeguard.model.StageModule``s in one process exactly as the node
-daemons do (``node/stage.py``: forward on ``x.detach().requires_grad_(True)``, the last stage
-backwards ``loss / micro_batches``, the others ``y.backward(grad_in)``, gradients accumulated in
-micro-batch order, then ``clip_and_step`` with the global norm over all stages). At a chosen
+3-stage pipeline in one process through ``pipeguard.computation.StageComputation``, the
+computation the node daemons run (forward and backward of each micro-batch in micro-batch
+order, then the update with the global norm over all stages). At a chosen
 step it records, for every stage, what the node would commit to: its state (weights and AdamW
 state), the activations and gradients it received, the activations and input gradients it
 sent, the ApplyUpdate order (global norm, lr) and its state after the update.
@@ -51,20 +50,9 @@ from pathlib import Path
 import torch
 
 from pipeguard.audit import Artifacts, check, deviation
+from pipeguard.computation import Determinism, StageComputation, StageSetup, model_spec, train_spec
 from pipeguard.data import Dataset, stdlib_corpus
-from pipeguard.model import (
-    GPTConfig,
-    OptimSettings,
-    Randomness,
-    StageModule,
-    clip_and_step,
-    grad_sq_norm,
-    lr_at,
-    make_optimizer,
-    named_state,
-    partition,
-    preset,
-)
+from pipeguard.model import GPTConfig, OptimSettings, lr_at, preset
 from pipeguard.tensors import ReceivedTensor
 from pipeguard.v1 import pipeguard_pb2 as pb
 
@@ -108,52 +96,43 @@ def optim_for(case: Case) -> OptimSettings:
 class Pipeline:
     def __init__(self, case: Case, dataset: Dataset):
         self.case, self.dataset, self.optim = case, dataset, optim_for(case)
-        self.specs = partition(case.gpt, STAGES)
-        self.modules = [StageModule(case.gpt, s, SEED) for s in self.specs]
-        self.opts = [make_optimizer(m, self.optim) for m in self.modules]
+        self.comps = [StageComputation.build(StageSetup.from_specs(*specs(case), s, STAGES)) for s in range(STAGES)]
 
     def step(self, step: int, record: bool) -> dict | None:
-        c, M = self.case, self.case.micro_batches
+        M = self.case.micro_batches
         last = STAGES - 1
         rec = {"step": step, "stages": [dict(inputs={}, grads_in={}, outputs={}) for _ in range(STAGES)]}
         if record:
-            for s, (m, o) in enumerate(zip(self.modules, self.opts)):
-                rec["stages"][s]["state"] = {n: t.clone() for n, t in named_state(m, o)}
+            for s, c in enumerate(self.comps):
+                rec["stages"][s]["state"] = c.snapshot()
         for mb in range(M):
-            rng = Randomness(SEED, step, mb)
-            tokens, targets = self.dataset.batch(SEED, step, mb, c.micro_batch_size, c.gpt.block_size)  # (B, T)
-            xs, ys, sent = [], [], None
-            for s, m in enumerate(self.modules):  # forward, as each node's _forward
-                x = tokens if s == 0 else sent.detach().requires_grad_(True)  # (B, T) or (B, T, C)
-                y = m(x, rng)
-                xs.append(x)
-                ys.append(y)
+            tokens, targets = self.comps[0].setup.batch(self.dataset, step, mb)  # (B, T) each
+            fwds, x = [], tokens
+            for s, c in enumerate(self.comps):  # forward, as each node's _forward
+                fwds.append(c.forward(step, mb, x))
                 if s < last:
-                    sent = y.detach().contiguous()
+                    x = fwds[-1].output.contiguous()  # (B, T, C)
                     if record:
-                        rec["stages"][s]["outputs"][(FORWARD, mb)] = sent.clone()
-                        rec["stages"][s + 1]["inputs"][mb] = sent.clone()
-            grad = None
+                        rec["stages"][s]["outputs"][(FORWARD, mb)] = x.clone()
+                        rec["stages"][s + 1]["inputs"][mb] = x.clone()
+            g = targets
             for s in range(last, -1, -1):  # backward, as each node's _backward
-                if s == last:
-                    (StageModule.loss(ys[s], targets) / M).backward()
-                else:
-                    ys[s].backward(grad)
+                _, g = self.comps[s].backward(fwds[s], g)
                 if s > 0:
-                    grad = xs[s].grad.detach().contiguous()  # (B, T, C)
+                    g = g.contiguous()  # (B, T, C)
                     if record:
-                        rec["stages"][s]["outputs"][(BACKWARD, mb)] = grad.clone()
-                        rec["stages"][s - 1]["grads_in"][mb] = grad.clone()
-        sq = [grad_sq_norm(m) for m in self.modules]  # each stage's StepReport.grad_sq_norm
+                        rec["stages"][s]["outputs"][(BACKWARD, mb)] = g.clone()
+                        rec["stages"][s - 1]["grads_in"][mb] = g.clone()
+        sq = [c.grad_sq_norm() for c in self.comps]  # each stage's StepReport.grad_sq_norm
         norm = math.sqrt(sum(sq))
         lr = lr_at(step, self.optim)
-        for m, o in zip(self.modules, self.opts):
-            clip_and_step(m, o, norm, lr, self.optim.grad_clip)
+        for c in self.comps:
+            c.update(norm, lr)
         if not record:
             return None
         rec.update(global_norm=norm, lr=lr)
-        for s, (m, o) in enumerate(zip(self.modules, self.opts)):
-            rec["stages"][s]["next_state"] = {n: t.clone() for n, t in named_state(m, o)}
+        for s, c in enumerate(self.comps):
+            rec["stages"][s]["next_state"] = c.snapshot()
             rec["stages"][s]["grad_sq_norm"] = sq[s]
         return rec
 
@@ -174,16 +153,17 @@ def make_claims(case: Case, dataset: Dataset) -> list[dict]:
 DIGEST, NEXT_DIGEST = b"\x01" * 32, b"\x02" * 32  # check() compares digests, not contents: same on both sides
 
 
+def specs(case: Case) -> tuple[pb.ModelSpec, pb.TrainSpec]:
+    """The run's wire specs, as the coordinator sends them to nodes and auditors."""
+    return model_spec(case.gpt), train_spec(optim_for(case), seed=SEED, micro_batches=case.micro_batches,
+                                            micro_batch_size=case.micro_batch_size)
+
+
 def _request(case: Case, rec: dict, stage: int, kind: int, mb: int) -> pb.AuditRequest:
-    g, o = case.gpt, optim_for(case)
+    model, train = specs(case)
     return pb.AuditRequest(
         kind=kind, step=rec["step"], stage=stage, micro_batch=mb, num_stages=STAGES, tolerance=0.0,
-        model=pb.ModelSpec(block_size=g.block_size, vocab_size=g.vocab_size, n_layer=g.n_layer, n_head=g.n_head,
-                           n_embd=g.n_embd, dropout=g.dropout),
-        train=pb.TrainSpec(seed=SEED, micro_batches=case.micro_batches, micro_batch_size=case.micro_batch_size,
-                           lr=o.lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps,
-                           min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
-                           grad_clip=o.grad_clip),
+        model=model, train=train,
         report=pb.StepReport(step=rec["step"], stage=stage, state_digest=DIGEST,
                              grad_sq_norm=rec["stages"][stage]["grad_sq_norm"]),
         update=pb.ApplyUpdateRequest(step=rec["step"], global_grad_norm=rec["global_norm"], lr=rec["lr"]),
@@ -256,7 +236,7 @@ def audit_all(case: Case, claims: list[dict], dataset: Dataset) -> list[dict]:
 
 
 def child(path: Path, threads: int, out: Path) -> None:
-    torch.set_num_threads(threads)
+    Determinism(threads).apply()
     blob = torch.load(path, weights_only=True)
     case = Case(blob["case"]["name"], GPTConfig(**blob["case"]["gpt"]), blob["case"]["micro_batches"],
                 blob["case"]["micro_batch_size"], tuple(blob["case"]["steps"]))
@@ -323,7 +303,7 @@ def main() -> int:
     from coordinator.config import AuditConfig
 
     tolerance = AuditConfig().tolerance
-    torch.set_num_threads(1)
+    Determinism(1).apply()
     t_start = time.perf_counter()
     dataset = stdlib_corpus(DATA_BYTES)
     rows: list[dict] = []
@@ -343,7 +323,7 @@ def main() -> int:
                 assert (a["model"], a["step"], a["stage"], a["kind"]) == (b["model"], b["step"], b["stage"], b["kind"])
                 rows.append({**a, "same_process": a.pop("deviation"), "other_1_thread": b["deviation"],
                              "other_2_threads": c["deviation"], "detail_2_threads": c["detail"]})
-            params = sum(p.numel() for p in StageModule(case.gpt, partition(case.gpt, 1)[0], SEED).parameters())
+            params = sum(c.num_params for c in Pipeline(case, dataset).comps)
             print(f"# {case.name}: {params / 1e6:.2f}M params, {case.gpt.n_layer} layers x {case.gpt.n_embd} wide, "
                   f"block {case.gpt.block_size}; {case.micro_batches} micro-batches x {case.micro_batch_size} "
                   f"sequences; steps {list(case.steps)} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeguard import computation
 from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, preset
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -232,14 +233,11 @@ class CoordinatorConfig:
 
     def model_spec(self) -> pb.ModelSpec:
         """The model as stages and auditors are told it."""
-        g = self.model.gpt()
-        return pb.ModelSpec(block_size=g.block_size, vocab_size=g.vocab_size, n_layer=g.n_layer, n_head=g.n_head,
-                            n_embd=g.n_embd, dropout=g.dropout)
+        return computation.model_spec(self.model.gpt())
 
     def train_spec(self) -> pb.TrainSpec:
         """The training settings as stages and auditors are told them."""
         t = self.train
-        return pb.TrainSpec(seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size, lr=t.lr,
-                            warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
-                            weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, grad_clip=t.grad_clip,
-                            max_in_flight=t.max_in_flight, retention_steps=self.audit.retention)
+        return computation.train_spec(t.optim(), seed=t.seed, micro_batches=t.micro_batches,
+                                      micro_batch_size=t.micro_batch_size, max_in_flight=t.max_in_flight,
+                                      retention_steps=self.audit.retention)

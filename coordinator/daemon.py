@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, "coordinator")
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
     install_event_loop_policy()
-    import torch
+    from pipeguard.computation import REFEREE_THREADS, Determinism
 
     # The judge's recomputations use one thread, like nodes by default: identical thread
     # counts give bit-identical results (benchmarks/audit_tolerance.py).
-    torch.set_num_threads(1)
+    Determinism(REFEREE_THREADS).apply()
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -9,9 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from pipeguard import config as pgconfig
+from pipeguard.computation import Determinism
 from pipeguard.identity import Identity
 from pipeguard.metrics import serve_metrics
 from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
@@ -92,7 +91,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     home = Path(cfg.home).expanduser()
     identity = Identity.load_or_create(home / "node.key")
     set_log_prefix(f"node {identity.node_id[:8]}")
-    torch.set_num_threads(cfg.threads)
+    Determinism(cfg.threads).apply()
     a = cfg.attack
     behaviour = attacks.from_config(a, a.seed or int(identity.node_id[:15], 16))
     if behaviour.parts:

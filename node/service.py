@@ -124,7 +124,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._check_epoch(request.epoch)
         a = self.runtime.assignment
         assert a is not None
-        expected_lr = lr_at(request.step, a.optim)
+        expected_lr = lr_at(request.step, a.setup.optim)
         if not abs(request.lr - expected_lr) <= 1e-12 * max(1.0, expected_lr):  # NaN fails this too
             raise InvalidArgument(f"lr {request.lr} for step {request.step} does not follow the schedule ({expected_lr})")
         digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr)

@@ -19,22 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeguard.computation import Forward, StageComputation, StageSetup
 from pipeguard.data import Dataset
 from pipeguard.errors import AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, NotFound, InvalidArgument, PermissionDenied, Unauthenticated
 from pipeguard.identity import Identity, PublicIdentity
-from pipeguard.model import (
-    GPTConfig,
-    OptimSettings,
-    Randomness,
-    StageModule,
-    clip_and_step,
-    grad_sq_norm,
-    load_named_state,
-    make_optimizer,
-    named_state,
-    partition,
-)
-from pipeguard.tensors import ReceivedTensor, make_header, state_digest
+from pipeguard.tensors import ReceivedTensor, make_header
 from pipeguard.v1 import pipeguard_pb2 as pb
 from node.attacks import HOOKS, NO_MICRO_BATCH, AttackContext, Behaviour, overrides
 from node.peers import PeerPool
@@ -55,7 +44,7 @@ class Snapshot:
     """The stage's state at the start of a step, kept for audits and rollback."""
 
     named: dict[str, torch.Tensor]
-    """Weights and optimizer state, as ``named_state`` names them."""
+    """Weights and optimizer state, as ``StageComputation.state`` names them."""
     commitment: bytes
     """Its digest (what the step's report committed to)."""
     epoch: int
@@ -76,13 +65,8 @@ class Assignment:
 
     run_id: str
     epoch: int
-    stage: int
-    num_stages: int
-    gpt: GPTConfig
-    optim: OptimSettings
-    seed: int
-    micro_batches: int
-    micro_batch_size: int
+    setup: StageSetup
+    """What the stage computes (shared with every party that recomputes it)."""
     max_in_flight: int
     retention: int
     prev: pb.PeerInfo | None
@@ -91,28 +75,14 @@ class Assignment:
 
     @classmethod
     def from_request(cls, req: pb.AssignRequest) -> "Assignment":
-        m, t = req.model, req.train
-        if req.num_stages < 1 or req.stage >= req.num_stages:
-            raise InvalidArgument(f"stage {req.stage} is not within {req.num_stages} stages")
-        if t.micro_batches < 1 or t.micro_batch_size < 1:
-            raise InvalidArgument("micro_batches and micro_batch_size must be >= 1")
-        try:
-            gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer,
-                            n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad model spec: {exc}") from None
-        if req.num_stages > gpt.n_layer:
-            raise InvalidArgument(f"{req.num_stages} stages for {gpt.n_layer} blocks")
-        if req.stage > 0 and not (req.HasField("prev") and req.prev.stage < req.stage):
+        setup = StageSetup.from_specs(req.model, req.train, req.stage, req.num_stages)
+        if not setup.is_first and not (req.HasField("prev") and req.prev.stage < req.stage):
             raise InvalidArgument("a stage after the first needs a previous peer with a lower stage")
-        if req.stage < req.num_stages - 1 and not (req.HasField("next") and req.next.stage > req.stage):
+        if not setup.is_last and not (req.HasField("next") and req.next.stage > req.stage):
             raise InvalidArgument("a stage before the last needs a next peer with a higher stage")
-        optim = OptimSettings(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
-                              min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, beta1=t.beta1,
-                              beta2=t.beta2, grad_clip=t.grad_clip)
+        t = req.train
         return cls(
-            run_id=req.run_id, epoch=req.epoch, stage=req.stage, num_stages=req.num_stages, gpt=gpt, optim=optim,
-            seed=t.seed, micro_batches=t.micro_batches, micro_batch_size=t.micro_batch_size,
+            run_id=req.run_id, epoch=req.epoch, setup=setup,
             max_in_flight=t.max_in_flight or t.micro_batches, retention=t.retention_steps or DEFAULT_RETENTION,
             prev=req.prev if req.HasField("prev") else None,
             next=req.next if req.HasField("next") else None,
@@ -120,16 +90,9 @@ class Assignment:
         )
 
     @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.num_stages - 1
-
-    @property
-    def activation_shape(self) -> list[int]:
-        return [self.micro_batch_size, self.gpt.block_size, self.gpt.n_embd]
+    def stage(self) -> int:
+        """The stage this node serves."""
+        return self.setup.stage
 
 
 class StageRuntime:
@@ -144,8 +107,8 @@ class StageRuntime:
         self.step_timeout = step_timeout
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-compute")
         self.assignment: Assignment | None = None
-        self.module: StageModule | None = None
-        self.opt: torch.optim.Optimizer | None = None
+        self.computation: StageComputation | None = None
+        """The stage's module and optimizer; touched only on the compute thread."""
         self.dataset: Dataset | None = None
         self.completed_step = -1
         """Last step whose update has been applied."""
@@ -201,19 +164,18 @@ class StageRuntime:
         4. otherwise fetch the coordinator's checkpoint and check it against the digest.
         """
         old = self.assignment
-        same_stage = (old is not None and self.module is not None and old.run_id == a.run_id
-                      and old.stage == a.stage and old.num_stages == a.num_stages and old.gpt == a.gpt
-                      and old.seed == a.seed)
+        same_stage = (old is not None and self.computation is not None and old.run_id == a.run_id
+                      and old.stage == a.stage and old.setup.num_stages == a.setup.num_stages
+                      and old.setup.gpt == a.setup.gpt and old.setup.seed == a.setup.seed)
         want = a.state_digest
         how = ""
         if same_stage and self.completed_step == start_step - 1 and want in (b"", self.state_commitment):
-            await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
+            await self._compute(self.computation.zero_grad)
             how = "keeping"
         elif same_stage and start_step in self.snapshots and want in (b"", self.snapshots[start_step].commitment):
             await self.rollback(start_step)
             how = "rolled back"
         else:
-            spec = partition(a.gpt, a.num_stages)[a.stage]
             named = None
             if want:
                 if self.fetch_checkpoint is None:
@@ -223,17 +185,14 @@ class StageRuntime:
                 raise FailedPrecondition(f"joining at step {start_step} needs the expected state digest")
 
             def build():
-                module = StageModule(a.gpt, spec, a.seed)
-                opt = make_optimizer(module, a.optim)
-                if named is not None:
-                    load_named_state(module, opt, named)
-                return module, opt, state_digest(named_state(module, opt))
+                computation = StageComputation.build(a.setup, named)
+                return computation, computation.digest()
 
-            module, opt, digest = await self._compute(build)
+            computation, digest = await self._compute(build)
             if want and digest != want:
                 raise DataLoss(f"checkpoint of stage {a.stage} at step {start_step} hashes to "
                                f"{digest.hex()[:16]}…, not the committed {want.hex()[:16]}…")
-            self.module, self.opt = module, opt
+            self.computation = computation
             self.snapshots.clear()
             self.completed_step = start_step - 1
             self.state_commitment = digest
@@ -244,10 +203,10 @@ class StageRuntime:
         self._seen.clear()
         self.kept = {k: v for k, v in self.kept.items() if k[0] < start_step}
         self._running = self._grads_for = None
-        assert self.module is not None
-        n = sum(p.numel() for p in self.module.parameters())
-        spec = self.module.spec
-        log.info("%s stage %d/%d (blocks %d-%d, %d params) at step %d, epoch %d", how, a.stage, a.num_stages,
+        assert self.computation is not None
+        n = self.computation.num_params
+        spec = a.setup.spec
+        log.info("%s stage %d/%d (blocks %d-%d, %d params) at step %d, epoch %d", how, a.stage, a.setup.num_stages,
                  spec.first_block, spec.last_block - 1, n, start_step, a.epoch)
         return self.state_commitment, n
 
@@ -278,11 +237,11 @@ class StageRuntime:
         expected_step = self.completed_step + 1
         if header.step != expected_step:
             raise FailedPrecondition(f"tensor for step {header.step}, but this stage is at step {expected_step}")
-        if header.micro_batch >= a.micro_batches:
-            raise InvalidArgument(f"micro-batch {header.micro_batch} out of range (0..{a.micro_batches - 1})")
-        if header.dtype != pb.DTYPE_FLOAT32 or list(header.shape) != a.activation_shape:
+        if header.micro_batch >= a.setup.micro_batches:
+            raise InvalidArgument(f"micro-batch {header.micro_batch} out of range (0..{a.setup.micro_batches - 1})")
+        if header.dtype != pb.DTYPE_FLOAT32 or list(header.shape) != a.setup.activation_shape:
             raise InvalidArgument(
-                f"expected float32 {a.activation_shape}, got dtype {header.dtype} shape {list(header.shape)}"
+                f"expected float32 {a.setup.activation_shape}, got dtype {header.dtype} shape {list(header.shape)}"
             )
         if (header.step, header.direction, header.micro_batch) in self._seen:
             raise _replay_error(header)
@@ -308,7 +267,7 @@ class StageRuntime:
 
     async def run_step(self, step: int) -> pb.StepReport:
         a = self.assignment
-        if a is None or self.module is None:
+        if a is None or self.computation is None:
             raise FailedPrecondition("this node serves no stage")
         if step != self.completed_step + 1:
             raise FailedPrecondition(f"asked for step {step}, but this stage is at step {self.completed_step + 1}")
@@ -325,8 +284,9 @@ class StageRuntime:
     async def _run_step(self, a: Assignment, step: int) -> pb.StepReport:
         deadline = time.monotonic() + self.step_timeout
         commitment = self.state_commitment
-        M = a.micro_batches
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        first, last = a.setup.is_first, a.setup.is_last
+        M = a.setup.micro_batches
+        saved: dict[int, Forward] = {}
         sends: list[asyncio.Task] = []
         fwd = bwd = 0
         loss_sum = 0.0
@@ -347,18 +307,16 @@ class StageRuntime:
                     raise t.exception()
             self._wake.clear()
             t0 = time.perf_counter()
-            if bwd < fwd and (a.is_last or (step, BACKWARD, bwd) in self._inbox):
-                grad_in = None if a.is_last else self._inbox.pop((step, BACKWARD, bwd)).tensor
-                x, y = saved.pop(bwd)
-                loss, grad_out = await self._compute(self._backward, a, step, bwd, x, y, grad_in)
+            if bwd < fwd and (last or (step, BACKWARD, bwd) in self._inbox):
+                grad_in = None if last else self._inbox.pop((step, BACKWARD, bwd)).tensor
+                loss, grad_out = await self._compute(self._backward, a, saved.pop(bwd), grad_in)
                 loss_sum += loss
                 if grad_out is not None:
                     launch_send(BACKWARD, bwd, grad_out)
                 bwd += 1
-            elif fwd < M and fwd - bwd < a.max_in_flight and (a.is_first or (step, FORWARD, fwd) in self._inbox):
-                x_in = None if a.is_first else self._inbox.pop((step, FORWARD, fwd)).tensor
-                x, y, out = await self._compute(self._forward, a, step, fwd, x_in)
-                saved[fwd] = (x, y)
+            elif fwd < M and fwd - bwd < a.max_in_flight and (first or (step, FORWARD, fwd) in self._inbox):
+                x_in = None if first else self._inbox.pop((step, FORWARD, fwd)).tensor
+                saved[fwd], out = await self._compute(self._forward, a, step, fwd, x_in)
                 if out is not None:
                     launch_send(FORWARD, fwd, out)
                 fwd += 1
@@ -372,13 +330,13 @@ class StageRuntime:
                 continue
             compute += time.perf_counter() - t0
         await asyncio.gather(*sends)
-        sq = await self._compute(grad_sq_norm, self.module)
+        sq = await self._compute(self.computation.grad_sq_norm)
         self._grads_for = step
         self.steps_computed += 1
         self.compute_seconds += compute
         report = pb.StepReport(
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
-            loss=loss_sum / M if a.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
+            loss=loss_sum / M if last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
             flags=_merge_flags(self.flags.pop(step, []), self.screen.cross_check(step)),
         )
         return report
@@ -392,46 +350,38 @@ class StageRuntime:
         commitment = await self.peers.push(address, header, tensor, rewrite=rewrite)
         self.kept[(header.step, header.direction, header.micro_batch, True)] = Kept(commitment, tensor)
 
-    def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None):
-        """Compute thread: forward one micro-batch; returns (input, output, tensor to send)."""
-        assert self.module is not None and self.dataset is not None
-        rng = Randomness(a.seed, step, mb)
-        if a.is_first:
-            x, _ = self.dataset.batch(a.seed, step, mb, a.micro_batch_size, a.gpt.block_size)  # (B, T)
-        else:
-            x = x_in.detach().requires_grad_(True)  # (B, T, C)
-        y = self.module(x, rng)  # (B, T, C) or logits (B, T, vocab)
-        if a.is_last:
-            return x, y, None
-        out = y.detach()
+    def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None
+                 ) -> tuple[Forward, torch.Tensor | None]:
+        """Compute thread: forward one micro-batch; returns (the pass, kept for its backward; the
+        activation to send, None on the last stage)."""
+        assert self.computation is not None and self.dataset is not None
+        x = a.setup.batch(self.dataset, step, mb)[0] if a.setup.is_first else x_in  # (B, T) or (B, T, C)
+        fwd = self.computation.forward(step, mb, x)
+        if a.setup.is_last:
+            return fwd, None
         ctx = self.attack_context(step, mb, FORWARD, a.next.node_id if a.next is not None else "")
-        sent = self.behaviour.on_forward(ctx, out)
-        return x, y, sent.contiguous()
+        sent = self.behaviour.on_forward(ctx, fwd.output)
+        return fwd, sent.contiguous()
 
-    def _backward(self, a: Assignment, step: int, mb: int, x: torch.Tensor, y: torch.Tensor,
-                  grad_in: torch.Tensor | None):
-        """Compute thread: backward one micro-batch; returns (loss, input gradient to send)."""
-        assert self.dataset is not None
-        loss_value = 0.0
-        if a.is_last:
-            _, targets = self.dataset.batch(a.seed, step, mb, a.micro_batch_size, a.gpt.block_size)  # (B, T)
-            loss = StageModule.loss(y, targets)
-            loss_value = float(loss.detach())
-            (loss / a.micro_batches).backward()
-        else:
-            y.backward(grad_in)
-        if a.is_first:
-            return loss_value, None
-        grad = x.grad.detach()  # (B, T, C)
-        ctx = self.attack_context(step, mb, BACKWARD, a.prev.node_id if a.prev is not None else "")
+    def _backward(self, a: Assignment, fwd: Forward, grad_in: torch.Tensor | None
+                  ) -> tuple[float, torch.Tensor | None]:
+        """Compute thread: backward one micro-batch; returns (its loss, 0.0 except on the last
+        stage; the input gradient to send, None on the first stage)."""
+        assert self.computation is not None and self.dataset is not None
+        g = a.setup.batch(self.dataset, fwd.step, fwd.micro_batch)[1] if a.setup.is_last else grad_in
+        loss, grad = self.computation.backward(fwd, g)  # grad: (B, T, C) or None
+        if grad is None:
+            return loss, None
+        ctx = self.attack_context(fwd.step, fwd.micro_batch, BACKWARD, a.prev.node_id if a.prev is not None else "")
         sent = self.behaviour.on_backward(ctx, grad)
-        return loss_value, sent.contiguous()
+        return loss, sent.contiguous()
 
     # -- update ----------------------------------------------------------------------------------
 
     async def apply_update(self, step: int, global_norm: float, lr: float) -> bytes:
         a = self.assignment
-        if a is None or self.module is None or self.opt is None:
+        comp = self.computation
+        if a is None or comp is None:
             raise FailedPrecondition("this node serves no stage")
         if self._grads_for != step:
             raise FailedPrecondition(f"no finished gradients for step {step}")
@@ -439,15 +389,14 @@ class StageRuntime:
         def update():
             # Runs on the compute thread, like every other reader of the state (state_at), so
             # nobody ever sees new weights paired with the old commitment or the reverse.
-            named = {n: t.clone() for n, t in named_state(self.module, self.opt)}
-            self.snapshots[step] = Snapshot(named, self.state_commitment, a.epoch)
+            self.snapshots[step] = Snapshot(comp.snapshot(), self.state_commitment, a.epoch)
             for old in sorted(self.snapshots)[:-a.retention]:
                 del self.snapshots[old]
-            clip_and_step(self.module, self.opt, global_norm, lr, a.optim.grad_clip)
+            comp.update(global_norm, lr)
             if "on_update" in self.attacks:  # update:skip / update:poison: before the node commits
-                self.behaviour.on_update(self.attack_context(step), self.module, self.opt,
+                self.behaviour.on_update(self.attack_context(step), comp.module, comp.opt,
                                          self.snapshots[step].named)
-            self.state_commitment = state_digest(named_state(self.module, self.opt))
+            self.state_commitment = comp.digest()
             self.completed_step = step
             return self.state_commitment
 
@@ -459,12 +408,11 @@ class StageRuntime:
     async def rollback(self, step: int) -> None:
         """Restore the state this stage held at the start of ``step`` (kept for the retention window)."""
         snap = self.snapshots.get(step)
-        if snap is None or self.module is None or self.opt is None:
+        if snap is None or self.computation is None:
             raise FailedPrecondition(f"no snapshot of the state at step {step} (kept: {sorted(self.snapshots)})")
 
         def restore():
-            self.opt.zero_grad(set_to_none=True)
-            load_named_state(self.module, self.opt, snap.named)
+            self.computation.load(snap.named)
             for later in [s for s in self.snapshots if s > step]:
                 del self.snapshots[later]
             log.warning("rolled back from step %d to the start of step %d", self.completed_step + 1, step)
@@ -489,8 +437,8 @@ class StageRuntime:
                 pass
         if self._running == step:
             raise FailedPrecondition(f"step {step} is still running; it cannot be aborted now")
-        if self.opt is not None and step == self.completed_step + 1:
-            await self._compute(lambda: self.opt.zero_grad(set_to_none=True))
+        if self.computation is not None and step == self.completed_step + 1:
+            await self._compute(self.computation.zero_grad)
             self._grads_for = None
             for key in [k for k in self._inbox if k[0] == step]:
                 del self._inbox[key]
@@ -499,8 +447,8 @@ class StageRuntime:
 
     async def state_at(self, step: int) -> tuple[dict[str, torch.Tensor], bytes, int]:
         """The stage state at the start of ``step`` (a retained snapshot or the current state),
-        its digest and the epoch it began that step in. Names follow ``named_state``."""
-        if self.module is None or self.opt is None:
+        its digest and the epoch it began that step in. Names follow ``StageComputation.state``."""
+        if self.computation is None:
             raise FailedPrecondition("this node serves no stage")
 
         def lookup():  # on the compute thread: consistent with apply_update's update()
@@ -508,8 +456,7 @@ class StageRuntime:
                 snap = self.snapshots[step]
                 return snap.named, snap.commitment, snap.epoch
             if step == self.completed_step + 1:
-                named = {n: t.clone() for n, t in named_state(self.module, self.opt)}
-                return named, self.state_commitment, self.assignment.epoch
+                return self.computation.snapshot(), self.state_commitment, self.assignment.epoch
             return None
 
         found = await self._compute(lookup)

@@ -3,7 +3,8 @@
 One engine serves three callers: a node auditing another node, the coordinator confirming a
 failed audit before anything happens, and ``pipeguard verify`` re-checking an evidence
 bundle offline. ``gather`` fetches artifacts and checks every signature on them; ``check`` is
-pure computation over those artifacts and needs no network.
+pure computation over those artifacts and needs no network; it recomputes through
+``pipeguard.computation``, the code the audited node ran.
 
 What each audit kind needs, for the audited stage k:
 
@@ -43,19 +44,7 @@ import torch
 from pipeguard.data import Dataset
 from pipeguard.errors import InvalidArgument, PipeguardError, Unauthenticated, from_rpc_error
 from pipeguard.identity import Identity, PublicIdentity, node_id_for
-from pipeguard.model import (
-    GPTConfig,
-    OptimSettings,
-    Randomness,
-    StageModule,
-    StageSpec,
-    clip_and_step,
-    grad_sq_norm,
-    load_named_state,
-    make_optimizer,
-    named_state,
-    partition,
-)
+from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.signing import sign, verify
 from pipeguard.tensors import ReceivedTensor, StateAssembler, receive_tensor, state_digest, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -73,37 +62,9 @@ class AuditIncomplete(PipeguardError):
 # -- the run spec an audit recomputes under -----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StageSetup:
-    gpt: GPTConfig
-    spec: StageSpec
-    seed: int
-    micro_batches: int
-    micro_batch_size: int
-    optim: OptimSettings
-
-    @classmethod
-    def from_request(cls, req: pb.AuditRequest) -> "StageSetup":
-        m, t = req.model, req.train
-        try:
-            gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                            n_embd=m.n_embd, dropout=m.dropout)
-            spec = partition(gpt, req.num_stages)[req.stage]
-        except (ValueError, IndexError) as exc:
-            raise InvalidArgument(f"audit request has a bad model spec: {exc}") from None
-        optim = OptimSettings(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.total_steps,
-                              min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, beta1=t.beta1,
-                              beta2=t.beta2, grad_clip=t.grad_clip)
-        return cls(gpt=gpt, spec=spec, seed=t.seed, micro_batches=t.micro_batches,
-                   micro_batch_size=t.micro_batch_size, optim=optim)
-
-    @property
-    def is_first(self) -> bool:
-        return self.spec.has_embedding
-
-    @property
-    def is_last(self) -> bool:
-        return self.spec.has_head
+def setup_of(req: pb.AuditRequest) -> StageSetup:
+    """The set-up of the audited stage, as the audit order describes it (InvalidArgument if unusable)."""
+    return StageSetup.from_specs(req.model, req.train, req.stage, req.num_stages)
 
 
 def micro_batches_of(req: pb.AuditRequest) -> list[int]:
@@ -135,7 +96,7 @@ class Artifacts:
     receivers hold (each one, with the receiver's copy, is proof of equivocation)."""
 
     def needs_tokens(self) -> bool:
-        setup = StageSetup.from_request(self.request)
+        setup = setup_of(self.request)
         return setup.is_first or setup.is_last
 
     def fill_tokens(self, dataset: Dataset) -> None:
@@ -144,8 +105,8 @@ class Artifacts:
 
 def tokens_for(req: pb.AuditRequest, dataset: Dataset) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The (inputs, targets) of every micro-batch ``req`` covers, from the dataset."""
-    setup = StageSetup.from_request(req)
-    return {mb: _tokens(setup, dataset, req.step, mb) for mb in micro_batches_of(req)}
+    setup = setup_of(req)
+    return {mb: setup.batch(dataset, req.step, mb) for mb in micro_batches_of(req)}
 
 
 def tokens_digest(tokens: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bytes:
@@ -286,7 +247,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     ``cross_check`` the sender's copy is fetched too (``cross_holders``), and every validly signed
     copy that differs from the receiver's is kept in ``Artifacts.alternates``: the pair proves
     equivocation."""
-    setup = StageSetup.from_request(req)
+    setup = setup_of(req)
     art = Artifacts(request=req)
     target = req.target
     try:
@@ -405,10 +366,6 @@ def deviation(got: torch.Tensor, claimed: torch.Tensor) -> float:
     return diff / scale if scale > 0 else math.inf
 
 
-def _tokens(setup: StageSetup, dataset: Dataset, step: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return dataset.batch(setup.seed, step, mb, setup.micro_batch_size, setup.gpt.block_size)
-
-
 UPDATE_TOLERANCE_FACTOR = 1.0
 """Update audits compare whole updates in relative L2 against this many times the tolerance.
 benchmarks/audit_tolerance.py: honest AdamW updates recomputed with another thread count
@@ -432,7 +389,7 @@ def check(art: Artifacts) -> Finding:
     For the first and last stage, ``art.tokens`` must hold the micro-batches' tokens
     (``Artifacts.fill_tokens``)."""
     req = art.request
-    setup = StageSetup.from_request(req)
+    setup = setup_of(req)
     if art.attestation is None or art.attestation.state_digest != req.report.state_digest:
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served for step "
                        f"{req.step} is not the state its step report committed to")
@@ -443,53 +400,44 @@ def check(art: Artifacts) -> Finding:
                                              art.next_attestation.state_digest != req.update_report.state_digest):
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served after step "
                        f"{req.step} is not the state its update report committed to")
-    module = StageModule(setup.gpt, setup.spec, setup.seed)
-    opt = make_optimizer(module, setup.optim)
     try:
-        load_named_state(module, opt, art.state)
+        comp = StageComputation.build(setup, art.state)
     except (ValueError, RuntimeError) as exc:  # it hashes to the node's own commitment: its fault
         return Finding(pb.VERDICT_FAIL, math.inf, f"the committed state does not fit stage {req.stage}: {exc}")
     worst, where = 0.0, ""
     recomputed: dict[str, torch.Tensor] = {}
     for mb in micro_batches_of(req):
-        rng = Randomness(setup.seed, req.step, mb)
-        if setup.is_first:
-            x = art.tokens[mb][0]  # (B, T)
-        else:
-            x = art.inputs[mb].tensor.detach().clone().requires_grad_(True)  # (B, T, C)
-        y = module(x, rng)
+        x = art.tokens[mb][0] if setup.is_first else art.inputs[mb].tensor  # (B, T) or (B, T, C)
+        fwd = comp.forward(req.step, mb, x)
         out_key = (FORWARD, mb)
         if out_key in art.outputs:
-            dev = deviation(y.detach(), art.outputs[out_key].tensor)
-            recomputed[f"forward/{mb}"] = y.detach()
+            dev = deviation(fwd.output, art.outputs[out_key].tensor)
+            recomputed[f"forward/{mb}"] = fwd.output
             if dev > worst or math.isinf(dev):
                 worst, where = dev, f"forward activation of micro-batch {mb}"
         if req.kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE):
-            if setup.is_last:
-                targets = art.tokens[mb][1]  # (B, T)
-                (StageModule.loss(y, targets) / setup.micro_batches).backward()
-            else:
-                y.backward(art.grads_in[mb].tensor)
+            g = art.tokens[mb][1] if setup.is_last else art.grads_in[mb].tensor  # (B, T) or (B, T, C)
+            _, grad = comp.backward(fwd, g)
             if (BACKWARD, mb) in art.outputs:
-                assert x.grad is not None
-                dev = deviation(x.grad, art.outputs[(BACKWARD, mb)].tensor)
-                recomputed[f"backward/{mb}"] = x.grad.detach()
+                assert grad is not None
+                dev = deviation(grad, art.outputs[(BACKWARD, mb)].tensor)
+                recomputed[f"backward/{mb}"] = grad
                 if dev > worst or math.isinf(dev):
                     worst, where = dev, f"input gradient of micro-batch {mb}"
     if req.kind == pb.AUDIT_KIND_UPDATE:
         # The reported gradient norm feeds every stage's clipping: it is a claim to check too.
-        sq = grad_sq_norm(module)
+        sq = comp.grad_sq_norm()
         claimed = req.report.grad_sq_norm
         dev = abs(sq - claimed) / max(abs(claimed), 1e-30) if sq != claimed else 0.0
         if dev > worst or math.isinf(dev):
             worst, where = dev, "reported gradient norm"
         up = req.update
-        clip_and_step(module, opt, up.global_grad_norm, up.lr, setup.optim.grad_clip)
+        comp.update(up.global_grad_norm, up.lr)
         # AdamW divides by sqrt(v): a last-bit difference in a near-zero gradient element can
         # become a full lr-sized step in that element. So the update is compared as a whole:
         # relative L2 of (new - old) weights, and of the optimizer moments (exact mode stays exact).
         diff_sq = ref_sq = 0.0
-        for name, t in named_state(module, opt):
+        for name, t in comp.state():
             if name not in art.next_state:
                 return Finding(pb.VERDICT_FAIL, math.inf, f"served next state lacks {name}")
             claimed = art.next_state[name].detach().double()

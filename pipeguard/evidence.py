@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeguard import audit
+from pipeguard.computation import REFEREE_THREADS, Determinism
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
 from pipeguard.signing import verify
@@ -323,7 +324,8 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
                     else f"state of stage {a.stage} at step {a.step}")
             return VerifyResult(True, kind, signer, f"node {signer} signed two different versions of its {what}")
         art = _load_artifacts(r, pinned_coordinator)
-        finding = audit.check(art)
+        with Determinism(REFEREE_THREADS).scope():  # as the judge recomputed it
+            finding = audit.check(art)
         req = art.request
         where = f"step {req.step} stage {req.stage} ({audit.KIND_NAMES[req.kind]} audit)"
         if kind == "audit":

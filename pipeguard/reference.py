@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.data import Dataset
-from pipeguard.model import GPT, GPTConfig, OptimSettings, Randomness, clip_and_step, grad_sq_norm, lr_at, make_optimizer
+from pipeguard.model import GPTConfig, OptimSettings, lr_at
 
 
 @dataclass
@@ -26,22 +27,22 @@ class ReferenceResult:
 
 def train_reference(gpt: GPTConfig, optim: OptimSettings, dataset: Dataset, *, seed: int, steps: int,
                     micro_batches: int, micro_batch_size: int, start_step: int = 0) -> ReferenceResult:
-    model = GPT(gpt, seed)
-    opt = make_optimizer(model, optim)
+    """Train the whole model as one stage (the stage computation of a 1-stage pipeline)."""
+    setup = StageSetup(stage=0, num_stages=1, gpt=gpt, optim=optim, seed=seed, micro_batches=micro_batches,
+                       micro_batch_size=micro_batch_size)
+    comp = StageComputation.build(setup)
     losses = []
     t0 = time.perf_counter()
     for step in range(start_step, start_step + steps):
         total = 0.0
         for mb in range(micro_batches):
-            x, y = dataset.batch(seed, step, mb, micro_batch_size, gpt.block_size)  # (B, T) each
-            logits = model(x, Randomness(seed, step, mb))  # (B, T, vocab)
-            loss = GPT.loss(logits, y)
-            total += float(loss.detach())
-            (loss / micro_batches).backward()
-        norm = math.sqrt(grad_sq_norm(model))
-        clip_and_step(model, opt, norm, lr_at(step, optim), optim.grad_clip)
+            x, y = setup.batch(dataset, step, mb)  # (B, T) each
+            loss, _ = comp.backward(comp.forward(step, mb, x), y)
+            total += loss
+        comp.update(math.sqrt(comp.grad_sq_norm()), lr_at(step, optim))
         losses.append(total / micro_batches)
     elapsed = time.perf_counter() - t0
     tokens = steps * micro_batches * micro_batch_size * gpt.block_size
-    return ReferenceResult(losses=losses, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+    return ReferenceResult(losses=losses,
+                           state_dict={k: v.detach().clone() for k, v in comp.module.state_dict().items()},
                            tokens_per_s=tokens / elapsed)

@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeguard import audit
 from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import FALSE_CLEARANCE_MARGIN, verify_bundle, write_audit_bundle
 from pipeguard.identity import Identity
-from pipeguard.model import GPTConfig, OptimSettings, Randomness, StageModule, make_optimizer, named_state, partition
+from pipeguard.computation import StageComputation, StageSetup, model_spec, train_spec
+from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.signing import sign
-from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, state_digest, tensor_digest
+from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 
@@ -48,17 +48,17 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
     order and the auditor's verdict. ``tamper`` changes the output the target sends;
     ``seen_tamper`` (if given) the version attached to the verdict, signed by the target too."""
     coord, target, nxt, auditor = (Identity.generate() for _ in range(4))
-    spec = partition(GPT, 3)[0]
-    module = StageModule(GPT, spec, SEED)
-    opt = make_optimizer(module, OptimSettings(lr=3e-3, warmup_steps=2, total_steps=10))
-    state = {k: v.detach().clone() for k, v in named_state(module, opt)}
-    digest = state_digest(iter(state.items()))
+    model, train = model_spec(GPT), train_spec(OptimSettings(lr=3e-3, warmup_steps=2, total_steps=10), seed=SEED,
+                                               micro_batches=4, micro_batch_size=4)
+    comp = StageComputation.build(StageSetup.from_specs(model, train, 0, 3))
+    state = comp.snapshot()
+    digest = comp.digest()
     report = sign(pb.StepReport(run_id=RUN, step=0, stage=0, node_id=target.node_id, state_digest=digest,
                                 micro_batches=4), target)
     attestation = sign(pb.StateAttestation(run_id=RUN, node_id=target.node_id, stage=0, step=0,
                                            state_digest=digest, epoch=1), target)
-    x, y = dataset.batch(SEED, 0, 0, 4, GPT.block_size)
-    out = module(x, Randomness(SEED, 0, 0)).detach()
+    x, y = comp.setup.batch(dataset, 0, 0)
+    out = comp.forward(0, 0, x).output
 
     def commit(t):
         t = t.contiguous()
@@ -71,10 +71,7 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
     sent = commit(tamper(out))
     req = pb.AuditRequest(
         run_id=RUN, audit_id=5, kind=pb.AUDIT_KIND_FORWARD, step=0, stage=0, micro_batch=0, num_stages=3,
-        model=pb.ModelSpec(block_size=GPT.block_size, vocab_size=GPT.vocab_size, n_layer=GPT.n_layer,
-                           n_head=GPT.n_head, n_embd=GPT.n_embd),
-        train=pb.TrainSpec(seed=SEED, micro_batches=4, micro_batch_size=4, lr=3e-3, warmup_steps=2, total_steps=10,
-                           min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+        model=model, train=train,
         report=report, tolerance=TOL, epoch=1, auditor=auditor.node_id,
         tokens_digest=audit.tokens_digest({0: (x, y)}))
     req.target.CopyFrom(pb.PeerInfo(node_id=target.node_id, public_key=target.public_key, stage=0))

@@ -71,7 +71,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
 def _export_cmd(args: argparse.Namespace) -> int:
     from pipeguard.app import export
-    from pipeguard.model import GPTConfig
+    from pipeguard.computation import gpt_config
     from pipeguard.rpc import blocking_channel
     from pipeguard.tensors import StateAssembler
     from pipeguard.v1 import pipeguard_pb2 as pb
@@ -89,8 +89,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
             return 1
     state = asm.finish()
     m = status.model
-    gpt = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                    n_embd=m.n_embd, dropout=m.dropout) if status.HasField("model") else None
+    gpt = gpt_config(m) if status.HasField("model") else None
     export.save(args.out, {k: v.clone() for k, v in state.items()}, gpt, run_id=status.run_id, step=status.step)
     print(f"wrote {len(state)} tensors ({sum(v.numel() for v in state.values()):,} parameters) of run "
           f"{status.run_id} at step {status.step} to {args.out}")

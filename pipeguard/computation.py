@@ -1,0 +1,296 @@
+"""The stage computation: the one definition of a pipeline stage's math.
+
+Every party that computes a stage runs this module and nothing else: the training node, the
+node auditor and the coordinator's judge (through ``pipeguard.audit.check``), ``pipeguard
+verify``, the single-process reference (a one-stage set-up) and the tolerance benchmark. An
+audit convicts when a recomputation disagrees with a node's claim, so two copies of this math
+that drift apart would convict every honest node; there is one copy.
+
+- ``StageSetup``: what a stage computes, from the wire specs (``from_specs``) or from config,
+  validated once; ``model_spec``/``train_spec`` are the way back to the wire.
+- ``StageComputation``: the stage's module and AdamW optimizer, built from the run seed or from
+  a named state, with forward and backward of one micro-batch, the gradient norm, the
+  optimizer update, the named state and its digest.
+- ``Determinism``: the process-wide torch settings under which results are bit-identical
+  between parties with the same thread count; every entry point applies it the same way.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from pipeguard.data import Dataset
+from pipeguard.errors import InvalidArgument
+from pipeguard.model import (
+    GPTConfig,
+    OptimSettings,
+    Randomness,
+    StageModule,
+    StageSpec,
+    clip_and_step,
+    grad_sq_norm,
+    load_named_state,
+    make_optimizer,
+    named_state,
+    partition,
+)
+from pipeguard.tensors import state_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+# -- determinism -------------------------------------------------------------------------------
+
+REFEREE_THREADS = 1
+"""Torch threads of the coordinator's judge and of ``pipeguard verify``: one, like a node at its
+default (``NodeConfig.threads``), so that their recomputations of an honest default node are
+bit-identical to its claims (benchmarks/audit_tolerance.py: other thread counts differ in the
+last bits, within the audit tolerance)."""
+
+
+@dataclass(frozen=True)
+class Determinism:
+    """Process-wide torch settings that make a stage's results a function of its inputs.
+
+    Torch keeps these as global state; this is the one place that sets them. ``threads`` is
+    the intra-op thread count (results are bit-identical only between equal counts);
+    deterministic algorithms are required where torch has a choice (on CPU every op the model
+    uses has a deterministic kernel and results are unchanged; ``warn_only`` so that an op
+    without one warns rather than fails an honest step); float32 matmuls run at full precision.
+    Apply it once at start (``apply``) or for a bounded piece of work (``scope``)."""
+
+    threads: int
+    """Intra-op threads (``torch.set_num_threads``)."""
+    deterministic_algorithms: bool = True
+    """``torch.use_deterministic_algorithms``."""
+    warn_only: bool = True
+    """With deterministic algorithms: warn instead of raising for an op that has none."""
+    matmul_precision: str = "highest"
+    """``torch.set_float32_matmul_precision``; anything lower may use reduced-precision kernels."""
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @classmethod
+    def current(cls) -> "Determinism":
+        """The settings in force now."""
+        return cls(threads=torch.get_num_threads(),
+                   deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+                   warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+                   matmul_precision=torch.get_float32_matmul_precision())
+
+    def apply(self) -> "Determinism":
+        """Put these settings in force for the whole process; returns the ones they replace."""
+        previous = Determinism.current()
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(self.deterministic_algorithms, warn_only=self.warn_only)
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        return previous
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """These settings inside the ``with`` block, the previous ones after it."""
+        previous = self.apply()
+        try:
+            yield
+        finally:
+            previous.apply()
+
+
+# -- the set-up --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """What one stage of a run computes: the model, its share of it, batching and optimizer.
+
+    Built from the wire specs (``from_specs``: nodes, auditors, the judge, verify) or directly
+    from config (the reference, benchmarks); both validate here, raising InvalidArgument."""
+
+    stage: int
+    """Stage index, 0-based."""
+    num_stages: int
+    """Stages in the pipeline."""
+    gpt: GPTConfig
+    optim: OptimSettings
+    seed: int
+    """Run seed: weight init, data sampling and dropout masks derive from it."""
+    micro_batches: int
+    """Micro-batches per optimizer step (the last stage scales each loss by 1 / micro_batches)."""
+    micro_batch_size: int
+    """Sequences per micro-batch."""
+    spec: StageSpec = field(init=False, repr=False)
+    """The blocks this stage holds (``partition``)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stage < self.num_stages:
+            raise InvalidArgument(f"stage {self.stage} is not within {self.num_stages} stages")
+        if self.num_stages > self.gpt.n_layer:
+            raise InvalidArgument(f"{self.num_stages} stages for {self.gpt.n_layer} blocks: use at most "
+                                  f"{self.gpt.n_layer} stages")
+        if self.micro_batches < 1 or self.micro_batch_size < 1:
+            raise InvalidArgument(f"micro_batches ({self.micro_batches}) and micro_batch_size "
+                                  f"({self.micro_batch_size}) must be >= 1")
+        object.__setattr__(self, "spec", partition(self.gpt, self.num_stages)[self.stage])
+
+    @classmethod
+    def from_specs(cls, model: pb.ModelSpec, train: pb.TrainSpec, stage: int, num_stages: int) -> "StageSetup":
+        """The set-up an order describes (AssignRequest, AuditRequest); InvalidArgument if it is unusable."""
+        return cls(stage=stage, num_stages=num_stages, gpt=gpt_config(model), optim=optim_settings(train),
+                   seed=train.seed, micro_batches=train.micro_batches, micro_batch_size=train.micro_batch_size)
+
+    @property
+    def is_first(self) -> bool:
+        """Holds the embedding: takes token ids, sends no input gradient."""
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Holds the head: computes the loss, sends no activation."""
+        return self.stage == self.num_stages - 1
+
+    @property
+    def activation_shape(self) -> list[int]:
+        """Shape of every activation and gradient crossing a stage boundary: (B, T, C)."""
+        return [self.micro_batch_size, self.gpt.block_size, self.gpt.n_embd]
+
+    def batch(self, dataset: Dataset, step: int, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (inputs, targets) token ids of one micro-batch, each (B, T)."""
+        return dataset.batch(self.seed, step, micro_batch, self.micro_batch_size, self.gpt.block_size)
+
+
+def gpt_config(model: pb.ModelSpec) -> GPTConfig:
+    """The model a ModelSpec describes; InvalidArgument if it is not a valid one."""
+    try:
+        return GPTConfig(block_size=model.block_size, vocab_size=model.vocab_size, n_layer=model.n_layer,
+                         n_head=model.n_head, n_embd=model.n_embd, dropout=model.dropout)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad model spec: {exc}") from None
+
+
+def optim_settings(train: pb.TrainSpec) -> OptimSettings:
+    """The optimizer settings of a TrainSpec."""
+    return OptimSettings(lr=train.lr, warmup_steps=train.warmup_steps, total_steps=train.total_steps,
+                         min_lr_ratio=train.min_lr_ratio, weight_decay=train.weight_decay, beta1=train.beta1,
+                         beta2=train.beta2, grad_clip=train.grad_clip)
+
+
+def model_spec(gpt: GPTConfig) -> pb.ModelSpec:
+    """The wire form of ``gpt`` (inverse of ``gpt_config``)."""
+    return pb.ModelSpec(block_size=gpt.block_size, vocab_size=gpt.vocab_size, n_layer=gpt.n_layer,
+                        n_head=gpt.n_head, n_embd=gpt.n_embd, dropout=gpt.dropout)
+
+
+def train_spec(optim: OptimSettings, *, seed: int, micro_batches: int, micro_batch_size: int,
+               max_in_flight: int = 0, retention_steps: int = 0) -> pb.TrainSpec:
+    """The wire form of a run's training settings (``optim_settings`` reads the optimizer part back)."""
+    return pb.TrainSpec(seed=seed, micro_batches=micro_batches, micro_batch_size=micro_batch_size, lr=optim.lr,
+                        warmup_steps=optim.warmup_steps, total_steps=optim.total_steps,
+                        min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay, beta1=optim.beta1,
+                        beta2=optim.beta2, grad_clip=optim.grad_clip, max_in_flight=max_in_flight,
+                        retention_steps=retention_steps)
+
+
+# -- the computation ---------------------------------------------------------------------------
+
+
+@dataclass
+class Forward:
+    """One micro-batch's forward pass, kept (with its autograd graph) until its backward."""
+
+    step: int
+    micro_batch: int
+    x: torch.Tensor
+    """The input: token ids (B, T) on the first stage, else the received activation (B, T, C),
+    a leaf that collects the input gradient."""
+    y: torch.Tensor
+    """The output: logits (B, T, vocab) on the last stage, else the activation (B, T, C)."""
+
+    @property
+    def output(self) -> torch.Tensor:
+        """What this stage sends forward: the output, out of the graph."""
+        return self.y.detach()  # (B, T, C)
+
+
+class StageComputation:
+    """A stage's module and optimizer, and the math every party runs on them.
+
+    Not thread-safe: one caller (a node's compute thread, an audit) at a time."""
+
+    def __init__(self, setup: StageSetup, module: StageModule, opt: torch.optim.Optimizer):
+        self.setup = setup
+        self.module = module
+        self.opt = opt
+
+    @classmethod
+    def build(cls, setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> "StageComputation":
+        """The stage at the run seed's initial weights, or at ``state`` (names as ``state()`` gives
+        them; ValueError or RuntimeError if it does not fit this stage)."""
+        module = StageModule(setup.gpt, setup.spec, setup.seed)
+        comp = cls(setup, module, make_optimizer(module, setup.optim))
+        if state is not None:
+            comp.load(state)
+        return comp
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def forward(self, step: int, micro_batch: int, x: torch.Tensor) -> Forward:
+        """Forward one micro-batch. ``x``: token ids (B, T) on the first stage (``StageSetup.batch``),
+        else the activation received from the previous stage (B, T, C)."""
+        if not self.setup.is_first:
+            x = x.detach().requires_grad_(True)  # (B, T, C)
+        y = self.module(x, Randomness(self.setup.seed, step, micro_batch))  # (B, T, C) or (B, T, vocab)
+        return Forward(step, micro_batch, x, y)
+
+    def backward(self, fwd: Forward, g: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """Backward one micro-batch, accumulating parameter gradients.
+
+        ``g``: the targets (B, T) on the last stage, which backpropagates its loss divided by
+        ``micro_batches``; else the gradient of the output received from the next stage (B, T, C).
+        Returns (the micro-batch's unscaled loss, 0.0 except on the last stage; the input gradient
+        to send back (B, T, C), None on the first stage)."""
+        loss_value = 0.0
+        if self.setup.is_last:
+            loss = StageModule.loss(fwd.y, g)
+            loss_value = float(loss.detach())
+            (loss / self.setup.micro_batches).backward()
+        else:
+            fwd.y.backward(g)
+        if self.setup.is_first:
+            return loss_value, None
+        assert fwd.x.grad is not None
+        return loss_value, fwd.x.grad.detach()  # (B, T, C)
+
+    def grad_sq_norm(self) -> float:
+        """This stage's share of the squared global gradient norm (what its StepReport claims)."""
+        return grad_sq_norm(self.module)
+
+    def update(self, global_norm: float, lr: float) -> None:
+        """The optimizer step: clip by the global norm over all stages, step AdamW, drop the gradients."""
+        clip_and_step(self.module, self.opt, global_norm, lr, self.setup.optim.grad_clip)
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (an aborted or restarted step)."""
+        self.opt.zero_grad(set_to_none=True)
+
+    def state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the weights and optimizer state, in digest order; views, not copies."""
+        return named_state(self.module, self.opt)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of ``state()`` that later steps do not change."""
+        return {name: t.clone() for name, t in self.state()}
+
+    def digest(self) -> bytes:
+        """The digest of ``state()``: what a node commits to."""
+        return state_digest(self.state())
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace weights and optimizer state with ``state`` (names as ``state()``), dropping gradients."""
+        self.zero_grad()
+        load_named_state(self.module, self.opt, state)

@@ -1,0 +1,177 @@
+"""The stage computation: chained stages make claims that the audit check confirms exactly.
+
+Unit tier, no network: a 4-stage split (first, two middle, last) trained one step in process
+through ``pipeguard.computation``, every claim really signed, each audit kind of each stage
+fed to ``audit.check`` at tolerance 0. Plus the one set-up validation, shared by the node and
+the auditor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from node.stage import Assignment
+from pipeguard import audit
+from pipeguard.computation import StageComputation, StageSetup, model_spec, train_spec
+from pipeguard.data import stdlib_corpus
+from pipeguard.errors import InvalidArgument
+from pipeguard.identity import Identity
+from pipeguard.model import GPTConfig, OptimSettings, lr_at
+from pipeguard.signing import sign
+from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, tensor_digest
+from pipeguard.v1 import pipeguard_pb2 as pb
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+RUN, SEED, STEP, EPOCH, M, B = "computation-run", 11, 0, 1, 2, 2
+STAGES = 4
+GPT = GPTConfig(block_size=16, n_layer=4, n_head=2, n_embd=16)
+OPTIM = OptimSettings(lr=3e-3, warmup_steps=2, total_steps=10)
+MODEL, TRAIN = model_spec(GPT), train_spec(OPTIM, seed=SEED, micro_batches=M, micro_batch_size=B)
+FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+
+
+@pytest.fixture(scope="module")
+def claims():
+    """One step of a 4-stage pipeline, with what each stage would sign (reports, attestations, tensors)."""
+    dataset = stdlib_corpus(65536)
+    ids = [Identity.generate() for _ in range(STAGES)]
+    peers = [pb.PeerInfo(node_id=i.node_id, public_key=i.public_key, stage=s) for s, i in enumerate(ids)]
+    comps = [StageComputation.build(StageSetup.from_specs(MODEL, TRAIN, s, STAGES)) for s in range(STAGES)]
+    states = [c.snapshot() for c in comps]
+    sent: dict[tuple[int, int, int], ReceivedTensor] = {}  # (sender stage, direction, mb) -> signed tensor
+
+    def commit(stage: int, direction: int, mb: int, t):
+        receiver = stage + 1 if direction == FORWARD else stage - 1
+        header = pb.TensorHeader(run_id=RUN, step=STEP, micro_batch=mb, stage=stage, direction=direction,
+                                 sender=ids[stage].node_id, receiver=ids[receiver].node_id,
+                                 dtype=WIRE_DTYPES[t.dtype], shape=list(t.shape), epoch=EPOCH)
+        c = sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t.contiguous())), ids[stage])
+        sent[(stage, direction, mb)] = ReceivedTensor(commitment=c, tensor=t.contiguous())
+
+    tokens = {mb: comps[0].setup.batch(dataset, STEP, mb) for mb in range(M)}
+    for mb in range(M):
+        fwds, x = [], tokens[mb][0]  # (B, T)
+        for s, c in enumerate(comps):
+            fwds.append(c.forward(STEP, mb, x))
+            if s < STAGES - 1:
+                x = fwds[-1].output  # (B, T, C)
+                commit(s, FORWARD, mb, x)
+        g = tokens[mb][1]  # (B, T)
+        for s in reversed(range(STAGES)):
+            _, g = comps[s].backward(fwds[s], g)
+            if s > 0:
+                commit(s, BACKWARD, mb, g)
+    sq = [c.grad_sq_norm() for c in comps]
+    update = pb.ApplyUpdateRequest(run_id=RUN, step=STEP, global_grad_norm=math.sqrt(sum(sq)), lr=lr_at(STEP, OPTIM),
+                                   epoch=EPOCH)
+    digests = [c.digest() for c in comps]
+    for c in comps:
+        c.update(update.global_grad_norm, update.lr)
+    return dict(ids=ids, peers=peers, states=states, next_states=[c.snapshot() for c in comps],
+                digests=digests, next_digests=[c.digest() for c in comps], sq=sq, update=update, sent=sent,
+                tokens=tokens)
+
+
+def artifacts(cl, stage: int, kind: int) -> audit.Artifacts:
+    ids, peers = cl["ids"], cl["peers"]
+    coord = Identity.generate()
+    me = ids[stage]
+    report = sign(pb.StepReport(run_id=RUN, step=STEP, stage=stage, node_id=me.node_id,
+                                state_digest=cl["digests"][stage], grad_sq_norm=cl["sq"][stage], micro_batches=M), me)
+    mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else [0]
+    req = pb.AuditRequest(run_id=RUN, audit_id=1, kind=kind, step=STEP, stage=stage, micro_batch=0,
+                          num_stages=STAGES, model=MODEL, train=TRAIN, report=report, tolerance=0.0, epoch=EPOCH,
+                          target=peers[stage], tokens_digest=audit.tokens_digest({mb: cl["tokens"][mb] for mb in mbs}))
+    if stage > 0:
+        req.prev.CopyFrom(peers[stage - 1])
+    if stage < STAGES - 1:
+        req.next.CopyFrom(peers[stage + 1])
+    if kind == pb.AUDIT_KIND_UPDATE:
+        req.update.CopyFrom(cl["update"])
+        req.update_report.CopyFrom(sign(pb.UpdateReport(run_id=RUN, step=STEP, stage=stage, node_id=me.node_id,
+                                                        state_digest=cl["next_digests"][stage]), me))
+    sign(req, coord)
+    audit.validate_request(req)
+
+    def attest(step: int, digest: bytes) -> pb.StateAttestation:
+        return sign(pb.StateAttestation(run_id=RUN, node_id=me.node_id, stage=stage, step=step, state_digest=digest,
+                                        epoch=EPOCH), me)
+
+    art = audit.Artifacts(request=req, state=cl["states"][stage], attestation=attest(STEP, cl["digests"][stage]))
+    audit.check_attestation(art.attestation, peers[stage], req, STEP, art.state)
+    sent = cl["sent"]
+    backward = kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE)
+    for mb in mbs:
+        if stage > 0:
+            art.inputs[mb] = sent[(stage - 1, FORWARD, mb)]
+        if backward and stage < STAGES - 1:
+            art.grads_in[mb] = sent[(stage + 1, BACKWARD, mb)]
+        if kind != pb.AUDIT_KIND_BACKWARD and stage < STAGES - 1:
+            art.outputs[(FORWARD, mb)] = sent[(stage, FORWARD, mb)]
+        if backward and stage > 0:
+            art.outputs[(BACKWARD, mb)] = sent[(stage, BACKWARD, mb)]
+    audit.check_headers(art)
+    if kind == pb.AUDIT_KIND_UPDATE:
+        art.next_state = cl["next_states"][stage]
+        art.next_attestation = attest(STEP + 1, cl["next_digests"][stage])
+        audit.check_attestation(art.next_attestation, peers[stage], req, STEP + 1, art.next_state)
+    if art.needs_tokens():
+        art.tokens = {mb: cl["tokens"][mb] for mb in mbs}
+        audit.check_tokens(art)
+    return art
+
+
+CASES = [(s, k) for s in range(STAGES) for k in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE)
+         if not (k == pb.AUDIT_KIND_FORWARD and s == STAGES - 1) and not (k == pb.AUDIT_KIND_BACKWARD and s == 0)]
+
+
+@pytest.mark.parametrize("stage,kind", CASES, ids=[f"stage{s}-{audit.KIND_NAMES[k]}" for s, k in CASES])
+def test_chained_stage_claims_pass_their_audits_exactly(claims, stage, kind):
+    finding = audit.check(artifacts(claims, stage, kind))
+    assert finding.verdict == pb.VERDICT_PASS, finding.detail
+    assert finding.deviation == 0.0, finding.detail
+
+
+def test_a_changed_claim_fails_at_tolerance_zero(claims):
+    art = artifacts(claims, 1, pb.AUDIT_KIND_FORWARD)
+    rt = art.outputs[(FORWARD, 0)]
+    art.outputs[(FORWARD, 0)] = ReceivedTensor(commitment=rt.commitment, tensor=rt.tensor * (1 + 1e-6))
+    assert audit.check(art).verdict == pb.VERDICT_FAIL
+
+
+def test_building_from_a_state_reproduces_its_digest(claims):
+    setup = StageSetup.from_specs(MODEL, TRAIN, 2, STAGES)
+    assert StageComputation.build(setup, claims["next_states"][2]).digest() == claims["next_digests"][2]
+    assert StageComputation.build(setup).digest() == claims["digests"][2], "built from the seed alone"
+
+
+@pytest.mark.parametrize("model,train,stage,num_stages,needle", [
+    (MODEL, TRAIN, 4, 4, "not within"),
+    (MODEL, TRAIN, 0, 0, "not within"),
+    (MODEL, TRAIN, 0, 5, "5 stages for 4 blocks"),
+    (MODEL, train_spec(OPTIM, seed=SEED, micro_batches=0, micro_batch_size=B), 0, 4, "micro_batches"),
+    (MODEL, train_spec(OPTIM, seed=SEED, micro_batches=M, micro_batch_size=0), 0, 4, "micro_batch_size"),
+    (pb.ModelSpec(block_size=16, vocab_size=256, n_layer=4, n_head=3, n_embd=16), TRAIN, 0, 4, "bad model spec"),
+], ids=["stage-out-of-range", "no-stages", "more-stages-than-blocks", "zero-micro-batches", "zero-batch-size",
+        "heads-do-not-divide"])
+def test_setup_validation_rejects_bad_specs(model, train, stage, num_stages, needle):
+    with pytest.raises(InvalidArgument, match=needle):
+        StageSetup.from_specs(model, train, stage, num_stages)
+
+
+def test_the_node_and_the_auditor_derive_the_same_setup(claims):
+    peers = claims["peers"]
+    for stage in range(STAGES):
+        req = pb.AssignRequest(run_id=RUN, epoch=EPOCH, stage=stage, num_stages=STAGES, model=MODEL, train=TRAIN)
+        order = pb.AuditRequest(run_id=RUN, stage=stage, num_stages=STAGES, model=MODEL, train=TRAIN)
+        if stage > 0:
+            req.prev.CopyFrom(peers[stage - 1])
+        if stage < STAGES - 1:
+            req.next.CopyFrom(peers[stage + 1])
+        node = Assignment.from_request(req).setup
+        assert node == audit.setup_of(order)
+        assert (node.is_first, node.is_last) == (node.spec.has_embedding, node.spec.has_head)
+        assert (node.is_first, node.is_last) == (stage == 0, stage == STAGES - 1)
