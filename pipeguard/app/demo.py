@@ -165,15 +165,14 @@ def _summary(args, status: pb.StatusReply | None, malicious_id: str, attacks: li
 
 
 def _clean_loss(args, steps: int) -> float:
-    import torch
-
     from coordinator.config import TrainConfig, ModelConfig
+    from pipeguard.computation import REFEREE_THREADS, Determinism
     from pipeguard.data import stdlib_corpus
     from pipeguard.reference import train_reference
 
     gpt = ModelConfig(preset=args.model).gpt()
     train = TrainConfig(steps=steps, seed=args.seed, micro_batches=args.micro_batches, micro_batch_size=8)
-    torch.set_num_threads(1)  # one thread: OpenMP threads crawl on a busy machine
+    Determinism(REFEREE_THREADS).apply()  # as the judge recomputes; OpenMP threads crawl on a busy machine
     ref = train_reference(gpt, train.optim(), stdlib_corpus(4 * 1024 * 1024), seed=args.seed, steps=steps,
                           micro_batches=args.micro_batches, micro_batch_size=8)
     tail = ref.losses[-max(1, len(ref.losses) // 10):]
