@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from pipeguard import config as pgconfig
+from pipeguard.computation import REFEREE_THREADS, Determinism
 from pipeguard.data import Dataset, load_dataset
 from pipeguard.identity import Identity
-from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
+from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.metrics import serve_metrics
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -173,26 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_level, "coordinator")
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
-    install_event_loop_policy()
-    from pipeguard.computation import REFEREE_THREADS, Determinism
-
     # The judge's recomputations use one thread, like nodes by default: identical thread
     # counts give bit-identical results (benchmarks/audit_tolerance.py).
     Determinism(REFEREE_THREADS).apply()
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # noqa: BLE001 - report startup failures plainly
-        log.error("pipeguard-coordinator failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        return 1
-    return 0
+    return run_daemon("pipeguard-coordinator", lambda stop: serve(cfg, stop))
 
 
 if __name__ == "__main__":

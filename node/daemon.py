@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from pipeguard import config as pgconfig
 from pipeguard.computation import Determinism
 from pipeguard.identity import Identity
 from pipeguard.metrics import serve_metrics
-from pipeguard.rpc import install_event_loop_policy, set_log_prefix, setup_logging, start_server, write_ready_file
+from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node import attacks
 from node.config import NodeConfig
@@ -141,21 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_level, "node")
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
-    install_event_loop_policy()
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # noqa: BLE001 - report startup failures plainly
-        log.error("pipeguard-node failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        return 1
-    return 0
+    return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop))
 
 
 if __name__ == "__main__":

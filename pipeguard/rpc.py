@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import random
+import signal
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -45,6 +46,28 @@ def install_event_loop_policy() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_daemon(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``serve(stop)`` on a fresh event loop until it returns; SIGINT/SIGTERM set ``stop``.
+
+    Returns the daemon's exit status: 0, or 1 after logging why it failed (the traceback only at
+    DEBUG: a startup failure should read as one plain line)."""
+    install_event_loop_policy()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - report startup failures plainly
+        log.error("%s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
 
 
 def setup_logging(level: str, prefix: str) -> None:
