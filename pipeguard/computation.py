@@ -56,14 +56,17 @@ class Determinism:
 
     Torch keeps these as global state; this is the one place that sets them. ``threads`` is
     the intra-op thread count (results are bit-identical only between equal counts);
-    deterministic algorithms are required where torch has a choice (on CPU every op the model
-    uses has a deterministic kernel and results are unchanged; ``warn_only`` so that an op
-    without one warns rather than fails an honest step); float32 matmuls run at full precision.
+    float32 matmuls run at full precision. ``deterministic_algorithms`` asks torch for
+    deterministic kernels where it has a choice; on CPU every op the model uses has one kernel
+    and results are bit-identical either way (tests/test_computation.py, the pipeline-vs-reference
+    test), while the first ``torch.use_deterministic_algorithms`` call, even to turn it off,
+    costs 1.3 s (2-5 s on a loaded machine) of imports on every daemon start, so it is off by
+    default and only set when asked for (an accelerator's kernels are where it matters).
     Apply it once at start (``apply``) or for a bounded piece of work (``scope``)."""
 
     threads: int
     """Intra-op threads (``torch.set_num_threads``)."""
-    deterministic_algorithms: bool = True
+    deterministic_algorithms: bool = False
     """``torch.use_deterministic_algorithms``."""
     warn_only: bool = True
     """With deterministic algorithms: warn instead of raising for an op that has none."""
@@ -86,7 +89,9 @@ class Determinism:
         """Put these settings in force for the whole process; returns the ones they replace."""
         previous = Determinism.current()
         torch.set_num_threads(self.threads)
-        torch.use_deterministic_algorithms(self.deterministic_algorithms, warn_only=self.warn_only)
+        if self.deterministic_algorithms != previous.deterministic_algorithms or (
+                self.deterministic_algorithms and self.warn_only != previous.warn_only):
+            torch.use_deterministic_algorithms(self.deterministic_algorithms, warn_only=self.warn_only)
         torch.set_float32_matmul_precision(self.matmul_precision)
         return previous
 

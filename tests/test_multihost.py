@@ -182,10 +182,11 @@ def start_in(host: Host, name: str, argv: list[str], workdir: Path, env: dict[st
 
 @pytest.mark.timeout(180)
 def test_separate_hosts_train_and_recover_from_a_cut_link(lan, testnet, tmp_path):
-    steps = 30
+    steps = 40  # the cut after step 7 lands mid-run with room to spare
     # testnet() kills the daemons before lan's finalizer removes their namespaces.
-    net = testnet(tiny_run({"pipeline.stages": 3, "train.steps": steps, "audit.rate": 0.0, "audit.screen": False,
-                             "audit.checkpoint_every": 5}))
+    # min_nodes: the standby is registered before the first step, however slowly its process starts.
+    net = testnet(tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": 4, "train.steps": steps, "audit.rate": 0.0,
+                            "audit.screen": False, "audit.checkpoint_every": 5}))
     (tmp_path / "node.toml").write_text(NODE_TOML)
 
     coord_host = lan.add("coord", 1)

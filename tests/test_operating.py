@@ -112,8 +112,11 @@ def test_tls_testnet_trains_audits_exports_and_samples_and_refuses_plaintext(tmp
 
 
 def test_manual_ban_hands_the_stage_to_the_standby_and_metrics_show_it(testnet):
-    steps = 60  # the ban lands a few steps in, long before the end
-    net = testnet(tiny_run(CHECKPOINTS, {"pipeline.stages": 2, "train.steps": steps, "model.n_layer": 2}))
+    # The standby is there before the first step (min_nodes), and the run is long enough that the
+    # ban (a CLI process, a second or two) lands long before the end even when steps are fast.
+    steps = 200
+    net = testnet(tiny_run(CHECKPOINTS, {"pipeline.stages": 2, "pipeline.min_nodes": 3, "train.steps": steps,
+                                         "model.n_layer": 2}))
     net.start_coordinator("--metrics-port", str(free_port()))
     stage0 = net.start_node("--metrics-port", str(free_port()))
     net.wait_registered(1)
