@@ -20,11 +20,11 @@ from typing import Callable
 
 import grpc
 
-from pipeguard import audit
+from pipeguard import audit, claims
 from pipeguard.data import Dataset
 from pipeguard.errors import PipeguardError, from_rpc_error
 from pipeguard.identity import Identity
-from pipeguard.signing import sign, verify
+from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.channels import NodeChannels
 from coordinator.config import CoordinatorConfig
@@ -202,9 +202,7 @@ class AuditScheduler:
                              f"{from_rpc_error(err)}; the coordinator audits it itself",
                              node_id=auditor.node_id, step=req.step, persist=False)
             return None
-        verify(verdict, auditor.identity, what="audit verdict")
-        if (verdict.audit_id, verdict.auditor, verdict.run_id) != (req.audit_id, auditor.node_id, req.run_id):
-            raise PipeguardError("verdict does not answer this audit")
+        claims.audit_verdict(verdict, req, auditor.public_key)
         self.stats.performed[auditor.node_id] = self.stats.performed.get(auditor.node_id, 0) + 1
         return verdict
 

@@ -29,10 +29,11 @@ import logging
 import math
 import time
 
-from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError, Unauthenticated
+from pipeguard import claims
+from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.model import lr_at
-from pipeguard.signing import sign, verify
+from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator import planning
 from coordinator.attribution import RefusalAttribution
@@ -296,10 +297,8 @@ class StepClock:
     def _check_report(self, kind: str, step: int, slot: int, rec: NodeRecord, rep) -> None:
         """A stage's ``kind`` report ("step" or "update") is signed by its holder and answers this
         step, stage and node."""
-        verify(rep, rec.identity, what=f"{kind} report from stage {slot}")
-        if (rep.run_id, rep.step, rep.stage, rep.node_id) != (self.state.run_id, step, slot, rec.node_id):
-            noun = "report" if kind == "step" else f"{kind} report"
-            raise Unauthenticated(f"stage {slot} {noun} is for a different step/stage/node")
+        claims.stage_report(rep, rec.identity, kind=kind, run_id=self.state.run_id, step=step, stage=slot,
+                            node_id=rec.node_id)
 
     async def run_step(self, step: int) -> None:
         t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def build_clock(cfg: CoordinatorConfig, identity: Identity, registry: Registry, 
     convictions = Convictions(registry, state, store, events, Pipeline(state.skipped))
     judge = Judge(identity=identity, registry=registry, events=events, dataset=dataset,
                   evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout(),
-                  max_tensor_bytes=cfg.net.max_tensor_bytes, channels=channels, convictions=convictions,
+                  net=cfg.net, channels=channels, convictions=convictions,
                   recheck_rate=cfg.audit.recheck_rate)
     audits = AuditScheduler(cfg=cfg, run_id=state.run_id, data_digest=dataset.digest, identity=identity,
                             registry=registry, events=events, dataset=dataset, judge=judge, channels=channels)
