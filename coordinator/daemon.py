@@ -107,7 +107,8 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     clock = build_clock(cfg, identity, registry, state, store, events, dataset)
     service = CoordinatorService(cfg, identity, registry, clock, events, dataset, Admin(token, clock))
     server, address, _ = await start_server(
-        cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
+        cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"],
+        cfg.timeouts)
     metrics = serve_metrics(cfg.net, CoordinatorMetrics(clock, events))
     events.emit("coordinator_started", f"coordinator {identity.node_id[:8]} serving run {state.run_id} on {address}"
                 + (f", resumed at step {state.step}" if resumed else ""), step=state.step)
