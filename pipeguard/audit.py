@@ -2,7 +2,8 @@
 
 One engine serves three callers: a node auditing another node, the coordinator confirming a
 failed audit before anything happens, and ``pipeguard verify`` re-checking an evidence
-bundle offline. ``gather`` fetches artifacts and checks every signature on them; ``check`` is
+bundle offline. ``gather`` fetches artifacts and checks each against its rule in
+``pipeguard.claims`` (who signed it, what it binds); ``check`` is
 pure computation over those artifacts and needs no network; it recomputes through
 ``pipeguard.computation``, the code the audited node ran.
 
