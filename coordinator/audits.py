@@ -18,13 +18,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
-
-from pipeguard import audit
+from pipeguard import audit, claims
 from pipeguard.data import Dataset
-from pipeguard.errors import PipeguardError, from_rpc_error
+from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
-from pipeguard.signing import sign, verify
+from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.channels import NodeChannels
 from coordinator.config import CoordinatorConfig
@@ -194,17 +192,15 @@ class AuditScheduler:
         sign(req, self.identity)
         try:
             verdict = await self.channels.stub_for(auditor.address).Audit(req, timeout=self.cfg.audit_timeout())
-        except grpc.aio.AioRpcError as err:
+        except PipeguardError as exc:
             # The auditor crashed, went silent or refused: the audit is not dropped (that would
             # let a crash, or a well-timed one, leave a message unchecked); the coordinator
             # recomputes it itself.
             self.events.emit("audit_error", f"audit {req.audit_id} by {auditor.node_id[:8]} failed: "
-                             f"{from_rpc_error(err)}; the coordinator audits it itself",
+                             f"{exc}; the coordinator audits it itself",
                              node_id=auditor.node_id, step=req.step, persist=False)
             return None
-        verify(verdict, auditor.identity, what="audit verdict")
-        if (verdict.audit_id, verdict.auditor, verdict.run_id) != (req.audit_id, auditor.node_id, req.run_id):
-            raise PipeguardError("verdict does not answer this audit")
+        claims.audit_verdict(verdict, req, auditor.public_key)
         self.stats.performed[auditor.node_id] = self.stats.performed.get(auditor.node_id, 0) + 1
         return verdict
 

@@ -1,11 +1,11 @@
-"""The coordinator's channels to nodes: one per address, calls signed by the coordinator, errors typed."""
+"""The coordinator's channels to nodes: one per address, calls signed by the coordinator, errors typed
+(``rpc.TypedErrors`` on every channel)."""
 
 from __future__ import annotations
 
 import grpc
 
 from pipeguard.config import NetConfig, TimeoutConfig
-from pipeguard.errors import from_rpc_error
 from pipeguard.identity import Identity
 from pipeguard.rpc import channel
 from pipeguard.signing import sign
@@ -28,18 +28,12 @@ class NodeChannels:
 
     async def call(self, rec: NodeRecord, method: str, request, timeout: float):
         """``method`` on ``rec``'s node, ``request`` signed by the coordinator."""
-        try:
-            return await getattr(self.stub_for(rec.address), method)(sign(request, self.identity), timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+        return await getattr(self.stub_for(rec.address), method)(sign(request, self.identity), timeout=timeout)
 
     async def stream(self, rec: NodeRecord, method: str, request, timeout: float):
         """The messages of a server-streaming ``method`` on ``rec``'s node, ``request`` signed by the coordinator."""
-        try:
-            async for msg in getattr(self.stub_for(rec.address), method)(sign(request, self.identity), timeout=timeout):
-                yield msg
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+        async for msg in getattr(self.stub_for(rec.address), method)(sign(request, self.identity), timeout=timeout):
+            yield msg
 
     async def close(self) -> None:
         for ch, _ in self._channels.values():

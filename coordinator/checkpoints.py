@@ -14,7 +14,7 @@ before the convicted step.
 
 ``Checkpointer`` takes them: it fetches each stage's state with the node's signed attestation
 (``fetch_stage_state``, which exports use too) and keeps it only if the attestation is the
-stage's and names the digest the stage committed to.
+stage's and names the digest the stage committed to (``claims.committed_state``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from pipeguard import claims
 from pipeguard.errors import DataLoss, NotFound, PipeguardError
-from pipeguard.signing import verify
-from pipeguard.tensors import StateAssembler, state_chunks, state_digest
+from pipeguard.tensors import StateAssembler, receive_state, state_chunks, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.channels import NodeChannels
 from coordinator.config import CoordinatorConfig
@@ -138,19 +138,13 @@ class Checkpointer:
         self.events = events
 
     async def _verified_state(self, rec: NodeRecord, slot: int, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
-        asm = StateAssembler(self.cfg.net.max_tensor_bytes)
-        attestation = None
-        async for chunk in fetch_stage_state(self.channels, self.state.run_id, rec, slot, step, True,
-                                             self.cfg.timeouts.step):
-            if chunk.HasField("attestation"):
-                attestation = chunk.attestation
-            elif chunk.name or chunk.data:
-                asm.add(chunk)
+        net = self.cfg.net
+        named, attestation = await receive_state(
+            fetch_stage_state(self.channels, self.state.run_id, rec, slot, step, True, self.cfg.timeouts.step),
+            net.max_tensor_bytes, max_tensors=net.max_state_tensors, max_total_bytes=net.state_bytes_limit)
         committed = bytes.fromhex(self.state.commitments[str(slot)])
-        if attestation is None or attestation.state_digest != committed:
-            raise DataLoss(f"stage {slot} served a state other than the one it committed to for step {step}")
-        verify(attestation, rec.identity, what="state attestation")
-        return asm.finish(), committed
+        claims.committed_state(attestation, rec.identity, committed, stage=slot, step=step)
+        return named, committed
 
     async def take(self, step: int) -> None:
         """Fetch every active stage's state at ``step`` and keep it if it matches its commitment."""

@@ -29,10 +29,12 @@ import logging
 import math
 import time
 
-from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError, Unauthenticated
+from pipeguard import claims
+from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.model import lr_at
-from pipeguard.signing import sign, verify
+from pipeguard.rpc import backoff
+from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator import planning
 from coordinator.attribution import RefusalAttribution
@@ -131,6 +133,7 @@ class StepClock:
         self.state.phase = pb.RUN_PHASE_WAITING
         self.persist()
         self.events.emit("waiting", f"forming the pipeline ({self.cfg.pipeline.stages} stages)", step=self.state.step)
+        delays = backoff(self.cfg.timeouts)
         while True:
             plan = self.plan()
             if plan is None:
@@ -143,7 +146,7 @@ class StepClock:
                 raise  # the run cannot be recorded: stop (the daemon reports it), never retry blind
             except PipeguardError as exc:
                 self.events.emit("assign_failed", f"stage assignment failed: {exc}", step=self.state.step)
-                await asyncio.sleep(self.cfg.timeouts.retry_backoff)
+                await asyncio.sleep(next(delays))
         self.state.phase = pb.RUN_PHASE_TRAINING
         self.persist()
         self.events.emit("training", f"training from step {self.state.step} to {self.cfg.train.steps - 1}",
@@ -235,6 +238,7 @@ class StepClock:
 
     async def _train_until(self, total: int, need_formation: bool) -> None:
         failures = 0
+        delays = backoff(self.cfg.timeouts)  # between attempts of one step; starts over with the next
         attempts = self.cfg.pipeline.max_step_attempts
         refused_before: dict[str, dict[str, int]] = {}
         if need_formation or self.pipeline.reform_needed:
@@ -252,7 +256,7 @@ class StepClock:
                     if self.stopping:
                         return
                     await self._unless_stage_lost(self.run_step(step))
-                failures = 0
+                failures, delays = 0, backoff(self.cfg.timeouts)
             except Reform:
                 await self.abort_step(step)
                 need_formation = True
@@ -265,10 +269,10 @@ class StepClock:
                 if failures >= attempts or self.pipeline.reform_needed:
                     if failures >= attempts:
                         await self.attribution.after_failures(step, refused_before)
-                    failures = 0
+                    failures, delays = 0, backoff(self.cfg.timeouts)
                     need_formation = True
                 else:
-                    await asyncio.sleep(self.cfg.timeouts.retry_backoff * failures)
+                    await asyncio.sleep(next(delays))
 
     async def _unless_stage_lost(self, work) -> None:
         """Run ``work`` (a step), but give it up as soon as a node of the pipeline goes silent.
@@ -296,10 +300,8 @@ class StepClock:
     def _check_report(self, kind: str, step: int, slot: int, rec: NodeRecord, rep) -> None:
         """A stage's ``kind`` report ("step" or "update") is signed by its holder and answers this
         step, stage and node."""
-        verify(rep, rec.identity, what=f"{kind} report from stage {slot}")
-        if (rep.run_id, rep.step, rep.stage, rep.node_id) != (self.state.run_id, step, slot, rec.node_id):
-            noun = "report" if kind == "step" else f"{kind} report"
-            raise Unauthenticated(f"stage {slot} {noun} is for a different step/stage/node")
+        claims.stage_report(rep, rec.identity, kind=kind, run_id=self.state.run_id, step=step, stage=slot,
+                            node_id=rec.node_id)
 
     async def run_step(self, step: int) -> None:
         t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def build_clock(cfg: CoordinatorConfig, identity: Identity, registry: Registry, 
     convictions = Convictions(registry, state, store, events, Pipeline(state.skipped))
     judge = Judge(identity=identity, registry=registry, events=events, dataset=dataset,
                   evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout(),
-                  max_tensor_bytes=cfg.net.max_tensor_bytes, channels=channels, convictions=convictions,
+                  net=cfg.net, channels=channels, convictions=convictions,
                   recheck_rate=cfg.audit.recheck_rate)
     audits = AuditScheduler(cfg=cfg, run_id=state.run_id, data_digest=dataset.digest, identity=identity,
                             registry=registry, events=events, dataset=dataset, judge=judge, channels=channels)
@@ -107,7 +107,8 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     clock = build_clock(cfg, identity, registry, state, store, events, dataset)
     service = CoordinatorService(cfg, identity, registry, clock, events, dataset, Admin(token, clock))
     server, address, _ = await start_server(
-        cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"])
+        cfg.net, lambda s: pb_grpc.add_CoordinatorServicer_to_server(service, s), ["pipeguard.v1.Coordinator"],
+        cfg.timeouts)
     metrics = serve_metrics(cfg.net, CoordinatorMetrics(clock, events))
     events.emit("coordinator_started", f"coordinator {identity.node_id[:8]} serving run {state.run_id} on {address}"
                 + (f", resumed at step {state.step}" if resumed else ""), step=state.step)

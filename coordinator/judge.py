@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable
 
 from pipeguard import audit, evidence
+from pipeguard.config import NetConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import PipeguardError
-from pipeguard.identity import Identity, PublicIdentity
-from pipeguard.signing import verify
+from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.channels import NodeChannels
 from coordinator.convictions import Convictions
@@ -55,7 +55,7 @@ class AuditStats:
 
 class Judge:
     def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
-                 evidence_dir: Path, timeout: float, max_tensor_bytes: int, channels: NodeChannels,
+                 evidence_dir: Path, timeout: float, net: NetConfig, channels: NodeChannels,
                  convictions: Convictions, recheck_rate: float = 0.0):
         self.identity = identity
         self.registry = registry
@@ -63,7 +63,8 @@ class Judge:
         self.dataset = dataset
         self.evidence_dir = Path(evidence_dir)
         self.timeout = timeout
-        self.max_tensor_bytes = max_tensor_bytes
+        self.net = net
+        """Size limits of the judge's fetches (``net.max_tensor_bytes``, the state limits)."""
         self.channels = channels
         self.convictions = convictions
         self.recheck_rate = recheck_rate
@@ -116,18 +117,9 @@ class Judge:
 
     async def _equivocation(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, art: audit.Artifacts) -> bool:
         """Did a node show the auditor other signed data than it showed us? Then that is the fault."""
-        keys = {p.node_id: p.public_key for p in (req.target, req.prev, req.next) if p.node_id}
-        for theirs, ours in audit.contradictions(verdict, art):
-            signer = theirs.header.sender if isinstance(theirs, pb.TensorCommitment) else theirs.node_id
-            key = keys.get(signer)
-            if key is None:
-                continue
-            try:
-                verify(theirs, PublicIdentity(key), what="claim in the auditor's verdict")
-            except PipeguardError:
-                continue  # a forged claim in a verdict proves nothing against its "signer"
-            await self._convict_equivocation(
-                req, signer, key, theirs, ours, "tensor" if isinstance(theirs, pb.TensorCommitment) else "state")
+        for signer, theirs, ours in audit.contradictions(verdict, art):  # forged claims are left out
+            await self._convict_equivocation(req, signer.node_id, signer.public_key, theirs, ours,
+                                             "tensor" if isinstance(theirs, pb.TensorCommitment) else "state")
             return True
         return False
 
@@ -146,8 +138,9 @@ class Judge:
         was convicted."""
         if self.convictions.banned(req.target.node_id):
             return None
-        fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.max_tensor_bytes,
-                                   self.timeout, req.epoch)
+        fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.net.max_tensor_bytes,
+                                   self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
+                                   max_state_bytes=self.net.state_bytes_limit)
         try:
             art = await audit.gather(req, fetcher)
         except PipeguardError as exc:

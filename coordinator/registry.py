@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pipeguard.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from pipeguard.config import ConfigError, parse_hostport
 from pipeguard.identity import PUBLIC_KEY_BYTES, PublicIdentity, node_id_for
-from pipeguard.signing import encode_field, verify
+from pipeguard import claims
+from pipeguard.signing import encode_field
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator.config import RegistryConfig
 
@@ -102,7 +103,7 @@ class Registry:
         expiry = self._challenges.pop(req.challenge, None)
         if expiry is None or expiry < time.monotonic():
             raise Unauthenticated("unknown or expired challenge; call Hello first")
-        verify(req, PublicIdentity(req.public_key), what="registration")
+        claims.registration(req)
         node_id = node_id_for(req.public_key)
         rec = self.nodes.get(node_id)
         if rec is not None and rec.role == pb.ROLE_BANNED:
@@ -165,7 +166,7 @@ class Registry:
         rec = self.nodes.get(req.node_id)
         if rec is None:
             raise NotFound(f"node {req.node_id!r} is not registered; register first")
-        verify(req, rec.identity, what="heartbeat")
+        claims.heartbeat(req, rec.identity)
         if rec.role == pb.ROLE_BANNED:
             raise PermissionDenied(f"node {rec.node_id} is banned: {rec.ban_reason}")
         if req.seq <= rec.heartbeat_seq:

@@ -9,7 +9,8 @@ from pipeguard.config import to_toml
 from pipeguard.data import Dataset
 from pipeguard.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, abort_on_error
 from pipeguard.identity import Identity
-from pipeguard.signing import sign, verify
+from pipeguard import claims
+from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from coordinator.admin import Admin
@@ -119,7 +120,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         rec = self.registry.nodes.get(request.requester)
         if rec is None:
             raise Unauthenticated(f"{request.requester!r} is not a registered node")
-        verify(request, rec.identity, what="checkpoint request")
+        claims.fetch_request(request, rec.identity, what="checkpoint request")
         if rec.role == pb.ROLE_BANNED:
             raise PermissionDenied(f"node {rec.node_id} is banned")
         if request.run_id != self.clock.state.run_id:

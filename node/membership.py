@@ -17,7 +17,9 @@ from pipeguard.errors import (DataLoss, FailedPrecondition, NotFound, Permission
                               Unauthenticated, Unavailable)
 from pipeguard.identity import PUBLIC_KEY_BYTES, Identity, KeyFileError, PublicIdentity, node_id_for, write_private_file
 from pipeguard.rpc import backoff, channel, connect
-from pipeguard.signing import sign, verify
+from pipeguard import claims
+from pipeguard.signing import sign
+from pipeguard.tensors import receive_state
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -97,8 +99,7 @@ class Membership:
         await connect(self._channel, self.coordinator, self.timeouts)
         nonce = os.urandom(16)
         hello = await self.stub.Hello(pb.HelloRequest(client_nonce=nonce))
-        if hello.client_nonce != nonce:
-            raise Unauthenticated("coordinator did not echo our nonce")
+        key = claims.coordinator_hello(hello, nonce)  # fresh and signed by the key it offers; trusted?
         offered = hello.coordinator_key
         if self.pinned is not None:
             try:
@@ -118,8 +119,6 @@ class Membership:
                     f"key changed on purpose, delete {self.key_file} or pin the new key with --coordinator-key "
                     f"{offered.hex()}; otherwise someone else is answering at {self.coordinator}"
                 )
-        key = PublicIdentity(offered)
-        verify(hello, key, what="coordinator hello")
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
                                  challenge=hello.challenge, version=__version__)
         reply = await self.stub.Register(sign(req, self.identity))
@@ -190,9 +189,7 @@ class Membership:
         req = self.stats()
         req.node_id, req.seq, req.members_version = self.identity.node_id, self._seq, self.members_version
         reply = await self.stub.Heartbeat(sign(req, self.identity))
-        verify(reply, key, what="heartbeat reply")
-        if reply.seq != req.seq:
-            raise Unauthenticated(f"heartbeat reply is for seq {reply.seq}, not {req.seq} (a replayed reply)")
+        claims.heartbeat_reply(reply, key, req.seq)
         self._last_beat = time.monotonic()
         self.role = reply.role
         if reply.members_version == 0 or reply.members_version != req.members_version:
@@ -236,16 +233,13 @@ class Membership:
 
     async def fetch_checkpoint(self, stage: int, step: int) -> dict:
         """The coordinator's verified checkpoint of ``stage`` at ``step`` (caller checks the digest)."""
-        from pipeguard.tensors import StateAssembler
-
         req = sign(pb.FetchCheckpointRequest(run_id=self.run_id, stage=stage, step=step,
                                              requester=self.identity.node_id), self.identity)
-        asm = StateAssembler(self.net.max_tensor_bytes, max_tensors=self.net.max_state_tensors,
-                             max_total_bytes=self.net.state_bytes_limit)
-        async for chunk in self.stub.FetchCheckpoint(req):
-            asm.add(chunk)
+        named, _ = await receive_state(self.stub.FetchCheckpoint(req), self.net.max_tensor_bytes,
+                                       max_tensors=self.net.max_state_tensors,
+                                       max_total_bytes=self.net.state_bytes_limit)
         log.info("fetched checkpoint of stage %d at step %d from the coordinator", stage, step)
-        return asm.finish()
+        return named
 
     async def close(self) -> None:
         await self._channel.close()

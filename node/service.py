@@ -26,10 +26,11 @@ from pipeguard.errors import (
     Unauthenticated,
     abort_on_error,
 )
-from pipeguard.identity import Identity, PublicIdentity, node_id_for
+from pipeguard import claims
+from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.model import lr_at
 from pipeguard.rpc import BUSY
-from pipeguard.signing import sign, verify
+from pipeguard.signing import sign
 from pipeguard.tensors import receive_tensor, signed_chunks, state_chunks
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -69,15 +70,9 @@ class NodeService(pb_grpc.NodeServicer):
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_order(self, order, what: str) -> None:
-        """An order must be signed by the coordinator we registered with, for this node."""
-        key = self.membership.coordinator_key
-        if key is None:
-            raise FailedPrecondition("not registered with a coordinator yet")
-        verify(order, key, what=f"{what} order")
-        if order.node_id != self.identity.node_id:
-            raise InvalidArgument(f"{what} order is addressed to {order.node_id!r}, not this node")
-        if order.run_id != self.membership.run_id:
-            raise FailedPrecondition(f"{what} order is for run {order.run_id!r}, not {self.membership.run_id!r}")
+        """An order must be signed by the coordinator we registered with, for this node and run."""
+        claims.order(order, self.membership.coordinator_key, node_id=self.identity.node_id,
+                     run_id=self.membership.run_id, what=what)
 
     def heartbeat_stats(self) -> pb.HeartbeatRequest:
         req = pb.HeartbeatRequest(
@@ -100,9 +95,7 @@ class NodeService(pb_grpc.NodeServicer):
         keys = {}
         for peer in (a.prev, a.next):
             if peer is not None:
-                if node_id_for(peer.public_key) != peer.node_id:
-                    raise InvalidArgument(f"peer {peer.node_id} does not match its public key")
-                keys[peer.node_id] = PublicIdentity(peer.public_key)
+                keys[peer.node_id] = claims.peer_key(peer, unbound=InvalidArgument)
         dataset = await self.membership.dataset(request.data_digest)
         digest, n = await self.runtime.assign(a, dataset, request.start_step)
         self.epoch = request.epoch
@@ -152,12 +145,11 @@ class NodeService(pb_grpc.NodeServicer):
                 key = self.membership.members.get(request.requester)
             if key is None:
                 raise Unauthenticated(f"{request.requester!r} is not a registered node")
-            verify(request, key, what=f"{what} request")
         else:
             key = self.membership.coordinator_key
             if key is None:
                 raise FailedPrecondition("not registered with a coordinator yet")
-            verify(request, key, what=f"{what} request")
+        claims.fetch_request(request, key, what=f"{what} request")
         if request.run_id != self.membership.run_id:
             raise FailedPrecondition(f"{what} request is for run {request.run_id!r}")
 
@@ -195,12 +187,7 @@ class NodeService(pb_grpc.NodeServicer):
     @abort_on_error
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditVerdict:
         await self.runtime.pause("rpc", request.step, request.micro_batch)
-        key = self.membership.coordinator_key
-        if key is None:
-            raise FailedPrecondition("not registered with a coordinator yet")
-        verify(request, key, what="audit order")
-        if request.auditor != self.identity.node_id:
-            raise InvalidArgument(f"audit order is addressed to {request.auditor!r}, not this node")
+        claims.audit_order(request, self.membership.coordinator_key, auditor=self.identity.node_id)
         if self.auditor is None:
             raise FailedPrecondition("this node does not audit")
         return await self.auditor.audit(request)

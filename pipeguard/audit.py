@@ -2,7 +2,8 @@
 
 One engine serves three callers: a node auditing another node, the coordinator confirming a
 failed audit before anything happens, and ``pipeguard verify`` re-checking an evidence
-bundle offline. ``gather`` fetches artifacts and checks every signature on them; ``check`` is
+bundle offline. ``gather`` fetches artifacts and checks each against its rule in
+``pipeguard.claims`` (who signed it, what it binds); ``check`` is
 pure computation over those artifacts and needs no network; it recomputes through
 ``pipeguard.computation``, the code the audited node ran.
 
@@ -38,25 +39,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
-import grpc
 import torch
 
 from pipeguard.data import Dataset
-from pipeguard.errors import InvalidArgument, PipeguardError, Unauthenticated, from_rpc_error
-from pipeguard.identity import Identity, PublicIdentity, node_id_for
+from pipeguard import claims
+from pipeguard.errors import AuditIncomplete, InvalidArgument, PipeguardError
+from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.computation import StageComputation, StageSetup
-from pipeguard.signing import sign, verify
-from pipeguard.tensors import ReceivedTensor, StateAssembler, receive_tensor, state_digest, tensor_digest
+from pipeguard.signing import sign
+from pipeguard.tensors import StateAssembler, ReceivedTensor, receive_state, receive_tensor, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
 KIND_NAMES = {pb.AUDIT_KIND_FORWARD: "forward", pb.AUDIT_KIND_BACKWARD: "backward", pb.AUDIT_KIND_UPDATE: "update"}
-
-
-class AuditIncomplete(PipeguardError):
-    """The audit could not gather what it needs; it proves nothing about anyone."""
 
 
 # -- the run spec an audit recomputes under -----------------------------------------------------
@@ -139,29 +136,24 @@ class RpcFetcher:
     or empty when the coordinator fetches)."""
 
     def __init__(self, identity: Identity, requester: str, stub_for, run_id: str, max_tensor_bytes: int,
-                 timeout: float, epoch: int):
+                 timeout: float, epoch: int, *, max_state_tensors: int = StateAssembler.MAX_TENSORS,
+                 max_state_bytes: int | None = None):
         self.identity, self.requester, self.stub_for = identity, requester, stub_for
         self.run_id, self.max_tensor_bytes, self.timeout = run_id, max_tensor_bytes, timeout
+        self.max_state_tensors, self.max_state_bytes = max_state_tensors, max_state_bytes
+        """Bounds of one state transfer (``net.max_state_tensors``, ``net.state_bytes_limit``)."""
         self.epoch = epoch
         """Only tensors of this assignment epoch are accepted (the audited history)."""
 
     async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
         req = sign(pb.FetchStateRequest(run_id=self.run_id, node_id=peer.node_id, include_optimizer=True, step=step,
                                         requester=self.requester, stage=stage), self.identity)
-        asm = StateAssembler(self.max_tensor_bytes)
-        attestation = None
-        try:
-            async for chunk in self.stub_for(peer.address).FetchState(req, timeout=self.timeout):
-                if chunk.HasField("attestation"):
-                    attestation = chunk.attestation
-                if chunk.name or chunk.data:
-                    asm.add(chunk)
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+        named, attestation = await receive_state(
+            self.stub_for(peer.address).FetchState(req, timeout=self.timeout), self.max_tensor_bytes,
+            max_tensors=self.max_state_tensors, max_total_bytes=self.max_state_bytes)
         if attestation is None:
             raise AuditIncomplete(f"{peer.node_id[:8]} served its state without an attestation")
-        named = asm.finish()
-        return {k: named[k] for k in named}, attestation
+        return named, attestation
 
     async def fetch_tensor(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, sent: bool,
                            signer: pb.PeerInfo) -> ReceivedTensor:
@@ -175,11 +167,8 @@ class RpcFetcher:
                 raise AuditIncomplete(f"{peer.node_id[:8]} served a different tensor than asked for")
             return key
 
-        try:
-            call = self.stub_for(peer.address).FetchTensor(req, timeout=self.timeout)
-            return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+        call = self.stub_for(peer.address).FetchTensor(req, timeout=self.timeout)
+        return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
 
 
 class CachingFetcher:
@@ -205,26 +194,6 @@ class CachingFetcher:
 
     def fetch_tensor(self, *args, **kwargs):
         return self.inner.fetch_tensor(*args, **kwargs)
-
-
-def _peer_key(peer: pb.PeerInfo) -> PublicIdentity:
-    if node_id_for(peer.public_key) != peer.node_id:
-        raise Unauthenticated(f"peer {peer.node_id} does not match its public key")
-    return PublicIdentity(peer.public_key)
-
-
-def check_attestation(att: pb.StateAttestation, peer: pb.PeerInfo, req: pb.AuditRequest, step: int,
-                      named: dict[str, torch.Tensor]) -> None:
-    """The served state is signed by the node, for the right step, and hashes to what it says."""
-    verify(att, _peer_key(peer), what="state attestation")
-    if att.epoch != req.epoch:
-        raise AuditIncomplete(f"the state served is from epoch {att.epoch}, the audit is of epoch {req.epoch} "
-                              "(the run was rolled back since)")
-    if (att.run_id, att.node_id, att.stage, att.step) != (req.run_id, peer.node_id, req.stage, step):
-        raise AuditIncomplete(f"state attestation is for {att.node_id[:8]} stage {att.stage} step {att.step}, "
-                              f"expected {peer.node_id[:8]} stage {req.stage} step {step}")
-    if state_digest(iter(named.items())) != att.state_digest:
-        raise AuditIncomplete("served state does not hash to the digest its attestation signs")
 
 
 async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> ReceivedTensor:
@@ -254,7 +223,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
         art.state, art.attestation = await fetcher.fetch_state(target, req.step, req.stage)
     except PipeguardError as exc:
         raise AuditIncomplete(f"audited node did not serve its state for step {req.step}: {exc}") from None
-    check_attestation(art.attestation, target, req, req.step, art.state)
+    claims.served_state(art.attestation, target, req, req.step, art.state)
     prev = req.prev if req.HasField("prev") else None
     nxt = req.next if req.HasField("next") else None
     kinds = req.kind
@@ -285,7 +254,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
             art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
         except PipeguardError as exc:
             raise AuditIncomplete(f"audited node did not serve its state after step {req.step}: {exc}") from None
-        check_attestation(art.next_attestation, target, req, req.step + 1, art.next_state)
+        claims.served_state(art.next_attestation, target, req, req.step + 1, art.next_state)
     return art
 
 
@@ -476,9 +445,10 @@ def attach_artifacts(verdict: pb.AuditVerdict, art: Artifacts) -> None:
         verdict.commitments.append(rt.commitment)
 
 
-def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[object, object]]:
-    """Pairs of claims signed by the same node for the same thing, but different: one from what
-    the auditor saw (its verdict), one from what the judge fetched. Each pair is equivocation."""
+def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[pb.PeerInfo, object, object]]:
+    """(signer, theirs, ours): claims signed by the same node for the same thing, but different: one
+    from what the auditor saw (its verdict), one from what the judge fetched. Only claims really
+    signed by the audit party they name count (``claims.attached_signer``); each is equivocation."""
     pairs: list[tuple[object, object]] = []
     for theirs, ours in ((verdict.attestation, art.attestation), (verdict.next_attestation, art.next_attestation)):
         if ours is not None and theirs.node_id and theirs.state_digest != ours.state_digest and (
@@ -491,7 +461,14 @@ def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[objec
         ours = mine.get(_header_key(c.header))
         if ours is not None and ours.payload_digest != c.payload_digest:
             pairs.append((c, ours))
-    return pairs
+    req = art.request
+    parties = (req.target, req.prev, req.next)
+    signed = []
+    for theirs, ours in pairs:
+        signer = claims.attached_signer(theirs, parties)
+        if signer is not None:
+            signed.append((signer, theirs, ours))
+    return signed
 
 
 def _header_key(h: pb.TensorHeader) -> bytes:
@@ -510,8 +487,4 @@ def validate_request(req: pb.AuditRequest) -> None:
         raise InvalidArgument("the last stage sends no activations to audit")
     if req.kind == pb.AUDIT_KIND_BACKWARD and req.stage == 0:
         raise InvalidArgument("the first stage sends no gradients to audit")
-    if req.report.node_id != req.target.node_id or req.report.step != req.step:
-        raise InvalidArgument("the step report in the audit order is not the audited node's for this step")
-    verify(req.report, _peer_key(req.target), what="audited node's step report")
-    if req.kind == pb.AUDIT_KIND_UPDATE:
-        verify(req.update_report, _peer_key(req.target), what="audited node's update report")
+    claims.audited_reports(req)

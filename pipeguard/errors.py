@@ -82,6 +82,11 @@ class DeadlineExceeded(PipeguardError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class AuditIncomplete(PipeguardError):
+    """An audit could not gather what it needs (or what it got is about something else); it proves
+    nothing about anyone."""
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-from pipeguard import audit
+from pipeguard import audit, claims
 from pipeguard.computation import REFEREE_THREADS, Determinism
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
-from pipeguard.signing import verify
 from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_nbytes, tensor_bytes, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
@@ -158,15 +157,6 @@ def write_equivocation_bundle(path: Path, first, second, signer_key: bytes) -> P
     return path
 
 
-def same_subject(a, b) -> bool:
-    """Two claims by one signer about the same tensor or state, with different contents."""
-    if isinstance(a, pb.TensorCommitment):
-        return (a.header.SerializeToString(deterministic=True) == b.header.SerializeToString(deterministic=True)
-                and a.payload_digest != b.payload_digest)
-    return ((a.run_id, a.node_id, a.stage, a.step, a.epoch) == (b.run_id, b.node_id, b.stage, b.step, b.epoch)
-            and a.state_digest != b.state_digest)
-
-
 # -- reading and verifying ------------------------------------------------------------------------
 
 
@@ -241,9 +231,7 @@ class _Reader:
     def received(self, name: str, signer: pb.PeerInfo) -> ReceivedTensor:
         commitment = self.claim(name, pb.TensorCommitment)
         tensor = self.tensor(name)
-        if node_id_for(signer.public_key) != signer.node_id or commitment.header.sender != signer.node_id:
-            raise BundleError(f"{name}: signed by {commitment.header.sender[:8]}, expected {signer.node_id[:8]}")
-        verify(commitment, PublicIdentity(signer.public_key), what=name)
+        claims.sent_tensor(commitment, signer, what=name, unbound=BundleError)
         if tensor_digest(tensor) != commitment.payload_digest:
             raise BundleError(f"{name}: tensor bytes do not match the signed digest")
         return ReceivedTensor(commitment=commitment, tensor=tensor)
@@ -254,16 +242,16 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
     coordinator_key = bytes.fromhex(r.manifest.get("coordinator_key", ""))
     if pinned_coordinator is not None and coordinator_key != pinned_coordinator:
         raise BundleError("the audit order was signed by a different coordinator than the pinned one")
-    verify(req, PublicIdentity(coordinator_key), what="audit order (coordinator signature)")
+    claims.audit_order(req, PublicIdentity(coordinator_key), what="audit order (coordinator signature)")
     audit.validate_request(req)
     art = audit.Artifacts(request=req)
     art.attestation = r.claim("attestation", pb.StateAttestation)
     art.state = {n.removeprefix("state/"): r.tensor(n) for n in r.names("state/")}
-    audit.check_attestation(art.attestation, req.target, req, req.step, art.state)
+    claims.served_state(art.attestation, req.target, req, req.step, art.state)
     if r.has("next_attestation"):
         art.next_attestation = r.claim("next_attestation", pb.StateAttestation)
         art.next_state = {n.removeprefix("next_state/"): r.tensor(n) for n in r.names("next_state/")}
-        audit.check_attestation(art.next_attestation, req.target, req, req.step + 1, art.next_state)
+        claims.served_state(art.next_attestation, req.target, req, req.step + 1, art.next_state)
     for mb in audit.micro_batches_of(req):
         if f"input/{mb}" in r.manifest["claims"]:
             art.inputs[mb] = r.received(f"input/{mb}", req.prev)
@@ -283,24 +271,6 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
     return art
 
 
-def _signed_contradictions(verdict: pb.AuditVerdict, art: audit.Artifacts) -> list:
-    """Contradictions between a verdict's attached claims and the artifacts, counting only claims
-    really signed by the node they name (an auditor cannot excuse itself with made-up claims)."""
-    req = art.request
-    keys = {p.node_id: p.public_key for p in (req.target, req.prev, req.next) if p.node_id}
-    out = []
-    for theirs, ours in audit.contradictions(verdict, art):
-        signer = theirs.header.sender if isinstance(theirs, pb.TensorCommitment) else theirs.node_id
-        if signer not in keys:
-            continue
-        try:
-            verify(theirs, PublicIdentity(keys[signer]), what="claim attached to the verdict")
-        except PipeguardError:
-            continue
-        out.append((theirs, ours))
-    return out
-
-
 def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> VerifyResult:
     """Re-check a bundle offline. Never raises for a bad bundle: returns valid=False and why."""
     try:
@@ -313,13 +283,9 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
             types = {r.manifest["claims"][n]["type"] for n in ("first", "second")}
             cls = pb.TensorCommitment if types == {pb.TensorCommitment.DESCRIPTOR.full_name} else pb.StateAttestation
             a, b = r.claim("first", cls), r.claim("second", cls)
-            for claim in (a, b):
-                verify(claim, PublicIdentity(key), what="equivocating claim")
-            owner = {a.header.sender, b.header.sender} if cls is pb.TensorCommitment else {a.node_id, b.node_id}
-            if owner != {signer}:
-                return VerifyResult(False, kind, signer, "the claims are not about the signer's own output")
-            if not same_subject(a, b):
-                return VerifyResult(False, kind, signer, "the two claims are not contradictory")
+            why_not = claims.equivocation(a, b, key)
+            if why_not is not None:
+                return VerifyResult(False, kind, signer, why_not)
             what = (f"tensor step {a.header.step} micro-batch {a.header.micro_batch}" if cls is pb.TensorCommitment
                     else f"state of stage {a.stage} at step {a.step}")
             return VerifyResult(True, kind, signer, f"node {signer} signed two different versions of its {what}")
@@ -336,15 +302,11 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
         if kind in ("false-accusation", "false-clearance"):
             auditor_key = bytes.fromhex(r.manifest["auditor_key"])
             verdict = r.claim("verdict", pb.AuditVerdict)
-            verify(verdict, PublicIdentity(auditor_key), what="auditor's verdict")
-            if verdict.auditor != node_id_for(auditor_key) or verdict.auditor != req.auditor:
-                raise BundleError("the verdict is not signed by the auditor the order named")
-            if (verdict.audit_id, verdict.run_id) != (req.audit_id, req.run_id):
-                raise BundleError("the verdict answers a different audit")
+            claims.audit_verdict(verdict, req, auditor_key, unbound=BundleError)
             if kind == "false-clearance":
                 if verdict.verdict != pb.VERDICT_PASS:
                     return VerifyResult(False, kind, verdict.auditor, "the auditor did not sign a PASS")
-                if _signed_contradictions(verdict, art):
+                if audit.contradictions(verdict, art):  # claims signed by the parties they name
                     return VerifyResult(False, kind, verdict.auditor, "the auditor saw other signed data than "
                                         "the bundle holds (its PASS may be honest; someone equivocated)")
                 if clearly_fails(finding, req.tolerance):

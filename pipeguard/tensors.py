@@ -29,7 +29,8 @@ import torch
 
 from pipeguard.errors import DataLoss, InvalidArgument, ResourceExhausted
 from pipeguard.identity import Identity, PublicIdentity
-from pipeguard.signing import canonical_bytes, verify
+from pipeguard import claims
+from pipeguard.signing import canonical_bytes
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -322,7 +323,7 @@ async def receive_tensor(
     if offset != nbytes:
         raise DataLoss(f"tensor stream carried {offset} bytes, header promised {nbytes}")
     commitment = pb.TensorCommitment(header=header, payload_digest=chunk.payload_digest, signature=chunk.signature)
-    verify(commitment, sender, what="tensor commitment")
+    claims.tensor_commitment(commitment, sender)
     if h.digest() != commitment.payload_digest:
         raise DataLoss("payload bytes do not match the signed digest")
     dtype = torch_dtype(header.dtype)
@@ -412,6 +413,23 @@ class StateAssembler:
     def finish(self) -> dict[str, torch.Tensor]:
         self._finish()
         return self.tensors
+
+
+async def receive_state(chunks: AsyncIterator[pb.StateChunk], max_tensor_bytes: int, *,
+                        max_tensors: int = StateAssembler.MAX_TENSORS, max_total_bytes: int | None = None
+                        ) -> tuple[dict[str, torch.Tensor], pb.StateAttestation | None]:
+    """A state stream (a FetchState or FetchCheckpoint reply) assembled within the limits of
+    ``StateAssembler``: the named tensors, and the attestation the stream carried (None if none).
+    Whether the attestation binds the state is the caller's rule (``claims.served_state``,
+    ``claims.committed_state``)."""
+    asm = StateAssembler(max_tensor_bytes, max_tensors=max_tensors, max_total_bytes=max_total_bytes)
+    attestation = None
+    async for chunk in chunks:
+        if chunk.HasField("attestation"):
+            attestation = chunk.attestation
+        if chunk.name or chunk.data:
+            asm.add(chunk)
+    return asm.finish(), attestation
 
 
 def signed_chunks(commitment: pb.TensorCommitment, tensor: torch.Tensor, chunk_bytes: int) -> Iterator[pb.TensorChunk]:

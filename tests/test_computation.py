@@ -14,6 +14,7 @@ import pytest
 
 from node.stage import Assignment
 from pipeguard import audit
+from pipeguard.claims import served_state
 from pipeguard.computation import StageComputation, StageSetup, model_spec, train_spec
 from pipeguard.data import stdlib_corpus
 from pipeguard.errors import InvalidArgument
@@ -101,7 +102,7 @@ def artifacts(cl, stage: int, kind: int) -> audit.Artifacts:
                                         epoch=EPOCH), me)
 
     art = audit.Artifacts(request=req, state=cl["states"][stage], attestation=attest(STEP, cl["digests"][stage]))
-    audit.check_attestation(art.attestation, peers[stage], req, STEP, art.state)
+    served_state(art.attestation, peers[stage], req, STEP, art.state)
     sent = cl["sent"]
     backward = kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE)
     for mb in mbs:
@@ -117,7 +118,7 @@ def artifacts(cl, stage: int, kind: int) -> audit.Artifacts:
     if kind == pb.AUDIT_KIND_UPDATE:
         art.next_state = cl["next_states"][stage]
         art.next_attestation = attest(STEP + 1, cl["next_digests"][stage])
-        audit.check_attestation(art.next_attestation, peers[stage], req, STEP + 1, art.next_state)
+        served_state(art.next_attestation, peers[stage], req, STEP + 1, art.next_state)
     if art.needs_tokens():
         art.tokens = {mb: cl["tokens"][mb] for mb in mbs}
         audit.check_tokens(art)

@@ -19,10 +19,8 @@ import json
 import os
 import sys
 
-import grpc
-
 from pipeguard import config as pgconfig
-from pipeguard.errors import from_rpc_error
+from pipeguard.errors import PipeguardError
 
 EXPORT_MESSAGE_BYTES = 64 << 20
 
@@ -61,8 +59,8 @@ def _status_cmd(args: argparse.Namespace) -> int:
                     print(json.dumps(MessageToDict(ev, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)), flush=True)
                 else:
                     print(status_view.render_event(ev), flush=True)
-        except grpc.RpcError as err:
-            print(f"pipeguard status: {args.coordinator}: {from_rpc_error(err)}", file=sys.stderr)
+        except PipeguardError as err:  # blocking_channel raises typed errors
+            print(f"pipeguard status: {args.coordinator}: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 0
@@ -84,8 +82,8 @@ def _export_cmd(args: argparse.Namespace) -> int:
             status = stub.Status(pb.StatusRequest(history=1), timeout=args.timeout)
             for chunk in stub.ExportState(pb.ExportRequest(), timeout=args.timeout):
                 asm.add(chunk)
-        except grpc.RpcError as err:
-            print(f"pipeguard export: {args.coordinator}: {from_rpc_error(err)}", file=sys.stderr)
+        except PipeguardError as err:
+            print(f"pipeguard export: {args.coordinator}: {err}", file=sys.stderr)
             return 1
     state = asm.finish()
     m = status.model
@@ -153,8 +151,8 @@ def _admin_cmd(args: argparse.Namespace) -> int:
             call, req = stub.SetAuditRate, pb.SetAuditRateRequest(rate=args.rate, operator=operator)
         try:
             reply = call(req, timeout=args.timeout, metadata=(("authorization", f"Bearer {token}"),))
-        except grpc.RpcError as err:
-            print(f"pipeguard admin {args.order}: {args.coordinator}: {from_rpc_error(err)}", file=sys.stderr)
+        except PipeguardError as err:
+            print(f"pipeguard admin {args.order}: {args.coordinator}: {err}", file=sys.stderr)
             return 1
     print(reply.detail)
     return 0
