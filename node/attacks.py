@@ -129,44 +129,80 @@ class AttackContext:
         return g
 
 
-HOOKS = ("on_forward", "on_backward", "on_send", "on_serve_tensor", "on_serve_state", "on_update", "pause",
-         "on_verdict")
+@dataclass(frozen=True)
+class Hook:
+    """How ``Gated`` and ``Chain`` treat a hook (every hook is declared once, on ``Behaviour``)."""
+
+    name: str
+    returns: int
+    """How many of the arguments after ``ctx`` the hook returns, rewritten (1: that value, 2: a
+    pair, 0: nothing, the hook acts by side effect or by waiting)."""
+    event: str
+    """The gate's name for a call (``{0}``: the first argument after ``ctx``); it seeds the coin."""
+    is_async: bool = False
+
+
+def hook(returns: int, event: str = ""):
+    """Declare a method of ``Behaviour`` as a hook (see ``Hook``); the event defaults to the name
+    without ``on_``, dashed (``on_serve_state`` -> ``serve-state``)."""
+    def mark(fn):
+        fn.__hook__ = Hook(fn.__name__, returns, event or fn.__name__.removeprefix("on_").replace("_", "-"),
+                           asyncio.iscoroutinefunction(fn))
+        return fn
+    return mark
 
 
 class Behaviour:
-    """Honest by default. Override hooks to misbehave (see the module docstring)."""
+    """Honest by default. Override hooks to misbehave (see the module docstring).
+
+    A new hook is one method here, marked ``@hook``, and the seam that calls it (node/seams.py):
+    gating, chaining and plug-in defaults follow from the declaration."""
 
     name = "honest"
 
+    @hook(returns=1)
     def on_forward(self, ctx: AttackContext, activation: torch.Tensor) -> torch.Tensor:
         return activation
 
+    @hook(returns=1)
     def on_backward(self, ctx: AttackContext, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
+    @hook(returns=1)
     def on_send(self, ctx: AttackContext, chunks: list) -> list:
         """``chunks``: the signed ``pb.TensorChunk`` stream; return the stream to push."""
         return chunks
 
+    @hook(returns=2)
     def on_serve_tensor(self, ctx: AttackContext, commitment, tensor: torch.Tensor, sent: bool):
         """A retained tensor (``sent``: this node sent it, else received it) is about to be served
         with its ``pb.TensorCommitment``; return the (commitment, tensor) to serve."""
         return commitment, tensor
 
+    @hook(returns=2)
     def on_serve_state(self, ctx: AttackContext, named: dict[str, torch.Tensor], digest: bytes):
         """The state at the start of ``ctx.step`` is about to be served; return (named, digest)."""
         return named, digest
 
+    @hook(returns=0)
     def on_update(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   before: dict[str, torch.Tensor]) -> None:
         """Called on the compute thread after the optimizer step of ``ctx.step``."""
 
+    @hook(returns=0, event="pause-{0}")
     async def pause(self, ctx: AttackContext, what: str) -> None:
         """Awaited before a send (``"send"``), an RPC answer (``"rpc"``), a heartbeat (``"heartbeat"``)."""
 
+    @hook(returns=1)
     def on_verdict(self, ctx: AttackContext, verdict):
         """``verdict`` is a ``pb.AuditVerdict`` before signing; return the one to sign."""
         return verdict
+
+
+HOOK_SPECS: dict[str, Hook] = {fn.__hook__.name: fn.__hook__ for fn in vars(Behaviour).values()
+                               if hasattr(fn, "__hook__")}
+HOOKS = tuple(HOOK_SPECS)
+"""The hook names, in declaration order."""
 
 
 def overrides(obj: object, hook: str) -> bool:
@@ -553,63 +589,30 @@ class Gated(Behaviour):
             self.fired += 1
             log.debug("attack %s fired on %s step %d mb %d", self.name, event, ctx.step, ctx.micro_batch)
 
-    def on_forward(self, ctx, activation):
-        if not self._fires(ctx, "forward"):
-            return activation
-        out = self.inner.on_forward(ctx, activation)
-        self._note(out is not activation, "forward", ctx)
-        return out
-
-    def on_backward(self, ctx, grad):
-        if not self._fires(ctx, "backward"):
-            return grad
-        out = self.inner.on_backward(ctx, grad)
-        self._note(out is not grad, "backward", ctx)
-        return out
-
-    def on_send(self, ctx, chunks):
-        if not self._fires(ctx, "send"):
-            return chunks
-        out = self.inner.on_send(ctx, chunks)
-        self._note(out is not chunks, "send", ctx)
-        return out
-
-    def on_serve_tensor(self, ctx, commitment, tensor, sent):
-        if not self._fires(ctx, "serve-tensor"):
-            return commitment, tensor
-        out = self.inner.on_serve_tensor(ctx, commitment, tensor, sent)
-        self._note(out[1] is not tensor or out[0] is not commitment, "serve-tensor", ctx)
-        return out
-
-    def on_serve_state(self, ctx, named, digest):
-        if not self._fires(ctx, "serve-state"):
-            return named, digest
-        out = self.inner.on_serve_state(ctx, named, digest)
-        self._note(out[1] != digest, "serve-state", ctx)
-        return out
-
-    def on_update(self, ctx, module, optimizer, before):
-        if self._fires(ctx, "update"):
-            self.inner.on_update(ctx, module, optimizer, before)
-            self._note(overrides(self.inner, "on_update"), "update", ctx)
-
-    async def pause(self, ctx, what):
+    def _call(self, spec: Hook, ctx: AttackContext, args: tuple):
+        """``spec``'s hook of ``inner`` if the gate opens for this call, else the honest default."""
+        event = spec.event.format(*args)
         # A latched behaviour (node:silent after it fired) stays in force whatever the gate says.
-        if getattr(self.inner, "latched", False) or self._fires(ctx, "pause-" + what):
-            self._note(overrides(self.inner, "pause"), "pause-" + what, ctx)
-            await self.inner.pause(ctx, what)
-
-    def on_verdict(self, ctx, verdict):
-        if not self._fires(ctx, "verdict"):
-            return verdict
-        before = verdict.verdict
-        out = self.inner.on_verdict(ctx, verdict)
-        self._note(out is not verdict or out.verdict != before, "verdict", ctx)
+        if not (getattr(self.inner, "latched", False) or self._fires(ctx, event)):
+            return getattr(Behaviour, spec.name)(self, ctx, *args)
+        if spec.returns == 0:  # noted before the call: a pause may never return
+            self._note(overrides(self.inner, spec.name), event, ctx)
+            return getattr(self.inner, spec.name)(ctx, *args)
+        before = [_fingerprint(a) for a in args[:spec.returns]]
+        out = getattr(self.inner, spec.name)(ctx, *args)
+        outs = (out,) if spec.returns == 1 else tuple(out)
+        self._note(any(o is not a or (b is not None and _fingerprint(o) != b)
+                       for o, a, b in zip(outs, args, before)), event, ctx)
         return out
+
+
+def _fingerprint(value) -> bytes | None:
+    """A protobuf message's bytes (a hook may rewrite one in place), None for anything else."""
+    return value.SerializeToString(deterministic=True) if hasattr(value, "SerializeToString") else None
 
 
 class Chain(Behaviour):
-    """Apply several behaviours in order."""
+    """Apply several behaviours in order: each gets what the one before it returned."""
 
     def __init__(self, parts: list[Behaviour]):
         self.parts = parts
@@ -618,47 +621,41 @@ class Chain(Behaviour):
     def overrides(self, hook: str) -> bool:
         return any(overrides(p, hook) for p in self.parts)
 
-    def on_forward(self, ctx, activation):
+    def _call(self, spec: Hook, ctx: AttackContext, args: tuple):
         for p in self.parts:
-            activation = p.on_forward(ctx, activation)
-        return activation
+            out = getattr(p, spec.name)(ctx, *args)
+            if spec.returns:
+                args = ((out,) if spec.returns == 1 else tuple(out)) + args[spec.returns:]
+        return args[0] if spec.returns == 1 else args[:spec.returns] if spec.returns else None
 
-    def on_backward(self, ctx, grad):
+    async def _call_async(self, spec: Hook, ctx: AttackContext, args: tuple) -> None:
         for p in self.parts:
-            grad = p.on_backward(ctx, grad)
-        return grad
-
-    def on_send(self, ctx, chunks):
-        for p in self.parts:
-            chunks = p.on_send(ctx, chunks)
-        return chunks
-
-    def on_serve_tensor(self, ctx, commitment, tensor, sent):
-        for p in self.parts:
-            commitment, tensor = p.on_serve_tensor(ctx, commitment, tensor, sent)
-        return commitment, tensor
-
-    def on_serve_state(self, ctx, named, digest):
-        for p in self.parts:
-            named, digest = p.on_serve_state(ctx, named, digest)
-        return named, digest
-
-    def on_update(self, ctx, module, optimizer, before):
-        for p in self.parts:
-            p.on_update(ctx, module, optimizer, before)
-
-    async def pause(self, ctx, what):
-        for p in self.parts:
-            await p.pause(ctx, what)
-
-    def on_verdict(self, ctx, verdict):
-        for p in self.parts:
-            verdict = p.on_verdict(ctx, verdict)
-        return verdict
+            await getattr(p, spec.name)(ctx, *args)
 
     @property
     def fired(self) -> int:
         return sum(getattr(p, "fired", 0) for p in self.parts)
+
+
+def _dispatch(cls: type, spec: Hook) -> None:
+    """Give ``cls`` (``Gated``, ``Chain``) the hook ``spec`` as a method that goes through its ``_call``."""
+    if spec.is_async and cls is Chain:
+        async def method(self, ctx, *args):
+            await self._call_async(spec, ctx, args)
+    elif spec.is_async:
+        async def method(self, ctx, *args):
+            await self._call(spec, ctx, args)
+    else:
+        def method(self, ctx, *args):
+            return self._call(spec, ctx, args)
+    method.__name__ = method.__qualname__ = spec.name
+    method.__doc__ = getattr(Behaviour, spec.name).__doc__
+    setattr(cls, spec.name, method)
+
+
+for _spec in HOOK_SPECS.values():
+    _dispatch(Gated, _spec)
+    _dispatch(Chain, _spec)
 
 
 def load_plugin(spec: str) -> Behaviour:

@@ -10,7 +10,6 @@ from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.signing import sign
 from pipeguard.v1 import pipeguard_pb2 as pb
-from node.attacks import AttackContext
 from node.membership import Membership
 from node.peers import PeerPool
 from node.stage import StageRuntime
@@ -18,11 +17,22 @@ from node.stage import StageRuntime
 log = logging.getLogger(__name__)
 
 
+class VerdictSigner:
+    """Signs this node's verdicts as auditor (node/seams.py wraps it for a lying auditor)."""
+
+    def __init__(self, identity: Identity):
+        self.identity = identity
+
+    def sign(self, req: pb.AuditRequest, verdict: pb.AuditVerdict) -> pb.AuditVerdict:
+        """``verdict`` on ``req``, signed."""
+        return sign(verdict, self.identity)
+
+
 class NodeAuditor:
     def __init__(self, identity: Identity, runtime: StageRuntime, peers: PeerPool, membership: Membership,
-                 max_tensor_bytes: int, timeout: float):
+                 max_tensor_bytes: int, timeout: float, signer: VerdictSigner | None = None):
         self.identity = identity
-        self.behaviour = runtime.behaviour
+        self.signer = signer or VerdictSigner(identity)
         self.runtime = runtime
         self.peers = peers
         self.membership = membership
@@ -56,18 +66,16 @@ class NodeAuditor:
                     if art.needs_tokens():
                         art.fill_tokens(await self.membership.dataset(req.data_digest))
                         audit.check_tokens(art)
-                    finding = await self.runtime._compute(audit.check, art)
+                    finding = await self.runtime.compute(audit.check, art)
                     verdict.verdict, verdict.deviation, verdict.detail = (finding.verdict, finding.deviation,
                                                                           finding.detail)
             except PipeguardError as exc:
                 verdict.verdict, verdict.detail = pb.VERDICT_ERROR, f"audit incomplete: {exc}"
-        verdict = self.behaviour.on_verdict(
-            AttackContext(req.step, req.micro_batch, req.stage, self.identity.node_id, peer=req.target.node_id,
-                          signer=self.identity), verdict)
+        verdict = self.signer.sign(req, verdict)
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
         log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,
                 audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
                 pb.Verdict.Name(verdict.verdict), verdict.detail)
-        return sign(verdict, self.identity)
+        return verdict
 

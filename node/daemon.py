@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeguard import config as pgconfig
@@ -16,10 +17,11 @@ from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_serve
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node import attacks
 from node.config import NodeConfig
-from node.auditor import NodeAuditor
+from node.auditor import NodeAuditor, VerdictSigner
 from node.membership import Membership
 from node.metrics import NodeMetrics
 from node.peers import PeerPool
+from node.seams import Seams
 from node.service import NodeService
 from node.stage import StageRuntime
 
@@ -86,29 +88,58 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
     })
 
 
+@dataclass
+class Node:
+    """The daemon's parts, built and wired, not yet serving."""
+
+    peers: PeerPool
+    runtime: StageRuntime
+    membership: Membership
+    service: NodeService
+    seams: Seams | None
+    """How the node misbehaves (None: honest, every part a plain object)."""
+
+
+def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
+    """Build the node. Malicious behaviour is chosen here, once: a node with an ``[attack]`` gets
+    the wrappers of node/seams.py around the parts whose hooks it overrides."""
+    a = cfg.attack
+    behaviour = attacks.from_config(a, a.seed or int(identity.node_id[:15], 16))
+    seams = Seams.for_behaviour(behaviour, identity)
+    if seams is not None:
+        log.warning("MALICIOUS node: behaviour %s at rate %.2f from step %d%s%s", behaviour.name, a.rate,
+                    a.start_step, f" to {a.stop_step}" if a.stop_step >= 0 else "",
+                    f", micro-batches {a.micro_batches}" if a.micro_batches else "")
+    peers = PeerPool(identity, cfg.net, cfg.timeouts)
+    if seams is None:
+        runtime = StageRuntime(identity, peers, cfg.timeouts)
+    else:
+        runtime = StageRuntime(identity, seams.peers(peers), cfg.timeouts, build=seams.computation())
+        seams.runtime = runtime
+    service: NodeService | None = None
+    membership = Membership(identity, cfg.coordinator, cfg.coordinator_key, home, cfg.net, cfg.timeouts,
+                            stats=lambda: service.heartbeat_stats())
+    args = (identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
+    options = dict(max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
+    service = NodeService(*args, **options) if seams is None else seams.service(*args, **options)
+    membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
+    runtime.fetch_checkpoint = membership.fetch_checkpoint
+    signer = VerdictSigner(identity)
+    if seams is not None:
+        membership.before_heartbeat = seams.heartbeat()
+        signer = seams.verdict_signer(signer)
+    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step,
+                                  signer)
+    return Node(peers, runtime, membership, service, seams)
+
+
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     home = Path(cfg.home).expanduser()
     identity = Identity.load_or_create(home / "node.key")
     set_log_prefix(f"node {identity.node_id[:8]}")
     Determinism(cfg.threads).apply()
-    a = cfg.attack
-    behaviour = attacks.from_config(a, a.seed or int(identity.node_id[:15], 16))
-    if behaviour.parts:
-        log.warning("MALICIOUS node: behaviour %s at rate %.2f from step %d%s%s", behaviour.name, a.rate,
-                    a.start_step, f" to {a.stop_step}" if a.stop_step >= 0 else "",
-                    f", micro-batches {a.micro_batches}" if a.micro_batches else "")
-    peers = PeerPool(identity, cfg.net, cfg.timeouts)
-    runtime = StageRuntime(identity, peers, behaviour, cfg.timeouts.step)
-    service: NodeService | None = None
-    membership = Membership(identity, cfg.coordinator, cfg.coordinator_key, home, cfg.net, cfg.timeouts,
-                            stats=lambda: service.heartbeat_stats())
-    service = NodeService(identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes,
-                          max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
-    membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
-    runtime.fetch_checkpoint = membership.fetch_checkpoint
-    if "pause" in runtime.attacks:  # node:silent stops heartbeats too
-        membership.before_heartbeat = lambda: runtime.pause("heartbeat", runtime.completed_step + 1)
-    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step)
+    node = build(cfg, identity, home)
+    peers, runtime, membership, service = node.peers, node.runtime, node.membership, node.service
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"], cfg.timeouts)
     membership.address = address

@@ -70,7 +70,7 @@ class PeerPool:
         one ``timeouts.retries`` times. Every attempt has the
         ``timeouts.request`` deadline (``rpc.TypedErrors``).
 
-        ``rewrite`` (experiments only: node/attacks.py's ``on_send``) gets the signed chunk
+        ``rewrite`` (experiments only: node/seams.py passes a behaviour's ``on_send``) gets the signed chunk
         stream and returns the one actually pushed; the honest commitment is still returned.
         """
         sender = TensorSender(header, tensor, self.identity, self.net.chunk_bytes)

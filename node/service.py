@@ -104,7 +104,6 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def RunStep(self, request: pb.RunStepRequest, context) -> pb.StepReport:
-        await self.runtime.pause("rpc", request.step)
         self._check_order(request, "run-step")
         self._check_epoch(request.epoch)
         report = await self.runtime.run_step(request.step)
@@ -112,7 +111,6 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def ApplyUpdate(self, request: pb.ApplyUpdateRequest, context) -> pb.UpdateReport:
-        await self.runtime.pause("rpc", request.step)
         self._check_order(request, "apply-update")
         self._check_epoch(request.epoch)
         a = self.runtime.assignment
@@ -155,15 +153,11 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def FetchState(self, request: pb.FetchStateRequest, context):
-        await self.runtime.pause("rpc", request.step, peer=request.requester)
         await self._check_fetch(request, "fetch-state")
         a = self.runtime.assignment
         if a is None or a.stage != request.stage:
             raise FailedPrecondition(f"this node does not serve stage {request.stage}")
-        named, digest, epoch = await self.runtime.state_at(request.step)
-        if "on_serve_state" in self.runtime.attacks:  # experiments: state:false-commitment
-            named, digest = self.runtime.behaviour.on_serve_state(
-                self.runtime.attack_context(request.step, peer=request.requester), named, digest)
+        named, digest, epoch = await self.served_state(request)
         items = [(n, t) for n, t in named.items() if request.include_optimizer or n.startswith("param/")]
         chunks = state_chunks(items, a.stage, request.step, self.chunk_bytes)
         for chunk in chunks:
@@ -174,23 +168,26 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def FetchTensor(self, request: pb.FetchTensorRequest, context):
-        await self.runtime.pause("rpc", request.step, request.micro_batch, request.direction, request.requester)
         await self._check_fetch(request, "fetch-tensor")
-        kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
-        commitment, tensor = kept.commitment, kept.tensor
-        if "on_serve_tensor" in self.runtime.attacks:  # experiments: wire:equivocate
-            ctx = self.runtime.attack_context(request.step, request.micro_batch, request.direction, request.requester)
-            commitment, tensor = self.runtime.behaviour.on_serve_tensor(ctx, commitment, tensor, request.sent)
+        commitment, tensor = self.served_tensor(request)
         for chunk in signed_chunks(commitment, tensor, self.chunk_bytes):
             await context.write(chunk)
 
     @abort_on_error
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditVerdict:
-        await self.runtime.pause("rpc", request.step, request.micro_batch)
         claims.audit_order(request, self.membership.coordinator_key, auditor=self.identity.node_id)
         if self.auditor is None:
             raise FailedPrecondition("this node does not audit")
         return await self.auditor.audit(request)
+
+    async def served_state(self, request: pb.FetchStateRequest):
+        """(named state, digest, epoch) served for a FetchState that passed its checks."""
+        return await self.runtime.state_at(request.step)
+
+    def served_tensor(self, request: pb.FetchTensorRequest):
+        """(commitment, tensor) served for a FetchTensor that passed its checks."""
+        kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
+        return kept.commitment, kept.tensor
 
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -204,7 +201,6 @@ class NodeService(pb_grpc.NodeServicer):
             context.set_trailing_metadata((BUSY,))
             raise ResourceExhausted(f"{self.max_inflight_streams} tensor streams already in flight; retry shortly")
         async with self._streams:
-            await self.runtime.pause("rpc", self.runtime.completed_step + 1)
             return await self._receive(request_iterator)
 
     async def _receive(self, request_iterator) -> pb.PushReply:

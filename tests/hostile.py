@@ -626,8 +626,8 @@ class NodeTarget:
         return _digest({
             "commitment": rt.state_commitment.hex(), "completed": rt.completed_step, "epoch": svc.epoch,
             "assignment": (rt.assignment.run_id, rt.assignment.epoch, rt.assignment.stage),
-            "seen": sorted((list(k), v.hex()) for k, v in rt._seen.items()),
-            "inbox": sorted(list(k) for k in rt._inbox), "grads_for": rt._grads_for, "banned": sorted(rt.banned),
+            "seen": sorted((list(k), v.hex()) for k, v in rt.admission.seen.items()),
+            "inbox": sorted(list(k) for k in rt.admission.inbox), "grads_for": rt._grads_for, "banned": sorted(rt.banned),
             "peer_keys": sorted(svc.peer_keys), "members": sorted(m.members), "run": m.run_id,
             "coordinator": m.coordinator_key.public_key.hex(),
         })
@@ -770,15 +770,15 @@ class NodeTarget:
         if f is NFault.PUSH_NAN_INF:
             t = torch.randn(ns.ACT_SHAPE)
             t.view(-1)[p["positions"]] = p["value"]
-            flags_before = len(bed.runtime.flags.get(0, []))
+            flags_before = len(bed.runtime.admission.flags.get(0, []))
             try:
                 await self._push(bed.tensor_chunks(micro_batch=1, tensor=t))
-                reasons = [fl.reason for fl in bed.runtime.flags.get(0, [])[flags_before:]]
+                reasons = [fl.reason for fl in bed.runtime.admission.flags.get(0, [])[flags_before:]]
                 assert any("nan" in r.lower() or "inf" in r.lower() or "finite" in r.lower() for r in reasons), \
                     f"a NaN/Inf activation was not flagged by the screen: {reasons}"
             finally:
                 await self._reset_step()  # the accepted tensor is dropped again: state as before
-                bed.runtime.flags.pop(0, None)
+                bed.runtime.admission.flags.pop(0, None)
             return None
         if f in (NFault.ORDER_FORGED, NFault.ORDER_OTHER_NODE, NFault.ORDER_OTHER_RUN, NFault.ORDER_WRONG_EPOCH):
             fields = {NFault.ORDER_OTHER_NODE: {"node_id": p.get("node_id", "") if p.get("node_id") != bed.node.node_id

@@ -23,7 +23,6 @@ import grpc
 import pytest
 import torch
 
-from node.attacks import Behaviour
 from node.membership import Membership
 from node.peers import PeerPool
 from node.service import NodeService
@@ -163,7 +162,7 @@ async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True
 
     timeouts = TimeoutConfig(request=DEADLINE, step=DEADLINE, retry_backoff=0.05, retry_max=0.2)
     peers = PeerPool(node, NET, timeouts)
-    runtime = StageRuntime(node, peers, Behaviour(), step_timeout=DEADLINE)
+    runtime = StageRuntime(node, peers, timeouts)
     service: NodeService | None = None
     # Points at a port nothing listens on; run() is never called, the test plays the coordinator.
     membership = Membership(node, "127.0.0.1:9", "", home, NET, timeouts, stats=lambda: service.heartbeat_stats())
