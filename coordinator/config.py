@@ -141,9 +141,6 @@ class AuditConfig:
     shutdown_checkpoint: float = 8.0
     """Seconds spent at most on a last checkpoint when the coordinator shuts down (docker stop waits
     10 s before it kills); a resumed run starts from the last checkpoint before it if none was made."""
-    timeout: float = 0.0
-    """Deadline in seconds of one Audit RPC to an auditor, and of each fetch the coordinator makes to
-    confirm or re-check a verdict; 0 = timeouts.step (an audit recomputes at most one stage's step)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -159,8 +156,6 @@ class AuditConfig:
         if not self.shutdown_checkpoint > 0:
             raise ConfigError(f"audit.shutdown_checkpoint must be positive (seconds), got {self.shutdown_checkpoint}; "
                               "keep it below the time your supervisor waits before it kills the coordinator")
-        if self.timeout < 0:
-            raise ConfigError(f"audit.timeout must be >= 0 seconds (0 means timeouts.step), got {self.timeout}")
 
 
 @dataclass
@@ -228,8 +223,8 @@ class CoordinatorConfig:
             )
 
     def audit_timeout(self) -> float:
-        """Deadline of an Audit RPC and of the judge's fetches (``audit.timeout``, 0 = ``timeouts.step``)."""
-        return self.audit.timeout or self.timeouts.step
+        """Deadline of an Audit RPC and of the judge's fetches (``timeouts.audit``)."""
+        return self.timeouts.audit
 
     def model_spec(self) -> pb.ModelSpec:
         """The model as stages and auditors are told it."""

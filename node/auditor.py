@@ -30,13 +30,14 @@ class VerdictSigner:
 
 class NodeAuditor:
     def __init__(self, identity: Identity, runtime: StageRuntime, peers: PeerPool, membership: Membership,
-                 max_tensor_bytes: int, timeout: float, signer: VerdictSigner | None = None):
+                 net: NetConfig, timeout: float, signer: VerdictSigner | None = None):
         self.identity = identity
         self.signer = signer or VerdictSigner(identity)
         self.runtime = runtime
         self.peers = peers
         self.membership = membership
-        self.max_tensor_bytes = max_tensor_bytes
+        self.net = net
+        """Bounds of what an audit fetches (``max_tensor_bytes``, the state limits)."""
         self.timeout = timeout
         self.done = 0
         self._lock = asyncio.Lock()  # one audit's recomputation at a time: bounded memory
@@ -46,9 +47,10 @@ class NodeAuditor:
         audit.validate_request(req)
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id)
         async with self._lock:
-            fetcher = self._cache.using(audit.RpcFetcher(self.identity, self.identity.node_id, self.peers.stub,
-                                                         req.run_id, self.max_tensor_bytes, self.timeout,
-                                                         req.epoch))
+            fetcher = self._cache.using(audit.RpcFetcher(
+                self.identity, self.identity.node_id, self.peers.stub, req.run_id, self.net.max_tensor_bytes,
+                self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
+                max_state_bytes=self.net.state_bytes_limit))
             try:
                 # Forward/backward audits also fetch the senders' own copies of the tensors: a
                 # sender that shows auditors another signed version than its receiver holds is

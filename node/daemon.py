@@ -128,7 +128,7 @@ def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
     if seams is not None:
         membership.before_heartbeat = seams.heartbeat()
         signer = seams.verdict_signer(signer)
-    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net.max_tensor_bytes, cfg.timeouts.step,
+    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net, cfg.timeouts.audit,
                                   signer)
     return Node(peers, runtime, membership, service, seams)
 

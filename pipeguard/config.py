@@ -156,7 +156,8 @@ class TimeoutConfig:
     """Deadline of one training step on a stage (forward + backward of all micro-batches), and of the
     calls that wait for one or move a stage's state (assign, apply-update, state and tensor fetches)."""
     audit: float = 300.0
-    """Deadline of an Audit call (the auditor fetches what it needs and recomputes one micro-batch)."""
+    """Deadline in seconds of an Audit call, and of each fetch an auditor (or the coordinator's judge,
+    confirming or re-checking a verdict) makes for it; an audit recomputes at most one stage's step."""
     abort_wait: float = 2.0
     """Seconds an aborted step may take to stop running before the abort is refused."""
     heartbeat_interval: float = 1.0
