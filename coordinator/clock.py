@@ -182,6 +182,11 @@ class StepClock:
         requests = self._assign_requests(slots, nodes, start, digests)
         replies = await asyncio.gather(
             *(self.channels.call(rec, "Assign", req, self.cfg.timeouts.step) for rec, req in zip(nodes, requests)))
+        # A conviction that landed while Assign was in flight (the judge runs concurrently) must
+        # not be overwritten by the role below: plan again without the banned node.
+        convicted = [rec.node_id[:8] for rec in nodes if rec.role == pb.ROLE_BANNED]
+        if convicted:
+            raise FailedPrecondition(f"node(s) {', '.join(convicted)} were banned while their stages were assigned")
         for slot, rec, reply in zip(slots, nodes, replies):
             if start > 0 and reply.state_digest != digests.get(slot):
                 raise DataLoss(f"stage {slot} on {rec.node_id[:8]} reports a state other than the committed one")
