@@ -3,8 +3,12 @@
 Protobuf serialisation is not canonical, so signatures never cover serialised bytes. They
 cover ``canonical_bytes(message)``: a domain tag with the message's full name, then every
 field that holds a non-default value, in field-number order, as (number, value) with
-fixed-width integers, length-prefixed strings/bytes/repeated fields and nested messages
-encoded the same way. Default-valued fields are left out (as proto3 does on the wire), so
+fixed-width integers, floats as their IEEE-754 double bits (so -0.0 and 0.0 differ),
+length-prefixed strings and bytes, repeated fields as a count then their items, and nested
+messages encoded the same way inside a length prefix. Every part is either fixed-width or
+length-prefixed and the schema fixes each field's type, so the encoding is injective: two
+messages of one type with different field values never share canonical bytes
+(tests/test_signing.py checks it with hypothesis). Default-valued fields are left out (as proto3 does on the wire), so
 a field added to the schema later does not change the bytes, and old signatures and
 evidence bundles stay valid. The top-level ``signature`` field is left out. Any implementation can rebuild these bytes from the typed
 fields alone, which is what lets an evidence bundle be re-checked offline.
@@ -22,7 +26,9 @@ from google.protobuf.message import Message
 from pipeguard.errors import Unauthenticated
 from pipeguard.identity import Identity, PublicIdentity
 
-DOMAIN = b"pipeguard/v1\x00"
+# The tag names the encoding's version: bundles signed under the first encoding (which had no
+# length prefix on nested messages and collapsed -0.0 into 0.0) do not verify under this one.
+DOMAIN = b"pipeguard/v1/canonical-2\x00"
 
 _INT_TYPES = {
     FieldDescriptor.TYPE_INT32,
@@ -57,7 +63,9 @@ def _encode_value(field: FieldDescriptor, value, out: bytearray) -> None:
     elif t == FieldDescriptor.TYPE_BYTES:
         out += struct.pack(">I", len(value)) + value
     elif t == FieldDescriptor.TYPE_MESSAGE:
-        _encode_message(value, out, skip_signature=False)
+        inner = bytearray()
+        _encode_message(value, inner, skip_signature=False)
+        out += struct.pack(">I", len(inner)) + inner
     else:  # pragma: no cover - the schema uses none of the others
         raise TypeError(f"unsupported field type {t} for {field.full_name}")
 
@@ -86,10 +94,20 @@ def _encode_message(msg: Message, out: bytearray, skip_signature: bool,
             out += struct.pack(">I", field.number)
             _encode_value(field, value, out)
         else:
-            if value == field.default_value:
+            if _is_default(field, value):
                 continue
             out += struct.pack(">I", field.number)
             _encode_value(field, value, out)
+
+
+_ZERO_BITS = struct.pack(">d", 0.0)
+
+
+def _is_default(field: FieldDescriptor, value) -> bool:
+    """Whether a singular scalar holds its default; floats by bits, so -0.0 is not 0.0."""
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return struct.pack(">d", value) == _ZERO_BITS
+    return value == field.default_value
 
 
 def _encode_repeated(field: FieldDescriptor, value, out: bytearray) -> None:

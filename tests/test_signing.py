@@ -153,3 +153,86 @@ def test_a_preencoded_repeated_field_gives_the_same_bytes_and_a_valid_signature(
            coordinator.public())
     with pytest.raises(ValueError):
         encode_field(pb.HeartbeatReply, "seq", 3)
+
+
+# --- injectivity -----------------------------------------------------------------------------
+# A signature binds exactly one message: two messages of one type whose fields differ must never
+# share canonical bytes, or a signer's claim about one could be presented as a claim about the other.
+
+from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SMALL_STRINGS = st.sampled_from(["", "a", "b", "ab", "\x00", "a\x00"])
+_SMALL_BYTES = st.sampled_from([b"", b"\x00", b"\x01", b"\x00\x00\x00\x01", b"ab"])
+_FLOATS = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5e-324, float("inf")])
+
+
+def _scalar(field: FieldDescriptor):
+    t = field.type
+    if t == FieldDescriptor.TYPE_STRING:
+        return _SMALL_STRINGS
+    if t == FieldDescriptor.TYPE_BYTES:
+        return _SMALL_BYTES
+    if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return _FLOATS
+    if t == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if t == FieldDescriptor.TYPE_ENUM:
+        return st.sampled_from([v.number for v in field.enum_type.values])
+    if t in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED32,
+             FieldDescriptor.TYPE_FIXED64):
+        return st.integers(0, 2)
+    return st.integers(-1, 2)
+
+
+@st.composite
+def _message(draw, cls, depth=0):
+    """A message of ``cls`` with a few fields set from tiny value sets (so collisions are likely)."""
+    msg = cls()
+    fields = [f for f in cls.DESCRIPTOR.fields if f.name != "signature"]
+    for field in draw(st.lists(st.sampled_from(fields), max_size=4, unique=True)) if fields else []:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if depth >= 2:
+                continue
+            sub_cls = type(getattr(cls(), field.name) if not field.is_repeated else getattr(cls(), field.name).add())
+            if field.is_repeated:
+                for item in draw(st.lists(_message(sub_cls, depth + 1), max_size=3)):
+                    getattr(msg, field.name).add().CopyFrom(item)
+            else:
+                getattr(msg, field.name).CopyFrom(draw(_message(sub_cls, depth + 1)))
+        elif field.is_repeated:
+            getattr(msg, field.name).extend(draw(st.lists(_scalar(field), max_size=3)))
+        else:
+            setattr(msg, field.name, draw(_scalar(field)))
+    return msg
+
+
+_TYPES = [pb.HeartbeatRequest, pb.StepReport, pb.AssignRequest, pb.TensorHeader, pb.AuditRequest,
+          pb.AuditVerdict, pb.HeartbeatReply]
+
+
+@pytest.mark.parametrize("cls", _TYPES, ids=lambda c: c.DESCRIPTOR.name)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_different_messages_never_share_canonical_bytes(cls, data):
+    msgs = data.draw(st.lists(_message(cls), min_size=2, max_size=12))
+    seen: dict[bytes, bytes] = {}
+    for msg in msgs:
+        wire = msg.SerializeToString(deterministic=True)
+        key = canonical_bytes(msg)
+        assert seen.setdefault(key, wire) == wire, f"two {cls.DESCRIPTOR.name}s share canonical bytes"
+
+
+def test_item_boundaries_of_repeated_messages_are_bound():
+    """The first encoding had no length on sub-messages: these two peer lists shared bytes."""
+    a, b = pb.HeartbeatRequest(node_id="n"), pb.HeartbeatRequest(node_id="n")
+    a.peers.add(peer="p", accepted=1)
+    a.peers.add()
+    b.peers.add(peer="p")
+    b.peers.add(accepted=1)
+    assert canonical_bytes(a) != canonical_bytes(b)
+
+
+def test_negative_zero_is_not_zero():
+    assert canonical_bytes(pb.StepReport(loss=-0.0)) != canonical_bytes(pb.StepReport(loss=0.0))
