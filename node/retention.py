@@ -73,9 +73,11 @@ class Retention:
                            f"({'sent' if sent else 'received'})")
         return found
 
-    def drop_after(self, step: int) -> None:
-        """A rollback to the start of ``step``: later snapshots describe a history that is gone."""
-        for later in [s for s in self.snapshots if s > step]:
+    def drop_from(self, step: int) -> None:
+        """A rollback to the start of ``step``: later snapshots describe a history that is gone, and
+        the one of ``step`` itself is now the current state, which belongs to the new assignment
+        (its epoch; ``StageRuntime.state_at`` serves the current state for the step it is at)."""
+        for later in [s for s in self.snapshots if s >= step]:
             del self.snapshots[later]
 
     def restart_at(self, start_step: int) -> None:

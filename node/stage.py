@@ -292,7 +292,7 @@ class StageRuntime:
 
         def restore():
             self.computation.load(snap.named)
-            self.retention.drop_after(step)
+            self.retention.drop_from(step)
             log.warning("rolled back from step %d to the start of step %d", self.completed_step + 1, step)
             self.completed_step = step - 1
             self.state_commitment = snap.commitment

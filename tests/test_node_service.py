@@ -217,6 +217,15 @@ async def run_one_step(bed: Bed) -> tuple[pb.StepReport, pb.UpdateReport]:
     return report, update
 
 
+async def attested_state(bed: Bed, step: int) -> pb.StateAttestation:
+    """FetchState of the state at the start of ``step``, as the coordinator asks; its attestation."""
+    request = sign(pb.FetchStateRequest(run_id=RUN, node_id=bed.node.node_id, step=step, stage=STAGE,
+                                        include_optimizer=True), bed.coord)
+    chunks = [c async for c in bed.stub.FetchState(request, timeout=DEADLINE)]
+    assert chunks[-1].HasField("attestation")
+    return chunks[-1].attestation
+
+
 # -- a healthy node --------------------------------------------------------------------------
 
 
@@ -765,5 +774,26 @@ def test_a_push_refused_early_gets_its_status_however_much_the_sender_still_stre
             if refusal == "busy":
                 release.set()
                 await asyncio.wait_for(held, DEADLINE)
+
+    run(scenario())
+
+
+def test_a_rollback_serves_the_restart_state_under_the_new_epoch(tmp_path):
+    """After a rollback the state at the restart step belongs to the new assignment: its
+    attestation names the new epoch, so audits of the rerun step (ordered for that epoch) find it."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            start = bed.assign_reply.state_digest
+            await run_one_step(bed)
+            assert (await attested_state(bed, 0)).epoch == 1
+            # the coordinator rolls the run back to step 0 in a new epoch
+            bed.epoch = 2
+            reply = await bed.order("Assign", bed.assign_request(epoch=2, state_digest=start))
+            assert reply.state_digest == start
+            attestation = await attested_state(bed, 0)
+            assert (attestation.epoch, attestation.state_digest) == (2, start)
+            bed.step = 0
+            report, _ = await run_one_step(bed)
+            assert report.state_digest == start and (await attested_state(bed, 0)).epoch == 2
 
     run(scenario())
