@@ -132,9 +132,13 @@ class AuditScheduler:
             [r for r in alive if r.role == pb.ROLE_STAGE and r.node_id not in neighbours],
             [r for r in alive if r.role == pb.ROLE_STAGE],
         ]
+        target = self.registry.nodes.get(req.target.node_id)
+        device = target.build.device if target is not None else ""
         for tier in tiers:
-            if tier:
-                return self.rng.choice(tier)
+            # within a tier, an auditor on the target's device class first: its rounding compares
+            pick = [r for r in tier if r.build.device == device] or tier
+            if pick:
+                return self.rng.choice(pick)
         return None
 
     # -- running ------------------------------------------------------------------------------

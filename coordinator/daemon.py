@@ -8,7 +8,7 @@ import logging
 import sys
 
 from pipeguard import config as pgconfig
-from pipeguard.computation import REFEREE_THREADS, Determinism
+from pipeguard.computation import REFEREE_THREADS, Determinism, node_build
 from pipeguard.data import Dataset, load_dataset
 from pipeguard.identity import Identity
 from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_server, write_ready_file
@@ -99,7 +99,10 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
         cfg.audit.rate = state.audit_rate
     token = load_or_create_token(token_path(cfg.admin_token_file, cfg.state_dir))
     events = EventLog(store)
-    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request, limits=cfg.registry)
+    # Exact mode compares recomputations bit for bit: only the judge's own build is comparable.
+    required = node_build(threads=REFEREE_THREADS) if cfg.audit.tolerance == 0 else None
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request, limits=cfg.registry,
+                        required_build=required)
     for d in state.nodes:
         rec = NodeRecord.from_json(d)
         registry.nodes[rec.node_id] = rec

@@ -8,7 +8,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from pipeguard.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from pipeguard.computation import describe_build
+from pipeguard.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from pipeguard.config import ConfigError, parse_hostport
 from pipeguard.identity import PUBLIC_KEY_BYTES, PublicIdentity, node_id_for
 from pipeguard import claims
@@ -36,6 +37,8 @@ class NodeRecord:
     tensors_received: int = 0
     tensors_rejected: int = 0
     ban_reason: str = ""
+    build: pb.NodeBuild = field(default_factory=pb.NodeBuild)
+    """What it computes with, as it registered (``pipeguard.computation.node_build``)."""
 
     @property
     def identity(self) -> PublicIdentity:
@@ -47,12 +50,15 @@ class NodeRecord:
     def to_json(self) -> dict:
         return {"node_id": self.node_id, "public_key": self.public_key.hex(), "address": self.address,
                 "role": self.role, "stage": self.stage, "registered_at": self.registered_at,
-                "ban_reason": self.ban_reason}
+                "ban_reason": self.ban_reason,
+                "build": {"torch_version": self.build.torch_version, "device": self.build.device,
+                          "threads": self.build.threads}}
 
     @classmethod
     def from_json(cls, d: dict) -> "NodeRecord":
         rec = cls(node_id=d["node_id"], public_key=bytes.fromhex(d["public_key"]), address=d["address"],
-                  role=d["role"], stage=d["stage"], registered_at=d["registered_at"], ban_reason=d["ban_reason"])
+                  role=d["role"], stage=d["stage"], registered_at=d["registered_at"], ban_reason=d["ban_reason"],
+                  build=pb.NodeBuild(**d.get("build", {})))
         if rec.role != pb.ROLE_BANNED:  # nobody is known to be alive until it heartbeats again
             rec.role = pb.ROLE_OFFLINE
         rec.last_heartbeat = 0.0
@@ -60,8 +66,11 @@ class NodeRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout: float, challenge_ttl: float, limits: RegistryConfig | None = None):
+    def __init__(self, heartbeat_timeout: float, challenge_ttl: float, limits: RegistryConfig | None = None,
+                 required_build: pb.NodeBuild | None = None):
         self.nodes: dict[str, NodeRecord] = {}
+        self.required_build = required_build
+        """The only build admitted (exact mode: the coordinator's own), or None for any."""
         self.heartbeat_timeout = heartbeat_timeout
         self.challenge_ttl = challenge_ttl
         self.limits = limits or RegistryConfig()
@@ -114,6 +123,12 @@ class Registry:
             raise AlreadyExists(
                 f"node {node_id} is live (last heartbeat {time.monotonic() - rec.last_heartbeat:.1f}s ago); a "
                 f"restarted node is admitted once it has been silent for {self.heartbeat_timeout:g}s")
+        if self.required_build is not None and req.build != self.required_build:
+            raise FailedPrecondition(
+                f"this run audits in exact mode (audit.tolerance 0), which compares recomputations bit for bit "
+                f"and needs every party on the coordinator's build ({describe_build(self.required_build)}); "
+                f"node {node_id[:8]} registered {describe_build(req.build)}. Run it with that torch and "
+                f"threads = {self.required_build.threads}, or give the coordinator a tolerance > 0")
         self._take_token()
         is_new = rec is None
         if rec is None:
@@ -128,6 +143,8 @@ class Registry:
             if rec.role in (pb.ROLE_OFFLINE, pb.ROLE_STAGE):
                 # A node that registers again has restarted and lost its stage state.
                 rec.role, rec.stage = pb.ROLE_STANDBY, -1
+        rec.build = pb.NodeBuild()
+        rec.build.CopyFrom(req.build)
         rec.last_heartbeat = time.monotonic()
         rec.heartbeat_seq = 0
         return rec, is_new

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from pipeguard.computation import describe_build
 from pipeguard.config import to_toml
 from pipeguard.data import Dataset
 from pipeguard.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, abort_on_error
@@ -102,6 +103,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
                 tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),
                 ban_reason=rec.ban_reason, distrusted=self.clock.state.distrusted.get(rec.node_id, ""),
+                build=describe_build(rec.build) if rec.build.torch_version else "",
                 audits_passed=a.passed.get(rec.node_id, 0) if a else 0,
                 audits_failed=a.failed.get(rec.node_id, 0) if a else 0,
                 audits_done=a.performed.get(rec.node_id, 0) if a else 0,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from pipeguard import __version__
+from pipeguard.computation import node_build
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import (DataLoss, FailedPrecondition, NotFound, PermissionDenied, PipeguardError, RemoteError,
@@ -120,7 +121,7 @@ class Membership:
                     f"{offered.hex()}; otherwise someone else is answering at {self.coordinator}"
                 )
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
-                                 challenge=hello.challenge, version=__version__)
+                                 challenge=hello.challenge, version=__version__, build=node_build())
         reply = await self.stub.Register(sign(req, self.identity))
         if reply.heartbeat_interval_ms:
             self.interval = reply.heartbeat_interval_ms / 1000

@@ -105,6 +105,21 @@ class Determinism:
             previous.apply()
 
 
+def node_build(threads: int | None = None, device: str = "cpu") -> pb.NodeBuild:
+    """The build a party computes with: torch version, device class and intra-op threads (those in
+    force now unless ``threads`` is given). Recomputations are bit-identical only between equal
+    builds; nodes register theirs and the coordinator plans audits by it."""
+    return pb.NodeBuild(torch_version=torch.__version__, device=device,
+                        threads=torch.get_num_threads() if threads is None else threads)
+
+
+def describe_build(build: pb.NodeBuild) -> str:
+    """One line for logs and status, e.g. ``torch 2.13.0+cpu, cpu, 1 thread``."""
+    if not build.torch_version:
+        return "unknown build"
+    return f"torch {build.torch_version}, {build.device or '?'}, {build.threads} thread{'s' if build.threads != 1 else ''}"
+
+
 # -- the set-up --------------------------------------------------------------------------------
 
 

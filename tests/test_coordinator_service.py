@@ -24,6 +24,7 @@ from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import CoordinatorService
 from coordinator.state import EventLog, RunStore
+from pipeguard.computation import describe_build, node_build
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.rpc import server_options
@@ -55,10 +56,11 @@ class Bed:
     async def hello(self) -> pb.HelloReply:
         return await self.stub.Hello(pb.HelloRequest(client_nonce=os.urandom(16)), timeout=DEADLINE)
 
-    async def register(self, node: Identity, address: str = "127.0.0.1:7101", **overrides) -> pb.RegisterReply:
+    async def register(self, node: Identity, address: str = "127.0.0.1:7101", build: pb.NodeBuild | None = None,
+                       **overrides) -> pb.RegisterReply:
         hello = await self.hello()
         req = pb.RegisterRequest(public_key=node.public_key, address=address, challenge=hello.challenge,
-                                 version="test")
+                                 version="test", build=build)
         sign(req, node)
         for name, value in overrides.items():
             setattr(req, name, value)
@@ -72,7 +74,7 @@ class Bed:
 
 @contextlib.asynccontextmanager
 async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, limits: RegistryConfig | None = None,
-                          audits: bool = False):
+                          audits: bool = False, required_build: pb.NodeBuild | None = None):
     """``audits``: the clock comes with its judge and audit scheduler, as the daemon builds it."""
     cfg = CoordinatorConfig(run_id=RUN, state_dir=str(state_dir),
                             model=ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16),
@@ -84,7 +86,8 @@ async def coordinator_bed(state_dir: Path, *, challenge_ttl: float = DEADLINE, l
     state, resumed = store.load_or_create(cfg.run_id)
     assert not resumed
     events = EventLog(store)
-    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl, limits=limits)
+    registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=challenge_ttl, limits=limits,
+                        required_build=required_build)
     if audits:
         clock = build_clock(cfg, coord, registry, state, store, events, DATASET)
     else:
@@ -155,6 +158,39 @@ def test_register_with_a_signed_challenge_then_status_lists_the_node(tmp_path):
             assert (tmp_path / "state.json").read_text().count('"node_id"') == 3
 
     run(scenario())
+
+
+def test_each_node_registers_its_build_and_exact_mode_admits_only_the_coordinators(tmp_path):
+    """Recomputations are bit-identical only between equal builds: the coordinator records each
+    node's (torch, device, threads), shows it, keeps it across restarts, and in exact mode
+    refuses a node whose build its judge could not reproduce bit for bit."""
+    mine = node_build(threads=1)
+    other = pb.NodeBuild(torch_version=mine.torch_version, device="cpu", threads=2)
+
+    async def scenario():
+        async with coordinator_bed(tmp_path, required_build=mine) as bed:
+            same, different = Identity.generate(), Identity.generate()
+            await bed.register(same, build=mine)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await bed.register(different, address="127.0.0.1:7102", build=other)
+            assert refused.value.code() == C.FAILED_PRECONDITION
+            assert "exact mode" in refused.value.details() and "threads = 1" in refused.value.details()
+            assert set(bed.registry.nodes) == {same.node_id}, "a refused node holds no place"
+            status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
+            assert [n.build for n in status.nodes] == [describe_build(mine)]
+            assert "1 thread" in describe_build(mine) and f"torch {torch.__version__}" in describe_build(mine)
+            restored = NodeRecord.from_json(bed.registry.nodes[same.node_id].to_json())
+            assert restored.build == mine, "the build survives a coordinator restart"
+
+    run(scenario())
+
+    async def tolerant():  # with a tolerance > 0 (the default) any build is admitted and recorded
+        async with coordinator_bed(tmp_path / "tolerant") as bed:
+            node = Identity.generate()
+            await bed.register(node, build=other)
+            assert bed.registry.nodes[node.node_id].build == other
+
+    run(tolerant())
 
 
 def test_registering_again_keeps_one_record_and_updates_the_address(tmp_path):

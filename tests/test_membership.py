@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from node.membership import Membership
 from pipeguard.config import NetConfig, TimeoutConfig
@@ -124,6 +125,9 @@ def test_first_coordinator_key_is_remembered_and_another_refused(tmp_path):
             await member.register()
             await member.close()
             assert key_file.read_text().strip() == first.coord.public_key.hex()
+            build = first.registry.nodes[member.identity.node_id].build
+            assert (build.torch_version, build.device, build.threads) == (torch.__version__, "cpu",
+                                                                          torch.get_num_threads())
             assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
             again = _member(first, home)  # the node restarted: the same coordinator is still trusted

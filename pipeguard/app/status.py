@@ -46,6 +46,12 @@ def render(s: pb.StatusReply) -> str:
                      f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>4} "
                      f"{n.rejected_by_peers:>12} {f'{n.audits_passed}/{n.audits_failed}':>14} {n.audits_done:>7}  "
                      f"{n.ban_reason or (f'no stage: {n.distrusted}' if n.distrusted else '')}")
+    builds: dict[str, int] = {}
+    for n in s.nodes:
+        if n.build:
+            builds[n.build] = builds.get(n.build, 0) + 1
+    for build, count in sorted(builds.items()):
+        lines.append(f"build     {build}: {count} node{'s' if count != 1 else ''}")
     lines.append("")
     lines.append(f"audits    {s.audits_total} dispatched, {s.detections} confirmed detections, "
                  f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned")

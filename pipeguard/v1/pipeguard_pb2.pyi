@@ -152,18 +152,30 @@ class HelloReply(_message.Message):
     def __init__(self, coordinator_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., challenge: _Optional[bytes] = ..., client_nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("public_key", "address", "challenge", "version", "signature")
+    __slots__ = ("public_key", "address", "challenge", "version", "signature", "build")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     address: str
     challenge: bytes
     version: str
     signature: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., challenge: _Optional[bytes] = ..., version: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    build: NodeBuild
+    def __init__(self, public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., challenge: _Optional[bytes] = ..., version: _Optional[str] = ..., signature: _Optional[bytes] = ..., build: _Optional[_Union[NodeBuild, _Mapping]] = ...) -> None: ...
+
+class NodeBuild(_message.Message):
+    __slots__ = ("torch_version", "device", "threads")
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    torch_version: str
+    device: str
+    threads: int
+    def __init__(self, torch_version: _Optional[str] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id", "run_id", "heartbeat_interval_ms")
@@ -612,7 +624,7 @@ class StatusRequest(_message.Message):
     def __init__(self, history: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason", "audits_passed", "audits_failed", "audits_done", "distrusted")
+    __slots__ = ("node_id", "address", "role", "stage", "heartbeat_age_s", "tensors_sent", "tensors_received", "tensors_rejected", "rejected_by_peers", "ban_reason", "audits_passed", "audits_failed", "audits_done", "distrusted", "build")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -627,6 +639,7 @@ class NodeStatus(_message.Message):
     AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
     AUDITS_DONE_FIELD_NUMBER: _ClassVar[int]
     DISTRUSTED_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: Role
@@ -641,7 +654,8 @@ class NodeStatus(_message.Message):
     audits_failed: int
     audits_done: int
     distrusted: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., audits_done: _Optional[int] = ..., distrusted: _Optional[str] = ...) -> None: ...
+    build: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., stage: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., tensors_sent: _Optional[int] = ..., tensors_received: _Optional[int] = ..., tensors_rejected: _Optional[int] = ..., rejected_by_peers: _Optional[int] = ..., ban_reason: _Optional[str] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., audits_done: _Optional[int] = ..., distrusted: _Optional[str] = ..., build: _Optional[str] = ...) -> None: ...
 
 class LossPoint(_message.Message):
     __slots__ = ("step", "loss", "tokens_per_s")
