@@ -176,6 +176,10 @@ class RunResult:
     banned: list[str] = field(default_factory=list)
     loss_vs_clean: float | None = None
     steps_done: int = 0
+    steps_planned: int = 0
+    """The run's train.steps: every row must complete them (one node must not stop the run)."""
+    honest_demoted: int = 0
+    """Honest nodes never given a stage again (distrusted) by the end of the run."""
     finished: bool = False
     actions: list[str] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
@@ -193,7 +197,7 @@ def _banned(status: pb.StatusReply) -> dict[str, str]:
 def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, screen: bool = True,
              overrides: dict | None = None, log_level: str = "", stop_on_ban: bool = False) -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
     """One run of ``case``; ``overrides`` (runconfig keys) change ``RUN`` further."""
-    res = RunResult(case.name, case.family, p, note=case.note)
+    res = RunResult(case.name, case.family, p, note=case.note, steps_planned=steps)
     run = run_config(RUN, {"train.steps": steps, "audit.rate": p, "audit.screen": screen}, overrides or {})
     net = LocalTestnet(workdir, run)
     t0 = time.monotonic()
@@ -237,6 +241,7 @@ def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, sc
         res.detected = bool(guilty & set(bans))
         res.audits_at_ban, res.audits_total = at_ban, status.audits_total
         res.steps_done = status.step
+        res.honest_demoted = sum(1 for n in status.nodes if n.distrusted and n.node_id not in guilty)
         events = list(status.events)
         ban_ev = next((e for e in events if e.kind == "banned" and e.node_id in guilty), None)
         if ban_ev is not None:
@@ -340,8 +345,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         *([f"Rerun since: {meta['reruns']}."] if meta.get("reruns") else []),
         "",
         "| behaviour | p | detected | steps until ban (audited step) | audits (at ban / run) | honest banned | "
-        "final loss vs clean | system did | evidence |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "honest demoted | steps completed / planned | final loss vs clean | system did | evidence |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         loss = "-" if r["loss_vs_clean"] is None else f"{r['loss_vs_clean']:.3f}"
@@ -357,11 +362,16 @@ def markdown(results: list[dict], meta: dict) -> str:
             det += f" (stopped at step {r['steps_done']})"
         elif "demoted" in r["actions"]:
             det += " (routed around: demoted, no ban)"
+        planned = r.get("steps_planned") or meta["steps"]
         lines.append(f"| {r['behaviour']} | {r['p']:g} | {det} | {steps} | {at} / {r['audits_total']} | "
-                     f"{r['honest_banned']} | {loss} | {', '.join(r['actions'])} | {ev} |")
+                     f"{r['honest_banned']} | {r.get('honest_demoted', '-')} | {r['steps_done']} / {planned} | "
+                     f"{loss} | {', '.join(r['actions'])} | {ev} |")
     caught = sum(r["detected"] for r in results)
+    short = [r for r in results if r["steps_done"] < (r.get("steps_planned") or meta["steps"])]
+    listed = " (" + ", ".join(f"{r['behaviour']} p={r['p']:g}" for r in short) + ")" if short else ""
     lines += ["", f"{caught} of {len(results)} runs caught the attacker; honest nodes banned in all runs: "
-              f"{sum(r['honest_banned'] for r in results)}. Why the rows that are not caught are not, and what "
+              f"{sum(r['honest_banned'] for r in results)}; runs that did not complete their planned steps: "
+              f"{len(short)}{listed}. Why the rows that are not caught are not, and what "
               "would catch them: [threat-model.md](threat-model.md) §6."]
     return "\n".join(lines) + "\n"
 
@@ -543,6 +553,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="only rewrite attack-matrix.md from --out's attack-matrix.json (matrix and curve)")
     ap.add_argument("--skip-unknown", action="store_true",
                     help="skip behaviours this build's node does not know (instead of recording a run error)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --out: replace only the rows run now (same behaviour and p) in the existing "
+                         "attack-matrix.json, add new ones, and note the rerun in the header")
     return ap.parse_args(argv)
 
 
@@ -615,7 +628,16 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         path = out / "attack-matrix.json"
         data = json.loads(path.read_text()) if path.exists() else {}
-        data.update({"meta": meta, "results": results})
+        if args.merge and data.get("results"):
+            fresh = {(r["behaviour"], r["p"]): r for r in results}
+            kept = [fresh.pop((r["behaviour"], r["p"]), r) for r in data["results"]]
+            data["results"] = kept + list(fresh.values())
+            old = data.get("meta", meta)
+            note = f"{len(results)} rows rerun on {meta['when']}: {meta['command']} ({meta['wall_min']:.1f} min)"
+            old["reruns"] = "; ".join(x for x in (old.get("reruns"), note) if x)
+            data["meta"] = old
+        else:
+            data.update({"meta": meta, "results": results})
         path.write_text(json.dumps(data, indent=1))
         write_markdown(out, data)
         print(f"wrote {out / 'attack-matrix.md'} and {path}")
