@@ -106,7 +106,7 @@ class NodeService(pb_grpc.NodeServicer):
     async def RunStep(self, request: pb.RunStepRequest, context) -> pb.StepReport:
         self._check_order(request, "run-step")
         self._check_epoch(request.epoch)
-        report = await self.runtime.run_step(request.step)
+        report = await self.runtime.run_step(request.step, request.attempt)
         return sign(report, self.identity)
 
     @abort_on_error
@@ -118,16 +118,17 @@ class NodeService(pb_grpc.NodeServicer):
         expected_lr = lr_at(request.step, a.setup.optim)
         if not abs(request.lr - expected_lr) <= 1e-12 * max(1.0, expected_lr):  # NaN fails this too
             raise InvalidArgument(f"lr {request.lr} for step {request.step} does not follow the schedule ({expected_lr})")
-        digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr)
+        digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr, request.attempt)
         report = pb.UpdateReport(run_id=a.run_id, step=request.step, stage=a.stage, node_id=self.identity.node_id,
-                                 state_digest=digest)
+                                 state_digest=digest, epoch=a.epoch, attempt=request.attempt,
+                                 assignment_digest=a.digest)
         return sign(report, self.identity)
 
     @abort_on_error
     async def AbortStep(self, request: pb.AbortStepRequest, context) -> pb.Ack:
         self._check_order(request, "abort-step")
         self._check_epoch(request.epoch)
-        await self.runtime.abort(request.step)
+        await self.runtime.abort(request.step, request.attempt)
         return pb.Ack()
 
     async def _check_fetch(self, request, what: str) -> None:
