@@ -190,6 +190,10 @@ class NodeService(pb_grpc.NodeServicer):
         kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
         return kept.commitment, kept.tensor
 
+    def accept(self, rt) -> None:
+        """Take a fully verified tensor into the stage (node/seams.py shows it to an attacker too)."""
+        self.runtime.deliver(rt)
+
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             raise FailedPrecondition(f"order for assignment epoch {epoch}, this node holds epoch {self.epoch}")
@@ -227,7 +231,7 @@ class NodeService(pb_grpc.NodeServicer):
                     self.stream_timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
-            self.runtime.deliver(rt)
+            self.accept(rt)
         except PipeguardError as exc:
             stats = self.peer_stats[claimed["sender"]]
             stats.rejected += 1
