@@ -128,12 +128,22 @@ class Admission:
             self.attempts.running = False
             self.attempts.floor += 1
 
-    def aborted(self, step: int, attempt: int) -> None:
-        """The coordinator aborted ``attempt`` of ``step``: only later ones are accepted."""
+    def aborted(self, step: int, attempt: int) -> bool:
+        """The coordinator aborted ``attempt`` of ``step``: its tensors (and earlier attempts') are
+        dropped, only later attempts are accepted. False, dropping nothing, for a stale abort (of an
+        attempt older than the last one run or aborted: a replayed order)."""
         t = self.attempts
+        if t.step == step and attempt + 1 < t.floor:
+            return False
+        for key in [k for k in self.seen if k[0] == step and (
+                k not in self.inbox or self.inbox[k].commitment.header.attempt <= attempt)]:
+            self.seen.pop(key, None)
+            self.inbox.pop(key, None)
+        self.flags.pop(step, None)  # what the screen flagged in the aborted attempt is no report's
         if t.step != step:
             t.step, t.floor, t.running = step, attempt + 1, False
         t.floor = max(t.floor, attempt + 1)
+        return True
 
     def drop_step(self, step: int) -> None:
         """An aborted step: its tensors may be sent again, byte for byte, by the retry."""

@@ -320,9 +320,9 @@ class StageRuntime:
 
         Waits up to ``abort_wait`` (``timeouts.abort_wait``) for that step to stop running (its
         RunStep call was cancelled just before), and is refused if it still runs then: its
-        gradients and inbox are in use. Refusing it would leave the step's received tensors
-        marked as seen, so that the next attempt's identical (deterministically signed) streams
-        would be refused as replays.
+        gradients and inbox are in use. The aborted attempt's tensors are dropped and refused from
+        then on (the retry is attempt + 1); an abort of an older attempt than the last one run or
+        aborted (a replayed order) changes nothing.
         """
         if self._running == step:
             try:
@@ -331,11 +331,9 @@ class StageRuntime:
                 pass
         if self._running == step:
             raise FailedPrecondition(f"step {step} is still running; it cannot be aborted now")
-        if self.computation is not None and step == self.completed_step + 1:
+        if self.computation is not None and step == self.completed_step + 1 and self.admission.aborted(step, attempt):
             await self.compute(self.computation.zero_grad)
             self._grads_for = None
-            self.admission.drop_step(step)
-            self.admission.aborted(step, attempt)
 
     # -- retained data -------------------------------------------------------------------------
 

@@ -686,8 +686,9 @@ def test_abort_right_after_the_coordinator_cancels_the_step_waits_for_it_and_cle
 def test_tensors_of_another_attempt_are_refused_and_an_attempt_runs_once(tmp_path):
     """Retries are numbered: after attempt 0 of a step is aborted its tensors are refused (an
     upstream cannot feed the retry what it sent the failed attempt), while attempt 1 runs only
-    tensors of attempt 1 (FAILED_PRECONDITION naming the attempts), and attempt 0 never runs again;
-    every output and report of the retry carries attempt 1 and this node's assignment digest."""
+    tensors of attempt 1 (FAILED_PRECONDITION naming the attempts), and attempt 0 never runs again
+    (nor does a replayed abort of it drop the retry's gradients); every output and report of the
+    retry carries attempt 1 and this node's assignment digest."""
     async def scenario():
         async with node_bed(tmp_path) as bed:
             me = bed.node.node_id
@@ -709,6 +710,13 @@ def test_tensors_of_another_attempt_are_refused_and_an_attempt_runs_once(tmp_pat
             report = await asyncio.wait_for(running, DEADLINE)
             assert (report.epoch, report.attempt) == (bed.epoch, 1)
             assert report.assignment_digest == claims.assignment_digest(bed.assign_request(epoch=1))
+            # A replayed abort of the old attempt drops nothing: the retry's gradients are applied.
+            await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=0))
+            update = pb.ApplyUpdateRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=1,
+                                           global_grad_norm=math.sqrt(report.grad_sq_norm), lr=lr_at(0, OPTIM))
+            applied = await bed.order("ApplyUpdate", update)
+            assert (applied.epoch, applied.attempt, applied.assignment_digest) == (
+                bed.epoch, 1, report.assignment_digest)
             assert bed.sink.received, "the node sent its outputs"
             kept = {(d, mb): k for (_, d, mb, sent), k in bed.runtime.retention.kept.items() if not sent}
             for c in bed.sink.received:  # what it sent names the attempt, the assignment and its inputs
