@@ -253,6 +253,9 @@ class StageRuntime:
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
             loss=loss_sum / M if a.setup.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
             flags=self.admission.flags_of(step), epoch=a.epoch, attempt=attempt, assignment_digest=a.digest,
+            received=[pb.ReceivedDigest(direction=d, micro_batch=mb, payload_digest=k.commitment.payload_digest)
+                      for (s, d, mb, sent), k in sorted(self.retention.kept.items(), key=lambda item: item[0])
+                      if s == step and not sent],
         )
 
     def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None

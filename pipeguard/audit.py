@@ -251,15 +251,13 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
             assert prev is not None
             art.outputs[(BACKWARD, mb)] = await held(prev, target, mb, BACKWARD)
-        out = art.outputs.get((BACKWARD, mb)) or art.outputs.get((FORWARD, mb))
+        reported = reported_inputs(req)
         if not setup.is_first:
             assert prev is not None
-            art.inputs[mb] = await held(target, prev, mb, FORWARD, out.commitment.header.input_digest if out else b"")
+            art.inputs[mb] = await held(target, prev, mb, FORWARD, reported.get((FORWARD, mb), b""))
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            bwd = art.outputs.get((BACKWARD, mb))
-            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD,
-                                          bwd.commitment.header.grad_input_digest if bwd else b"")
+            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b""))
     check_headers(art)
     if cross_check:
         art.alternates = [theirs for _, theirs, _ in await cross_holders(req, art, fetcher, receivers=False)]
@@ -301,6 +299,12 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
     return pairs
 
 
+def reported_inputs(req: pb.AuditRequest) -> dict[tuple[int, int], bytes]:
+    """(direction, micro-batch) -> payload digest of each tensor the audited node's signed step
+    report says it computed from."""
+    return {(r.direction, r.micro_batch): r.payload_digest for r in req.report.received}
+
+
 def check_tensor_header(rt: ReceivedTensor, req: pb.AuditRequest, direction: int, mb: int, sender: str,
                         receiver: str) -> None:
     """The tensor is the one audited (run, step, micro-batch, direction, sender, receiver, epoch,
@@ -320,10 +324,16 @@ def check_headers(art: "Artifacts") -> None:
     receiver and epoch. A signature alone only says who sent it, not that it belongs here."""
     req = art.request
     target = req.target.node_id
-    for mb, rt in art.inputs.items():
-        check_tensor_header(rt, req, FORWARD, mb, req.prev.node_id, target)
-    for mb, rt in art.grads_in.items():
-        check_tensor_header(rt, req, BACKWARD, mb, req.next.node_id, target)
+    reported = reported_inputs(req)
+    for direction, received in ((FORWARD, art.inputs), (BACKWARD, art.grads_in)):
+        for mb, rt in received.items():
+            sender = req.prev.node_id if direction == FORWARD else req.next.node_id
+            check_tensor_header(rt, req, direction, mb, sender, target)
+            # The very tensor the audited node's signed report says it computed from: a neighbour
+            # that signed a second version of it cannot have the audited node judged on that one.
+            if reported.get((direction, mb)) != rt.commitment.payload_digest:
+                raise AuditIncomplete(f"the {'input' if direction == FORWARD else 'gradient'} of micro-batch {mb} "
+                                      "is not one the audited node's step report names as computed from")
     for (direction, mb), rt in art.outputs.items():
         receiver = req.next.node_id if direction == FORWARD else req.prev.node_id
         check_tensor_header(rt, req, direction, mb, target, receiver)

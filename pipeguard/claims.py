@@ -36,7 +36,7 @@ What a node signs binds what it agreed to compute and when: every tensor header,
 and update report carries the epoch, the attempt of the step and the node's
 ``assignment_digest`` (model, train spec, stage, stage count, data digest, tolerance, as its
 AssignRequest fixed them); an output's header also names the digests of the inputs it was
-computed from. An audit order is judged against those: ``audited_reports`` refuses an order
+computed from, and a step report every tensor the step computed from. An audit order is judged against those: ``audited_reports`` refuses an order
 whose settings, epoch or attempt are not the ones the audited node signed, and a verdict
 answers one order only (``order_digest``, which covers the coordinator's per-start session).
 """

@@ -88,13 +88,25 @@ def claims():
                 tokens=tokens)
 
 
+def received_by(cl, stage: int) -> list[pb.ReceivedDigest]:
+    """What ``stage`` computed from, as its step report names it."""
+    out = []
+    for mb in range(M):
+        for sender, direction in ((stage - 1, FORWARD), (stage + 1, BACKWARD)):
+            if (sender, direction, mb) in cl["sent"]:
+                out.append(pb.ReceivedDigest(direction=direction, micro_batch=mb,
+                                             payload_digest=cl["sent"][(sender, direction, mb)].commitment.payload_digest))
+    return out
+
+
 def artifacts(cl, stage: int, kind: int, coord: Identity | None = None) -> audit.Artifacts:
     ids, peers = cl["ids"], cl["peers"]
     coord = coord or Identity.generate()
     me = ids[stage]
     report = sign(pb.StepReport(run_id=RUN, step=STEP, stage=stage, node_id=me.node_id,
                                 state_digest=cl["digests"][stage], grad_sq_norm=cl["sq"][stage], micro_batches=M,
-                                epoch=EPOCH, assignment_digest=assigned(stage)), me)
+                                epoch=EPOCH, assignment_digest=assigned(stage),
+                                received=received_by(cl, stage)), me)
     mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else [0]
     req = pb.AuditRequest(run_id=RUN, audit_id=1, kind=kind, step=STEP, stage=stage, micro_batch=0,
                           num_stages=STAGES, model=MODEL, train=TRAIN, report=report, tolerance=0.0, epoch=EPOCH,

@@ -156,3 +156,20 @@ def test_missing_artifacts_names_what_each_kind_needs(claims):
     assert audit.missing_artifacts(art) == ["next_attestation", "grad_in/0", f"output/{BACKWARD}/1"]
     assert evidence.FORMAT  # the bundle format is unchanged: old readers still parse new bundles
     assert isinstance(FORWARD, int) and torch.is_tensor(art.state[next(iter(art.state))])
+
+
+def test_a_second_gradient_signed_by_stage_1_convicts_stage_0_of_nothing(claims, tmp_path):
+    """The first stage sends no gradient whose header could name what it received: its signed
+    step report lists every tensor it computed from, so an update-audit bundle against it built
+    from another gradient version (signed by its successor) proves nothing."""
+    coord = Identity.generate()
+    art = artifacts(claims, 0, pb.AUDIT_KIND_UPDATE, coord)
+    original = art.grads_in[0]
+    other = (original.tensor * 3.0).contiguous()
+    forged = sign(pb.TensorCommitment(header=original.commitment.header, payload_digest=tensor_digest(other)),
+                  claims["ids"][1])
+    art.grads_in[0] = ReceivedTensor(commitment=forged, tensor=other)
+    finding = audit.Finding(pb.VERDICT_FAIL, math.inf, "recomputed from the second gradient")
+    result = verify_bundle(write_audit_bundle(tmp_path / "a.pgev", art, finding, coord.public_key))
+    assert not result.valid
+    assert "step report names" in result.summary, result.summary

@@ -719,6 +719,8 @@ def test_tensors_of_another_attempt_are_refused_and_an_attempt_runs_once(tmp_pat
                 bed.epoch, 1, report.assignment_digest)
             assert bed.sink.received, "the node sent its outputs"
             kept = {(d, mb): k for (_, d, mb, sent), k in bed.runtime.retention.kept.items() if not sent}
+            assert {(r.direction, r.micro_batch): r.payload_digest for r in report.received} == {
+                key: k.commitment.payload_digest for key, k in kept.items()}, "the report names what it computed from"
             for c in bed.sink.received:  # what it sent names the attempt, the assignment and its inputs
                 h = c.header
                 assert (h.attempt, h.assignment_digest) == (1, report.assignment_digest)

@@ -380,7 +380,7 @@ class RunStepRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature", "flags", "epoch", "attempt", "assignment_digest")
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature", "flags", "epoch", "attempt", "assignment_digest", "received")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +395,7 @@ class StepReport(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     stage: int
@@ -409,7 +410,18 @@ class StepReport(_message.Message):
     epoch: int
     attempt: int
     assignment_digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ..., flags: _Optional[_Iterable[_Union[ScreenFlag, _Mapping]]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ...) -> None: ...
+    received: _containers.RepeatedCompositeFieldContainer[ReceivedDigest]
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ..., flags: _Optional[_Iterable[_Union[ScreenFlag, _Mapping]]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ..., received: _Optional[_Iterable[_Union[ReceivedDigest, _Mapping]]] = ...) -> None: ...
+
+class ReceivedDigest(_message.Message):
+    __slots__ = ("direction", "micro_batch", "payload_digest")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    direction: Direction
+    micro_batch: int
+    payload_digest: bytes
+    def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., micro_batch: _Optional[int] = ..., payload_digest: _Optional[bytes] = ...) -> None: ...
 
 class ScreenFlag(_message.Message):
     __slots__ = ("direction", "micro_batch", "reason")
