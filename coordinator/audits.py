@@ -44,6 +44,8 @@ class StepRecord:
     reports: list[pb.StepReport]
     update_orders: list[pb.ApplyUpdateRequest] = field(default_factory=list)
     update_reports: list[pb.UpdateReport] = field(default_factory=list)
+    attempt: int = 0
+    """The attempt of the step that succeeded (every audited tensor and report carries it)."""
 
 
 class AuditScheduler:
@@ -61,6 +63,8 @@ class AuditScheduler:
         """Audits drawn because a receiver's screen flagged the message: a PASS is always re-checked."""
         self.rng = secrets.SystemRandom()
         self.next_id = 1
+        self.session = secrets.token_bytes(16)
+        """Drawn once per coordinator start and put in every order: ids restart at 1, orders never repeat."""
         self.pending: dict[int, tuple[int, asyncio.Task]] = {}
         self.run_id = run_id
         self.model_spec = cfg.model_spec()
@@ -109,7 +113,8 @@ class AuditScheduler:
         req = pb.AuditRequest(run_id=self.run_id, audit_id=self.next_id, kind=kind, step=rec.step,
                               stage=rec.slots[pos], micro_batch=mb, num_stages=self.num_stages,
                               model=self.model_spec, train=self.train_spec, data_digest=self.data_digest,
-                              report=rec.reports[pos], tolerance=self.cfg.audit.tolerance, epoch=rec.epoch)
+                              report=rec.reports[pos], tolerance=self.cfg.audit.tolerance, epoch=rec.epoch,
+                              attempt=rec.attempt, session=self.session)
         self.next_id += 1
         req.target.CopyFrom(_peer(node, rec.slots[pos]))
         if pos > 0:

@@ -160,7 +160,8 @@ class StepClock:
             req = pb.AssignRequest(run_id=self.state.run_id, epoch=self.state.epoch, stage=slot,
                                    num_stages=self.cfg.pipeline.stages, model=self.cfg.model_spec(),
                                    train=self.cfg.train_spec(), node_id=rec.node_id, data_digest=self.data_digest,
-                                   start_step=start, state_digest=digests.get(slot, b""))
+                                   start_step=start, state_digest=digests.get(slot, b""),
+                                   tolerance=self.cfg.audit.tolerance)
             if i > 0:
                 req.prev.CopyFrom(_peer(nodes[i - 1], slots[i - 1]))
             if i < len(nodes) - 1:
@@ -243,6 +244,7 @@ class StepClock:
 
     async def _train_until(self, total: int, need_formation: bool) -> None:
         failures = 0
+        step_of_attempt, attempt = -1, 0  # the step at hand: signed into every order, tensor and report of the attempt
         delays = backoff(self.cfg.timeouts)  # between attempts of one step; starts over with the next
         attempts = self.cfg.pipeline.max_step_attempts
         refused_before: dict[str, dict[str, int]] = {}
@@ -253,6 +255,8 @@ class StepClock:
             if need_formation or self.pipeline.reform_needed:
                 await self.form_pipeline()
                 need_formation = False
+            if step_of_attempt != self.state.step:  # a new step (or a rollback): its first attempt
+                step_of_attempt, attempt = self.state.step, 0
             step = self.state.step
             if failures == 0:  # the first attempt of this step: what neighbours had refused so far
                 refused_before = self.attribution.snapshot()
@@ -260,17 +264,19 @@ class StepClock:
                 async with self.step_lock:
                     if self.stopping:
                         return
-                    await self._unless_stage_lost(self.run_step(step))
+                    await self._unless_stage_lost(self.run_step(step, attempt))
                 failures, delays = 0, backoff(self.cfg.timeouts)
             except Reform:
-                await self.abort_step(step)
+                await self.abort_step(step, attempt)
+                attempt += 1
                 need_formation = True
             except StateError:
                 raise  # a step that cannot be recorded must not be followed by more
             except PipeguardError as exc:
                 failures += 1
                 self.events.emit("step_failed", f"step {step} attempt {failures} failed: {exc}", step=step)
-                await self.abort_step(step)
+                await self.abort_step(step, attempt)
+                attempt += 1
                 if failures >= attempts or self.pipeline.reform_needed:
                     if failures >= attempts:
                         await self.attribution.after_failures(step, refused_before)
@@ -302,20 +308,28 @@ class StepClock:
             raise Reform("a node of the pipeline went offline during the step")
         task.result()
 
-    def _check_report(self, kind: str, step: int, slot: int, rec: NodeRecord, rep) -> None:
-        """A stage's ``kind`` report ("step" or "update") is signed by its holder and answers this
-        step, stage and node."""
-        claims.stage_report(rep, rec.identity, kind=kind, run_id=self.state.run_id, step=step, stage=slot,
-                            node_id=rec.node_id)
+    def assignment_digest(self, slot: int) -> bytes:
+        """``claims.assignment_digest`` of what the holder of ``slot`` was assigned (``_assign_requests``)."""
+        return claims.assignment_digest(pb.AssignRequest(
+            run_id=self.state.run_id, stage=slot, num_stages=self.cfg.pipeline.stages, model=self.cfg.model_spec(),
+            train=self.cfg.train_spec(), data_digest=self.data_digest, tolerance=self.cfg.audit.tolerance))
 
-    async def run_step(self, step: int) -> None:
+    def _check_report(self, kind: str, step: int, slot: int, rec: NodeRecord, rep, attempt: int = 0) -> None:
+        """A stage's ``kind`` report ("step" or "update") is signed by its holder and answers this
+        step, stage, node, epoch and attempt, under the assignment it was given."""
+        claims.stage_report(rep, rec.identity, kind=kind, run_id=self.state.run_id, step=step, stage=slot,
+                            node_id=rec.node_id, epoch=self.state.epoch, attempt=attempt,
+                            assignment=self.assignment_digest(slot))
+
+    async def run_step(self, step: int, attempt: int = 0) -> None:
         t0 = time.perf_counter()
         nodes, slots = self.pipeline.nodes, self.pipeline.slots
-        orders = [pb.RunStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id)
+        orders = [pb.RunStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id,
+                                    attempt=attempt)
                   for r in nodes]
         reports = await self._gather(nodes, "RunStep", orders, self.cfg.timeouts.step)
         for slot, rec, rep in zip(slots, nodes, reports):
-            self._check_report("step", step, slot, rec, rep)
+            self._check_report("step", step, slot, rec, rep, attempt)
             if rep.state_digest.hex() != self.state.commitments.get(str(slot)):
                 self.events.emit("commitment_mismatch",
                                  f"stage {slot} started step {step} from a state it did not commit to",
@@ -323,7 +337,7 @@ class StepClock:
             if not math.isfinite(rep.grad_sq_norm) or not math.isfinite(rep.loss):
                 raise StepFailed(f"stage {slot} reported a non-finite loss or gradient norm")
         record = StepRecord(step=step, epoch=self.state.epoch, nodes=list(nodes), slots=list(slots),
-                            reports=list(reports))
+                            reports=list(reports), attempt=attempt)
         # Every tensor of the step is committed: now draw the forward/backward audits.
         if self.audits is not None:
             self.audits.launch(self.audits.select(record))
@@ -334,11 +348,12 @@ class StepClock:
         global_norm = math.sqrt(sum(r.grad_sq_norm for r in reports))
         lr = lr_at(step, self.cfg.train.optim())
         updates = [sign(pb.ApplyUpdateRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step,
-                                              node_id=r.node_id, global_grad_norm=global_norm, lr=lr), self.identity)
+                                              node_id=r.node_id, global_grad_norm=global_norm, lr=lr,
+                                              attempt=attempt), self.identity)
                    for r in nodes]
         done = await self._gather(nodes, "ApplyUpdate", updates, self.cfg.timeouts.step)
         for slot, rec, up in zip(slots, nodes, done):
-            self._check_report("update", step, slot, rec, up)
+            self._check_report("update", step, slot, rec, up, attempt)
         for slot, up in zip(slots, done):
             self.state.commitments[str(slot)] = up.state_digest.hex()
         record.update_orders, record.update_reports = updates, list(done)
@@ -381,9 +396,10 @@ class StepClock:
                 t.cancel()
             raise StepFailed(f"{method}: {exc}") from None
 
-    async def abort_step(self, step: int) -> None:
+    async def abort_step(self, step: int, attempt: int = 0) -> None:
         alive = [r for r in self.pipeline.nodes if self.registry.is_alive(r)]  # the silent are replaced anyway
-        orders = [pb.AbortStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id)
+        orders = [pb.AbortStepRequest(run_id=self.state.run_id, epoch=self.state.epoch, step=step, node_id=r.node_id,
+                                      attempt=attempt)
                   for r in alive]
         results = await asyncio.gather(
             *(self.channels.call(r, "AbortStep", o, self.cfg.timeouts.request) for r, o in zip(alive, orders)),

@@ -140,7 +140,7 @@ class Judge:
             return None
         fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.net.max_tensor_bytes,
                                    self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
-                                   max_state_bytes=self.net.state_bytes_limit)
+                                   max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt)
         try:
             art = await audit.gather(req, fetcher)
         except PipeguardError as exc:

@@ -44,6 +44,8 @@ class Admission:
         self.screen = Screen()
         self.flags: dict[int, list[pb.ScreenFlag]] = {}
         """step -> received tensors the screen flagged."""
+        self.attempts = _Attempts()
+        """Which attempt of the step at hand tensors must carry."""
 
     def admit(self, header: pb.TensorHeader, a: "Assignment | None", expected_step: int,
               lookup: dict[str, PublicIdentity]) -> PublicIdentity:
@@ -69,6 +71,7 @@ class Admission:
                 raise PermissionDenied(f"{header.sender} is not the next stage of this pipeline")
         if header.step != expected_step:
             raise FailedPrecondition(f"tensor for step {header.step}, but this stage is at step {expected_step}")
+        self.attempts.check(header)
         if header.micro_batch >= a.setup.micro_batches:
             raise InvalidArgument(f"micro-batch {header.micro_batch} out of range (0..{a.setup.micro_batches - 1})")
         if header.dtype != pb.DTYPE_FLOAT32 or list(header.shape) != a.setup.activation_shape:
@@ -103,6 +106,44 @@ class Admission:
         self.screen = Screen()
         self.inbox.clear()
         self.seen.clear()
+        self.attempts = _Attempts()
+
+    def begin(self, step: int, attempt: int) -> None:
+        """``attempt`` of ``step`` starts: refused if it is not newer than one run or aborted already;
+        tensors of the step that arrived early for another attempt are dropped."""
+        self.attempts.begin(step, attempt)
+        for key in [k for k in self.seen if k[0] == step and (
+                k not in self.inbox or self.inbox[k].commitment.header.attempt != attempt)]:
+            self.seen.pop(key, None)
+            self.inbox.pop(key, None)
+
+    @property
+    def running(self) -> bool:
+        return self.attempts.running
+
+    @running.setter
+    def running(self, value: bool) -> None:
+        """False once the attempt has ended: it never runs again."""
+        if not value and self.attempts.running:
+            self.attempts.running = False
+            self.attempts.floor += 1
+
+    def aborted(self, step: int, attempt: int) -> bool:
+        """The coordinator aborted ``attempt`` of ``step``: its tensors (and earlier attempts') are
+        dropped, only later attempts are accepted. False, dropping nothing, for a stale abort (of an
+        attempt older than the last one run or aborted: a replayed order)."""
+        t = self.attempts
+        if t.step == step and attempt + 1 < t.floor:
+            return False
+        for key in [k for k in self.seen if k[0] == step and (
+                k not in self.inbox or self.inbox[k].commitment.header.attempt <= attempt)]:
+            self.seen.pop(key, None)
+            self.inbox.pop(key, None)
+        self.flags.pop(step, None)  # what the screen flagged in the aborted attempt is no report's
+        if t.step != step:
+            t.step, t.floor, t.running = step, attempt + 1, False
+        t.floor = max(t.floor, attempt + 1)
+        return True
 
     def drop_step(self, step: int) -> None:
         """An aborted step: its tensors may be sent again, byte for byte, by the retry."""
@@ -118,6 +159,34 @@ class Admission:
             del self.inbox[key]
         for step in [k for k in self.flags if k < next_step]:
             del self.flags[step]
+
+
+class _Attempts:
+    """The attempt of the step at hand: while it runs, tensors must carry exactly it; between
+    attempts, any later one (the retry's tensors may arrive before its RunStep order)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        """Step whose attempts are tracked (-1: none begun since the assignment)."""
+        self.floor = 0
+        """While running: the attempt running; otherwise the lowest attempt still to come."""
+        self.running = False
+
+    def begin(self, step: int, attempt: int) -> None:
+        if step == self.step and attempt < self.floor:
+            raise FailedPrecondition(f"attempt {attempt} of step {step} is not newer than the attempts this node "
+                                     f"ran or had aborted (next: {self.floor})")
+        self.step, self.floor, self.running = step, attempt, True
+
+    def check(self, header: pb.TensorHeader) -> None:
+        if header.step != self.step:
+            return
+        if self.running and header.attempt != self.floor:
+            raise FailedPrecondition(f"tensor from attempt {header.attempt} of step {header.step}, but this node "
+                                     f"runs attempt {self.floor}")
+        if not self.running and header.attempt < self.floor:
+            raise FailedPrecondition(f"tensor from attempt {header.attempt} of step {header.step}, an attempt that "
+                                     f"has ended (next: {self.floor})")
 
 
 def _replay_error(header: pb.TensorHeader) -> AlreadyExists:

@@ -25,6 +25,8 @@ hook                                                   called
 ``on_verdict(ctx, verdict) -> verdict``                on a verdict this node is about to sign as auditor
                                                        (``ctx.step``/``ctx.stage``: the audited step and
                                                        stage, ``ctx.peer``: the audited node)
+``on_receive(ctx, commitment, tensor)``                on each tensor this node accepted from a neighbour
+                                                       (verified; ``ctx.peer``: its sender)
 =====================================================  ==================================================
 
 ``ctx`` is an ``AttackContext``: step, micro-batch (-1 where there is none), the node's stage
@@ -68,6 +70,11 @@ Protocol attacks:
 - ``wire:replay``  send this micro-batch's signed stream of an earlier step again instead of this one
 - ``wire:equivocate``  serve auditors a different, validly signed version (negated) of a tensor it
   sent, while the receiver holds the real one
+- ``forward:switch-attempt``  a malicious upstream: in the first attempt of a step send negated
+  activations, keep the successor's signed gradients of that attempt, fail the attempt (its own
+  backward raises), send the honest activations in the retry, then serve auditors the kept gradients
+  of the failed attempt as the ones it received (two signed gradients of the honest successor for
+  one micro-batch: equivocation, had no header named the attempt)
 - ``state:false-commitment``  serve auditors (node requesters) a state other than the committed one
   (one weight perturbed), with an attestation over what it serves
 - ``update:skip``  skip its own optimizer step (weights and optimizer state stay as they were), sent
@@ -197,6 +204,10 @@ class Behaviour:
     def on_verdict(self, ctx: AttackContext, verdict):
         """``verdict`` is a ``pb.AuditVerdict`` before signing; return the one to sign."""
         return verdict
+
+    @hook(returns=0)
+    def on_receive(self, ctx: AttackContext, commitment, tensor: torch.Tensor) -> None:
+        """A tensor from a neighbour passed every check and was accepted, with its ``pb.TensorCommitment``."""
 
 
 HOOK_SPECS: dict[str, Hook] = {fn.__hook__.name: fn.__hook__ for fn in vars(Behaviour).values()
@@ -436,6 +447,44 @@ class Equivocate(Behaviour):
         return sign_tensor_commitment(commitment.header, other, ctx.signer), other
 
 
+class SwitchAttempt(Behaviour):
+    """Input A in a step's first attempt, input B in its retry, and the successor's gradient for A
+    served to auditors as if it answered B (see the module docstring)."""
+
+    name = "forward:switch-attempt"
+
+    def __init__(self):
+        self.failed: set[int] = set()
+        """Steps whose first attempt this node has failed."""
+        self.kept: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        """(step, micro-batch) -> the successor's signed gradient of the failed attempt."""
+
+    def on_forward(self, ctx, activation):
+        return activation if ctx.step in self.failed else (-activation).contiguous()
+
+    def on_receive(self, ctx, commitment, tensor):
+        from pipeguard.v1 import pipeguard_pb2 as pb
+
+        if ctx.direction == pb.DIRECTION_BACKWARD and ctx.step not in self.failed:
+            self.kept[(ctx.step, ctx.micro_batch)] = (commitment, tensor)
+
+    def on_backward(self, ctx, grad):
+        from pipeguard.errors import FailedPrecondition
+
+        if ctx.step not in self.failed:
+            self.failed.add(ctx.step)
+            raise FailedPrecondition(f"forward:switch-attempt fails attempt 1 of step {ctx.step} on purpose")
+        return grad
+
+    def on_serve_tensor(self, ctx, commitment, tensor, sent):
+        from pipeguard.v1 import pipeguard_pb2 as pb
+
+        kept = self.kept.get((ctx.step, ctx.micro_batch))
+        if sent or ctx.direction != pb.DIRECTION_BACKWARD or kept is None:
+            return commitment, tensor
+        return kept
+
+
 class FalseCommitment(Behaviour):
     name = "state:false-commitment"
 
@@ -543,6 +592,7 @@ BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     "wire:bad-signature": lambda p: BadSignature(),
     "wire:replay": lambda p: Replay(),
     "wire:equivocate": lambda p: Equivocate(),
+    "forward:switch-attempt": lambda p: SwitchAttempt(),
     "state:false-commitment": lambda p: FalseCommitment(),
     "update:skip": lambda p: UpdateSkip(),
     "update:poison": UpdatePoison,

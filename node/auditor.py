@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pipeguard import audit
+from pipeguard import audit, claims
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.signing import sign
@@ -45,12 +45,13 @@ class NodeAuditor:
 
     async def audit(self, req: pb.AuditRequest) -> pb.AuditVerdict:
         audit.validate_request(req)
-        verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id)
+        verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id,
+                                  order_digest=claims.order_digest(req))
         async with self._lock:
             fetcher = self._cache.using(audit.RpcFetcher(
                 self.identity, self.identity.node_id, self.peers.stub, req.run_id, self.net.max_tensor_bytes,
                 self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
-                max_state_bytes=self.net.state_bytes_limit))
+                max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt))
             try:
                 # Forward/backward audits also fetch the senders' own copies of the tensors: a
                 # sender that shows auditors another signed version than its receiver holds is

@@ -16,7 +16,8 @@ seam                               hooks
 (wraps ``PeerPool``)               stream (``PeerPool.push``'s ``rewrite``)
 ``TamperedService``                ``pause("rpc")`` before the RPCs the node answers (RunStep,
 (a ``NodeService``)                ApplyUpdate, FetchState, FetchTensor, Audit, PushTensor),
-                                   ``on_serve_state`` and ``on_serve_tensor`` on what it serves
+                                   ``on_serve_state`` and ``on_serve_tensor`` on what it serves,
+                                   ``on_receive`` on each tensor it accepts
 ``LyingSigner``                    ``on_verdict`` before the node signs a verdict as auditor
 (wraps ``VerdictSigner``)
 ``heartbeat``                      ``pause("heartbeat")`` (``Membership.before_heartbeat``)
@@ -95,7 +96,7 @@ class Seams:
     def service(self, *args, **kwargs) -> NodeService:
         """The node's service (``NodeService``'s arguments): it pauses before answering and tampers
         with what it serves where the behaviour says so."""
-        if not self.wants("pause", "on_serve_state", "on_serve_tensor"):
+        if not self.wants("pause", "on_serve_state", "on_serve_tensor", "on_receive"):
             return NodeService(*args, **kwargs)
         return TamperedService(self, *args, **kwargs)
 
@@ -218,6 +219,13 @@ class TamperedService(NodeService):
             named, digest = self._seams.behaviour.on_serve_state(
                 self._seams.context(request.step, peer=request.requester), named, digest)
         return named, digest, epoch
+
+    def accept(self, rt) -> None:
+        super().accept(rt)
+        if "on_receive" in self._seams.hooks:  # experiments: forward:switch-attempt
+            h = rt.commitment.header
+            self._seams.behaviour.on_receive(self._seams.context(h.step, h.micro_batch, h.direction, h.sender),
+                                             rt.commitment, rt.tensor)
 
     def served_tensor(self, request: pb.FetchTensorRequest):
         commitment, tensor = super().served_tensor(request)

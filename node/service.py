@@ -106,7 +106,7 @@ class NodeService(pb_grpc.NodeServicer):
     async def RunStep(self, request: pb.RunStepRequest, context) -> pb.StepReport:
         self._check_order(request, "run-step")
         self._check_epoch(request.epoch)
-        report = await self.runtime.run_step(request.step)
+        report = await self.runtime.run_step(request.step, request.attempt)
         return sign(report, self.identity)
 
     @abort_on_error
@@ -118,16 +118,17 @@ class NodeService(pb_grpc.NodeServicer):
         expected_lr = lr_at(request.step, a.setup.optim)
         if not abs(request.lr - expected_lr) <= 1e-12 * max(1.0, expected_lr):  # NaN fails this too
             raise InvalidArgument(f"lr {request.lr} for step {request.step} does not follow the schedule ({expected_lr})")
-        digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr)
+        digest = await self.runtime.apply_update(request.step, request.global_grad_norm, request.lr, request.attempt)
         report = pb.UpdateReport(run_id=a.run_id, step=request.step, stage=a.stage, node_id=self.identity.node_id,
-                                 state_digest=digest)
+                                 state_digest=digest, epoch=a.epoch, attempt=request.attempt,
+                                 assignment_digest=a.digest)
         return sign(report, self.identity)
 
     @abort_on_error
     async def AbortStep(self, request: pb.AbortStepRequest, context) -> pb.Ack:
         self._check_order(request, "abort-step")
         self._check_epoch(request.epoch)
-        await self.runtime.abort(request.step)
+        await self.runtime.abort(request.step, request.attempt)
         return pb.Ack()
 
     async def _check_fetch(self, request, what: str) -> None:
@@ -189,6 +190,10 @@ class NodeService(pb_grpc.NodeServicer):
         kept = self.runtime.kept_tensor(request.step, request.direction, request.micro_batch, request.sent)
         return kept.commitment, kept.tensor
 
+    def accept(self, rt) -> None:
+        """Take a fully verified tensor into the stage (node/seams.py shows it to an attacker too)."""
+        self.runtime.deliver(rt)
+
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             raise FailedPrecondition(f"order for assignment epoch {epoch}, this node holds epoch {self.epoch}")
@@ -226,7 +231,7 @@ class NodeService(pb_grpc.NodeServicer):
                     self.stream_timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
-            self.runtime.deliver(rt)
+            self.accept(rt)
         except PipeguardError as exc:
             stats = self.peer_stats[claimed["sender"]]
             stats.rejected += 1

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from pipeguard import claims
 from pipeguard.computation import Forward, StageComputation, StageSetup
 from pipeguard.config import TimeoutConfig
 from pipeguard.data import Dataset
@@ -50,6 +51,8 @@ class Assignment:
     prev: pb.PeerInfo | None
     next: pb.PeerInfo | None
     state_digest: bytes
+    digest: bytes = b""
+    """``claims.assignment_digest``: what this node agreed to compute, signed into every tensor and report."""
 
     @classmethod
     def from_request(cls, req: pb.AssignRequest) -> "Assignment":
@@ -64,7 +67,7 @@ class Assignment:
             max_in_flight=t.max_in_flight or t.micro_batches, retention=t.retention_steps or DEFAULT_RETENTION,
             prev=req.prev if req.HasField("prev") else None,
             next=req.next if req.HasField("next") else None,
-            state_digest=req.state_digest,
+            state_digest=req.state_digest, digest=claims.assignment_digest(req),
         )
 
     @property
@@ -103,7 +106,8 @@ class StageRuntime:
         self._idle = asyncio.Event()
         """Set while no step runs."""
         self._idle.set()
-        self._grads_for: int | None = None
+        self._grads_for: tuple[int, int] | None = None
+        """(step, attempt) whose gradients are ready for the update."""
         self.fetch_checkpoint = None
         """async (stage, step) -> named tensors; set by the daemon (pulls from the coordinator)."""
         self.steps_computed = 0
@@ -197,7 +201,9 @@ class StageRuntime:
 
     # -- one step ------------------------------------------------------------------------------
 
-    async def run_step(self, step: int) -> pb.StepReport:
+    async def run_step(self, step: int, attempt: int = 0) -> pb.StepReport:
+        """Run ``attempt`` of ``step``; each attempt runs at most once (an earlier or repeated attempt
+        is refused), so this node never signs two outputs for one (epoch, attempt, step, micro-batch)."""
         a = self.assignment
         if a is None or self.computation is None:
             raise FailedPrecondition("this node serves no stage")
@@ -205,15 +211,17 @@ class StageRuntime:
             raise FailedPrecondition(f"asked for step {step}, but this stage is at step {self.completed_step + 1}")
         if self._running is not None:
             raise FailedPrecondition(f"step {self._running} is still running")
+        self.admission.begin(step, attempt)  # refuses an attempt already run or aborted
         self._running = step
         self._idle.clear()
         try:
-            return await self._run_step(a, step)
+            return await self._run_step(a, step, attempt)
         finally:
             self._running = None
+            self.admission.running = False
             self._idle.set()
 
-    async def _run_step(self, a: Assignment, step: int) -> pb.StepReport:
+    async def _run_step(self, a: Assignment, step: int, attempt: int = 0) -> pb.StepReport:
         deadline = time.monotonic() + self.step_timeout
         commitment = self.state_commitment
         M = a.setup.micro_batches
@@ -224,6 +232,13 @@ class StageRuntime:
             assert peer is not None
             header = make_header(run_id=a.run_id, step=step, micro_batch=mb, stage=a.stage, direction=direction,
                                  sender=self.identity.node_id, receiver=peer.node_id, tensor=tensor, epoch=a.epoch)
+            # What this output binds: the attempt, the assignment, and the inputs it was computed from.
+            header.attempt, header.assignment_digest = attempt, a.digest
+            if not a.setup.is_first:
+                header.input_digest = self.retention.kept_tensor(step, FORWARD, mb, False).commitment.payload_digest
+            if direction != FORWARD and not a.setup.is_last:
+                header.grad_input_digest = self.retention.kept_tensor(
+                    step, direction, mb, False).commitment.payload_digest
             sent = await self.peers.push(peer.address, header, tensor)
             self.retention.keep(step, direction, mb, True, sent, tensor)
 
@@ -231,13 +246,16 @@ class StageRuntime:
                         backward=lambda fwd, g: self._backward(a, fwd, g), send=send)
         loss_sum, compute = await schedule.run(step, work, self.admission.inbox, self.admission.arrived, deadline)
         sq = await self.compute(self.computation.grad_sq_norm)
-        self._grads_for = step
+        self._grads_for = (step, attempt)
         self.steps_computed += 1
         self.compute_seconds += compute
         return pb.StepReport(
             run_id=a.run_id, step=step, stage=a.stage, node_id=self.identity.node_id, state_digest=commitment,
             loss=loss_sum / M if a.setup.is_last else 0.0, grad_sq_norm=sq, compute_seconds=compute, micro_batches=M,
-            flags=self.admission.flags_of(step),
+            flags=self.admission.flags_of(step), epoch=a.epoch, attempt=attempt, assignment_digest=a.digest,
+            received=[pb.ReceivedDigest(direction=d, micro_batch=mb, payload_digest=k.commitment.payload_digest)
+                      for (s, d, mb, sent), k in sorted(self.retention.kept.items(), key=lambda item: item[0])
+                      if s == step and not sent],
         )
 
     def _forward(self, a: Assignment, step: int, mb: int, x_in: torch.Tensor | None
@@ -260,13 +278,13 @@ class StageRuntime:
 
     # -- update ----------------------------------------------------------------------------------
 
-    async def apply_update(self, step: int, global_norm: float, lr: float) -> bytes:
+    async def apply_update(self, step: int, global_norm: float, lr: float, attempt: int = 0) -> bytes:
         a = self.assignment
         comp = self.computation
         if a is None or comp is None:
             raise FailedPrecondition("this node serves no stage")
-        if self._grads_for != step:
-            raise FailedPrecondition(f"no finished gradients for step {step}")
+        if self._grads_for != (step, attempt):
+            raise FailedPrecondition(f"no finished gradients for step {step} attempt {attempt}")
 
         def update():
             # Runs on the compute thread, like every other reader of the state (state_at), so
@@ -300,14 +318,14 @@ class StageRuntime:
         await self.compute(restore)
         self._grads_for = None
 
-    async def abort(self, step: int) -> None:
+    async def abort(self, step: int, attempt: int = 0) -> None:
         """Drop a failed step's partial work so it can be run again from the same state.
 
         Waits up to ``abort_wait`` (``timeouts.abort_wait``) for that step to stop running (its
         RunStep call was cancelled just before), and is refused if it still runs then: its
-        gradients and inbox are in use. Refusing it would leave the step's received tensors
-        marked as seen, so that the next attempt's identical (deterministically signed) streams
-        would be refused as replays.
+        gradients and inbox are in use. The aborted attempt's tensors are dropped and refused from
+        then on (the retry is attempt + 1); an abort of an older attempt than the last one run or
+        aborted (a replayed order) changes nothing.
         """
         if self._running == step:
             try:
@@ -316,10 +334,9 @@ class StageRuntime:
                 pass
         if self._running == step:
             raise FailedPrecondition(f"step {step} is still running; it cannot be aborted now")
-        if self.computation is not None and step == self.completed_step + 1:
+        if self.computation is not None and step == self.completed_step + 1 and self.admission.aborted(step, attempt):
             await self.compute(self.computation.zero_grad)
             self._grads_for = None
-            self.admission.drop_step(step)
 
     # -- retained data -------------------------------------------------------------------------
 

@@ -137,13 +137,15 @@ class RpcFetcher:
 
     def __init__(self, identity: Identity, requester: str, stub_for, run_id: str, max_tensor_bytes: int,
                  timeout: float, epoch: int, *, max_state_tensors: int = StateAssembler.MAX_TENSORS,
-                 max_state_bytes: int | None = None):
+                 max_state_bytes: int | None = None, attempt: int = 0):
         self.identity, self.requester, self.stub_for = identity, requester, stub_for
         self.run_id, self.max_tensor_bytes, self.timeout = run_id, max_tensor_bytes, timeout
         self.max_state_tensors, self.max_state_bytes = max_state_tensors, max_state_bytes
         """Bounds of one state transfer (``net.max_state_tensors``, ``net.state_bytes_limit``)."""
         self.epoch = epoch
         """Only tensors of this assignment epoch are accepted (the audited history)."""
+        self.attempt = attempt
+        """... and of this attempt of the step (a copy kept from an aborted attempt is another computation)."""
 
     async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
         req = sign(pb.FetchStateRequest(run_id=self.run_id, node_id=peer.node_id, include_optimizer=True, step=step,
@@ -163,7 +165,8 @@ class RpcFetcher:
 
         def admit(header: pb.TensorHeader) -> PublicIdentity:
             if (header.step, header.micro_batch, header.direction, header.sender) != (
-                    step, micro_batch, direction, signer.node_id) or header.epoch != self.epoch:
+                    step, micro_batch, direction, signer.node_id) or (header.epoch, header.attempt) != (
+                    self.epoch, self.attempt):
                 raise AuditIncomplete(f"{peer.node_id[:8]} served a different tensor than asked for")
             return key
 
@@ -228,24 +231,33 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     nxt = req.next if req.HasField("next") else None
     kinds = req.kind
 
-    async def held(receiver: pb.PeerInfo, sender: pb.PeerInfo, mb: int, direction: int) -> ReceivedTensor:
-        return await _first_of(
-            lambda: fetcher.fetch_tensor(receiver, req.step, mb, direction, False, sender),
-            lambda: fetcher.fetch_tensor(sender, req.step, mb, direction, True, sender))
+    async def held(receiver: pb.PeerInfo, sender: pb.PeerInfo, mb: int, direction: int,
+                   want: bytes = b"") -> ReceivedTensor:
+        """The tensor as its receiver holds it, else as its sender does; with ``want``, only a copy
+        with that payload digest (the input the audited node signed it computed from)."""
+        async def copy(holder: pb.PeerInfo, sent: bool) -> ReceivedTensor:
+            rt = await fetcher.fetch_tensor(holder, req.step, mb, direction, sent, sender)
+            if want and rt.commitment.payload_digest != want:
+                raise AuditIncomplete(f"{holder.node_id[:8]} holds another {'input' if direction == FORWARD else 'gradient'} "
+                                      f"of micro-batch {mb} than the one the audited node computed from")
+            return rt
+        return await _first_of(lambda: copy(receiver, False), lambda: copy(sender, True))
 
     for mb in micro_batches_of(req):
-        if not setup.is_first:
-            assert prev is not None
-            art.inputs[mb] = await held(target, prev, mb, FORWARD)
-        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
-            assert nxt is not None
-            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD)
+        # The audited node's outputs first: their headers name the inputs they were computed from.
         if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
             art.outputs[(FORWARD, mb)] = await held(nxt, target, mb, FORWARD)
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
             assert prev is not None
             art.outputs[(BACKWARD, mb)] = await held(prev, target, mb, BACKWARD)
+        reported = reported_inputs(req)
+        if not setup.is_first:
+            assert prev is not None
+            art.inputs[mb] = await held(target, prev, mb, FORWARD, reported.get((FORWARD, mb), b""))
+        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
+            assert nxt is not None
+            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b""))
     check_headers(art)
     if cross_check:
         art.alternates = [theirs for _, theirs, _ in await cross_holders(req, art, fetcher, receivers=False)]
@@ -287,13 +299,24 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
     return pairs
 
 
+def reported_inputs(req: pb.AuditRequest) -> dict[tuple[int, int], bytes]:
+    """(direction, micro-batch) -> payload digest of each tensor the audited node's signed step
+    report says it computed from."""
+    return {(r.direction, r.micro_batch): r.payload_digest for r in req.report.received}
+
+
 def check_tensor_header(rt: ReceivedTensor, req: pb.AuditRequest, direction: int, mb: int, sender: str,
                         receiver: str) -> None:
+    """The tensor is the one audited (run, step, micro-batch, direction, sender, receiver, epoch,
+    attempt); one the audited node sent was also signed under the assignment the order restates."""
     h = rt.commitment.header
-    got = (h.run_id, h.step, h.micro_batch, h.direction, h.sender, h.receiver, h.epoch)
-    want = (req.run_id, req.step, mb, direction, sender, receiver, req.epoch)
+    got = (h.run_id, h.step, h.micro_batch, h.direction, h.sender, h.receiver, h.epoch, h.attempt)
+    want = (req.run_id, req.step, mb, direction, sender, receiver, req.epoch, req.attempt)
     if got != want:
         raise AuditIncomplete(f"tensor header {got} is not the one audited {want}")
+    if sender == req.target.node_id:
+        claims.bound_to_order(h, req, f"the audited node's {'activation' if direction == FORWARD else 'gradient'} "
+                              f"of micro-batch {mb}", unbound=AuditIncomplete)
 
 
 def check_headers(art: "Artifacts") -> None:
@@ -301,13 +324,54 @@ def check_headers(art: "Artifacts") -> None:
     receiver and epoch. A signature alone only says who sent it, not that it belongs here."""
     req = art.request
     target = req.target.node_id
-    for mb, rt in art.inputs.items():
-        check_tensor_header(rt, req, FORWARD, mb, req.prev.node_id, target)
-    for mb, rt in art.grads_in.items():
-        check_tensor_header(rt, req, BACKWARD, mb, req.next.node_id, target)
+    reported = reported_inputs(req)
+    for direction, received in ((FORWARD, art.inputs), (BACKWARD, art.grads_in)):
+        for mb, rt in received.items():
+            sender = req.prev.node_id if direction == FORWARD else req.next.node_id
+            check_tensor_header(rt, req, direction, mb, sender, target)
+            # The very tensor the audited node's signed report says it computed from: a neighbour
+            # that signed a second version of it cannot have the audited node judged on that one.
+            if reported.get((direction, mb)) != rt.commitment.payload_digest:
+                raise AuditIncomplete(f"the {'input' if direction == FORWARD else 'gradient'} of micro-batch {mb} "
+                                      "is not one the audited node's step report names as computed from")
     for (direction, mb), rt in art.outputs.items():
         receiver = req.next.node_id if direction == FORWARD else req.prev.node_id
         check_tensor_header(rt, req, direction, mb, target, receiver)
+        # The inputs are the very ones the audited node signed it computed this output from: a
+        # neighbour that signed a second version of its own tensor cannot have it recomputed here.
+        h = rt.commitment.header
+        if mb in art.inputs and h.input_digest != art.inputs[mb].commitment.payload_digest:
+            raise AuditIncomplete(f"the input of micro-batch {mb} is not the one the audited node computed from")
+        if direction == BACKWARD and mb in art.grads_in and \
+                h.grad_input_digest != art.grads_in[mb].commitment.payload_digest:
+            raise AuditIncomplete(f"the gradient of micro-batch {mb} is not the one the audited node computed from")
+
+
+def missing_artifacts(art: "Artifacts") -> list[str]:
+    """What ``art`` lacks of everything its audit kind needs (``gather`` fetches all of it; an
+    evidence bundle must hold all of it: without the compared output nothing was compared)."""
+    req = art.request
+    setup = setup_of(req)
+    kind = req.kind
+    lacks = []
+    if art.attestation is None:
+        lacks.append("attestation")
+    if kind == pb.AUDIT_KIND_UPDATE and art.next_attestation is None:
+        lacks.append("next_attestation")
+    for mb in micro_batches_of(req):
+        if not setup.is_first and mb not in art.inputs:
+            lacks.append(f"input/{mb}")
+        if kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last and mb not in art.grads_in:
+            lacks.append(f"grad_in/{mb}")
+        if kind in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last and \
+                (FORWARD, mb) not in art.outputs:
+            lacks.append(f"output/{FORWARD}/{mb}")
+        if kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first and \
+                (BACKWARD, mb) not in art.outputs:
+            lacks.append(f"output/{BACKWARD}/{mb}")
+        if (setup.is_first or setup.is_last) and mb not in art.tokens:
+            lacks.append(f"tokens/{mb}")
+    return lacks
 
 
 # -- recomputation ------------------------------------------------------------------------------
@@ -471,8 +535,8 @@ def contradictions(verdict: pb.AuditVerdict, art: Artifacts) -> list[tuple[pb.Pe
     return signed
 
 
-def _header_key(h: pb.TensorHeader) -> bytes:
-    return h.SerializeToString(deterministic=True)
+def _header_key(h: pb.TensorHeader) -> tuple:
+    return claims.tensor_subject(h)
 
 
 def validate_request(req: pb.AuditRequest) -> None:

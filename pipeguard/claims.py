@@ -31,10 +31,19 @@ audit verdict                               the auditor                  ``audit
 claims attached to a verdict                the node each one names      ``attached_signer``
 two versions of one output                  their common signer          ``equivocation``
 ==========================================  ===========================  =========================
+
+What a node signs binds what it agreed to compute and when: every tensor header, step report
+and update report carries the epoch, the attempt of the step and the node's
+``assignment_digest`` (model, train spec, stage, stage count, data digest, tolerance, as its
+AssignRequest fixed them); an output's header also names the digests of the inputs it was
+computed from, and a step report every tensor the step computed from. An audit order is judged against those: ``audited_reports`` refuses an order
+whose settings, epoch or attempt are not the ones the audited node signed, and a verdict
+answers one order only (``order_digest``, which covers the coordinator's per-start session).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable
 
 import torch
@@ -44,7 +53,7 @@ from pipeguard.errors import (AuditIncomplete, DataLoss, FailedPrecondition, Inv
                               Unauthenticated)
 from pipeguard.identity import PublicIdentity, node_id_for
 from pipeguard import tensors
-from pipeguard.signing import verify
+from pipeguard.signing import canonical_bytes, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -61,6 +70,39 @@ def _coordinator(key: PublicIdentity | None) -> PublicIdentity:
     if key is None:
         raise FailedPrecondition("not registered with a coordinator yet")
     return key
+
+
+# -- what a signer agreed to ------------------------------------------------------------------------
+
+
+def assignment_terms(msg: pb.AssignRequest | pb.AuditRequest) -> pb.AssignmentTerms:
+    """The settings a stage computes under, as an AssignRequest fixes them (or an audit order restates them)."""
+    return pb.AssignmentTerms(run_id=msg.run_id, stage=msg.stage, num_stages=msg.num_stages, model=msg.model,
+                              train=msg.train, data_digest=msg.data_digest, tolerance=msg.tolerance)
+
+
+def assignment_digest(msg: pb.AssignRequest | pb.AuditRequest) -> bytes:
+    """SHA-256 of ``assignment_terms``: what the node signs into its headers and reports."""
+    return hashlib.sha256(canonical_bytes(assignment_terms(msg))).digest()
+
+
+def order_digest(req: pb.AuditRequest) -> bytes:
+    """SHA-256 of an audit order's canonical bytes (all of it but the signature, which signs them):
+    what a verdict binds, so that it answers that order and no other."""
+    return hashlib.sha256(b"pipeguard-audit-order\x00" + canonical_bytes(req)).digest()
+
+
+def bound_to_order(claim: pb.StepReport | pb.UpdateReport | pb.TensorHeader, req: pb.AuditRequest, what: str,
+                   unbound: type[Exception] = InvalidArgument) -> None:
+    """A report or output header of the audited node was signed in the order's epoch and attempt and
+    under the assignment the order restates (``unbound`` otherwise): an order with other settings
+    (a changed model, dropout or tolerance) or a replayed claim of another attempt judges nothing."""
+    if (claim.epoch, claim.attempt) != (req.epoch, req.attempt):
+        raise unbound(f"{what} is of epoch {claim.epoch} attempt {claim.attempt}, the audit order of epoch "
+                      f"{req.epoch} attempt {req.attempt}")
+    if claim.assignment_digest != assignment_digest(req):
+        raise unbound(f"{what} was signed under other assignment settings than the audit order's "
+                      "(model, train spec, stage, data or tolerance differ)")
 
 
 # -- the coordinator's messages to nodes ----------------------------------------------------------
@@ -120,23 +162,39 @@ def heartbeat(req: pb.HeartbeatRequest, node: PublicIdentity) -> None:
 
 
 def stage_report(rep: pb.StepReport | pb.UpdateReport, holder: PublicIdentity, *, kind: str, run_id: str,
-                 step: int, stage: int, node_id: str) -> None:
+                 step: int, stage: int, node_id: str, epoch: int, attempt: int, assignment: bytes) -> None:
     """A stage's ``kind`` report ("step" or "update") is signed by the stage's holder and answers this
-    run, step, stage and node (Unauthenticated otherwise)."""
+    run, step, stage, node, epoch and attempt, under the assignment digest the holder was given
+    (Unauthenticated otherwise: a replayed report of another attempt or epoch answers nothing)."""
     verify(rep, holder, what=f"{kind} report from stage {stage}")
+    noun = "report" if kind == "step" else f"{kind} report"
     if (rep.run_id, rep.step, rep.stage, rep.node_id) != (run_id, step, stage, node_id):
-        noun = "report" if kind == "step" else f"{kind} report"
         raise Unauthenticated(f"stage {stage} {noun} is for a different step/stage/node")
+    if (rep.epoch, rep.attempt) != (epoch, attempt):
+        raise Unauthenticated(f"stage {stage} {noun} is of epoch {rep.epoch} attempt {rep.attempt}, not "
+                              f"{epoch}/{attempt} (a replayed report)")
+    if rep.assignment_digest != assignment:
+        raise Unauthenticated(f"stage {stage} {noun} was computed under another assignment than the one given")
 
 
 def audited_reports(req: pb.AuditRequest) -> None:
-    """An audit order carries the audited node's own step report for the audited step
-    (InvalidArgument otherwise), signed by it, and for an update audit its signed update report."""
-    if req.report.node_id != req.target.node_id or req.report.step != req.step:
+    """An audit order carries the audited node's own step report for the audited step (InvalidArgument
+    otherwise), signed by it, and for an update audit its signed update report; both of the order's
+    epoch and attempt and under the assignment the order restates (``bound_to_order``)."""
+    if (req.report.run_id, req.report.node_id, req.report.step, req.report.stage) != (
+            req.run_id, req.target.node_id, req.step, req.stage):
         raise InvalidArgument("the step report in the audit order is not the audited node's for this step")
     verify(req.report, peer_key(req.target), what="audited node's step report")
+    bound_to_order(req.report, req, "the audited node's step report")
     if req.kind == pb.AUDIT_KIND_UPDATE:
-        verify(req.update_report, peer_key(req.target), what="audited node's update report")
+        up = req.update_report
+        if (up.run_id, up.node_id, up.step, up.stage) != (req.run_id, req.target.node_id, req.step, req.stage):
+            raise InvalidArgument("the update report in the audit order is not the audited node's for this step")
+        verify(up, peer_key(req.target), what="audited node's update report")
+        bound_to_order(up, req, "the audited node's update report")
+        if (req.update.run_id, req.update.step, req.update.epoch, req.update.attempt, req.update.node_id) != (
+                req.run_id, req.step, req.epoch, req.attempt, req.target.node_id):
+            raise InvalidArgument("the ApplyUpdate order in the audit order is not the audited node's for this step")
 
 
 def fetch_request(request: Message, requester: PublicIdentity, what: str) -> None:
@@ -195,13 +253,14 @@ def committed_state(att: pb.StateAttestation | None, holder: PublicIdentity, com
 def audit_verdict(verdict: pb.AuditVerdict, req: pb.AuditRequest, auditor_key: bytes,
                   unbound: type[Exception] = PipeguardError) -> None:
     """A verdict is signed by the auditor the order named (``auditor_key``) and answers that order:
-    its audit id, run and auditor (else ``unbound``: the coordinator's audit fails, a bundle is a
-    ``BundleError``)."""
+    its audit id, run and auditor, and the order's digest (``order_digest``: not another order with
+    the same id, e.g. from before a coordinator restart) (else ``unbound``: the coordinator's audit
+    fails, a bundle is a ``BundleError``)."""
     verify(verdict, PublicIdentity(auditor_key), what="audit verdict")
     if verdict.auditor != node_id_for(auditor_key) or verdict.auditor != req.auditor:
         raise unbound("the verdict is not signed by the auditor the order named")
-    if (verdict.audit_id, verdict.run_id) != (req.audit_id, req.run_id):
-        raise unbound("the verdict answers a different audit")
+    if (verdict.audit_id, verdict.run_id) != (req.audit_id, req.run_id) or verdict.order_digest != order_digest(req):
+        raise unbound("the verdict answers a different audit order")
 
 
 def owner(claim: pb.TensorCommitment | pb.StateAttestation) -> str:
@@ -225,11 +284,21 @@ def attached_signer(claim: pb.TensorCommitment | pb.StateAttestation,
     return signer
 
 
+def tensor_subject(h: pb.TensorHeader) -> tuple:
+    """What one computation of a tensor is: an honest node sends exactly one tensor per (run, epoch,
+    attempt, step, micro-batch, direction, stage, sender). A retried attempt or a new epoch is
+    another computation (its inputs may differ), never a contradiction."""
+    return (h.run_id, h.epoch, h.attempt, h.step, h.micro_batch, h.direction, h.stage, h.sender)
+
+
 def same_subject(a, b) -> bool:
     """Two claims by one signer about the same tensor or state, with different contents."""
     if isinstance(a, pb.TensorCommitment):
-        return (a.header.SerializeToString(deterministic=True) == b.header.SerializeToString(deterministic=True)
-                and a.payload_digest != b.payload_digest)
+        if not isinstance(b, pb.TensorCommitment):
+            return False
+        return tensor_subject(a.header) == tensor_subject(b.header) and a.payload_digest != b.payload_digest
+    if not isinstance(b, pb.StateAttestation):
+        return False
     return ((a.run_id, a.node_id, a.stage, a.step, a.epoch) == (b.run_id, b.node_id, b.stage, b.step, b.epoch)
             and a.state_digest != b.state_digest)
 

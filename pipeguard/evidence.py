@@ -17,7 +17,16 @@ Kinds:
   no honest recomputation could have passed), and nothing the auditor says it saw (the claims
   attached to its verdict) contradicts the bundle's artifacts. VALID means the auditor covered
   for a cheater.
-- ``equivocation``: two different payloads signed by the same node for the same header.
+- ``equivocation``: two different payloads signed by the same node for one computation: the
+  same (run, epoch, attempt, step, micro-batch, direction, stage); a retried attempt is another
+  computation.
+
+Every kind but ``equivocation`` must hold every artifact its audit kind needs
+(``audit.missing_artifacts``: the state, the inputs, the compared outputs, the tokens), and the
+audit order must restate the settings the accused node signed (``claims.bound_to_order``: its
+reports and sent tensors carry its assignment digest, epoch and attempt), so that neither a
+bundle with a piece left out nor an order with other settings (a changed dropout or depth)
+proves anything against a node that computed honestly what it was assigned.
 """
 
 from __future__ import annotations
@@ -266,6 +275,9 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
                 art.outputs[(direction, mb)] = rt
         if f"tokens/{mb}/x" in r.manifest["tensors"]:
             art.tokens[mb] = (r.tensor(f"tokens/{mb}/x"), r.tensor(f"tokens/{mb}/y"))
+    lacks = audit.missing_artifacts(art)
+    if lacks:
+        raise BundleError(f"the bundle lacks what its {audit.KIND_NAMES[req.kind]} audit needs: {', '.join(lacks)}")
     audit.check_headers(art)
     audit.check_tokens(art)
     return art

@@ -613,7 +613,8 @@ class NodeTarget:
         channel = await self._stack.enter_async_context(
             grpc.aio.insecure_channel(self.bed.address, options=CLIENT_OPTIONS))
         self.channel, self.stub = channel, pb_grpc.NodeStub(channel)
-        self.delivered = self.bed.tensor_chunks(micro_batch=0)
+        self.delivered_tensor = torch.randn(ns.ACT_SHAPE, generator=torch.Generator().manual_seed(12345))
+        self.delivered = self.bed.tensor_chunks(micro_batch=0, tensor=self.delivered_tensor)
         assert await self.bed.push(self.delivered) == (C.OK, "")
         self.bed.service.membership.members = {self.bed.prev.node_id: self.bed.prev.public(),
                                                self.bed.next.node_id: self.bed.next.public()}
@@ -644,7 +645,9 @@ class NodeTarget:
     async def _reset_step(self) -> None:
         bed = self.bed
         await bed.order("AbortStep", pb.AbortStepRequest(run_id=ns.RUN, epoch=bed.epoch, step=0,
-                                                         node_id=bed.node.node_id))
+                                                         node_id=bed.node.node_id, attempt=bed.attempt))
+        bed.attempt += 1  # the aborted attempt's tensors are refused from now on: the next attempt's are not
+        self.delivered = bed.tensor_chunks(micro_batch=0, tensor=self.delivered_tensor)  # same bytes, next attempt
         assert await bed.push(self.delivered) == (C.OK, "")
 
     def _order(self, name: str, **fields) -> Any:

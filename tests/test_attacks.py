@@ -368,6 +368,23 @@ def test_equivocate_serves_a_different_validly_signed_tensor_for_sent_ones():
     assert b.on_serve_tensor(ctx, honest, t, sent=False) == (honest, t), "received tensors are served as is"
 
 
+def test_switch_attempt_sends_another_input_fails_the_attempt_and_serves_its_gradient():
+    b = builtin("forward:switch-attempt")
+    x = activation()
+    assert torch.equal(b.on_forward(ctx_at(3), x), -x), "the first attempt gets input A"
+    grad_a = torch.ones(2)
+    b.on_receive(ctx_at(3, mb=1, direction=pb.DIRECTION_BACKWARD), "commitment A", grad_a)
+    with pytest.raises(PipeguardError, match="on purpose"):
+        b.on_backward(ctx_at(3, direction=pb.DIRECTION_BACKWARD), torch.zeros(2))
+    assert torch.equal(b.on_forward(ctx_at(3), x), x), "the retry gets input B (honest)"
+    g = torch.zeros(2)
+    assert b.on_backward(ctx_at(3, direction=pb.DIRECTION_BACKWARD), g) is g, "and completes"
+    b.on_receive(ctx_at(3, mb=1, direction=pb.DIRECTION_BACKWARD), "commitment B", g)
+    served = b.on_serve_tensor(ctx_at(3, mb=1, direction=pb.DIRECTION_BACKWARD), "commitment B", g, sent=False)
+    assert served == ("commitment A", grad_a), "auditors get the failed attempt's gradient"
+    assert b.on_serve_tensor(ctx_at(3, mb=1, direction=pb.DIRECTION_BACKWARD), "mine", g, sent=True) == ("mine", g)
+
+
 # -- state and updates ----------------------------------------------------------------------------
 
 GPT = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16)

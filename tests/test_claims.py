@@ -106,13 +106,24 @@ def test_registration_and_heartbeat_are_signed_by_the_node():
         claims.heartbeat(sign(beat, OTHER), NODE.public())
 
 
+def terms(**kw) -> pb.AssignRequest:
+    """The assignment of NODE at stage 1 (what its reports' assignment digest hashes)."""
+    return pb.AssignRequest(**{"run_id": RUN, "stage": 1, "num_stages": 3, "model": pb.ModelSpec(n_layer=3, dropout=0.0),
+                               "train": pb.TrainSpec(seed=5, micro_batches=2), "data_digest": b"d" * 32,
+                               "tolerance": 1e-3, **kw})
+
+
+ASSIGNED = claims.assignment_digest(terms())
+
+
 def report(**kw) -> pb.StepReport:
-    return sign(pb.StepReport(**{"run_id": RUN, "step": 3, "stage": 1, "node_id": NODE.node_id,
-                                 "state_digest": b"s" * 32, **kw}), NODE)
+    return sign(pb.StepReport(**{"run_id": RUN, "step": 3, "stage": 1, "node_id": NODE.node_id, "epoch": 2,
+                                 "attempt": 1, "assignment_digest": ASSIGNED, "state_digest": b"s" * 32, **kw}), NODE)
 
 
 def test_stage_report_binds_run_step_stage_and_node():
-    bind = dict(kind="step", run_id=RUN, step=3, stage=1, node_id=NODE.node_id)
+    bind = dict(kind="step", run_id=RUN, step=3, stage=1, node_id=NODE.node_id, epoch=2, attempt=1,
+                assignment=ASSIGNED)
     claims.stage_report(report(), NODE.public(), **bind)
     with pytest.raises(Unauthenticated, match="bad signature"):
         claims.stage_report(report(), OTHER.public(), **bind)
@@ -121,19 +132,57 @@ def test_stage_report_binds_run_step_stage_and_node():
             claims.stage_report(report(**{field: value}), NODE.public(), **bind)
 
 
-def test_the_audit_orders_reports_are_the_audited_nodes_own():
-    req = pb.AuditRequest(run_id=RUN, kind=pb.AUDIT_KIND_FORWARD, step=3, report=report())
+@pytest.mark.parametrize("field, value", [("epoch", 1), ("attempt", 0), ("assignment_digest", b"x" * 32)])
+def test_a_replayed_report_of_another_epoch_attempt_or_assignment_answers_nothing(field, value):
+    bind = dict(kind="step", run_id=RUN, step=3, stage=1, node_id=NODE.node_id, epoch=2, attempt=1,
+                assignment=ASSIGNED)
+    with pytest.raises(Unauthenticated, match="replayed report|another assignment"):
+        claims.stage_report(report(**{field: value}), NODE.public(), **bind)
+
+
+def audit_of_report(**kw) -> pb.AuditRequest:
+    t = terms()
+    req = pb.AuditRequest(**{"run_id": RUN, "kind": pb.AUDIT_KIND_FORWARD, "step": 3, "stage": 1, "num_stages": 3,
+                             "model": t.model, "train": t.train, "data_digest": t.data_digest,
+                             "tolerance": t.tolerance, "epoch": 2, "attempt": 1, "report": report(), **kw})
     req.target.CopyFrom(peer(NODE))
+    return req
+
+
+def test_the_assignment_digest_covers_every_setting_the_node_agreed_to():
+    assert claims.assignment_digest(audit_of_report()) == ASSIGNED  # an order restates the assignment
+    changed = [terms(stage=2), terms(num_stages=4), terms(model=pb.ModelSpec(n_layer=3, dropout=0.1)),
+               terms(model=pb.ModelSpec(n_layer=4)), terms(train=pb.TrainSpec(seed=5, micro_batches=2, lr=1.0)),
+               terms(data_digest=b"e" * 32), terms(tolerance=1e-2), terms(run_id="other")]
+    assert len({claims.assignment_digest(t) for t in changed} | {ASSIGNED}) == len(changed) + 1
+
+
+@pytest.mark.parametrize("change", [
+    {"model": pb.ModelSpec(n_layer=3, dropout=0.5)},  # dropout changed: recomputation would differ
+    {"model": pb.ModelSpec(n_layer=2)},               # depth changed
+    {"tolerance": 0.0},                               # exact mode the node never agreed to
+    {"train": pb.TrainSpec(seed=6, micro_batches=2)},
+    {"epoch": 1},                                     # a replayed report of another epoch
+    {"attempt": 0},                                   # ... or of another attempt of the step
+])
+def test_an_audit_order_with_other_settings_than_the_node_signed_judges_nothing(change):
+    claims.audited_reports(audit_of_report())
+    with pytest.raises(InvalidArgument, match="other assignment settings|epoch"):
+        claims.audited_reports(audit_of_report(**change))
+
+
+def test_the_audit_orders_reports_are_the_audited_nodes_own():
+    req = audit_of_report()
     claims.audited_reports(req)
     req.report.CopyFrom(report(step=2))
     with pytest.raises(InvalidArgument):
         claims.audited_reports(req)
-    req.report.CopyFrom(sign(pb.StepReport(run_id=RUN, step=3, node_id=NODE.node_id), OTHER))
+    req.report.CopyFrom(sign(pb.StepReport(run_id=RUN, step=3, stage=1, node_id=NODE.node_id), OTHER))
     with pytest.raises(Unauthenticated):
         claims.audited_reports(req)
     req.report.CopyFrom(report())
     req.kind = pb.AUDIT_KIND_UPDATE
-    req.update_report.CopyFrom(sign(pb.UpdateReport(run_id=RUN, step=3, node_id=NODE.node_id), OTHER))
+    req.update_report.CopyFrom(sign(pb.UpdateReport(run_id=RUN, step=3, stage=1, node_id=NODE.node_id), OTHER))
     with pytest.raises(Unauthenticated, match="update report"):
         claims.audited_reports(req)
     req.target.public_key = OTHER.public_key  # a node id that is not its key's hash
@@ -220,12 +269,13 @@ def test_committed_state_names_the_committed_digest():
 
 
 def test_audit_verdict_is_the_named_auditors_answer_to_this_order():
-    req = pb.AuditRequest(run_id=RUN, audit_id=7, auditor=OTHER.node_id)
-    verdict = sign(pb.AuditVerdict(run_id=RUN, audit_id=7, auditor=OTHER.node_id, verdict=pb.VERDICT_PASS), OTHER)
+    req = pb.AuditRequest(run_id=RUN, audit_id=7, auditor=OTHER.node_id, session=b"a" * 16)
+    verdict = sign(pb.AuditVerdict(run_id=RUN, audit_id=7, auditor=OTHER.node_id, verdict=pb.VERDICT_PASS,
+                                   order_digest=claims.order_digest(req)), OTHER)
     claims.audit_verdict(verdict, req, OTHER.public_key)
     with pytest.raises(Unauthenticated):
         claims.audit_verdict(verdict, req, NODE.public_key)
-    for field, value in (("audit_id", 8), ("run_id", "other"), ("auditor", NODE.node_id)):
+    for field, value in (("audit_id", 8), ("run_id", "other"), ("auditor", NODE.node_id), ("order_digest", b"")):
         wrong = pb.AuditVerdict()
         wrong.CopyFrom(verdict)
         setattr(wrong, field, value)
@@ -234,6 +284,22 @@ def test_audit_verdict_is_the_named_auditors_answer_to_this_order():
         assert type(exc.value) is PipeguardError  # what the coordinator's audit always raised
         with pytest.raises(ValueError):
             claims.audit_verdict(sign(wrong, OTHER), req, OTHER.public_key, unbound=ValueError)
+
+
+def test_an_old_verdict_replayed_for_a_new_order_with_the_same_id_answers_nothing():
+    """Audit ids restart at 1 after a coordinator restart: the verdict binds the whole order (whose
+    session is drawn per start), so a verdict signed for the old order #7 answers no new order #7."""
+    old = pb.AuditRequest(run_id=RUN, audit_id=7, auditor=OTHER.node_id, step=3, epoch=2, session=b"a" * 16)
+    verdict = sign(pb.AuditVerdict(run_id=RUN, audit_id=7, auditor=OTHER.node_id, verdict=pb.VERDICT_FAIL,
+                                   order_digest=claims.order_digest(old)), OTHER)
+    claims.audit_verdict(verdict, old, OTHER.public_key)
+    for change in ({"session": b"b" * 16}, {"epoch": 3}, {"attempt": 1}, {"step": 4}):
+        new = pb.AuditRequest()
+        new.CopyFrom(old)
+        for k, v in change.items():
+            setattr(new, k, v)
+        with pytest.raises(PipeguardError, match="different audit order"):
+            claims.audit_verdict(verdict, new, OTHER.public_key)
 
 
 def test_an_attached_claim_counts_only_if_signed_by_the_party_it_names():
@@ -253,6 +319,23 @@ def test_equivocation_needs_two_versions_of_the_signers_own_output():
     assert "own output" in claims.equivocation(a, theirs, NODE.public_key)
     with pytest.raises(Unauthenticated):
         claims.equivocation(a, commitment(digest=b"\x02" * 32, signer=OTHER), NODE.public_key)
+
+
+def test_two_tensors_of_different_attempts_or_epochs_are_not_equivocation():
+    """A retried attempt is another computation (its upstream input may differ): two gradients of
+    one micro-batch in attempts 0 and 1 contradict nothing. Within one attempt they do, whatever
+    else their headers say (another input digest does not excuse a second version)."""
+    def version(digest: bytes, **header) -> pb.TensorCommitment:
+        c = commitment(digest=digest)
+        for k, v in header.items():
+            setattr(c.header, k, v)
+        return sign(c, NODE)
+
+    a = version(b"\x01" * 32, attempt=0)
+    for other in ({"attempt": 1}, {"epoch": 1}, {"step": 4}, {"micro_batch": 1}, {"stage": 2},
+                  {"direction": pb.DIRECTION_BACKWARD}):
+        assert "not contradictory" in claims.equivocation(a, version(b"\x02" * 32, **other), NODE.public_key)
+    assert claims.equivocation(a, version(b"\x02" * 32, input_digest=b"i" * 32), NODE.public_key) is None
 
 
 # -- nobody else checks signatures ---------------------------------------------------------------------

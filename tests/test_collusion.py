@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeguard import audit
+from pipeguard import audit, claims
 from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import FALSE_CLEARANCE_MARGIN, verify_bundle, write_audit_bundle
 from pipeguard.identity import Identity
@@ -53,8 +53,10 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
     comp = StageComputation.build(StageSetup.from_specs(model, train, 0, 3))
     state = comp.snapshot()
     digest = comp.digest()
+    assigned = claims.assignment_digest(pb.AssignRequest(run_id=RUN, stage=0, num_stages=3, model=model,
+                                                         train=train, tolerance=TOL))
     report = sign(pb.StepReport(run_id=RUN, step=0, stage=0, node_id=target.node_id, state_digest=digest,
-                                micro_batches=4), target)
+                                micro_batches=4, epoch=1, assignment_digest=assigned), target)
     attestation = sign(pb.StateAttestation(run_id=RUN, node_id=target.node_id, stage=0, step=0,
                                            state_digest=digest, epoch=1), target)
     x, y = comp.setup.batch(dataset, 0, 0)
@@ -64,7 +66,7 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
         t = t.contiguous()
         header = pb.TensorHeader(run_id=RUN, step=0, micro_batch=0, stage=0, direction=pb.DIRECTION_FORWARD,
                                  sender=target.node_id, receiver=nxt.node_id, dtype=WIRE_DTYPES[t.dtype],
-                                 shape=list(t.shape), epoch=1)
+                                 shape=list(t.shape), epoch=1, assignment_digest=assigned)
         return ReceivedTensor(commitment=sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t)),
                                               target), tensor=t)
 
@@ -80,7 +82,7 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
     art = audit.Artifacts(request=req, state=state, attestation=attestation,
                           outputs={(pb.DIRECTION_FORWARD, 0): sent}, tokens={0: (x, y)})
     verdict = pb.AuditVerdict(run_id=RUN, audit_id=5, auditor=auditor.node_id, verdict=verdict_kind,
-                              detail="matches (made up)")
+                              detail="matches (made up)", order_digest=claims.order_digest(req))
     if attach:
         seen = art if seen_tamper is None else audit.Artifacts(
             request=req, attestation=attestation, outputs={(pb.DIRECTION_FORWARD, 0): commit(seen_tamper(out))})

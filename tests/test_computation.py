@@ -14,6 +14,7 @@ import pytest
 
 from node.stage import Assignment
 from pipeguard import audit
+from pipeguard import claims as rules
 from pipeguard.claims import served_state
 from pipeguard.computation import StageComputation, StageSetup, model_spec, train_spec
 from pipeguard.data import stdlib_corpus
@@ -34,6 +35,12 @@ MODEL, TRAIN = model_spec(GPT), train_spec(OPTIM, seed=SEED, micro_batches=M, mi
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
 
 
+def assigned(stage: int) -> bytes:
+    """The assignment digest each stage signs (the audit orders below restate the same settings)."""
+    return rules.assignment_digest(pb.AssignRequest(run_id=RUN, stage=stage, num_stages=STAGES, model=MODEL,
+                                                    train=TRAIN, tolerance=0.0))
+
+
 @pytest.fixture(scope="module")
 def claims():
     """One step of a 4-stage pipeline, with what each stage would sign (reports, attestations, tensors)."""
@@ -48,7 +55,12 @@ def claims():
         receiver = stage + 1 if direction == FORWARD else stage - 1
         header = pb.TensorHeader(run_id=RUN, step=STEP, micro_batch=mb, stage=stage, direction=direction,
                                  sender=ids[stage].node_id, receiver=ids[receiver].node_id,
-                                 dtype=WIRE_DTYPES[t.dtype], shape=list(t.shape), epoch=EPOCH)
+                                 dtype=WIRE_DTYPES[t.dtype], shape=list(t.shape), epoch=EPOCH,
+                                 assignment_digest=assigned(stage))
+        if stage > 0:  # the inputs it was computed from, as a node names them
+            header.input_digest = sent[(stage - 1, FORWARD, mb)].commitment.payload_digest
+        if direction == BACKWARD and stage < STAGES - 1:
+            header.grad_input_digest = sent[(stage + 1, BACKWARD, mb)].commitment.payload_digest
         c = sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t.contiguous())), ids[stage])
         sent[(stage, direction, mb)] = ReceivedTensor(commitment=c, tensor=t.contiguous())
 
@@ -76,12 +88,25 @@ def claims():
                 tokens=tokens)
 
 
-def artifacts(cl, stage: int, kind: int) -> audit.Artifacts:
+def received_by(cl, stage: int) -> list[pb.ReceivedDigest]:
+    """What ``stage`` computed from, as its step report names it."""
+    out = []
+    for mb in range(M):
+        for sender, direction in ((stage - 1, FORWARD), (stage + 1, BACKWARD)):
+            if (sender, direction, mb) in cl["sent"]:
+                out.append(pb.ReceivedDigest(direction=direction, micro_batch=mb,
+                                             payload_digest=cl["sent"][(sender, direction, mb)].commitment.payload_digest))
+    return out
+
+
+def artifacts(cl, stage: int, kind: int, coord: Identity | None = None) -> audit.Artifacts:
     ids, peers = cl["ids"], cl["peers"]
-    coord = Identity.generate()
+    coord = coord or Identity.generate()
     me = ids[stage]
     report = sign(pb.StepReport(run_id=RUN, step=STEP, stage=stage, node_id=me.node_id,
-                                state_digest=cl["digests"][stage], grad_sq_norm=cl["sq"][stage], micro_batches=M), me)
+                                state_digest=cl["digests"][stage], grad_sq_norm=cl["sq"][stage], micro_batches=M,
+                                epoch=EPOCH, assignment_digest=assigned(stage),
+                                received=received_by(cl, stage)), me)
     mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else [0]
     req = pb.AuditRequest(run_id=RUN, audit_id=1, kind=kind, step=STEP, stage=stage, micro_batch=0,
                           num_stages=STAGES, model=MODEL, train=TRAIN, report=report, tolerance=0.0, epoch=EPOCH,
@@ -92,8 +117,10 @@ def artifacts(cl, stage: int, kind: int) -> audit.Artifacts:
         req.next.CopyFrom(peers[stage + 1])
     if kind == pb.AUDIT_KIND_UPDATE:
         req.update.CopyFrom(cl["update"])
+        req.update.node_id = me.node_id
         req.update_report.CopyFrom(sign(pb.UpdateReport(run_id=RUN, step=STEP, stage=stage, node_id=me.node_id,
-                                                        state_digest=cl["next_digests"][stage]), me))
+                                                        state_digest=cl["next_digests"][stage], epoch=EPOCH,
+                                                        assignment_digest=assigned(stage)), me))
     sign(req, coord)
     audit.validate_request(req)
 

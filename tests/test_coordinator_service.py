@@ -526,16 +526,18 @@ class ScriptedStage(pb_grpc.NodeServicer):
 
     START, AFTER = b"\x01" * 32, b"\x02" * 32
 
-    def __init__(self, node: Identity, slot: int, lie: dict):
-        self.node, self.slot, self.lie = node, slot, lie
+    def __init__(self, node: Identity, slot: int, lie: dict, assignment: bytes):
+        self.node, self.slot, self.lie, self.assignment = node, slot, lie, assignment
 
     async def RunStep(self, request, context):
         return sign(pb.StepReport(run_id=request.run_id, step=request.step, stage=self.slot, node_id=self.node.node_id,
-                                  state_digest=self.START, grad_sq_norm=1.0, micro_batches=1), self.node)
+                                  state_digest=self.START, grad_sq_norm=1.0, micro_batches=1, epoch=request.epoch,
+                                  attempt=request.attempt, assignment_digest=self.assignment), self.node)
 
     async def ApplyUpdate(self, request, context):
         report = pb.UpdateReport(run_id=request.run_id, step=request.step, stage=self.slot,
-                                 node_id=self.node.node_id, state_digest=self.AFTER)
+                                 node_id=self.node.node_id, state_digest=self.AFTER, epoch=request.epoch,
+                                 attempt=request.attempt, assignment_digest=self.assignment)
         for name, value in self.lie.items():
             setattr(report, name, value)
         return sign(report, self.node)
@@ -545,10 +547,11 @@ class ScriptedStage(pb_grpc.NodeServicer):
 async def scripted_pipeline(bed: Bed, lies: list[dict]):
     """Stage i is a ScriptedStage lying with ``lies[i]``; the clock's pipeline is set to them."""
     servers, records = [], []
+    clock = bed.service.clock
     for slot, lie in enumerate(lies):
         node = Identity.generate()
         server = grpc.aio.server()
-        pb_grpc.add_NodeServicer_to_server(ScriptedStage(node, slot, lie), server)
+        pb_grpc.add_NodeServicer_to_server(ScriptedStage(node, slot, lie, clock.assignment_digest(slot)), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
@@ -556,7 +559,6 @@ async def scripted_pipeline(bed: Bed, lies: list[dict]):
                          role=pb.ROLE_STAGE, stage=slot)
         bed.registry.nodes[rec.node_id] = rec
         records.append(rec)
-    clock = bed.service.clock
     clock.pipeline.nodes, clock.pipeline.slots = records, list(range(len(lies)))
     clock.state.epoch = 1
     clock.state.commitments = {str(s): ScriptedStage.START.hex() for s in range(len(lies))}
@@ -577,9 +579,11 @@ def test_clock_applies_honest_update_reports(tmp_path):
     run(scenario())
 
 
-@pytest.mark.parametrize("lie", [{"run_id": "another-run"}, {"step": 7}, {"stage": 0}, {"node_id": "f" * 32}],
-                         ids=["run_id", "step", "stage", "node_id"])
+@pytest.mark.parametrize("lie", [{"run_id": "another-run"}, {"step": 7}, {"stage": 0}, {"node_id": "f" * 32},
+                                 {"epoch": 0}, {"attempt": 1}, {"assignment_digest": b"x" * 32}],
+                         ids=["run_id", "step", "stage", "node_id", "epoch", "attempt", "assignment"])
 def test_clock_refuses_an_update_report_for_another_step_stage_or_node(tmp_path, lie):
+    """... or a replayed one of another epoch or attempt, or one computed under another assignment."""
     async def scenario():
         async with coordinator_bed(tmp_path) as bed, scripted_pipeline(bed, [{}, lie]) as clock:
             before = dict(clock.state.commitments)

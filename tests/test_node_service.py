@@ -27,6 +27,7 @@ from node.membership import Membership
 from node.peers import PeerPool
 from node.service import NodeService
 from node.stage import StageRuntime
+from pipeguard import claims
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.rpc import server_options
@@ -85,6 +86,8 @@ class Bed:
     assign_reply: pb.AssignReply | None = None
     epoch: int = 0
     step: int = 0
+    attempt: int = 0
+    """Attempt of the step the test's tensors carry (RunStepRequest.attempt)."""
     pushed: int = field(default=0)
     address: str = ""
 
@@ -125,6 +128,7 @@ class Bed:
         header = make_header(run_id=run_id, step=self.step if step is None else step, micro_batch=micro_batch,
                              stage=stage, direction=direction, sender=sender.node_id,
                              receiver=receiver or self.node.node_id, tensor=tensor, epoch=self.epoch)
+        header.attempt = self.attempt
         return list(TensorSender(header, tensor, signer or sender, CHUNK_BYTES).chunks())
 
     async def push(self, chunks: list[pb.TensorChunk]) -> tuple[grpc.StatusCode, str]:
@@ -670,9 +674,59 @@ def test_abort_right_after_the_coordinator_cancels_the_step_waits_for_it_and_cle
             running.cancel()  # now the coordinator's cancellation of RunStep arrives
             await asyncio.wait_for(abort, DEADLINE)
             assert bed.runtime._running is None
+            bed.attempt = 1  # the coordinator's retry is the next attempt
             await push_step_inputs(bed)  # micro-batch 0 again: accepted, not a replay
-            report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
-            assert report.step == 0 and report.micro_batches == MICRO_BATCHES
+            report = await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me,
+                                                                  attempt=1))
+            assert report.step == 0 and report.micro_batches == MICRO_BATCHES and report.attempt == 1
+
+    run(scenario())
+
+
+def test_tensors_of_another_attempt_are_refused_and_an_attempt_runs_once(tmp_path):
+    """Retries are numbered: after attempt 0 of a step is aborted its tensors are refused (an
+    upstream cannot feed the retry what it sent the failed attempt), while attempt 1 runs only
+    tensors of attempt 1 (FAILED_PRECONDITION naming the attempts), and attempt 0 never runs again
+    (nor does a replayed abort of it drop the retry's gradients); every output and report of the
+    retry carries attempt 1 and this node's assignment digest."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            me = bed.node.node_id
+            await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=0))
+            code, details = await bed.push(bed.tensor_chunks(micro_batch=0))  # bed.attempt is 0
+            assert code == C.FAILED_PRECONDITION and "attempt 0" in details and "ended" in details, details
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bed.order("RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me))
+            assert err.value.code() == C.FAILED_PRECONDITION and "not newer" in err.value.details()
+            bed.attempt = 1
+            running = asyncio.create_task(bed.order(
+                "RunStep", pb.RunStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=1)))
+            await wait_until(lambda: bed.runtime._running == 0, "RunStep never started")
+            bed.attempt = 2
+            code, details = await bed.push(bed.tensor_chunks(micro_batch=0))
+            assert code == C.FAILED_PRECONDITION and "runs attempt 1" in details, details
+            bed.attempt = 1
+            await push_step_inputs(bed)
+            report = await asyncio.wait_for(running, DEADLINE)
+            assert (report.epoch, report.attempt) == (bed.epoch, 1)
+            assert report.assignment_digest == claims.assignment_digest(bed.assign_request(epoch=1))
+            # A replayed abort of the old attempt drops nothing: the retry's gradients are applied.
+            await bed.order("AbortStep", pb.AbortStepRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=0))
+            update = pb.ApplyUpdateRequest(run_id=RUN, epoch=bed.epoch, step=0, node_id=me, attempt=1,
+                                           global_grad_norm=math.sqrt(report.grad_sq_norm), lr=lr_at(0, OPTIM))
+            applied = await bed.order("ApplyUpdate", update)
+            assert (applied.epoch, applied.attempt, applied.assignment_digest) == (
+                bed.epoch, 1, report.assignment_digest)
+            assert bed.sink.received, "the node sent its outputs"
+            kept = {(d, mb): k for (_, d, mb, sent), k in bed.runtime.retention.kept.items() if not sent}
+            assert {(r.direction, r.micro_batch): r.payload_digest for r in report.received} == {
+                key: k.commitment.payload_digest for key, k in kept.items()}, "the report names what it computed from"
+            for c in bed.sink.received:  # what it sent names the attempt, the assignment and its inputs
+                h = c.header
+                assert (h.attempt, h.assignment_digest) == (1, report.assignment_digest)
+                assert h.input_digest == kept[(FORWARD, h.micro_batch)].commitment.payload_digest
+                if h.direction == BACKWARD:
+                    assert h.grad_input_digest == kept[(BACKWARD, h.micro_batch)].commitment.payload_digest
 
     run(scenario())
 

@@ -80,7 +80,7 @@ RUN_PHASE_FAILED: RunPhase
 RUN_PHASE_STOPPED: RunPhase
 
 class TensorHeader(_message.Message):
-    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch")
+    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch", "attempt", "assignment_digest", "input_digest", "grad_input_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,10 @@ class TensorHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     micro_batch: int
@@ -101,7 +105,11 @@ class TensorHeader(_message.Message):
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    attempt: int
+    assignment_digest: bytes
+    input_digest: bytes
+    grad_input_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ..., input_digest: _Optional[bytes] = ..., grad_input_digest: _Optional[bytes] = ...) -> None: ...
 
 class TensorCommitment(_message.Message):
     __slots__ = ("header", "payload_digest", "signature")
@@ -298,7 +306,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("run_id", "epoch", "stage", "num_stages", "model", "train", "prev", "next", "node_id", "data_digest", "start_step", "signature", "state_digest")
+    __slots__ = ("run_id", "epoch", "stage", "num_stages", "model", "train", "prev", "next", "node_id", "data_digest", "start_step", "signature", "state_digest", "tolerance")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +320,7 @@ class AssignRequest(_message.Message):
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     stage: int
@@ -325,7 +334,8 @@ class AssignRequest(_message.Message):
     start_step: int
     signature: bytes
     state_digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., data_digest: _Optional[bytes] = ..., start_step: _Optional[int] = ..., signature: _Optional[bytes] = ..., state_digest: _Optional[bytes] = ...) -> None: ...
+    tolerance: float
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., data_digest: _Optional[bytes] = ..., start_step: _Optional[int] = ..., signature: _Optional[bytes] = ..., state_digest: _Optional[bytes] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("state_digest", "num_params")
@@ -335,22 +345,42 @@ class AssignReply(_message.Message):
     num_params: int
     def __init__(self, state_digest: _Optional[bytes] = ..., num_params: _Optional[int] = ...) -> None: ...
 
+class AssignmentTerms(_message.Message):
+    __slots__ = ("run_id", "stage", "num_stages", "model", "train", "data_digest", "tolerance")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage: int
+    num_stages: int
+    model: ModelSpec
+    train: TrainSpec
+    data_digest: bytes
+    tolerance: float
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., tolerance: _Optional[float] = ...) -> None: ...
+
 class RunStepRequest(_message.Message):
-    __slots__ = ("run_id", "epoch", "step", "node_id", "signature")
+    __slots__ = ("run_id", "epoch", "step", "node_id", "signature", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     step: int
     node_id: str
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature", "flags")
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "loss", "grad_sq_norm", "compute_seconds", "micro_batches", "signature", "flags", "epoch", "attempt", "assignment_digest", "received")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +392,10 @@ class StepReport(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     stage: int
@@ -373,7 +407,21 @@ class StepReport(_message.Message):
     micro_batches: int
     signature: bytes
     flags: _containers.RepeatedCompositeFieldContainer[ScreenFlag]
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ..., flags: _Optional[_Iterable[_Union[ScreenFlag, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    attempt: int
+    assignment_digest: bytes
+    received: _containers.RepeatedCompositeFieldContainer[ReceivedDigest]
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., grad_sq_norm: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ..., signature: _Optional[bytes] = ..., flags: _Optional[_Iterable[_Union[ScreenFlag, _Mapping]]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ..., received: _Optional[_Iterable[_Union[ReceivedDigest, _Mapping]]] = ...) -> None: ...
+
+class ReceivedDigest(_message.Message):
+    __slots__ = ("direction", "micro_batch", "payload_digest")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    direction: Direction
+    micro_batch: int
+    payload_digest: bytes
+    def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., micro_batch: _Optional[int] = ..., payload_digest: _Optional[bytes] = ...) -> None: ...
 
 class ScreenFlag(_message.Message):
     __slots__ = ("direction", "micro_batch", "reason")
@@ -386,7 +434,7 @@ class ScreenFlag(_message.Message):
     def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., micro_batch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ApplyUpdateRequest(_message.Message):
-    __slots__ = ("run_id", "epoch", "step", "node_id", "global_grad_norm", "lr", "signature")
+    __slots__ = ("run_id", "epoch", "step", "node_id", "global_grad_norm", "lr", "signature", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +442,7 @@ class ApplyUpdateRequest(_message.Message):
     GLOBAL_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     step: int
@@ -401,37 +450,46 @@ class ApplyUpdateRequest(_message.Message):
     global_grad_norm: float
     lr: float
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., global_grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., global_grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., signature: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class UpdateReport(_message.Message):
-    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "signature")
+    __slots__ = ("run_id", "step", "stage", "node_id", "state_digest", "signature", "epoch", "attempt", "assignment_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     stage: int
     node_id: str
     state_digest: bytes
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    epoch: int
+    attempt: int
+    assignment_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., node_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ...) -> None: ...
 
 class AbortStepRequest(_message.Message):
-    __slots__ = ("run_id", "step", "node_id", "signature", "epoch")
+    __slots__ = ("run_id", "step", "node_id", "signature", "epoch", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     node_id: str
     signature: bytes
     epoch: int
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
@@ -508,7 +566,7 @@ class FetchCheckpointRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest")
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest", "attempt", "session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -530,6 +588,8 @@ class AuditRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     kind: AuditKind
@@ -551,10 +611,12 @@ class AuditRequest(_message.Message):
     signature: bytes
     epoch: int
     tokens_digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    session: bytes
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ..., attempt: _Optional[int] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
-    __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments")
+    __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments", "order_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     AUDITOR_FIELD_NUMBER: _ClassVar[int]
@@ -565,6 +627,7 @@ class AuditVerdict(_message.Message):
     ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     NEXT_ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     auditor: str
@@ -575,7 +638,8 @@ class AuditVerdict(_message.Message):
     attestation: StateAttestation
     next_attestation: StateAttestation
     commitments: _containers.RepeatedCompositeFieldContainer[TensorCommitment]
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., auditor: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., deviation: _Optional[float] = ..., detail: _Optional[str] = ..., signature: _Optional[bytes] = ..., attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., next_attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., commitments: _Optional[_Iterable[_Union[TensorCommitment, _Mapping]]] = ...) -> None: ...
+    order_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., auditor: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., deviation: _Optional[float] = ..., detail: _Optional[str] = ..., signature: _Optional[bytes] = ..., attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., next_attestation: _Optional[_Union[StateAttestation, _Mapping]] = ..., commitments: _Optional[_Iterable[_Union[TensorCommitment, _Mapping]]] = ..., order_digest: _Optional[bytes] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data", "stage", "completed_steps", "attestation")
