@@ -30,6 +30,7 @@ import math
 import time
 
 from pipeguard import claims
+from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.errors import DataLoss, FailedPrecondition, PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.model import lr_at
@@ -90,6 +91,12 @@ class StepClock:
         self.started = time.monotonic()
         self.first_back: float | None = None
         """When the first node heartbeated again after this (re)start."""
+        self.assign_orders: dict[str, pb.AssignRequest] = {}
+        """node id -> the signed Assign order of its stage in the current epoch."""
+        self.update_reports: dict[str, tuple[int, pb.UpdateReport]] = {}
+        """node id -> (epoch, its latest signed update report): what its next step report must match."""
+        self._seeded: dict[tuple[int, int], bytes] = {}
+        """(stage, stages) -> digest of the stage at the run seed's initial weights."""
 
     def persist(self) -> None:
         self.store.save_run(self.state, self.registry)
@@ -191,6 +198,10 @@ class StepClock:
         for slot, rec, reply in zip(slots, nodes, replies):
             if start > 0 and reply.state_digest != digests.get(slot):
                 raise DataLoss(f"stage {slot} on {rec.node_id[:8]} reports a state other than the committed one")
+        if start == 0:
+            await self._check_seeded(slots, nodes, requests, replies)
+        for rec, req in zip(nodes, requests):
+            self.assign_orders[rec.node_id] = req  # signed by the call
         # Committed: from here on the new pipeline is the run.
         for rec in self.registry.nodes.values():
             if rec not in nodes:
@@ -220,6 +231,56 @@ class StepClock:
         self.persist()
         if start not in self.checkpoints.steps():
             await self.checkpointer.take(start)
+
+    async def _seeded_digest(self, slot: int) -> bytes:
+        key = (slot, self.cfg.pipeline.stages)
+        if key not in self._seeded:
+            setup = StageSetup.from_specs(self.cfg.model_spec(), self.cfg.train_spec(), slot, self.cfg.pipeline.stages)
+            self._seeded[key] = await asyncio.get_running_loop().run_in_executor(
+                None, StageComputation.seeded_digest, setup)
+        return self._seeded[key]
+
+    async def _check_seeded(self, slots: list[int], nodes: list[NodeRecord], requests: list[pb.AssignRequest],
+                            replies: list[pb.AssignReply]) -> None:
+        """At step 0 every stage starts from the run seed: a holder whose (unsigned) Assign reply
+        names another state is asked for its signed word on it (the attestation of the state it
+        serves for step 0). A signed claim of other weights convicts it (``Judge.initial_state``);
+        a holder that will not sign what it replied is taken out of the pipeline (not banned: an
+        unsigned reply proves nothing to a third party). Either way the assignment is planned again."""
+        judge = self.audits.judge if self.audits is not None else None
+        for slot, rec, req, reply in zip(slots, nodes, requests, replies):
+            seeded = await self._seeded_digest(slot)
+            if reply.state_digest == seeded:
+                continue
+            attestation = None
+            try:
+                async for chunk in fetch_stage_state(self.channels, self.state.run_id, rec, slot, 0, False,
+                                                     self.cfg.timeouts.step):
+                    if chunk.HasField("attestation"):
+                        attestation = chunk.attestation
+            except PipeguardError as exc:
+                log.warning("stage %d on %s: no attestation of its state at step 0: %s", slot, rec.node_id[:8], exc)
+            if attestation is not None and judge is not None and await judge.initial_state(req, attestation,
+                                                                                           rec.public_key):
+                raise FailedPrecondition(f"node {rec.node_id[:8]} started stage {slot} from other weights than the "
+                                         "seeded initialisation and was convicted")
+            self.attribution.distrust(rec.node_id, 0, f"its stage {slot} at step 0 is not the seeded initialisation "
+                                      "and it signed nothing to say which state it holds")
+            raise DataLoss(f"stage {slot} on {rec.node_id[:8]} reports a state other than the seeded initialisation")
+
+    async def _state_contradicted(self, step: int, slot: int, rec: NodeRecord, rep: pb.StepReport) -> bool:
+        """A step report whose digest is not the stage's commitment: when the holder's own signed
+        claims prove it (a step-0 state other than the seed, a state other than its last update
+        report's) it is convicted; whether it was."""
+        judge = self.audits.judge if self.audits is not None else None
+        if judge is None:
+            return False
+        if step == 0 and rec.node_id in self.assign_orders:
+            return await judge.initial_state(self.assign_orders[rec.node_id], rep, rec.public_key)
+        epoch, update = self.update_reports.get(rec.node_id, (-1, None))
+        if update is not None and epoch == self.state.epoch:
+            return await judge.contradiction(update, rep, rec.public_key)
+        return False
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -331,6 +392,8 @@ class StepClock:
         for slot, rec, rep in zip(slots, nodes, reports):
             self._check_report("step", step, slot, rec, rep, attempt)
             if rep.state_digest.hex() != self.state.commitments.get(str(slot)):
+                if await self._state_contradicted(step, slot, rec, rep):
+                    raise Reform(f"stage {slot}'s holder was convicted on its own contradicting claims")
                 self.events.emit("commitment_mismatch",
                                  f"stage {slot} started step {step} from a state it did not commit to",
                                  node_id=rec.node_id, step=step)
@@ -354,8 +417,9 @@ class StepClock:
         done = await self._gather(nodes, "ApplyUpdate", updates, self.cfg.timeouts.step)
         for slot, rec, up in zip(slots, nodes, done):
             self._check_report("update", step, slot, rec, up, attempt)
-        for slot, up in zip(slots, done):
+        for slot, rec, up in zip(slots, nodes, done):
             self.state.commitments[str(slot)] = up.state_digest.hex()
+            self.update_reports[rec.node_id] = (self.state.epoch, up)
         record.update_orders, record.update_reports = updates, list(done)
         if self.audits is not None:
             self.audits.launch(self.audits.select_updates(record))

@@ -17,6 +17,24 @@ different versions validly signed by the same sender are equivocation, and it is
 not the audited node that computed on what it was given, who is convicted. So is a node whose
 signed claims in an auditor's verdict contradict what it showed the judge.
 
+An ERROR ("incomplete") verdict is re-checked the same way, always: an auditor that cannot or
+will not finish an audit only hands the audit to the judge, so refusing is never cheaper than
+auditing (an accomplice answering "incomplete" for its partner shields nothing). The auditor is
+not convicted for it (an honest one may have lost a neighbour mid-fetch); the audited node is
+checked all the same.
+
+When the judge's own fetch of an audited state comes back off the holder's signed attestation
+(the bytes do not hash to the digest it signs), the judge asks again; after
+``OFF_ATTESTATION_LIMIT`` such states from one holder (an honest holder serves none: it signs
+the digest of the snapshot it serves) the holder is convicted with an ``off-attestation``
+bundle. Failures to answer at all (a crash, a partition) are never counted: those are the
+liveness monitor's, and lead to reassignment without a ban.
+
+A node's own signed claims about its state are checked against each other and against the run
+seed by the step clock, which hands a contradiction here: a step-0 claim other than the seeded
+initialisation (``initial_state``, an ``initial-state`` bundle) or a step report contradicting
+the node's update report of the step before (``contradiction``).
+
 Every conviction goes through ``Convictions`` (one bundle per ban).
 """
 
@@ -29,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeguard import audit, evidence
+from pipeguard import audit, claims, evidence
+from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.config import NetConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import PipeguardError
@@ -39,6 +58,10 @@ from coordinator.channels import NodeChannels
 from coordinator.convictions import Convictions
 from coordinator.registry import Registry
 from coordinator.state import EventLog
+
+
+OFF_ATTESTATION_LIMIT = 3
+"""States served to the judge off their own signed attestation before their holder is convicted."""
 
 
 @dataclass
@@ -71,6 +94,8 @@ class Judge:
         self.rng = secrets.SystemRandom()
         self.stats = AuditStats()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-judge")
+        self.off_attestation: dict[str, int] = {}
+        """holder id -> states it served the judge that do not hash to their signed attestation."""
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -92,9 +117,13 @@ class Judge:
                              node_id=req.target.node_id, step=req.step)
             await self._judge(req, verdict)
         else:
+            # "Incomplete" (or any verdict other than PASS/FAIL) proves nothing either way: the
+            # judge does the audit itself, always, so that refusing is never cheaper than auditing.
             self.stats.incomplete += 1
             self.events.emit("audit_incomplete", f"audit {req.audit_id} of {req.target.node_id[:8]}: "
-                             f"{verdict.detail}", node_id=req.target.node_id, step=req.step, persist=False)
+                             f"{verdict.detail}; the coordinator audits it itself", node_id=req.target.node_id,
+                             step=req.step, persist=False)
+            await self._recheck(req, verdict, "incomplete verdict")
 
     def _passed(self, req: pb.AuditRequest) -> None:
         t = req.target.node_id
@@ -147,6 +176,7 @@ class Judge:
             self.stats.incomplete += 1
             self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
                              node_id=req.target.node_id, step=req.step)
+            await self._off_attestation(req, fetcher)
             return None
         if verdict is not None and await self._equivocation(req, verdict, art):
             return None
@@ -161,6 +191,61 @@ class Judge:
                 await self._convict_equivocation(req, sender.node_id, sender.public_key, theirs, ours, "tensor")
                 return None
         return art, finding
+
+    async def _off_attestation(self, req: pb.AuditRequest, fetcher: audit.RpcFetcher) -> None:
+        """After a failed gather: fetch the audited state once more, and count it against its holder
+        if it is off its own signed attestation; convict at ``OFF_ATTESTATION_LIMIT``."""
+        target = req.target
+        try:
+            named, att = await fetcher.fetch_state(target, req.step, req.stage)
+            off = claims.off_attestation(att, target.public_key, named)
+        except PipeguardError:
+            return  # not served at all (crashed, silent, expired): not evidence of anything
+        if not off or self.convictions.banned(target.node_id):
+            return
+        n = self.off_attestation[target.node_id] = self.off_attestation.get(target.node_id, 0) + 1
+        self.events.emit("off_attestation", f"{target.node_id[:8]} served the coordinator its state of step "
+                         f"{req.step} off its own signed attestation ({n} of {OFF_ATTESTATION_LIMIT})",
+                         node_id=target.node_id, step=req.step)
+        if n < OFF_ATTESTATION_LIMIT:
+            return
+        path = self._path(req, "off-attestation-", target.node_id)
+        await self._convict(target.node_id, req.step, f"served its state {n} times off its own signed attestation "
+                            f"(audit {req.audit_id})", path, lambda: evidence.write_off_attestation_bundle(
+                                path, att, named, target.public_key, self.identity.public_key, n),
+                            failed=True, detection=True)
+
+    async def initial_state(self, order: pb.AssignRequest, claim: pb.StepReport | pb.StateAttestation,
+                            holder_key: bytes) -> bool:
+        """Convict the holder of ``order``'s stage if its signed ``claim`` about the stage's state at
+        step 0 is not the seeded initialisation (``claims.seeded_start``); whether it was."""
+        setup = StageSetup.from_specs(order.model, order.train, order.stage, order.num_stages)
+        seeded = await asyncio.get_running_loop().run_in_executor(
+            self.executor, StageComputation.seeded_digest, setup)
+        why_not = claims.seeded_start(order, claim, self.identity.public_key, holder_key, seeded)
+        if why_not is not None:
+            return False
+        node_id = order.node_id
+        path = self.evidence_dir / f"step000000-initial-state-{node_id[:8]}.pgev"
+        await self._convict(node_id, 0, f"started stage {order.stage} from other weights than the seeded "
+                            "initialisation", path, lambda: evidence.write_initial_state_bundle(
+                                path, order, claim, self.identity.public_key, holder_key),
+                            failed=True, detection=True)
+        return True
+
+    async def contradiction(self, update: pb.UpdateReport, later: pb.StepReport | pb.StateAttestation,
+                            holder_key: bytes) -> bool:
+        """Convict the holder if its signed claim about the start of step t + 1 contradicts its
+        signed update report of step t (``claims.contradicting_commitments``); whether it did."""
+        if claims.contradicting_commitments(update, later, holder_key) is not None:
+            return False
+        node_id = update.node_id
+        path = self.evidence_dir / f"step{later.step:06d}-contradiction-{node_id[:8]}.pgev"
+        await self._convict(node_id, later.step, f"its claim about the state of stage {update.stage} at step "
+                            f"{later.step} contradicts its update report of step {update.step}", path,
+                            lambda: evidence.write_contradiction_bundle(path, update, later, holder_key),
+                            failed=True, detection=True)
+        return True
 
     async def _convict_target(self, req: pb.AuditRequest, art: audit.Artifacts, finding: audit.Finding) -> None:
         path = self._path(req, "", req.target.node_id)
@@ -196,9 +281,10 @@ class Judge:
                                         f"{req.target.node_id[:8]} in audit {req.audit_id}")
 
     async def _recheck(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, why: str) -> None:
-        """Recompute an audit an auditor signed PASS for. If the recomputation fails it clearly
-        (beyond ``FALSE_CLEARANCE_MARGIN`` x tolerance), the audited node cheated and the auditor
-        covered for it: both are convicted, each with its own bundle."""
+        """Recompute an audit an auditor signed PASS (or "incomplete") for. If the recomputation
+        fails, the audited node is convicted; if it fails clearly (beyond
+        ``FALSE_CLEARANCE_MARGIN`` x tolerance) after a PASS, the auditor covered for it and is
+        convicted too, each with its own bundle."""
         self.stats.rechecked += 1
         confirmed = await self._confirm(req, verdict)
         if confirmed is None:
@@ -208,10 +294,11 @@ class Judge:
             self._passed(req)
             return
         target, liar = req.target.node_id, verdict.auditor
-        self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the PASS signed by "
+        said = pb.Verdict.Name(verdict.verdict).removeprefix("VERDICT_")
+        self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the {said} signed by "
                          f"{liar[:8]}: {finding.detail}", node_id=target, step=req.step)
         await self._convict_target(req, art, finding)
-        if not evidence.clearly_fails(finding, req.tolerance):
+        if verdict.verdict != pb.VERDICT_PASS or not evidence.clearly_fails(finding, req.tolerance):
             return  # within rounding of the tolerance: an honest auditor may have seen a pass
         await self._convict_auditor(req, verdict, art, finding, "false-clearance", f"false clearance of {target[:8]} "
                                     f"in audit {req.audit_id} ({why}): signed PASS, recomputation {finding.detail}")

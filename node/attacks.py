@@ -19,6 +19,12 @@ hook                                                   called
 ``on_update(ctx, module, optimizer, before)``          after the optimizer step, before the node commits
                                                        to its new state; may change module/optimizer in
                                                        place (``before``: the named state before the step)
+``on_build(ctx, module, optimizer)``                   after the stage is built from the run seed (not from
+                                                       a checkpoint), before the node commits to it; may
+                                                       change module/optimizer in place
+``on_committed(ctx, module, optimizer)``               right after the node committed to its new state
+                                                       (the update report's digest); may change
+                                                       module/optimizer in place, behind the commitment
 ``async pause(ctx, what)``                             before sending a tensor (``"send"``), answering an
                                                        RPC (``"rpc"``) or a heartbeat (``"heartbeat"``);
                                                        may sleep (slow) or never return (silent)
@@ -81,9 +87,18 @@ Protocol attacks:
   tensors stay honest
 - ``update:poison``  perturb its weights after the optimizer step (Gaussian, ``noise_scale`` or 1e-2 x
   each weight's std), sent tensors stay honest
+- ``state:backdoor``  build its stage from other weights than the seeded initialisation (one weight
+  perturbed) and commit to them, honestly computed from then on
+- ``state:off-attestation``  serve its state (to auditors and the coordinator alike) with one weight
+  perturbed, under an attestation of the committed digest: the bytes contradict the attestation
+- ``update:swap-after-commit``  perturb its weights right after committing to its updated state
+  (``noise_scale`` or 1e-2 x each weight's std), keep claiming the committed digest, and serve the
+  state it holds under it
 - ``audit:accuse``  as an auditor, report every audited node as cheating (a lying auditor)
 - ``audit:clear``  as an auditor, sign PASS for ``accomplices`` (everybody when empty) whatever the
   recomputation found
+- ``audit:shield``  as an auditor, answer "incomplete" (VERDICT_ERROR) for ``accomplices``
+  (everybody when empty) whatever the recomputation found
 - ``node:silent``  from its first firing on, never send, answer or heartbeat again (a node that
   hangs mid-step); the daemon still shuts down on SIGTERM
 - ``node:slow``  wait ``delay`` seconds before each tensor it sends
@@ -195,6 +210,14 @@ class Behaviour:
     def on_update(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   before: dict[str, torch.Tensor]) -> None:
         """Called on the compute thread after the optimizer step of ``ctx.step``."""
+
+    @hook(returns=0)
+    def on_build(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called on the compute thread after the stage is built from the run seed (``ctx.step``: 0)."""
+
+    @hook(returns=0)
+    def on_committed(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called on the compute thread right after the node committed to its state after ``ctx.step``."""
 
     @hook(returns=0, event="pause-{0}")
     async def pause(self, ctx: AttackContext, what: str) -> None:
@@ -499,6 +522,43 @@ class FalseCommitment(Behaviour):
         return served, state_digest(served.items())
 
 
+def _perturb(module: torch.nn.Module, g: torch.Generator, rel: float) -> None:
+    """Add Gaussian noise of ``rel`` x each weight's std (at least 1e-3) to every parameter, in place."""
+    with torch.no_grad():
+        for p in module.parameters():
+            std = float(p.float().std()) if p.numel() > 1 else float(p.abs().max())
+            p.add_(rel * max(std, 1e-3) * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+class Backdoor(Behaviour):
+    name = "state:backdoor"
+
+    def on_build(self, ctx, module, optimizer):
+        with torch.no_grad():
+            p = next(module.parameters())
+            p.add_(1e-2 * torch.randn(p.shape, generator=ctx.generator("backdoor"), dtype=p.dtype))
+
+
+class OffAttestation(Behaviour):
+    name = "state:off-attestation"
+
+    def on_serve_state(self, ctx, named, digest):
+        served = dict(named)
+        name = next(n for n in sorted(served) if n.startswith("param/"))
+        served[name] = served[name] + 1e-2 * torch.randn(served[name].shape, generator=ctx.generator("off"))
+        return served, digest  # the attestation still signs the committed digest
+
+
+class SwapAfterCommit(Behaviour):
+    name = "update:swap-after-commit"
+
+    def __init__(self, params: Params | None = None):
+        self.params = params or Params()
+
+    def on_committed(self, ctx, module, optimizer):
+        _perturb(module, ctx.generator("swap"), self.params.noise_scale if self.params.noise_scale > 0 else 1e-2)
+
+
 class UpdateSkip(Behaviour):
     name = "update:skip"
 
@@ -554,6 +614,23 @@ class AuditClear(Behaviour):
         return verdict
 
 
+class AuditShield(Behaviour):
+    name = "audit:shield"
+
+    def __init__(self, params: Params | None = None):
+        self.accomplices = set((params or Params()).accomplices)
+
+    def on_verdict(self, ctx, verdict):
+        from pipeguard.v1 import pipeguard_pb2 as pb
+
+        if self.accomplices and ctx.peer not in self.accomplices:
+            return verdict
+        verdict.verdict = pb.VERDICT_ERROR
+        verdict.deviation = 0.0
+        verdict.detail = f"audit incomplete: the state of step {ctx.step} was not served (made up)"
+        return verdict
+
+
 class Silent(Behaviour):
     """Fires at a send; from then on every pause (send, RPC, heartbeat) blocks until the daemon
     shuts down (``latched``)."""
@@ -594,10 +671,14 @@ BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     "wire:equivocate": lambda p: Equivocate(),
     "forward:switch-attempt": lambda p: SwitchAttempt(),
     "state:false-commitment": lambda p: FalseCommitment(),
+    "state:backdoor": lambda p: Backdoor(),
+    "state:off-attestation": lambda p: OffAttestation(),
+    "update:swap-after-commit": SwapAfterCommit,
     "update:skip": lambda p: UpdateSkip(),
     "update:poison": UpdatePoison,
     "audit:accuse": lambda p: AuditAccuse(),
     "audit:clear": AuditClear,
+    "audit:shield": AuditShield,
     "node:silent": lambda p: Silent(),
     "node:slow": Slow,
 }

@@ -11,7 +11,9 @@ seam                               hooks
 =================================  ====================================================================
 ``TamperedComputation``            ``on_forward`` (the activation sent), ``on_backward`` (the input
 (wraps ``StageComputation``)       gradient sent), ``on_update`` (after the optimizer step, before the
-                                   node commits); on the compute thread
+                                   node commits), ``on_build`` (built from the seed, before it
+                                   commits), ``on_committed`` (after it committed); on the compute
+                                   thread
 ``TamperedPeers``                  ``pause("send")`` before each push, ``on_send`` on the signed chunk
 (wraps ``PeerPool``)               stream (``PeerPool.push``'s ``rewrite``)
 ``TamperedService``                ``pause("rpc")`` before the RPCs the node answers (RunStep,
@@ -86,9 +88,15 @@ class Seams:
 
     def computation(self, build: BuildComputation = StageComputation.build) -> BuildComputation:
         """``build``, with the computation wrapped when the behaviour tampers with its outputs."""
-        if not self.wants("on_forward", "on_backward", "on_update"):
+        if not self.wants("on_forward", "on_backward", "on_update", "on_build", "on_committed"):
             return build
-        return lambda setup, state=None: TamperedComputation(build(setup, state), self)
+
+        def tampered(setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> TamperedComputation:
+            comp = TamperedComputation(build(setup, state), self)
+            if state is None and "on_build" in self.hooks:  # experiments: state:backdoor
+                self.behaviour.on_build(self.context(0), comp.inner.module, comp.inner.opt)
+            return comp
+        return tampered
 
     def peers(self, pool: PeerPool) -> PeerPool:
         return TamperedPeers(pool, self) if self.wants("pause", "on_send") else pool  # type: ignore[return-value]
@@ -130,6 +138,8 @@ class TamperedComputation:
         self.seams = seams
         self._step = -1
         """The step of the last forward: the step whose gradients the next update applies."""
+        self._committing = False
+        """An update was applied: the next digest is the node's commitment to it."""
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -154,7 +164,15 @@ class TamperedComputation:
         ctx = self.seams.context(fwd.step, fwd.micro_batch, BACKWARD, self.seams.neighbour(BACKWARD))
         return loss, self.seams.behaviour.on_backward(ctx, grad)
 
+    def digest(self) -> bytes:
+        digest = self.inner.digest()
+        if self._committing and "on_committed" in self.seams.hooks:  # experiments: update:swap-after-commit
+            self.seams.behaviour.on_committed(self.seams.context(self._step), self.inner.module, self.inner.opt)
+        self._committing = False
+        return digest
+
     def update(self, global_norm: float, lr: float) -> None:
+        self._committing = True
         if "on_update" not in self.seams.hooks:  # update:skip / update:poison: before the node commits
             return self.inner.update(global_norm, lr)
         before = self.inner.snapshot()

@@ -30,6 +30,10 @@ state attestation                           the stage's holder           ``serve
 audit verdict                               the auditor                  ``audit_verdict``
 claims attached to a verdict                the node each one names      ``attached_signer``
 two versions of one output                  their common signer          ``equivocation``
+a stage's state at step 0 vs. the seed      the coordinator (the order)  ``seeded_start``
+                                            and the stage's holder
+a state claim vs. the update report before  the stage's holder           ``contradicting_commitments``
+a served state vs. its own attestation      the stage's holder           ``off_attestation``
 ==========================================  ===========================  =========================
 
 What a node signs binds what it agreed to compute and when: every tensor header, step report
@@ -314,3 +318,60 @@ def equivocation(first, second, signer_key: bytes) -> str | None:
     if not same_subject(first, second):
         return "the two claims are not contradictory"
     return None
+
+
+# -- a node's claims about its own state, against each other and against the run seed --------------
+
+
+def seeded_start(order: pb.AssignRequest, claim: pb.StepReport | pb.StateAttestation, coordinator_key: bytes,
+                 holder_key: bytes, seeded: bytes) -> str | None:
+    """None when the coordinator's signed ``order`` (stage ``order.stage`` from step 0, built from the
+    run seed: no state digest to load) and the holder's signed ``claim`` about that stage's state at
+    the start of step 0 (its step report, or the attestation of the state it served) prove that it
+    started from other weights than the seeded initialisation (``seeded``, the digest of
+    ``StageComputation.build`` for the order's model, seed and stage); else why they do not.
+
+    The state at the start of step 0 is the seeded one in every epoch (checkpoint 0 is checked
+    against it), so the claim needs no epoch."""
+    verify(order, PublicIdentity(coordinator_key), what="assign order")
+    verify(claim, PublicIdentity(holder_key), what="initial state claim")
+    holder = node_id_for(holder_key)
+    if order.node_id != holder or claim.node_id != holder:
+        return "the order and the claim are not both about the signer"
+    if order.start_step != 0 or order.state_digest:
+        return "the order does not build the stage from the run seed"
+    if (claim.run_id, claim.stage, claim.step) != (order.run_id, order.stage, 0):
+        return "the claim is not about the ordered stage's state at step 0"
+    if claim.state_digest == seeded:
+        return "the claimed state is the seeded initialisation"
+    return None
+
+
+def contradicting_commitments(update: pb.UpdateReport, later: pb.StepReport | pb.StateAttestation,
+                              holder_key: bytes) -> str | None:
+    """None when the holder's signed ``update`` report (its state after step t) and its signed
+    ``later`` claim about its state at the start of step t + 1 (a step report or a state attestation),
+    in the same run, stage and epoch, name different digests: nothing honest changes a stage's state
+    between its update and its next step, so the pair proves it swapped its weights after committing.
+    Else why they do not."""
+    verify(update, PublicIdentity(holder_key), what="update report")
+    verify(later, PublicIdentity(holder_key), what="state claim")
+    holder = node_id_for(holder_key)
+    if update.node_id != holder or later.node_id != holder:
+        return "the claims are not about the signer's own state"
+    if (later.run_id, later.stage, later.step) != (update.run_id, update.stage, update.step + 1):
+        return "the claims are not about the same stage's state after one step and before the next"
+    if later.epoch != update.epoch:
+        return "the claims are from different assignment epochs (a rollback in between)"
+    if later.state_digest == update.state_digest:
+        return "the two claims agree"
+    return None
+
+
+def off_attestation(att: pb.StateAttestation, holder_key: bytes, named: dict[str, torch.Tensor]) -> bool:
+    """Whether ``named``, served under the holder's validly signed attestation ``att``
+    (Unauthenticated otherwise), fails to hash to the digest that attestation signs."""
+    verify(att, PublicIdentity(holder_key), what="state attestation")
+    if att.node_id != node_id_for(holder_key):
+        raise Unauthenticated("the attestation is not the signer's own")
+    return tensors.state_digest(iter(named.items())) != att.state_digest

@@ -310,6 +310,12 @@ class StageComputation:
         """The digest of ``state()``: what a node commits to."""
         return state_digest(self.state())
 
+    @staticmethod
+    def seeded_digest(setup: StageSetup) -> bytes:
+        """The digest of the stage at the run seed's initial weights: what every holder of it must
+        commit to at step 0 (the coordinator and ``pipeguard verify`` recompute it)."""
+        return StageComputation.build(setup).digest()
+
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Replace weights and optimizer state with ``state`` (names as ``state()``), dropping gradients."""
         self.zero_grad()

@@ -20,6 +20,18 @@ Kinds:
 - ``equivocation``: two different payloads signed by the same node for one computation: the
   same (run, epoch, attempt, step, micro-batch, direction, stage); a retried attempt is another
   computation.
+- ``initial-state``: the coordinator's signed order to build a stage from the run seed at step 0,
+  and the holder's signed claim (step report or state attestation) that the stage's state at step 0
+  has another digest than the seeded initialisation, which ``verify`` rebuilds from the order's
+  model, seed and stage. VALID means the holder started from other weights (a backdoor).
+- ``contradiction``: the holder's signed update report of step t and its signed claim about its
+  state at the start of step t + 1 name different digests. VALID means it swapped its weights
+  after committing.
+- ``off-attestation``: a state the coordinator received from a holder, with the holder's signed
+  attestation, that does not hash to the digest the attestation signs, after the coordinator asked
+  for it ``judge.OFF_ATTESTATION_LIMIT`` times. The state's bytes carry no signature of their own,
+  so VALID here rests on the coordinator's receipt of them (its own fetch over its own channel):
+  it shows the signed attestation and the bytes disagree, not who put the bytes on the wire.
 
 Every kind but ``equivocation`` must hold every artifact its audit kind needs
 (``audit.missing_artifacts``: the state, the inputs, the compared outputs, the tokens), and the
@@ -42,7 +54,7 @@ from pathlib import Path
 import torch
 
 from pipeguard import audit, claims
-from pipeguard.computation import REFEREE_THREADS, Determinism
+from pipeguard.computation import REFEREE_THREADS, Determinism, StageComputation, StageSetup
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
 from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_nbytes, tensor_bytes, tensor_digest
@@ -164,6 +176,79 @@ def write_equivocation_bundle(path: Path, first, second, signer_key: bytes) -> P
     w.claim("second", second)
     w.write(path, {"kind": "equivocation", "accused": node_id_for(signer_key), "signer_key": signer_key.hex()})
     return path
+
+
+def write_initial_state_bundle(path: Path, order: pb.AssignRequest, claim, coordinator_key: bytes,
+                               holder_key: bytes) -> Path:
+    """The signed order to build a stage from the seed at step 0 and its holder's signed claim of another state."""
+    w = _Writer()
+    w.claim("order", order)
+    w.claim("claim", claim)
+    w.write(path, {"kind": "initial-state", "accused": node_id_for(holder_key), "coordinator_key": coordinator_key.hex(),
+                   "signer_key": holder_key.hex()})
+    return path
+
+
+def write_contradiction_bundle(path: Path, update: pb.UpdateReport, later, holder_key: bytes) -> Path:
+    """A holder's signed update report of step t and its contradicting signed claim about step t + 1."""
+    w = _Writer()
+    w.claim("update", update)
+    w.claim("later", later)
+    w.write(path, {"kind": "contradiction", "accused": node_id_for(holder_key), "signer_key": holder_key.hex()})
+    return path
+
+
+def write_off_attestation_bundle(path: Path, attestation: pb.StateAttestation, named: dict[str, torch.Tensor],
+                                 holder_key: bytes, coordinator_key: bytes, times: int) -> Path:
+    """A state served to the coordinator under an attestation it does not hash to (``times`` times)."""
+    w = _Writer()
+    w.claim("attestation", attestation)
+    for name, t in named.items():
+        w.tensor(f"state/{name}", t)
+    w.write(path, {"kind": "off-attestation", "accused": node_id_for(holder_key), "signer_key": holder_key.hex(),
+                   "coordinator_key": coordinator_key.hex(), "times": times})
+    return path
+
+
+def _state_claim(r: "_Reader", name: str):
+    """A claim about a stage's state: a step report or a state attestation (the manifest says which)."""
+    entry = r.manifest["claims"].get(name)
+    types = {cls.DESCRIPTOR.full_name: cls for cls in (pb.StepReport, pb.StateAttestation)}
+    if not isinstance(entry, dict) or entry.get("type") not in types:
+        raise BundleError(f"claim {name!r} must be a step report or a state attestation")
+    return r.claim(name, types[entry["type"]])
+
+
+def _verify_state_claims(r: "_Reader", kind: str, pinned_coordinator: bytes | None) -> VerifyResult:
+    key = bytes.fromhex(r.manifest["signer_key"])
+    holder = node_id_for(key)
+    if kind == "initial-state":
+        coordinator_key = bytes.fromhex(r.manifest.get("coordinator_key", ""))
+        if pinned_coordinator is not None and coordinator_key != pinned_coordinator:
+            raise BundleError("the assign order was signed by a different coordinator than the pinned one")
+        order, claim = r.claim("order", pb.AssignRequest), _state_claim(r, "claim")
+        seeded = StageComputation.seeded_digest(StageSetup.from_specs(order.model, order.train, order.stage,
+                                                                      order.num_stages))
+        why_not = claims.seeded_start(order, claim, coordinator_key, key, seeded)
+        if why_not is not None:
+            return VerifyResult(False, kind, holder, why_not)
+        return VerifyResult(True, kind, holder, f"node {holder} claims a state of stage {order.stage} at step 0 "
+                            f"({claim.state_digest.hex()[:16]}…) other than the seeded initialisation "
+                            f"({seeded.hex()[:16]}…)")
+    if kind == "contradiction":
+        update, later = r.claim("update", pb.UpdateReport), _state_claim(r, "later")
+        why_not = claims.contradicting_commitments(update, later, key)
+        if why_not is not None:
+            return VerifyResult(False, kind, holder, why_not)
+        return VerifyResult(True, kind, holder, f"node {holder} committed to one state of stage {update.stage} "
+                            f"after step {update.step} and claimed another at the start of step {later.step}")
+    att = r.claim("attestation", pb.StateAttestation)
+    named = {n.removeprefix("state/"): r.tensor(n) for n in r.names("state/")}
+    if not claims.off_attestation(att, key, named):
+        return VerifyResult(False, kind, holder, "the state hashes to the digest its attestation signs")
+    return VerifyResult(True, kind, holder, f"the state of stage {att.stage} at step {att.step} that node {holder} "
+                        f"served the coordinator {r.manifest.get('times', '?')} times does not hash to the digest "
+                        "it signed (as received by the coordinator: the bytes carry no signature of their own)")
 
 
 # -- reading and verifying ------------------------------------------------------------------------
@@ -301,6 +386,8 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
             what = (f"tensor step {a.header.step} micro-batch {a.header.micro_batch}" if cls is pb.TensorCommitment
                     else f"state of stage {a.stage} at step {a.step}")
             return VerifyResult(True, kind, signer, f"node {signer} signed two different versions of its {what}")
+        if kind in ("initial-state", "contradiction", "off-attestation"):
+            return _verify_state_claims(r, kind, pinned_coordinator)
         art = _load_artifacts(r, pinned_coordinator)
         with Determinism(REFEREE_THREADS).scope():  # as the judge recomputed it
             finding = audit.check(art)

@@ -1,0 +1,85 @@
+"""Escapes through real servers: a backdoored start state, an accomplice auditor answering
+"incomplete", a state served off its own attestation.
+
+Multi-process tier: a coordinator and four nodes (node i serves stage i, node 3 stands by and is
+the preferred auditor). Each test asserts that the cheater is convicted within a bounded number of
+steps, that nobody honest is, that the evidence verifies offline, and that the run completes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeguard.data import stdlib_corpus
+from pipeguard.evidence import verify_bundle
+from pipeguard.model import GPTConfig, OptimSettings
+from pipeguard.reference import train_reference
+from pipeguard.v1 import pipeguard_pb2 as pb
+from tests.conftest import tiny_run
+from tests.test_collusion import banned, start
+
+pytestmark = pytest.mark.multiprocess
+
+
+def escape_run(steps: int, rate: float, min_nodes: int = 4):
+    return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": min_nodes, "train.steps": steps, "audit.rate": rate,
+                     "audit.screen": False, "audit.recheck_rate": 0.0, "audit.checkpoint_every": 100,
+                     "audit.retention": 4, "train.seed": 7, "model.n_layer": 3, "train.micro_batches": 4})
+
+
+@pytest.mark.timeout(150)
+def test_a_backdoored_start_state_is_convicted_before_step_zero(testnet):
+    # No audits at all: the seed alone catches it. Three nodes are left to form the pipeline again.
+    net = testnet(escape_run(steps=4, rate=0.0, min_nodes=3))
+    start(net, {1: '[attack]\nbehaviours = ["state:backdoor"]\n'})
+    attacker = net.nodes[1].node_id
+    status = net.wait_finished(timeout=130)
+    bans = banned(status)
+    assert set(bans) == {attacker}, bans
+    assert "seeded initialisation" in bans[attacker]
+    results = [verify_bundle(Path(p), pinned_coordinator=bytes.fromhex(status.coordinator_key)) for p in status.evidence]
+    assert [r.kind for r in results] == ["initial-state"] and results[0].valid, [r.summary for r in results]
+    assert results[0].accused == attacker
+    assert [p.step for p in status.losses] == list(range(4))
+
+
+@pytest.mark.timeout(170)
+def test_an_auditor_answering_incomplete_for_its_partner_shields_nothing(testnet):
+    steps = 6
+    net = testnet(escape_run(steps=steps, rate=1.0))
+    start(net, {1: '[attack]\nbehaviours = ["forward:reverse"]\nstart_step = 1\n',
+                3: '[attack]\nbehaviours = ["audit:shield"]\naccomplices = ["ATTACKER"]\n'})
+    attacker = net.nodes[1].node_id
+    status = net.wait_finished(timeout=150)
+    bans = banned(status)
+    assert set(bans) == {attacker}, bans  # the shield is not convicted (an incomplete verdict proves nothing)
+    ban = next(e for e in status.events if e.kind == "banned")
+    assert ban.step == 1, "at p = 1 the first poisoned step convicts, through the judge's own re-check"
+    assert any(e.kind == "audit_incomplete" and e.node_id == attacker for e in status.events)
+    assert all(verify_bundle(Path(p)).valid for p in status.evidence)
+    # Rolled back and trained on without the attacker: the run's losses are the clean run's.
+    assert [p.step for p in status.losses] == list(range(steps))
+    torch.set_num_threads(1)
+    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
+                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
+                          steps=steps, micro_batches=4, micro_batch_size=4)
+    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(170)
+def test_weights_swapped_after_commit_are_convicted_as_a_state_served_off_its_attestation(testnet):
+    net = testnet(escape_run(steps=6, rate=1.0))
+    start(net, {1: '[attack]\nbehaviours = ["update:swap-after-commit"]\nstart_step = 1\n'})
+    attacker = net.nodes[1].node_id
+    status = net.wait_finished(timeout=150)
+    bans = banned(status)
+    assert set(bans) == {attacker}, bans
+    assert "off its own signed attestation" in bans[attacker]
+    ban = next(e for e in status.events if e.kind == "banned")
+    assert ban.step <= 3, ban
+    results = [verify_bundle(Path(p)) for p in status.evidence]
+    assert [r.kind for r in results] == ["off-attestation"] and results[0].valid, [r.summary for r in results]
+    assert [p.step for p in status.losses] == list(range(6))
