@@ -118,10 +118,13 @@ class AuditConfig:
     rate: float = 0.05
     """Probability that each stage's output for each micro-batch (forward and backward) is audited,
     and that each stage's optimizer update is audited, per step. 1 checks every message."""
-    tolerance: float = 1e-3
-    """Relative deviation (largest absolute difference over largest absolute claimed value)
-    above which a recomputation fails; 0 = exact mode (bit-identical results, for identical
-    hardware and thread counts)."""
+    tolerance: float = 1e-4
+    """Per-element relative deviation above which a recomputation fails: each activation or
+    gradient element may differ by at most tolerance x (|claimed| + rms(claimed tensor)), and each
+    new weight and AdamW moment must lie within the range that gradients within that bound
+    produce (no weight stepping by more than AdamW's cap); 0 = exact mode (bit-identical results,
+    for identical hardware and thread counts). Honest recomputation with 1 vs 2 threads: see
+    docs/threat-model.md, "Tolerance"."""
     screen: bool = True
     """Always audit tensors that a receiver's statistical screen flags."""
     recheck_rate: float = 0.1

@@ -16,6 +16,8 @@ hook                                                   called
                                                        tensor); ``ctx.signer`` can sign a new commitment
 ``on_serve_state(ctx, named, digest)``                 when the stage state is served (``FetchState``);
                                                        returns (named, digest), the attestation signs it
+``on_gradients(ctx, module, optimizer, global_norm,    before the optimizer step, the step's gradients
+lr, clip)``                                            accumulated in ``module`` (update:ride)
 ``on_update(ctx, module, optimizer, before)``          after the optimizer step, before the node commits
                                                        to its new state; may change module/optimizer in
                                                        place (``before``: the named state before the step)
@@ -67,6 +69,11 @@ Built-ins (``--attack NAME``, repeatable; gated by ``--attack-rate``, ``--attack
 - ``forward:constant-direction``, ``backward:constant-direction``  add one fixed unit direction
   (derived from the attack seed), scaled to the tensor's norm: every message is pushed the same way
   (BTARD-style)
+- ``forward:ride``, ``backward:ride``  spend the audit's whole per-element allowance: move every
+  element by ``ride`` x the default tolerance x (|x| + rms(x)) (``ride`` < 1 stays within it, > 1
+  exceeds it); activations in one fixed direction per element (derived from the attack seed, the
+  same for every message, so the push accumulates), gradients against their own sign (every small
+  gradient element is flipped)
 - ``forward:stale``, ``backward:stale``  send this micro-batch's output of the last earlier step
   the attack saw (remembered by the behaviour itself)
 
@@ -94,6 +101,9 @@ Protocol attacks:
 - ``update:swap-after-commit``  perturb its weights right after committing to its updated state
   (``noise_scale`` or 1e-2 x each weight's std), keep claiming the committed digest, and serve the
   state it holds under it
+- ``update:ride``  steer every weight by the largest step deviation an update audit accepts
+  (``ride`` x the way to the edge of ``pipeguard.computation.update_bounds`` plus the tolerance
+  floor), in one fixed direction per weight, every step
 - ``audit:accuse``  as an auditor, report every audited node as cheating (a lying auditor)
 - ``audit:clear``  as an auditor, sign PASS for ``accomplices`` (everybody when empty) whatever the
   recomputation found
@@ -207,6 +217,11 @@ class Behaviour:
         return named, digest
 
     @hook(returns=0)
+    def on_gradients(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     global_norm: float, lr: float, clip: float) -> None:
+        """Called on the compute thread before the optimizer step of ``ctx.step`` (gradients accumulated)."""
+
+    @hook(returns=0)
     def on_update(self, ctx: AttackContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   before: dict[str, torch.Tensor]) -> None:
         """Called on the compute thread after the optimizer step of ``ctx.step``."""
@@ -258,6 +273,7 @@ class Params:
     delay: float = 2.0
     accomplices: tuple[str, ...] = ()
     seed: int = 0
+    ride: float = 0.9
 
 
 # -- tensor attacks ------------------------------------------------------------------------------
@@ -390,6 +406,72 @@ class Stale(TensorAttack):
         if earlier is None or earlier.shape != t.shape:
             return t  # nothing earlier to resend (the first step, or after a rollback)
         return earlier
+
+
+def fixed_direction(seed: int, salt: str, shape) -> torch.Tensor:
+    """A fixed pattern of +1/-1 per element for tensors of ``shape`` (the same every call)."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, "ride", salt, *tuple(shape)))
+    return torch.randint(0, 2, tuple(shape), generator=g, dtype=torch.float64) * 2 - 1
+
+
+def ride_budget(params: Params) -> float:
+    """The per-element relative budget the ride attacks spend: ``ride`` x the default tolerance."""
+    from pipeguard.audit import DEFAULT_TOLERANCE
+
+    return params.ride * DEFAULT_TOLERANCE
+
+
+class Ride(TensorAttack):
+    """Moves every element by ``ride`` x tolerance x (|x| + rms(x)): the whole allowance of
+    ``pipeguard.audit.deviation`` at ``ride`` = 1."""
+
+    kind = "ride"
+
+    def tamper(self, ctx, t):
+        x = t.double()
+        allowance = ride_budget(self.params) * (x.abs() + x.pow(2).mean().sqrt())
+        if self.direction == "backward":  # against each gradient element's sign
+            d = torch.where(x >= 0, -1.0, 1.0).to(torch.float64)
+        else:
+            d = fixed_direction(self.params.seed, self.direction, t.shape)
+        return (x + allowance * d).to(t.dtype)
+
+
+class UpdateRide(Behaviour):
+    """Steers every weight by ``ride`` x the most an update audit accepts, each step, one fixed
+    direction per weight: to the edge of ``update_bounds`` (at the default tolerance) plus the
+    floor tolerance x (|step| + rms(step))."""
+
+    name = "update:ride"
+
+    def __init__(self, params: Params | None = None):
+        self.params = params or Params()
+        self._bounds: tuple[int, dict] | None = None
+
+    def on_gradients(self, ctx, module, optimizer, global_norm, lr, clip):
+        from pipeguard.computation import update_bounds
+
+        self._bounds = (ctx.step, update_bounds(module, optimizer, global_norm, lr, clip,
+                                                ride_budget(Params(ride=1.0))))
+
+    def on_update(self, ctx, module, optimizer, before):
+        if self._bounds is None or self._bounds[0] != ctx.step:
+            return  # no bounds for this step (its gradients hook did not fire): stay honest
+        bounds = self._bounds[1]
+        tol, ride = ride_budget(Params(ride=1.0)), self.params.ride
+        with torch.no_grad():
+            for name, p in sorted(module.named_parameters()):
+                key = f"param/{name}"
+                if key not in bounds:
+                    continue
+                lo, hi = bounds[key]
+                a = p.double()
+                step = a - before[key].double()
+                floor = tol * (step.abs() + step.pow(2).mean().sqrt())
+                d = fixed_direction(self.params.seed, key, p.shape)
+                edge = torch.where(d > 0, torch.maximum(hi, a) + floor, torch.minimum(lo, a) - floor)
+                p.copy_((a + ride * (edge - a)).to(p.dtype))
 
 
 # Lu et al.'s attacks under their original names (kept for plug-in authors and tests).
@@ -661,7 +743,7 @@ class Slow(Behaviour):
 
 
 TENSOR_KINDS: dict[str, type[TensorAttack]] = {
-    cls.kind: cls for cls in (Reverse, Random, Noise, Scale, Zero, SignFlip, ConstantDirection, Stale)}
+    cls.kind: cls for cls in (Reverse, Random, Noise, Scale, Zero, SignFlip, ConstantDirection, Stale, Ride)}
 
 BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     **{f"{d}:{k}": (lambda p, d=d, cls=cls: cls(d, p)) for d in ("forward", "backward")
@@ -676,6 +758,7 @@ BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     "update:swap-after-commit": SwapAfterCommit,
     "update:skip": lambda p: UpdateSkip(),
     "update:poison": UpdatePoison,
+    "update:ride": UpdateRide,
     "audit:accuse": lambda p: AuditAccuse(),
     "audit:clear": AuditClear,
     "audit:shield": AuditShield,
@@ -820,10 +903,10 @@ def load_plugin(spec: str) -> Behaviour:
 def build(behaviours: list[str], rate: float, start_step: int, noise_std: float, plugin: str, seed: int, *,
           stop_step: int = -1, micro_batches: tuple[int, ...] | list[int] = (), noise_scale: float = 0.0,
           scale: float = 10.0, fraction: float = 0.1, delay: float = 2.0,
-          accomplices: tuple[str, ...] | list[str] = ()) -> Chain:
+          accomplices: tuple[str, ...] | list[str] = (), ride: float = 0.9) -> Chain:
     """The node's behaviour from its config; an empty chain is honest."""
     params = Params(noise_std=noise_std, noise_scale=noise_scale, scale=scale, fraction=fraction, delay=delay,
-                    accomplices=tuple(accomplices), seed=seed)
+                    accomplices=tuple(accomplices), seed=seed, ride=ride)
     unknown = [b for b in behaviours if b not in BUILTINS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(BUILTINS)}")
@@ -837,7 +920,7 @@ def from_config(cfg, seed: int) -> Chain:
     """``build`` from a ``node.config.AttackConfig`` (``seed``: the resolved attack seed)."""
     return build(cfg.behaviours, cfg.rate, cfg.start_step, cfg.noise_std, cfg.plugin, seed, stop_step=cfg.stop_step,
                  micro_batches=cfg.micro_batches, noise_scale=cfg.noise_scale, scale=cfg.scale, fraction=cfg.fraction,
-                 delay=cfg.delay, accomplices=cfg.accomplices)
+                 delay=cfg.delay, accomplices=cfg.accomplices, ride=cfg.ride)
 
 
 __all__ = ["AttackContext", "Behaviour", "BUILTINS", "Chain", "Gated", "Params", "build", "from_config",

@@ -15,8 +15,8 @@ class AttackConfig:
 
     behaviours: list[str] = field(default_factory=list)
     """Built-in attacks: forward:KIND or backward:KIND (KIND: reverse, random, noise, scale, zero, sign-flip,
-    constant-direction, stale), wire:bad-signature, wire:replay, wire:equivocate, state:false-commitment,
-    update:skip, update:poison, audit:accuse, audit:clear, node:silent, node:slow."""
+    constant-direction, stale, ride), wire:bad-signature, wire:replay, wire:equivocate, state:false-commitment,
+    update:skip, update:poison, update:ride, audit:accuse, audit:clear, node:silent, node:slow."""
     rate: float = 1.0
     """Probability, per message or event (micro-batch, served fetch, update, verdict), that an attack fires."""
     start_step: int = 0
@@ -36,6 +36,9 @@ class AttackConfig:
     """Fraction of elements whose sign forward/backward:sign-flip flips, in (0, 1]."""
     delay: float = 2.0
     """Seconds node:slow waits before each tensor it sends."""
+    ride: float = 0.9
+    """The share of the audit's per-element allowance (at the default tolerance) that forward/backward:ride
+    and update:ride spend: below 1 stays within it, above 1 exceeds it."""
     accomplices: list[str] = field(default_factory=list)
     """Node ids audit:clear signs PASS for; empty = everybody it audits."""
     plugin: str = ""
@@ -68,6 +71,8 @@ class AttackConfig:
             raise ConfigError(f"attack.scale must be finite, got {self.scale}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"attack.fraction must be in (0, 1], got {self.fraction}")
+        if self.ride < 0 or not math.isfinite(self.ride):
+            raise ConfigError(f"attack.ride must be a finite number >= 0 (1 = the whole allowance), got {self.ride}")
         if self.delay < 0 or not math.isfinite(self.delay):
             raise ConfigError(f"attack.delay must be a finite number of seconds >= 0, got {self.delay}")
         if self.plugin and ":" not in self.plugin:

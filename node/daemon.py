@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "use --attack-noise-std)")
     p.add_argument("--attack-scale", type=float, help="factor k of forward/backward:scale (default 10)")
     p.add_argument("--attack-fraction", type=float, help="fraction of elements sign-flip flips (default 0.1)")
+    p.add_argument("--attack-ride", type=float, help="share of the audit allowance forward/backward/update:ride "
+                   "spend (default 0.9; above 1 exceeds it)")
     p.add_argument("--attack-delay", type=float, help="seconds node:slow waits before each send (default 2)")
     p.add_argument("--attack-accomplice", action="append", help="node id audit:clear shields, repeatable "
                    "(default: everybody)")
@@ -77,6 +79,7 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
         "attack.noise_scale": args.attack_noise_scale,
         "attack.scale": args.attack_scale,
         "attack.fraction": args.attack_fraction,
+        "attack.ride": args.attack_ride,
         "attack.delay": args.attack_delay,
         "attack.accomplices": args.attack_accomplice,
         "attack.seed": args.attack_seed,

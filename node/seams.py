@@ -10,10 +10,10 @@ behaviour overrides:
 seam                               hooks
 =================================  ====================================================================
 ``TamperedComputation``            ``on_forward`` (the activation sent), ``on_backward`` (the input
-(wraps ``StageComputation``)       gradient sent), ``on_update`` (after the optimizer step, before the
-                                   node commits), ``on_build`` (built from the seed, before it
-                                   commits), ``on_committed`` (after it committed); on the compute
-                                   thread
+(wraps ``StageComputation``)       gradient sent), ``on_gradients`` (before the optimizer step),
+                                   ``on_update`` (after the optimizer step, before the node commits),
+                                   ``on_build`` (built from the seed, before it commits),
+                                   ``on_committed`` (after it committed); on the compute thread
 ``TamperedPeers``                  ``pause("send")`` before each push, ``on_send`` on the signed chunk
 (wraps ``PeerPool``)               stream (``PeerPool.push``'s ``rewrite``)
 ``TamperedService``                ``pause("rpc")`` before the RPCs the node answers (RunStep,
@@ -88,7 +88,7 @@ class Seams:
 
     def computation(self, build: BuildComputation = StageComputation.build) -> BuildComputation:
         """``build``, with the computation wrapped when the behaviour tampers with its outputs."""
-        if not self.wants("on_forward", "on_backward", "on_update", "on_build", "on_committed"):
+        if not self.wants("on_forward", "on_backward", "on_gradients", "on_update", "on_build", "on_committed"):
             return build
 
         def tampered(setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> TamperedComputation:
@@ -173,11 +173,15 @@ class TamperedComputation:
 
     def update(self, global_norm: float, lr: float) -> None:
         self._committing = True
+        ctx = self.seams.context(self._step)
+        if "on_gradients" in self.seams.hooks:  # update:ride: sees the gradients the step applies
+            self.seams.behaviour.on_gradients(ctx, self.inner.module, self.inner.opt, global_norm, lr,
+                                              self.setup.optim.grad_clip)
         if "on_update" not in self.seams.hooks:  # update:skip / update:poison: before the node commits
             return self.inner.update(global_norm, lr)
         before = self.inner.snapshot()
         self.inner.update(global_norm, lr)
-        self.seams.behaviour.on_update(self.seams.context(self._step), self.inner.module, self.inner.opt, before)
+        self.seams.behaviour.on_update(ctx, self.inner.module, self.inner.opt, before)
 
 
 class TamperedPeers:

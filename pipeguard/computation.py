@@ -11,12 +11,15 @@ that drift apart would convict every honest node; there is one copy.
 - ``StageComputation``: the stage's module and AdamW optimizer, built from the run seed or from
   a named state, with forward and backward of one micro-batch, the gradient norm, the
   optimizer update, the named state and its digest.
+- ``update_bounds``: per element, the range of new weights and AdamW moments that any gradient
+  within an audit's per-element tolerance of this one produces (what update audits accept).
 - ``Determinism``: the process-wide torch settings under which results are bit-identical
   between parties with the same thread count; every entry point applies it the same way.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -294,6 +297,10 @@ class StageComputation:
         """The optimizer step: clip by the global norm over all stages, step AdamW, drop the gradients."""
         clip_and_step(self.module, self.opt, global_norm, lr, self.setup.optim.grad_clip)
 
+    def update_bounds(self, global_norm: float, lr: float, slack: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``update_bounds`` for this stage's accumulated gradients (call before ``update``)."""
+        return update_bounds(self.module, self.opt, global_norm, lr, self.setup.optim.grad_clip, slack)
+
     def zero_grad(self) -> None:
         """Drop accumulated gradients (an aborted or restarted step)."""
         self.opt.zero_grad(set_to_none=True)
@@ -320,3 +327,64 @@ class StageComputation:
         """Replace weights and optimizer state with ``state`` (names as ``state()``), dropping gradients."""
         self.zero_grad()
         load_named_state(self.module, self.opt, state)
+
+
+# -- the honest range of an update ---------------------------------------------------------------
+
+
+def adam_step_cap(beta1: float, beta2: float, t: int) -> float:
+    """The largest |m_hat / sqrt(v_hat)| AdamW can produce at step ``t`` (1-based), whatever the
+    gradients: by Cauchy-Schwarz over the moments' weights (1 at t = 1, ~1.165 for betas 0.9/0.95
+    as t grows). An element's step is at most lr x this, plus its weight decay."""
+    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    r = beta1 * beta1 / beta2
+    series = t if r == 1.0 else (1.0 - r ** t) / (1.0 - r)
+    return math.sqrt((1.0 - beta1) ** 2 / bc1 ** 2 * bc2 / (1.0 - beta2) * series)
+
+
+def update_bounds(module: torch.nn.Module, opt: torch.optim.Optimizer, global_norm: float, lr: float, clip: float,
+                  slack: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per element, in float64, the range [lo, hi] of every new weight and AdamW moment (named as
+    ``named_state``) over all gradients ``g'`` with ``|g' - g| <= slack * (|g| + rms(g))`` per
+    element, ``g`` being the gradients accumulated in ``module`` now, after the global-norm clip
+    that ``clip_and_step`` applies, and ``rms`` over the whole stage.
+
+    This is what an honest recomputation may produce when its gradients differ in the last bits
+    (another thread count, another kernel): AdamW divides by sqrt(v), so where a gradient and its
+    history are tiny next to the stage's gradients (e.g. a bias that the loss does not depend on),
+    such a difference moves the step by up to a whole lr. The range is the box spanned by the
+    moments' extremes, each weight's step clamped to ``adam_step_cap`` x lr (plus decay)."""
+    params = sorted(module.named_parameters())
+    grads = {n: p.grad.detach().double() for n, p in params if p.grad is not None}
+    coef = clip / (global_norm + 1e-6) if clip > 0 and global_norm > clip else 1.0
+    count = sum(g.numel() for g in grads.values())
+    rms = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()) / count) * coef if count else 0.0
+    group_of = {id(p): grp for grp in opt.param_groups for p in grp["params"]}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, p in params:
+        if name not in grads:
+            continue
+        grp = group_of[id(p)]
+        beta1, beta2 = grp["betas"]
+        eps, wd = grp["eps"], grp["weight_decay"]
+        g = grads[name] * coef
+        e = slack * (g.abs() + rms)
+        lo_g, hi_g = g - e, g + e
+        st = opt.state.get(p, {})
+        m = st["exp_avg"].detach().double() if "exp_avg" in st else torch.zeros_like(g)
+        v = st["exp_avg_sq"].detach().double() if "exp_avg_sq" in st else torch.zeros_like(g)
+        t = int(st["step"]) + 1 if "step" in st else 1
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+        m_lo, m_hi = beta1 * m + (1 - beta1) * lo_g, beta1 * m + (1 - beta1) * hi_g
+        sq_hi = torch.maximum(lo_g.pow(2), hi_g.pow(2))
+        sq_lo = torch.where((lo_g <= 0) & (hi_g >= 0), torch.zeros_like(g), torch.minimum(lo_g.pow(2), hi_g.pow(2)))
+        v_lo, v_hi = beta2 * v + (1 - beta2) * sq_lo, beta2 * v + (1 - beta2) * sq_hi
+        d_lo, d_hi = (v_lo / bc2).sqrt() + eps, (v_hi / bc2).sqrt() + eps
+        corners = torch.stack([m_lo / d_lo, m_lo / d_hi, m_hi / d_lo, m_hi / d_hi]) / bc1
+        cap = adam_step_cap(beta1, beta2, t)
+        u_lo, u_hi = corners.min(0).values.clamp(-cap, cap), corners.max(0).values.clamp(-cap, cap)
+        decayed = p.detach().double() * (1 - lr * wd)
+        out[f"param/{name}"] = (decayed - lr * u_hi, decayed - lr * u_lo)
+        out[f"optim/{name}/exp_avg"] = (m_lo.reshape(-1), m_hi.reshape(-1))
+        out[f"optim/{name}/exp_avg_sq"] = (v_lo.reshape(-1), v_hi.reshape(-1))
+    return out

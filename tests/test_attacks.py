@@ -434,7 +434,7 @@ def test_update_poison_perturbs_the_stepped_weights():
     params = [n for n in stepped if n.startswith("param/")]
     assert all(not torch.equal(after[n], stepped[n]) for n in params)
     assert all(torch.isfinite(after[n]).all() for n in params)
-    # an update audit compares whole updates in relative L2 against the tolerance (default 1e-3)
+    # far beyond any tolerance: the poison is 10x bigger than 1e-3 of the update in relative L2
     update = sum(float((stepped[n] - before[n]).pow(2).sum()) for n in params)
     poison = sum(float((after[n] - stepped[n]).pow(2).sum()) for n in params)
     assert math.sqrt(poison / update) > 10 * 1e-3
