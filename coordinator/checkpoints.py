@@ -137,7 +137,7 @@ class Checkpointer:
         self.pipeline = pipeline
         self.events = events
 
-    async def _verified_state(self, rec: NodeRecord, slot: int, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
+    async def verified_state(self, rec: NodeRecord, slot: int, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
         net = self.cfg.net
         named, attestation = await receive_state(
             fetch_stage_state(self.channels, self.state.run_id, rec, slot, step, True, self.cfg.timeouts.step),
@@ -150,7 +150,7 @@ class Checkpointer:
         """Fetch every active stage's state at ``step`` and keep it if it matches its commitment."""
         states = {}
         for slot, rec in zip(self.pipeline.slots, self.pipeline.nodes):
-            states[slot] = await self._verified_state(rec, slot, step)
+            states[slot] = await self.verified_state(rec, slot, step)
         loop = asyncio.get_running_loop()
         # Audits of steps after step - retention may still convict someone and roll back there.
         saving = loop.run_in_executor(None, self.store.save, step, states, step - self.cfg.audit.retention)

@@ -36,6 +36,7 @@ from pipeguard.identity import Identity
 from pipeguard.model import lr_at
 from pipeguard.rpc import backoff
 from pipeguard.signing import sign
+from pipeguard.tensors import state_chunks, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from coordinator import planning
 from coordinator.attribution import RefusalAttribution
@@ -473,18 +474,29 @@ class StepClock:
                 log.warning("abort of step %d on %s failed: %s", step, rec.node_id[:8], res)
 
     async def export_state(self, include_optimizer: bool):
-        """Yield every stage's state chunks, stage by stage (between steps, so all agree)."""
+        """Yield every stage's state chunks, stage by stage.
+
+        The states are fetched between steps (under the step lock, so all stages agree) and each
+        is checked against the digest its holder committed to and signed (the checkpoint rule,
+        ``claims.committed_state``, and a re-hash), so an exported model rests on the holders'
+        signed commitments. They are streamed after the lock is released: a client that reads
+        slowly or never holds up no step. ``ExportState`` is unauthenticated, so the service runs
+        one export at a time."""
         if not self.pipeline.nodes:
             raise FailedPrecondition("no stages are assigned yet")
         async with self.step_lock:
-            for slot, rec in zip(self.pipeline.slots, list(self.pipeline.nodes)):
-                async for chunk in fetch_stage_state(self.channels, self.state.run_id, rec, slot, self.state.step,
-                                                     include_optimizer, self.cfg.timeouts.step):
-                    if chunk.HasField("attestation"):
-                        continue
-                    if chunk.name.startswith("param/"):
-                        chunk.name = chunk.name.removeprefix("param/")
-                    yield chunk
+            step = self.state.step
+            states = [(slot, await self.checkpointer.verified_state(rec, slot, step))
+                      for slot, rec in zip(self.pipeline.slots, list(self.pipeline.nodes))]
+        loop = asyncio.get_running_loop()
+        for slot, (named, committed) in states:
+            digest = await loop.run_in_executor(None, state_digest, iter(named.items()))
+            if digest != committed:
+                raise DataLoss(f"stage {slot}'s served state does not hash to the digest it committed to")
+            items = [(name.removeprefix("param/"), t) for name, t in named.items()
+                     if include_optimizer or name.startswith("param/")]
+            for chunk in state_chunks(items, slot, step, self.cfg.net.chunk_bytes):
+                yield chunk
 
     async def close(self) -> None:
         if self.audits is not None:

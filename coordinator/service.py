@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from pipeguard.computation import describe_build
 from pipeguard.config import to_toml
 from pipeguard.data import Dataset
-from pipeguard.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, abort_on_error
+from pipeguard.errors import (DeadlineExceeded, FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted,
+                              Unauthenticated, abort_on_error)
 from pipeguard.identity import Identity
 from pipeguard import claims
 from pipeguard.signing import sign
@@ -36,6 +38,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.dataset = dataset
         self.admin = admin
         """Checks the token of operator orders; None refuses them all."""
+        self._exporting = asyncio.Lock()
+        """Held while an ExportState is served (one at a time)."""
 
     @abort_on_error
     async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
@@ -134,8 +138,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @abort_on_error
     async def ExportState(self, request: pb.ExportRequest, context):
-        async for chunk in self.clock.export_state(request.include_optimizer):
-            await context.write(chunk)
+        # Unauthenticated: one export at a time, and a client that stops reading is dropped after
+        # timeouts.request per chunk (the states were fetched under the step lock, which it never holds).
+        if self._exporting.locked():
+            raise ResourceExhausted("an export is already being served; retry when it has finished")
+        async with self._exporting:
+            async for chunk in self.clock.export_state(request.include_optimizer):
+                try:
+                    await asyncio.wait_for(context.write(chunk), self.cfg.timeouts.request)
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"export client read nothing for {self.cfg.timeouts.request:g}s") from None
 
     # -- operator orders (admin token) -----------------------------------------------------------
 
