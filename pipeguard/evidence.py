@@ -65,9 +65,10 @@ FORMAT = "pipeguard-evidence/1"
 
 FALSE_CLEARANCE_MARGIN = 10.0
 """A PASS is provably false only when the recomputation deviates by more than this many times the
-tolerance: honest recomputations with other thread counts stay below 3e-7 against a default
-tolerance of 1e-3 (benchmarks/audit_tolerance.py), so no honest auditor lands on the wrong side of
-10x, while a cheater near the tolerance is still banned itself (just not its auditor)."""
+tolerance: honest recomputations with other thread counts stay within the per-element tolerance
+(forward and backward deviations 0 at 2 threads vs 1, updates within the honest range at the
+default 1e-4; benchmarks/audit_tolerance.py --quick), so no honest auditor lands on the wrong side
+of 10x, while a cheater near the tolerance is still banned itself (just not its auditor)."""
 
 
 def clearly_fails(finding: "audit.Finding", tolerance: float) -> bool:
