@@ -83,3 +83,21 @@ def test_weights_swapped_after_commit_are_convicted_as_a_state_served_off_its_at
     results = [verify_bundle(Path(p)) for p in status.evidence]
     assert [r.kind for r in results] == ["off-attestation"] and results[0].valid, [r.summary for r in results]
     assert [p.step for p in status.losses] == list(range(6))
+
+
+@pytest.mark.timeout(170)
+def test_an_honest_node_whose_audits_keep_coming_back_incomplete_is_never_convicted(testnet):
+    """The other side of the re-check: incomplete verdicts about an honest node (its auditor always
+    answers "incomplete") are recomputed by the judge, pass, and convict nobody — neither the honest
+    node nor the auditor, whose word proves nothing either way; the run completes as clean."""
+    steps = 4
+    net = testnet(escape_run(steps=steps, rate=1.0))
+    start(net, {3: '[attack]\nbehaviours = ["audit:shield"]\naccomplices = ["ATTACKER"]\n'})
+    honest = net.nodes[1].node_id
+    status = net.wait_finished(timeout=150)
+    assert banned(status) == {}, banned(status)
+    assert not status.evidence and status.detections == 0
+    assert any(e.kind == "audit_incomplete" and e.node_id == honest for e in status.events), \
+        "the auditor did answer incomplete about the honest node"
+    assert all(not n.distrusted for n in status.nodes)
+    assert [p.step for p in status.losses] == list(range(steps))
