@@ -231,9 +231,9 @@ class TamperedService(NodeService):
         await self._seams.pause("rpc", request.step, request.micro_batch)
         return await super().Audit(request, context)
 
-    async def _receive(self, request_iterator):
+    async def _receive(self, request_iterator, context=None):
         await self._seams.pause("rpc", self.runtime.completed_step + 1)
-        return await super()._receive(request_iterator)
+        return await super()._receive(request_iterator, context)
 
     async def served_state(self, request: pb.FetchStateRequest):
         named, digest, epoch = await super().served_state(request)
