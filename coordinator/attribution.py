@@ -1,13 +1,26 @@
-"""Refusal attribution: which node to take out of the pipeline after a step failed every attempt.
+"""Refusal attribution: whom to route around after a step failed every attempt, and whom to demote.
 
-A step that fails ``pipeline.max_step_attempts`` times in a row is attributed, if it can be,
-from what the receivers reported in their heartbeats: the pipeline node whose messages its
-pipeline neighbours refused most during those attempts (bytes that do not match their
-signature, a replayed stream) is *distrusted*: taken out of the pipeline and never given a stage
-again in this run, without a ban (a refused stream proves nothing to a third party).
-Re-formation then treats it as a lost node. A receiver that lies to frame a neighbour gets at
-most one node distrusted that way: when its reports would cost a second one, the reporter itself
-is distrusted instead.
+A step that fails ``pipeline.max_step_attempts`` times in a row is attributed from what the
+receivers reported in their signed heartbeats. What a receiver counts against a sender
+(``PeerCounters.rejected``) is only ever a stream the sender signed the header of, refused for
+something an honest sender never sends (node/service.py): no outsider, forger or slow link adds to
+it. But a receiver's report is still only its own word, so one accuser never costs an honest node
+more than its place in the current pipeline:
+
+- The pipeline node whose messages its pipeline neighbours refused most is **set aside**: taken out
+  of the pipeline, a standby takes its stage, and it gets a stage again only when no other node can
+  take one (``planning.plan``). That is routing around, not a demotion.
+- A node refused by two different reporters (over the run) is **distrusted**: never given a stage
+  again in this run (still no ban: a refused stream proves nothing to a third party). With a single
+  adversary at least one of two accusers is honest, so an honest node is never distrusted.
+- A reporter whose refusals single out a second, different node is distrusted itself: an honest
+  receiver is never the neighbour of two misbehaving nodes. The nodes set aside on its word alone
+  are cleared.
+- When nobody's messages were refused (a silent or stale sender, a lost link, streams flooded by an
+  outsider), nobody is accused: one pipeline node is set aside in turn, the one whose signed streams
+  were refused most for stale or replayed content (``PeerCounters.unattributed``, a hint only) or
+  else the next one round the pipeline, so that with one standby some pipeline of honest nodes is
+  found within ``stages + 1`` such rounds, and nobody is demoted for it.
 """
 
 from __future__ import annotations
@@ -23,28 +36,33 @@ Refusals = dict[str, dict[str, int]]
 """sender id -> reporter id -> messages of the sender the reporter refused (``Registry.rejected_by_peers``)."""
 
 
-def attribute(pipeline_ids: list[str], now: Refusals, before: Refusals) -> tuple[str, str, int] | None:
-    """(sender, its main reporter, refusals) for the pipeline node whose messages its pipeline
-    neighbours refused most between ``before`` and ``now``; None when nobody's were refused.
-
-    Only reports by the sender's neighbours in the current pipeline count: those are the only
-    nodes it sends to, and a node elsewhere cannot frame it."""
-    ids = pipeline_ids
-    growth: dict[str, tuple[int, str, int]] = {}  # sender -> (total, top reporter, its count)
-    for i, sender in enumerate(ids):
-        neighbours = set(ids[max(i - 1, 0):i]) | set(ids[i + 1:i + 2])
+def growth_by_reporter(pipeline_ids: list[str], now: Refusals, before: Refusals) -> dict[str, dict[str, int]]:
+    """sender -> {reporter -> refusals between ``before`` and ``now``}, counting only reports by the
+    sender's neighbours in the current pipeline: those are the only nodes it sends to, and a node
+    elsewhere cannot frame it."""
+    out: dict[str, dict[str, int]] = {}
+    for i, sender in enumerate(pipeline_ids):
+        neighbours = set(pipeline_ids[max(i - 1, 0):i]) | set(pipeline_ids[i + 1:i + 2])
         got, was = now.get(sender, {}), before.get(sender, {})
         by = {rep: got[rep] - was.get(rep, 0) for rep in neighbours if got.get(rep, 0) > was.get(rep, 0)}
         if by:
-            top = max(sorted(by), key=lambda rep: by[rep])
-            growth[sender] = (sum(by.values()), top, by[top])
+            out[sender] = by
+    return out
+
+
+def attribute(pipeline_ids: list[str], now: Refusals, before: Refusals) -> tuple[str, str, int] | None:
+    """(sender, its main reporter, refusals) for the pipeline node whose messages its pipeline
+    neighbours refused most between ``before`` and ``now``; None when nobody's were refused."""
+    growth = growth_by_reporter(pipeline_ids, now, before)
     if not growth:
         return None
     # On a tie the earlier stage is taken (sorted is stable): otherwise a liar could keep the
     # run stalled by reporting its honest neighbour exactly as often as it is refused; the
     # one-per-reporter rule (``RefusalAttribution.after_failures``) makes either choice converge.
-    sender, (total, reporter, _) = sorted(growth.items(), key=lambda kv: -kv[1][0])[0]
-    return sender, reporter, total
+    order = {s: i for i, s in enumerate(pipeline_ids)}
+    sender, by = sorted(growth.items(), key=lambda kv: (-sum(kv[1].values()), order[kv[0]]))[0]
+    reporter = max(sorted(by), key=lambda rep: by[rep])
+    return sender, reporter, sum(by.values())
 
 
 class RefusalAttribution:
@@ -57,16 +75,23 @@ class RefusalAttribution:
         self.pipeline = pipeline
         self.attempts = attempts
         self.heartbeat_interval = heartbeat_interval
-        self.framed_by: dict[str, str] = {}
-        """reporter id -> the node its refusal reports got distrusted (one each)."""
+        self.accusers: dict[str, set[str]] = {}
+        """sender -> the reporters whose refusals singled it out after a failed step."""
+        self.accused_by: dict[str, set[str]] = {}
+        """reporter -> the senders its refusals singled out."""
+        self.aside_by: dict[str, str] = {}
+        """node set aside -> the reporter on whose word alone it was ("" = nobody's)."""
+        self.rotation = 0
+        """Failed steps nobody was accused of so far: the next pipeline position to set aside."""
 
-    def snapshot(self) -> Refusals:
-        """What neighbours have refused so far: taken at a step's first attempt."""
-        return {k: dict(v) for k, v in self.registry.rejected_by_peers.items()}
+    def snapshot(self) -> tuple[Refusals, Refusals]:
+        """What neighbours have refused so far (charged, unattributed): taken at a step's first attempt."""
+        return ({k: dict(v) for k, v in self.registry.rejected_by_peers.items()},
+                {k: dict(v) for k, v in self.registry.unattributed_by_peers.items()})
 
-    async def after_failures(self, step: int, before: Refusals) -> None:
-        """After every attempt of ``step`` failed: take the node its neighbours refused out of the
-        pipeline, if the receivers' reports since ``before`` single one out; otherwise change nothing."""
+    async def after_failures(self, step: int, before: tuple[Refusals, Refusals] | Refusals) -> None:
+        """After every attempt of ``step`` failed: route around (or demote) whom the receivers'
+        reports since ``before`` single out, or, when they single out nobody, the next node in turn."""
         # The refusals of the last attempt reach us with the receivers' next heartbeat: wait for
         # one from every live pipeline node (at most two heartbeat intervals).
         failed_at = time.monotonic()
@@ -74,27 +99,76 @@ class RefusalAttribution:
         while time.monotonic() < deadline and any(
                 self.registry.is_alive(r) and r.last_heartbeat < failed_at for r in self.pipeline.nodes):
             await asyncio.sleep(0.05)
-        found = attribute(self.pipeline.ids(), self.registry.rejected_by_peers, before)
+        charged_before, unattributed_before = before if isinstance(before, tuple) else (before, {})
+        ids = self.pipeline.ids()
+        found = attribute(ids, self.registry.rejected_by_peers, charged_before)
         if found is None:
+            self._rotate(step, ids, unattributed_before)
             return
         culprit, reporter, count = found
-        if reporter in self.framed_by and self.framed_by[reporter] != culprit:
-            # This reporter's refusals already cost one node its stage: now the common factor is
-            # the reporter (a liar framing each new neighbour), so it is the one taken out.
-            reason = (f"its refusals of node {culprit[:8]}'s messages would take out a second neighbour "
-                      f"(after {self.framed_by[reporter][:8]})")
-            culprit = reporter
+        for rep in growth_by_reporter(ids, self.registry.rejected_by_peers, charged_before)[culprit]:
+            self.accusers.setdefault(culprit, set()).add(rep)
+            self.accused_by.setdefault(rep, set()).add(culprit)
+        framing = [rep for rep in sorted(self.accusers[culprit])
+                   if len(self.accused_by[rep] - set(self.state.distrusted)) >= 2]
+        if framing:
+            reporter = framing[0]
+        framed = self.accused_by[reporter] - set(self.state.distrusted)
+        accusers = self.accusers[culprit] - set(self.state.distrusted)
+        if len(framed) >= 2:
+            # This reporter's refusals single out a second node: now the common factor is the
+            # reporter (a liar framing each new neighbour), so it is the one taken out.
+            others = sorted(n[:8] for n in framed if n != culprit)
+            self.distrust(reporter, step, f"its refusals of node {culprit[:8]}'s messages single out a second "
+                          f"neighbour (after {', '.join(others)})")
+            for node, why in list(self.aside_by.items()):
+                if why == reporter:  # set aside on the liar's word alone: a candidate like any other again
+                    del self.aside_by[node]
+                    self.state.set_aside.pop(node, None)
+            self.store.save_run(self.state, self.registry)
+        elif len(accusers) >= 2:
+            self.distrust(culprit, step, f"its messages were refused by {len(accusers)} different pipeline "
+                          f"neighbours ({', '.join(sorted(a[:8] for a in accusers))}), the last time {count} "
+                          f"during {self.attempts} failed attempts of step {step}")
         else:
-            self.framed_by[reporter] = culprit
-            reason = (f"{count} of its messages were refused by pipeline neighbour {reporter[:8]} during "
-                      f"{self.attempts} failed attempts of step {step}")
-        self.distrust(culprit, step, reason)
+            self.set_aside(culprit, step, f"{count} of its messages were refused by pipeline neighbour "
+                           f"{reporter[:8]} during {self.attempts} failed attempts of step {step} (one "
+                           "accuser: routed around, not demoted)", reporter=reporter)
+
+    def _rotate(self, step: int, ids: list[str], unattributed_before: Refusals) -> None:
+        """Nobody's messages were refused: set aside one pipeline node in turn, charged to nobody."""
+        if not ids:
+            return
+        hints = growth_by_reporter(ids, self.registry.unattributed_by_peers, unattributed_before)
+        if hints:
+            order = {s: i for i, s in enumerate(ids)}
+            node = sorted(hints, key=lambda s: (-sum(hints[s].values()), order[s]))[0]
+            why = (f"{sum(hints[node].values())} of its signed streams were refused as stale or replayed during "
+                   f"{self.attempts} failed attempts of step {step}")
+        else:
+            node = ids[self.rotation % len(ids)]
+            self.rotation += 1
+            why = f"step {step} failed {self.attempts} times with no refusal charged to anyone; routed around in turn"
+        self.set_aside(node, step, f"{why} (attributed to nobody: not demoted)", reporter="")
+
+    def set_aside(self, node_id: str, step: int, reason: str, *, reporter: str) -> None:
+        """Take ``node_id`` out of the pipeline for now: a standby takes its stage; it gets one again
+        only when no other node can take it. Not a demotion."""
+        self.state.set_aside.pop(node_id, None)  # the newest reason, and last in line
+        self.state.set_aside[node_id] = reason
+        self.aside_by[node_id] = reporter
+        if node_id in self.pipeline.ids():
+            self.pipeline.reform()
+        self.store.save_run(self.state, self.registry)
+        self.events.emit("node_set_aside", f"node {node_id[:8]} routed around (not demoted): {reason}",
+                         node_id=node_id, step=step)
 
     def distrust(self, node_id: str, step: int, reason: str) -> None:
         """Never give ``node_id`` a stage again in this run; not a ban (it stays a member)."""
         if node_id in self.state.distrusted:
             return
         self.state.distrusted[node_id] = reason
+        self.state.set_aside.pop(node_id, None)
         if node_id in self.pipeline.ids():
             self.pipeline.reform()
         self.store.save_run(self.state, self.registry)

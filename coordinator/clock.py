@@ -12,8 +12,9 @@ Forming the pipeline (at start, after a ban, after a lost node) follows the plan
 ``coordinator/planning.py`` makes; a rollback goes to the newest verified checkpoint
 (``coordinator/checkpoints.py``), and a standby taking over a stage checks the state it fetches
 against the committed digest. A step that fails ``pipeline.max_step_attempts`` times in a row
-re-forms the pipeline after ``coordinator/attribution.py`` has taken out the node whose
-messages its neighbours refused, if one can be singled out.
+re-forms the pipeline after ``coordinator/attribution.py`` has routed around (or, on two
+accusers' word, demoted) the node whose messages its neighbours refused, or, when nobody's were,
+one node in turn.
 
 What the clock shares with the rest of the coordinator is narrow: it owns the active
 ``Pipeline`` (coordinator/pipeline.py), which convictions (coordinator/convictions.py, used by
@@ -135,7 +136,8 @@ class StepClock:
             distrusted=self.state.distrusted, skipped=self.pipeline.skipped, step=self.state.step,
             formed=bool(self.pipeline.nodes), min_nodes=self.cfg.pipeline.min_nodes,
             just_started=time.monotonic() - since <= self.cfg.timeouts.heartbeat_timeout,
-            history={int(k) for k in self.state.commitments}, suspect_step=self.pipeline.suspect_step)
+            history={int(k) for k in self.state.commitments}, suspect_step=self.pipeline.suspect_step,
+            set_aside=list(self.state.set_aside))
 
     async def form_pipeline(self) -> None:
         self.state.phase = pb.RUN_PHASE_WAITING
@@ -309,7 +311,7 @@ class StepClock:
         step_of_attempt, attempt = -1, 0  # the step at hand: signed into every order, tensor and report of the attempt
         delays = backoff(self.cfg.timeouts)  # between attempts of one step; starts over with the next
         attempts = self.cfg.pipeline.max_step_attempts
-        refused_before: dict[str, dict[str, int]] = {}
+        refused_before = self.attribution.snapshot()
         if need_formation or self.pipeline.reform_needed:
             await self.form_pipeline()  # waits (never spins) until a pipeline can be formed
             need_formation = False

@@ -93,7 +93,9 @@ class PipelineConfig:
     max_step_attempts: int = 3
     """Attempts of one step (each aborted and retried after timeouts.retry_backoff x attempts) before
     the pipeline is formed again; the failures are then attributed from the refusals receivers
-    reported, and the node its neighbours refused is taken out of the pipeline (not banned)."""
+    reported (coordinator/attribution.py): the node its neighbours refused is routed around (a
+    standby takes its stage; demoted only once two different neighbours refused it), or, with no
+    refusal charged to anyone, one pipeline node in turn. Nobody is banned for it."""
 
     def __post_init__(self) -> None:
         if self.stages < 1:

@@ -8,6 +8,9 @@ start, after a ban and after a lost node, and the step loop carries the plan out
 - With no standby, a middle stage is skipped (its blocks are bypassed, Lu et al.'s skip-layer
   mode) once the run has history; the first and last stage cannot be skipped: wait for a node.
 - Banned and distrusted nodes never get a stage; neither does a silent one.
+- A node set aside (routed around after failed steps, ``coordinator/attribution.py``) holds no
+  stage while another candidate can take it: it keeps none, and is the last spare picked (the one
+  set aside longest ago first).
 - Right after a coordinator restart a stage whose holder has not heartbeated yet is not given
   away (that would cost a rollback): wait for it.
 - A stage with history whose new holder did not hold it, a newly skipped stage, or a conviction
@@ -16,7 +19,7 @@ start, after a ban and after a lost node, and the step loop carries the plan out
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -44,7 +47,7 @@ class Plan:
 
 def plan(*, stages: int, nodes: Iterable[NodeRecord], alive: Collection[str], distrusted: Collection[str],
          skipped: Collection[int], step: int, formed: bool, min_nodes: int, just_started: bool,
-         history: Collection[int], suspect_step: int | None) -> Plan | None:
+         history: Collection[int], suspect_step: int | None, set_aside: Sequence[str] = ()) -> Plan | None:
     """The pipeline to form, or None when it cannot be formed yet (wait for a node).
 
     ``nodes``: every registered node (roles and stage hints as the registry holds them), in any
@@ -53,18 +56,20 @@ def plan(*, stages: int, nodes: Iterable[NodeRecord], alive: Collection[str], di
     ``min_nodes``: live nodes to wait for before the first step. ``just_started``: within a
     heartbeat timeout of this coordinator's (re)start, when stage holders may not be back yet.
     ``history``: slots with a committed state. ``suspect_step``: the first step a convicted stage
-    holder may have touched (None without a conviction).
+    holder may have touched (None without a conviction). ``set_aside``: nodes routed around, oldest
+    first.
     """
     nodes = list(nodes)
     candidates = sorted((r for r in nodes if r.role in (pb.ROLE_STAGE, pb.ROLE_STANDBY) and r.node_id in alive
                          and r.node_id not in distrusted), key=lambda r: r.registered_at)
     if step == 0 and not formed and len(candidates) < min_nodes:
         return None  # the operator asked for standbys to be ready before the first step
+    aside = {node_id: i for i, node_id in enumerate(set_aside)}
     holders: dict[int, NodeRecord] = {}
     for r in candidates:
-        if 0 <= r.stage < stages and r.stage not in holders and r.stage not in skipped:
+        if 0 <= r.stage < stages and r.stage not in holders and r.stage not in skipped and r.node_id not in aside:
             holders[r.stage] = r
-    spares = [r for r in candidates if r not in holders.values()]
+    spares = sorted((r for r in candidates if r not in holders.values()), key=lambda r: aside.get(r.node_id, -1))
     now_skipped = set(skipped)
     for slot in range(stages):
         if slot in holders or slot in now_skipped:

@@ -78,7 +78,11 @@ class Registry:
         self._tokens = float(self.limits.registration_burst)
         self._tokens_at = time.monotonic()
         self.rejected_by_peers: dict[str, dict[str, int]] = {}
-        """node id -> {reporting peer -> how many of its messages that peer rejected}"""
+        """node id -> {reporting peer -> how many of its messages that peer rejected}: only streams the
+        node signed the header of, refused for what an honest sender never sends (node/service.py)"""
+        self.unattributed_by_peers: dict[str, dict[str, int]] = {}
+        """node id -> {reporting peer -> its signed streams that peer refused for what an honest slow
+        or retrying sender gets too (stale, replayed, timed out)}: a hint, never a charge"""
         self.members_version = secrets.randbits(62) | 1
         """Version of the member list in heartbeat replies; a random base, so that a restarted
         coordinator never reuses one. Bumped by ``members_changed``."""
@@ -173,6 +177,7 @@ class Registry:
         gone = min(idle, key=lambda r: r.last_heartbeat)
         del self.nodes[gone.node_id]
         self.rejected_by_peers.pop(gone.node_id, None)
+        self.unattributed_by_peers.pop(gone.node_id, None)
         self.members_changed()
         log.info("registry full (%d nodes): forgot offline node %s to admit a new one", self.limits.max_nodes,
                  gone.node_id[:8])
@@ -195,6 +200,7 @@ class Registry:
         for p in req.peers:
             if p.peer in self.nodes and p.peer != rec.node_id:
                 self.rejected_by_peers.setdefault(p.peer, {})[rec.node_id] = p.rejected
+                self.unattributed_by_peers.setdefault(p.peer, {})[rec.node_id] = p.unattributed
         if rec.role == pb.ROLE_OFFLINE:
             # Back without re-registering: it kept running (a partition, or our own restart),
             # so it may still hold its stage; ``stage`` stays as a hint for reassignment.

@@ -60,6 +60,9 @@ class RunState:
     distrusted: dict[str, str] = field(default_factory=dict)
     """node id -> why: nodes taken out of the pipeline for messages their neighbours kept
     refusing (not a ban: they stay members, but are never given a stage again in this run)."""
+    set_aside: dict[str, str] = field(default_factory=dict)
+    """node id -> why, oldest first: nodes routed around after failed steps on one accuser's word or
+    on nobody's (not a demotion: they get a stage again when no other node can take it)."""
 
 
 class RunStore:
@@ -90,7 +93,7 @@ class RunStore:
                 run_id=raw["run_id"], step=raw["step"], epoch=raw["epoch"], phase=raw["phase"], nodes=raw["nodes"],
                 losses=[tuple(x) for x in raw["losses"]], commitments=raw.get("commitments", {}),
                 skipped=raw.get("skipped", []), evidence=raw.get("evidence", []), audit_rate=raw.get("audit_rate"),
-                distrusted=raw.get("distrusted", {}),
+                distrusted=raw.get("distrusted", {}), set_aside=raw.get("set_aside", {}),
             )
             if not resume:
                 phase = pb.RunPhase.Name(st.phase).removeprefix("RUN_PHASE_").lower()
@@ -116,7 +119,7 @@ class RunStore:
             "run_id": st.run_id, "step": st.step, "epoch": st.epoch, "phase": st.phase, "nodes": st.nodes,
             "losses": st.losses[-LOSSES_KEPT:], "commitments": st.commitments, "skipped": st.skipped,
             "evidence": st.evidence, "audit_rate": st.audit_rate, "distrusted": st.distrusted,
-            "saved_at": time.time(),
+            "set_aside": st.set_aside, "saved_at": time.time(),
         })
         tmp = self.state_path.with_suffix(".json.tmp")
         try:

@@ -35,6 +35,8 @@ lr, clip)``                                            accumulated in ``module``
                                                        stage, ``ctx.peer``: the audited node)
 ``on_receive(ctx, commitment, tensor)``                on each tensor this node accepted from a neighbour
                                                        (verified; ``ctx.peer``: its sender)
+``async on_heartbeat(ctx, members)``                   after each heartbeat reply, with the member list
+                                                       (``pb.PeerInfo``: id, address, key)
 =====================================================  ==================================================
 
 ``ctx`` is an ``AttackContext``: step, micro-batch (-1 where there is none), the node's stage
@@ -109,6 +111,11 @@ Protocol attacks:
   recomputation found
 - ``audit:shield``  as an auditor, answer "incomplete" (VERDICT_ERROR) for ``accomplices``
   (everybody when empty) whatever the recomputation found
+- ``refusal:frame``  an outsider's frame attack (here with this node's own key, naming others): after
+  each heartbeat, flood every other member's PushTensor with streams naming each of the others as
+  their sender (forged complete streams, forged first chunks that then stall, streams that never
+  send a chunk), to fill the receivers' stream slots and get the named honest nodes charged with
+  the refusals; ``frame_flood`` is the same flood for a party with no registered key
 - ``node:silent``  from its first firing on, never send, answer or heartbeat again (a node that
   hangs mid-step); the daemon still shuts down on SIGTERM
 - ``node:slow``  wait ``delay`` seconds before each tensor it sends
@@ -246,6 +253,11 @@ class Behaviour:
     @hook(returns=0)
     def on_receive(self, ctx: AttackContext, commitment, tensor: torch.Tensor) -> None:
         """A tensor from a neighbour passed every check and was accepted, with its ``pb.TensorCommitment``."""
+
+    @hook(returns=0)
+    async def on_heartbeat(self, ctx: AttackContext, members: list) -> None:
+        """Awaited after each heartbeat reply; ``members``: the coordinator's member list
+        (``pb.PeerInfo``: node id, address, key). Must not block (it delays the next heartbeat)."""
 
 
 HOOK_SPECS: dict[str, Hook] = {fn.__hook__.name: fn.__hook__ for fn in vars(Behaviour).values()
@@ -742,6 +754,71 @@ class Slow(Behaviour):
             await asyncio.sleep(self.delay)
 
 
+async def _held(chunks: list, hold: float):
+    """Yield ``chunks``, then keep the stream open (sending nothing) for up to ``hold`` seconds."""
+    for chunk in chunks:
+        yield chunk
+    await asyncio.sleep(hold)
+
+
+async def frame_flood(members: list, signer, *, exclude: str = "", step: int = 0, streams: int = 4,
+                      hold: float = 5.0) -> tuple[int, int]:
+    """refusal:frame's flood, also for a party with no registered key (``signer``: any
+    ``Identity``): against every member but ``exclude``, ``streams`` streams naming each other
+    member as their sender (complete streams and first chunks that then stall, both signed by
+    ``signer``, not by the node named) and ``streams`` that never send a chunk, each held at most
+    ``hold`` seconds. Returns (streams opened, streams refused). Plain TCP (no TLS): experiments."""
+    import grpc
+
+    from pipeguard.tensors import TensorSender, make_header
+    from pipeguard.v1 import pipeguard_pb2 as pb
+    from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+
+    channels, calls = [], []
+    try:
+        for target in members:
+            if target.node_id == exclude or not target.address:
+                continue
+            channel = grpc.aio.insecure_channel(target.address)
+            channels.append(channel)
+            push = pb_grpc.NodeStub(channel).PushTensor
+            for named in members:
+                if named.node_id in (target.node_id, exclude):
+                    continue
+                for i in range(streams):
+                    t = torch.zeros(1)
+                    header = make_header(run_id="", step=step, micro_batch=i, stage=0, direction=pb.DIRECTION_FORWARD,
+                                         sender=named.node_id, receiver=target.node_id, tensor=t, epoch=0)
+                    chunks = list(TensorSender(header, t, signer, 1 << 16).chunks())
+                    stream = _held(chunks, 0.0) if i % 2 == 0 else _held(chunks[:1], hold)
+                    calls.append(push(stream, timeout=hold + 1.0))
+            for _ in range(streams):
+                calls.append(push(_held([], hold), timeout=hold + 1.0))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return len(calls), sum(isinstance(r, grpc.aio.AioRpcError) for r in results)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+class Frame(Behaviour):
+    """refusal:frame: one ``frame_flood`` at a time, started after a heartbeat."""
+
+    name = "refusal:frame"
+
+    def __init__(self):
+        self.flood: asyncio.Future | None = None
+        self.floods = 0
+
+    async def on_heartbeat(self, ctx, members):
+        if self.flood is None or self.flood.done():
+            if self.flood is not None and not self.flood.cancelled() and self.flood.exception() is None:
+                opened, refused = self.flood.result()
+                log.info("frame flood %d: %d streams, %d refused", self.floods, opened, refused)
+            self.floods += 1
+            self.flood = asyncio.ensure_future(frame_flood(members, ctx.signer, exclude=ctx.node_id, step=ctx.step))
+
+
 TENSOR_KINDS: dict[str, type[TensorAttack]] = {
     cls.kind: cls for cls in (Reverse, Random, Noise, Scale, Zero, SignFlip, ConstantDirection, Stale, Ride)}
 
@@ -762,6 +839,7 @@ BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     "audit:accuse": lambda p: AuditAccuse(),
     "audit:clear": AuditClear,
     "audit:shield": AuditShield,
+    "refusal:frame": lambda p: Frame(),
     "node:silent": lambda p: Silent(),
     "node:slow": Slow,
 }

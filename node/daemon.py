@@ -130,6 +130,7 @@ def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
     signer = VerdictSigner(identity)
     if seams is not None:
         membership.before_heartbeat = seams.heartbeat()
+        membership.after_heartbeat = seams.heartbeat_reply()
         signer = seams.verdict_signer(signer)
     service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net, cfg.timeouts.audit,
                                   signer)

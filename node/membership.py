@@ -63,6 +63,10 @@ class Membership:
         self.on_banned: Callable[[set[str]], None] = lambda banned: None
         self.before_heartbeat: Callable[[], Awaitable[None]] | None = None
         """Awaited before each regular heartbeat (experiments: node:silent stops them)."""
+        self.member_list: list[pb.PeerInfo] = []
+        """The coordinator's last member list as sent (ids, addresses, keys)."""
+        self.after_heartbeat: Callable[[list[pb.PeerInfo]], Awaitable[None]] | None = None
+        """Awaited after each regular heartbeat with ``member_list`` (experiments: refusal:frame)."""
 
     @property
     def key_file(self) -> Path:
@@ -151,6 +155,8 @@ class Membership:
                 if self.before_heartbeat is not None:
                     await self.before_heartbeat()
                 await self.heartbeat()
+                if self.after_heartbeat is not None:
+                    await self.after_heartbeat(self.member_list)
                 await asyncio.sleep(self.interval)
             except PipeguardError as exc:
                 delay = next(delays)
@@ -197,6 +203,7 @@ class Membership:
             # A new list (or a coordinator that always sends it); an unchanged one is left out.
             self.members = {m.node_id: PublicIdentity(m.public_key) for m in reply.members
                             if node_id_for(m.public_key) == m.node_id}
+            self.member_list = list(reply.members)
             self.members_version = reply.members_version
         banned = set(reply.banned)
         if banned != self.banned:

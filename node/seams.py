@@ -23,6 +23,7 @@ seam                               hooks
 ``LyingSigner``                    ``on_verdict`` before the node signs a verdict as auditor
 (wraps ``VerdictSigner``)
 ``heartbeat``                      ``pause("heartbeat")`` (``Membership.before_heartbeat``)
+``heartbeat_reply``                ``on_heartbeat`` with the member list (``Membership.after_heartbeat``)
 =================================  ====================================================================
 
 A new hook is the hook on ``Behaviour`` plus the line in its seam that calls it.
@@ -116,6 +117,12 @@ class Seams:
         if "pause" not in self.hooks:
             return None
         return lambda: self.pause("heartbeat", self.runtime.completed_step + 1)
+
+    def heartbeat_reply(self):
+        """``Membership.after_heartbeat`` (refusal:frame floods the members), or None."""
+        if "on_heartbeat" not in self.hooks:
+            return None
+        return lambda members: self.behaviour.on_heartbeat(self.context(self.runtime.completed_step + 1), members)
 
 
 @dataclass
@@ -231,9 +238,9 @@ class TamperedService(NodeService):
         await self._seams.pause("rpc", request.step, request.micro_batch)
         return await super().Audit(request, context)
 
-    async def _receive(self, request_iterator):
+    async def _receive(self, request_iterator, context=None):
         await self._seams.pause("rpc", self.runtime.completed_step + 1)
-        return await super()._receive(request_iterator)
+        return await super()._receive(request_iterator, context)
 
     async def served_state(self, request: pb.FetchStateRequest):
         named, digest, epoch = await super().served_state(request)

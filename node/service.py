@@ -1,12 +1,17 @@
 """The Node gRPC service: orders from the coordinator, tensors from neighbours.
 
 Every order is checked against the coordinator's key and addressed to this node; every
-tensor goes through ``receive_tensor`` (size, header, digest, signature) and the stage's
-admission rules before it is used. Rejections are answered with a precise status, logged,
-counted against the (claimed) sender, and never disturb the daemon. At most
-``net.max_inflight_streams`` tensor streams are received at once (one more is refused at once,
-marked busy) and each must finish within the request timeout, so neither many nor idle streams
-can pile up buffers.
+tensor's first chunk must carry a header addressed to this node and signed by the neighbour it
+names (``claims.tensor_header``) before anything else is read, then goes through
+``receive_tensor`` (size, header, digest, signature) and the stage's admission rules before it
+is used. Rejections are answered with a precise status, logged, and never disturb the daemon;
+one is counted against a sender only when that sender signed the header and the reason is one
+an honest sender never gives (``UNCHARGED``, ``ANONYMOUS``), so nobody without a neighbour's key,
+and no slow link, adds to what refusal attribution counts. Only a verified neighbour takes a
+stream slot: at most half of ``net.max_inflight_streams`` streams per neighbour are received at
+once (one more is refused at once, marked busy) and each must finish within the request
+timeout, so neither many nor idle streams can pile up buffers, and streams naming a neighbour
+without its key never hold a slot.
 """
 
 from __future__ import annotations
@@ -40,11 +45,25 @@ from node.stage import Assignment, StageRuntime
 log = logging.getLogger(__name__)
 
 
+ANONYMOUS = "unknown"
+"""``peer_stats`` key of refusals charged to nobody: the stream carried no valid header signature of
+the sender it named (an outsider, a forger, junk), so naming a sender proves nothing."""
+
+UNCHARGED = frozenset({"FAILED_PRECONDITION", "ALREADY_EXISTS", "DEADLINE_EXCEEDED"})
+"""Refusals of a signed stream that an honest sender gets too, so they are charged to nobody: a
+stale or early run, epoch, step or attempt (a late push of an aborted attempt, a retry racing the
+next order), a replay (a retry whose first reply was lost), a timeout (a slow link). A busy
+refusal (too many streams at once) is not counted at all."""
+
+
 @dataclass
 class PeerStats:
     accepted: int = 0
     rejected: int = 0
+    """Refused streams this peer signed the header of, for a reason an honest sender never gives."""
     last_reason: str = ""
+    unattributed: int = 0
+    """Refused streams this peer signed the header of, for a reason in ``UNCHARGED``."""
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -63,9 +82,12 @@ class NodeService(pb_grpc.NodeServicer):
         self.rejected_by_reason: Counter[str] = Counter()
         """Refused tensors by the gRPC status the sender got (for metrics)."""
         self.max_inflight_streams = max_inflight_streams
+        self.slots_per_sender = max(1, max_inflight_streams // 2)
+        """Streams one neighbour may have in flight at once (its two neighbours share the budget)."""
         self.stream_timeout = stream_timeout
         """Seconds an inbound tensor stream may take, so that idle streams cannot hold their slots."""
-        self._streams = asyncio.Semaphore(max_inflight_streams)
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        """Sender -> its stream slots; only a sender whose header signature verified takes one."""
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -78,10 +100,11 @@ class NodeService(pb_grpc.NodeServicer):
         req = pb.HeartbeatRequest(
             tensors_sent=self.runtime.peers.sent,
             tensors_received=sum(s.accepted for s in self.peer_stats.values()),
-            tensors_rejected=sum(s.rejected for s in self.peer_stats.values()),
+            tensors_rejected=sum(s.rejected + s.unattributed for s in self.peer_stats.values()),
         )
         for peer, s in sorted(self.peer_stats.items()):
-            req.peers.add(peer=peer, accepted=s.accepted, rejected=s.rejected, last_reason=s.last_reason)
+            req.peers.add(peer=peer, accepted=s.accepted, rejected=s.rejected, last_reason=s.last_reason,
+                          unattributed=s.unattributed)
         return req
 
     # -- orders --------------------------------------------------------------------------------
@@ -202,41 +225,86 @@ class NodeService(pb_grpc.NodeServicer):
 
     @abort_on_error
     async def PushTensor(self, request_iterator, context) -> pb.PushReply:
-        if self._streams.locked():  # refuse now rather than queue another stream's buffers
-            context.set_trailing_metadata((BUSY,))
-            raise ResourceExhausted(f"{self.max_inflight_streams} tensor streams already in flight; retry shortly")
-        async with self._streams:
-            return await self._receive(request_iterator)
+        return await self._receive(request_iterator, context)
 
-    async def _receive(self, request_iterator) -> pb.PushReply:
-        claimed = {"sender": "unknown"}
+    def slots_of(self, sender: str) -> asyncio.Semaphore:
+        """Streams ``sender`` may have in flight here at once: half of ``net.max_inflight_streams``
+        (at least one) each, so one neighbour cannot crowd out the other."""
+        if sender not in self._slots:
+            self._slots[sender] = asyncio.Semaphore(self.slots_per_sender)
+        return self._slots[sender]
 
-        async def noting_sender():
-            # Note the claimed sender from the first chunk, so that refusals made before
-            # admission (an oversized claim, a bad enum) are charged to it too.
-            first = True
-            async for chunk in request_iterator:
-                if first and chunk.header.sender in self.peer_keys:
-                    claimed["sender"] = chunk.header.sender
-                first = False
+    async def _first_chunk(self, stream) -> pb.TensorChunk:
+        """The stream's first chunk, whose header must name this node and be signed by the
+        neighbour it names (``claims.tensor_header``); nothing is charged to anyone before that."""
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.stream_timeout)
+        except StopAsyncIteration:
+            raise InvalidArgument("empty tensor stream") from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no first chunk after {self.stream_timeout:g}s") from None
+        if not first.HasField("header"):
+            raise InvalidArgument("first chunk of a tensor stream must carry the header")
+        header = first.header
+        if header.receiver != self.identity.node_id:  # a stream for someone else (or replayed from there)
+            raise InvalidArgument(f"tensor is addressed to {header.receiver!r}, not this node")
+        if self.runtime.assignment is None:
+            raise FailedPrecondition("this node serves no stage")
+        key = self.peer_keys.get(header.sender)
+        if key is None:
+            raise Unauthenticated(f"unknown sender {header.sender!r}")
+        claims.tensor_header(header, first.header_signature, key)
+        return first
+
+    async def _receive(self, request_iterator, context=None) -> pb.PushReply:
+        """Receive one tensor stream. A refusal is charged (``PeerStats.rejected``, which refusal
+        attribution counts) only to a sender whose signature over the header verified, and only for
+        what an honest sender never does; refusals an honest but slow or retrying sender also gets
+        (``UNCHARGED``) are noted as ``unattributed``; the rest are nobody's (``ANONYMOUS``)."""
+        stream = request_iterator.__aiter__()
+        signer = ""  # the sender whose header signature verified
+        busy = False
+
+        async def chunks(first: pb.TensorChunk):
+            yield first
+            async for chunk in stream:
                 yield chunk
 
         def admit(header: pb.TensorHeader) -> PublicIdentity:
             return self.runtime.admit(header, self.peer_keys)
 
         try:
-            try:
-                rt = await asyncio.wait_for(
-                    receive_tensor(noting_sender(), max_tensor_bytes=self.max_tensor_bytes, admit=admit),
-                    self.stream_timeout)
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
-            self.accept(rt)
+            first = await self._first_chunk(stream)
+            signer = first.header.sender
+            slots = self.slots_of(signer)
+            if slots.locked():  # refuse now rather than queue another stream's buffers
+                busy = True
+                if context is not None:
+                    context.set_trailing_metadata((BUSY,))
+                raise ResourceExhausted(f"{self.slots_per_sender} tensor streams from {signer[:8]} already in "
+                                        "flight; retry shortly")
+            async with slots:
+                try:
+                    rt = await asyncio.wait_for(
+                        receive_tensor(chunks(first), max_tensor_bytes=self.max_tensor_bytes, admit=admit),
+                        self.stream_timeout)
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
+                self.accept(rt)
         except PipeguardError as exc:
-            stats = self.peer_stats[claimed["sender"]]
-            stats.rejected += 1
-            stats.last_reason = exc.code.name
+            if busy:  # momentary, and the sender retries: nobody's fault, not even a refusal to count
+                raise
             self.rejected_by_reason[exc.code.name] += 1
+            if not signer:
+                stats = self.peer_stats[ANONYMOUS]
+                stats.rejected += 1
+            elif exc.code.name in UNCHARGED:
+                stats = self.peer_stats[signer]
+                stats.unattributed += 1
+            else:
+                stats = self.peer_stats[signer]
+                stats.rejected += 1
+            stats.last_reason = exc.code.name
             raise
         self.peer_stats[rt.commitment.header.sender].accepted += 1
         return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())

@@ -25,6 +25,7 @@ FetchState/FetchTensor/FetchCheckpoint      the requester (or the        ``fetch
                                             coordinator)
 tensor commitment (header + digest)         the tensor's sender          ``tensor_commitment``,
                                                                          ``sent_tensor``
+a pushed stream's header (first chunk)      the tensor's sender          ``tensor_header``
 state attestation                           the stage's holder           ``served_state``,
                                                                          ``committed_state``
 audit verdict                               the auditor                  ``audit_verdict``
@@ -208,6 +209,15 @@ def fetch_request(request: Message, requester: PublicIdentity, what: str) -> Non
 
 
 # -- tensors and states -----------------------------------------------------------------------------
+
+
+def tensor_header(header: pb.TensorHeader, signature: bytes, sender: PublicIdentity) -> None:
+    """A pushed stream's header (its first chunk's ``header_signature``) is signed by the sender it
+    names. The receiver checks it before it reads anything else or gives the stream a slot, so that
+    nobody without the sender's key holds a slot in its name, and a refusal is charged to a sender
+    only when it signed what was refused (node/service.py)."""
+    if not signature or not sender.verify(signature, canonical_bytes(header)):
+        raise Unauthenticated(f"bad header signature on a tensor stream (claimed sender {header.sender[:8]})")
 
 
 def tensor_commitment(commitment: pb.TensorCommitment, sender: PublicIdentity, what: str = "tensor commitment") -> None:

@@ -55,10 +55,11 @@ class NetConfig:
     """Largest tensor a daemon accepts; a larger claimed size is refused before allocating. A state
     transfer is bounded by max_state_bytes and max_state_tensors."""
     max_inflight_streams: int = 16
-    """Tensor streams a node receives at once. One more is refused at once with RESOURCE_EXHAUSTED,
-    marked momentary so the sender backs off and retries, instead of buffering it. A sender opens
-    at most half as many (at least one) to one peer, so two neighbours with the same setting do
-    not hit it."""
+    """Tensor streams a node receives at once: half of them (at least one) per neighbour, taken only
+    once the stream's header signature verified, so streams naming a neighbour without its key never
+    hold one. One more is refused at once with RESOURCE_EXHAUSTED, marked momentary so the sender
+    backs off and retries, instead of buffering it. A sender opens at most half as many (at least
+    one) to one peer, so two neighbours with the same setting do not hit it."""
     tls_cert: str = ""
     """PEM certificate (chain) of this daemon. With tls_key its gRPC server speaks TLS only, and its
     outgoing calls present it to servers that ask for a client certificate (mutual TLS)."""

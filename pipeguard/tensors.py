@@ -171,6 +171,8 @@ class TensorSender:
         self.identity = identity
         self.chunk_bytes = chunk_bytes
         self.commitment: pb.TensorCommitment | None = None
+        self.header_signature = identity.sign(canonical_bytes(header))
+        """The first chunk's ``header_signature`` (``claims.tensor_header``)."""
 
     def _starts(self) -> range:
         return range(0, max(len(self.payload), 1), self.chunk_bytes)
@@ -191,6 +193,7 @@ class TensorSender:
             chunk = pb.TensorChunk(data=bytes(piece))
             if i == 0:
                 chunk.header.CopyFrom(self.header)
+                chunk.header_signature = self.header_signature
             if i == last:
                 commitment = self._commit(h)
                 chunk.payload_digest = commitment.payload_digest
@@ -203,6 +206,7 @@ class TensorSender:
         starts = self._starts()
         last = len(starts) - 1
         head = pb.TensorChunk(header=self.header).SerializeToString()  # field 1
+        signed_head = pb.TensorChunk(header_signature=self.header_signature).SerializeToString()  # field 5
 
         def build(i: int) -> bytes:  # strictly in order: build(i + 1) starts after build(i) ends
             piece = self.payload[starts[i] : starts[i] + self.chunk_bytes]
@@ -213,6 +217,8 @@ class TensorSender:
             if i == last:  # fields 3 and 4
                 c = self._commit(h)
                 parts.append(pb.TensorChunk(payload_digest=c.payload_digest, signature=c.signature).SerializeToString())
+            if i == 0:  # field 5
+                parts.append(signed_head)
             return b"".join(parts)
 
         loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ from coordinator.admin import Admin
 from pipeguard.config import ConfigError, parse_hostport
 from pipeguard.identity import Identity
 from pipeguard.model import lr_at
-from pipeguard.signing import sign, verify
+from pipeguard.signing import canonical_bytes, sign, verify
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from tests import test_coordinator_service as cs
@@ -696,6 +696,7 @@ class NodeTarget:
                     h.shape.extend(v)
                 else:
                     setattr(h, k, v)
+            chunks[0].header_signature = bed.prev.sign(canonical_bytes(h))  # the sender signs what it claims
             return chunks
 
         if f is NFault.PUSH_FORGED_SIGNATURE:

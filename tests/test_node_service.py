@@ -25,7 +25,7 @@ import torch
 
 from node.membership import Membership
 from node.peers import PeerPool
-from node.service import NodeService
+from node.service import ANONYMOUS, NodeService
 from node.stage import StageRuntime
 from pipeguard import claims
 from pipeguard.config import NetConfig, TimeoutConfig
@@ -33,7 +33,7 @@ from pipeguard.data import Dataset
 from pipeguard.rpc import server_options
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
-from pipeguard.signing import sign, verify
+from pipeguard.signing import canonical_bytes, sign, verify
 from pipeguard.tensors import TensorSender, make_header, new_payload_hash, receive_tensor, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -146,6 +146,9 @@ class Bed:
 
     def stats(self) -> dict[str, tuple[int, int, str]]:
         return {peer: (s.accepted, s.rejected, s.last_reason) for peer, s in self.service.peer_stats.items()}
+
+    def unattributed(self) -> dict[str, int]:
+        return {peer: s.unattributed for peer, s in self.service.peer_stats.items() if s.unattributed}
 
 
 g = torch.Generator().manual_seed(0)
@@ -299,26 +302,32 @@ class Fault(enum.Enum):
     PAYLOAD_TAMPERED = "payload bytes changed after signing"
     DIGEST_REPLACED = "payload changed and its digest recomputed, signature kept"
     NO_HEADER = "first chunk without a header"
+    HEADER_UNSIGNED = "first chunk without the header signature"
+    HEADER_SIGNATURE_FLIPPED = "header signature bytes flipped"
 
 
 C = grpc.StatusCode
-# fault -> (status, who is charged: "prev", "next" or "unknown", a regex the details match)
+# fault -> (status, who is charged, a regex the details match). Charged: "prev"/"next" (its
+# ``rejected`` count, what refusal attribution reads, grows: it signed the header of something an
+# honest sender never sends), "prev?" (it signed the header, but an honest slow or retrying
+# sender gets this refusal too: only its ``unattributed`` count grows) or "nobody" (no valid
+# header signature of the sender it names: the anonymous bucket).
 EXPECTED = {
     Fault.BAD_SIGNATURE: (C.UNAUTHENTICATED, "prev", "bad signature"),
-    Fault.IMPERSONATION: (C.UNAUTHENTICATED, "prev", "bad signature"),
-    Fault.UNKNOWN_SENDER: (C.UNAUTHENTICATED, "unknown", "unknown sender"),
+    Fault.IMPERSONATION: (C.UNAUTHENTICATED, "nobody", "bad header signature"),
+    Fault.UNKNOWN_SENDER: (C.UNAUTHENTICATED, "nobody", "unknown sender"),
     Fault.BANNED_SENDER: (C.PERMISSION_DENIED, "prev", "banned"),
     Fault.NOT_THE_NEIGHBOUR: (C.PERMISSION_DENIED, "next", "does not serve stage 0|not the previous stage"),
     Fault.WRONG_DIRECTION: (C.PERMISSION_DENIED, "prev", "does not serve stage 2|not the next stage"),
     Fault.WRONG_STAGE: (C.PERMISSION_DENIED, "prev", "does not serve stage 0|not the previous stage"),
-    Fault.WRONG_RECEIVER: (C.INVALID_ARGUMENT, "prev", "not this node"),
+    Fault.WRONG_RECEIVER: (C.INVALID_ARGUMENT, "nobody", "not this node"),  # anyone may forward a stream
     Fault.WRONG_SHAPE: (C.INVALID_ARGUMENT, "prev", r"expected float32 \[2, 8, 16\], .*shape \[2, 9, 16\]"),
     Fault.WRONG_DTYPE: (C.INVALID_ARGUMENT, "prev", r"expected float32 \[2, 8, 16\], got dtype 2 "),
     Fault.MICRO_BATCH_OUT_OF_RANGE: (C.INVALID_ARGUMENT, "prev", "out of range"),
-    Fault.WRONG_RUN: (C.FAILED_PRECONDITION, "prev", "tensor is for run"),
-    Fault.REPLAY: (C.ALREADY_EXISTS, "prev", "replay"),
-    Fault.STALE_STEP: (C.FAILED_PRECONDITION, "prev", "this stage is at step 1"),
-    Fault.FUTURE_STEP: (C.FAILED_PRECONDITION, "prev", "this stage is at step 0"),
+    Fault.WRONG_RUN: (C.FAILED_PRECONDITION, "prev?", "tensor is for run"),
+    Fault.REPLAY: (C.ALREADY_EXISTS, "prev?", "replay"),
+    Fault.STALE_STEP: (C.FAILED_PRECONDITION, "prev?", "this stage is at step 1"),
+    Fault.FUTURE_STEP: (C.FAILED_PRECONDITION, "prev?", "this stage is at step 0"),
     Fault.OVERSIZED: (C.RESOURCE_EXHAUSTED, "prev", "exceeds the limit"),
     Fault.TRUNCATED: (C.DATA_LOSS, "prev", "without a signature"),
     Fault.EXTRA_BYTES: (C.INVALID_ARGUMENT, "prev", "longer than its shape allows"),
@@ -328,7 +337,9 @@ EXPECTED = {
     # signature: UNAUTHENTICATED.
     Fault.PAYLOAD_TAMPERED: (C.DATA_LOSS, "prev", "do not match the signed digest"),
     Fault.DIGEST_REPLACED: (C.UNAUTHENTICATED, "prev", "bad signature"),
-    Fault.NO_HEADER: (C.INVALID_ARGUMENT, "unknown", "must carry the header"),
+    Fault.NO_HEADER: (C.INVALID_ARGUMENT, "nobody", "must carry the header"),
+    Fault.HEADER_UNSIGNED: (C.UNAUTHENTICATED, "nobody", "bad header signature"),
+    Fault.HEADER_SIGNATURE_FLIPPED: (C.UNAUTHENTICATED, "nobody", "bad header signature"),
 }
 
 
@@ -388,7 +399,8 @@ async def hostile(bed: Bed, fault: Fault) -> list[pb.TensorChunk]:
         header = bed.tensor_chunks()[0].header
         del header.shape[:]
         header.shape.extend([1024, 1024, 16])  # 64 MiB of float32 against a 64 KiB limit
-        return [pb.TensorChunk(header=header, data=b"\x00" * 64)]
+        return [pb.TensorChunk(header=header, header_signature=bed.prev.sign(canonical_bytes(header)),
+                               data=b"\x00" * 64)]
     if fault is Fault.TRUNCATED:
         chunks = bed.tensor_chunks()
         assert len(chunks) == 4
@@ -411,6 +423,12 @@ async def hostile(bed: Bed, fault: Fault) -> list[pb.TensorChunk]:
         first.CopyFrom(chunks[0])
         first.ClearField("header")
         return [first] + chunks[1:]
+    if fault is Fault.HEADER_UNSIGNED:
+        chunks = bed.tensor_chunks()
+        return _replace(chunks, 0, header_signature=b"")
+    if fault is Fault.HEADER_SIGNATURE_FLIPPED:
+        chunks = bed.tensor_chunks()
+        return _replace(chunks, 0, header_signature=_flip(chunks[0].header_signature))
     raise AssertionError(f"no scenario for {fault}")
 
 
@@ -421,8 +439,10 @@ def test_hostile_tensor_is_refused_counted_and_survived(tmp_path, fault):
     async def scenario():
         async with node_bed(tmp_path) as bed:
             chunks = await hostile(bed, fault)
-            peer = {"prev": bed.prev.node_id, "next": bed.next.node_id, "unknown": "unknown"}[charged]
+            peer = {"prev": bed.prev.node_id, "prev?": bed.prev.node_id, "next": bed.next.node_id,
+                    "nobody": ANONYMOUS}[charged]
             before = bed.stats()
+            unattributed_before = bed.unattributed()
             received_before = bed.service.heartbeat_stats().tensors_received
 
             tracemalloc.start()
@@ -436,14 +456,25 @@ def test_hostile_tensor_is_refused_counted_and_survived(tmp_path, fault):
             assert re.search(fragment, details), details
             assert peak < 16 * 1024 * 1024, f"{fault.value}: {peak} bytes allocated while refusing"
 
-            # counted against the peer that claimed to send it, nobody else
+            # charged to the peer that signed the header of what it did wrong, nobody else; a refusal
+            # an honest sender can get too, or one without its signature, is charged to no node
             acc, rej, _ = before.get(peer, (0, 0, ""))
-            assert bed.stats()[peer] == (acc, rej + 1, code.name)
+            if charged == "prev?":
+                assert bed.stats()[peer] == (acc, rej, code.name)
+                assert bed.unattributed() == {**unattributed_before, peer: unattributed_before.get(peer, 0) + 1}
+            else:
+                assert bed.stats()[peer] == (acc, rej + 1, code.name)
+                assert bed.unattributed() == unattributed_before
             assert {p: s for p, s in bed.stats().items() if p != peer} == \
                 {p: s for p, s in before.items() if p != peer}
             hb = bed.service.heartbeat_stats()
-            assert hb.tensors_rejected == 1 and hb.tensors_received == received_before
-            assert {p.peer: (p.rejected, p.last_reason) for p in hb.peers}[peer] == (rej + 1, code.name)
+            assert hb.tensors_rejected == 1
+            assert hb.tensors_received == received_before
+            assert {p.peer: (p.rejected, p.last_reason) for p in hb.peers}[peer] == (
+                rej + (charged != "prev?"), code.name)
+            charged_nodes = {p.peer for p in hb.peers if p.rejected and p.peer != ANONYMOUS}
+            assert charged_nodes <= ({peer} if charged in ("prev", "next") else set()), \
+                "nobody is charged for what it did not sign"
 
             # and the node keeps serving: a valid activation is still accepted
             bed.runtime.banned = set()
@@ -459,9 +490,11 @@ def test_valid_gradient_from_the_next_stage_is_accepted(tmp_path):
             chunks = bed.tensor_chunks(bed.next, direction=BACKWARD)
             assert await bed.push(chunks) == (C.OK, "")
             assert bed.stats() == {bed.next.node_id: (1, 0, "")}
-            # the same gradient again is a replay, counted against the next stage
+            # the same gradient again is a replay: refused, but charged to nobody (an honest sender
+            # whose first reply was lost sends it again too)
             assert (await bed.push(chunks))[0] == C.ALREADY_EXISTS
-            assert bed.stats() == {bed.next.node_id: (1, 1, "ALREADY_EXISTS")}
+            assert bed.stats() == {bed.next.node_id: (1, 0, "ALREADY_EXISTS")}
+            assert bed.unattributed() == {bed.next.node_id: 1}
 
     run(scenario())
 
@@ -751,23 +784,58 @@ async def wait_until(condition, what: str) -> None:
 
 def test_streams_over_the_limit_are_refused_at_once_as_busy(tmp_path):
     async def scenario():
-        async with node_bed(tmp_path, max_inflight_streams=2) as bed:
+        async with node_bed(tmp_path, max_inflight_streams=4) as bed:
             release = asyncio.Event()
+            prev = bed.prev.node_id
             held = [asyncio.ensure_future(bed.stub.PushTensor(held_stream(bed.tensor_chunks(micro_batch=mb), release),
                                                               timeout=DEADLINE)) for mb in range(2)]
-            await wait_until(bed.service._streams.locked, "the two streams never got in")
+            await wait_until(lambda: bed.service.slots_of(prev).locked(), "the two streams never got in")
 
-            call = bed.stub.PushTensor(iter(bed.tensor_chunks(bed.next, direction=BACKWARD)), timeout=DEADLINE)
+            call = bed.stub.PushTensor(iter(bed.tensor_chunks(step=bed.step + 1)), timeout=DEADLINE)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() == C.RESOURCE_EXHAUSTED and "in flight" in err.value.details()
             assert ("pipeguard-busy", "1") in tuple(err.value.trailing_metadata()), "marked momentary"
             assert bed.stats() == {}, "a busy refusal is nobody's fault"
 
+            # half of the budget is the other neighbour's: the previous stage cannot crowd it out
+            assert await bed.push(bed.tensor_chunks(bed.next, direction=BACKWARD)) == (C.OK, "")
+
             release.set()
             await asyncio.wait_for(asyncio.gather(*held), DEADLINE)
-            assert await bed.push(bed.tensor_chunks(bed.next, direction=BACKWARD)) == (C.OK, "")
             assert bed.stats() == {bed.prev.node_id: (2, 0, ""), bed.next.node_id: (1, 0, "")}
+
+    run(scenario())
+
+
+def test_streams_naming_a_neighbour_without_its_signature_hold_no_slot_and_charge_nobody(tmp_path):
+    """The frame attack on the wire: streams naming the previous stage, signed by a stranger (or not
+    at all), or that never send a first chunk, never take one of its slots, and nothing is charged
+    to it; its own stream gets in meanwhile."""
+    async def scenario():
+        async with node_bed(tmp_path, max_inflight_streams=2, stream_timeout=1.0) as bed:
+            never = asyncio.Event()
+            prev = bed.prev.node_id
+
+            async def silent():
+                await never.wait()
+                yield pb.TensorChunk()
+
+            forged = [asyncio.ensure_future(bed.push(bed.tensor_chunks(micro_batch=mb % MICRO_BATCHES,
+                                                                       signer=bed.stranger)))
+                      for mb in range(8)]
+            idle = [asyncio.ensure_future(bed.stub.PushTensor(silent(), timeout=DEADLINE)) for _ in range(8)]
+            assert [code for code, _ in await asyncio.gather(*forged)] == [C.UNAUTHENTICATED] * 8
+            assert not bed.service.slots_of(prev).locked()
+            assert await bed.push(bed.tensor_chunks()) == (C.OK, "")
+            for call in idle:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == C.DEADLINE_EXCEEDED and "no first chunk" in err.value.details()
+            assert bed.stats()[prev] == (1, 0, "")
+            assert bed.stats()[ANONYMOUS][1] == 16
+            hb = bed.service.heartbeat_stats()
+            assert {p.peer: p.rejected for p in hb.peers}[prev] == 0
 
     run(scenario())
 
@@ -818,7 +886,7 @@ def test_a_push_refused_early_gets_its_status_however_much_the_sender_still_stre
                 release = asyncio.Event()
                 held = asyncio.ensure_future(bed.stub.PushTensor(held_stream(bed.tensor_chunks(), release),
                                                                  timeout=DEADLINE))
-                await wait_until(bed.service._streams.locked, "the first stream never got in")
+                await wait_until(bed.service.slots_of(bed.prev.node_id).locked, "the first stream never got in")
             first = {"dtype": lambda: bed.tensor_chunks(micro_batch=1, tensor=torch.zeros(ACT_SHAPE, dtype=torch.int64)),
                      "run": lambda: bed.tensor_chunks(micro_batch=1, run_id="another run"),
                      "claimed size": lambda: bed.tensor_chunks(micro_batch=1, tensor=torch.zeros(64, 1024)),

@@ -26,11 +26,11 @@ def pipeline_of(stages: int, standbys: int = 0) -> list[NodeRecord]:
 
 def plan_for(nodes: list[NodeRecord], *, stages: int = 3, alive=None, distrusted=(), skipped=(), step: int = 10,
              formed: bool = True, min_nodes: int = 0, just_started: bool = False, history=None,
-             suspect_step=None) -> Plan | None:
+             suspect_step=None, set_aside=()) -> Plan | None:
     return plan(stages=stages, nodes=nodes, alive={r.node_id for r in nodes} if alive is None else alive,
                 distrusted=distrusted, skipped=set(skipped), step=step, formed=formed, min_nodes=min_nodes,
                 just_started=just_started, history=set(range(stages)) if history is None else history,
-                suspect_step=suspect_step)
+                suspect_step=suspect_step, set_aside=list(set_aside))
 
 
 def holders(p: Plan) -> dict[int, str]:
@@ -100,3 +100,17 @@ def test_a_conviction_rolls_back_to_at_or_before_its_suspect_step():
     p = plan_for(pipeline_of(3), suspect_step=7)
     assert holders(p) == {0: "n0", 1: "n1", 2: "n2"} and p.lost == [] and p.rollback_to == 7
     assert plan_for(pipeline_of(3), suspect_step=12).rollback_to == 10, "never past the current step"
+
+
+def test_a_node_set_aside_gives_its_stage_to_a_standby_and_is_the_last_spare_picked():
+    nodes = pipeline_of(3, standbys=1)  # n0 n1 n2 hold stages, n3 stands by
+    p = plan_for(nodes, set_aside=["n1"])
+    assert holders(p) == {0: "n0", 1: "n3", 2: "n2"} and p.lost == [1], "the standby takes stage 1 (from a checkpoint)"
+    # later n2 is set aside too, with n1 the only spare: n1 takes stage 2, as the last resort it is
+    nodes = [node(0, pb.ROLE_STAGE, 0), node(1), node(2, pb.ROLE_STAGE, 2), node(3, pb.ROLE_STAGE, 1)]
+    assert holders(plan_for(nodes, set_aside=["n1", "n2"])) == {0: "n0", 1: "n3", 2: "n1"}
+    # the one set aside longest ago is picked first, and nobody set aside is ever kept out for good
+    nodes = [node(0, pb.ROLE_STAGE, 0), node(1), node(2), node(3, pb.ROLE_STAGE, 1)]
+    assert holders(plan_for(nodes, set_aside=["n2", "n1"])) == {0: "n0", 1: "n3", 2: "n2"}
+    assert holders(plan_for(pipeline_of(3), set_aside=["n1"])) == {0: "n0", 1: "n1", 2: "n2"}, \
+        "with no one else to take it, a node set aside keeps its stage (no rollback)"

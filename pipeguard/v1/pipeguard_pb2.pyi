@@ -122,16 +122,18 @@ class TensorCommitment(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., payload_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("header", "data", "payload_digest", "signature")
+    __slots__ = ("header", "data", "payload_digest", "signature", "header_signature")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: TensorHeader
     data: bytes
     payload_digest: bytes
     signature: bytes
-    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., payload_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    header_signature: bytes
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., payload_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., header_signature: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("received_bytes",)
@@ -196,16 +198,18 @@ class RegisterReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class PeerCounters(_message.Message):
-    __slots__ = ("peer", "accepted", "rejected", "last_reason")
+    __slots__ = ("peer", "accepted", "rejected", "last_reason", "unattributed")
     PEER_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     peer: str
     accepted: int
     rejected: int
     last_reason: str
-    def __init__(self, peer: _Optional[str] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., last_reason: _Optional[str] = ...) -> None: ...
+    unattributed: int
+    def __init__(self, peer: _Optional[str] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., last_reason: _Optional[str] = ..., unattributed: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "seq", "tensors_sent", "tensors_received", "tensors_rejected", "peers", "signature", "members_version")
