@@ -56,6 +56,13 @@ next order), a replay (a retry whose first reply was lost), a timeout (a slow li
 refusal (too many streams at once) is not counted at all."""
 
 
+FETCH_QUEUE = 8
+"""State fetches one requester may have waiting or being served here at once; one more is refused
+(RESOURCE_EXHAUSTED, marked busy). Each requester's fetches are served one at a time, so a node
+flooding ``FetchState`` queues behind itself: at most one copy of the state per requester is
+being made or streamed, and the others' fetches (the coordinator's, other auditors') go on."""
+
+
 @dataclass
 class PeerStats:
     accepted: int = 0
@@ -86,6 +93,10 @@ class NodeService(pb_grpc.NodeServicer):
         """Streams one neighbour may have in flight at once (its two neighbours share the budget)."""
         self.stream_timeout = stream_timeout
         """Seconds an inbound tensor stream may take, so that idle streams cannot hold their slots."""
+        self._fetching: dict[str, asyncio.Semaphore] = {}
+        """Requester ("" = the coordinator) -> its one state fetch served at a time."""
+        self._fetch_queue: Counter[str] = Counter()
+        """Requester -> its state fetches waiting or being served (at most ``FETCH_QUEUE``)."""
         self._slots: dict[str, asyncio.Semaphore] = {}
         """Sender -> its stream slots; only a sender whose header signature verified takes one."""
 
@@ -181,21 +192,42 @@ class NodeService(pb_grpc.NodeServicer):
         a = self.runtime.assignment
         if a is None or a.stage != request.stage:
             raise FailedPrecondition(f"this node does not serve stage {request.stage}")
+        who = request.requester
+        if self._fetch_queue[who] >= FETCH_QUEUE:
+            context.set_trailing_metadata((BUSY,))
+            raise ResourceExhausted(f"{FETCH_QUEUE} state fetches of {who[:8] or 'the coordinator'} already "
+                                    "waiting here; retry shortly")
+        self._fetch_queue[who] += 1
+        try:
+            async with self._fetching.setdefault(who, asyncio.Semaphore(1)):
+                await self._serve_state(request, a, context)
+        finally:
+            self._fetch_queue[who] -= 1
+
+    async def _serve_state(self, request: pb.FetchStateRequest, a: Assignment, context) -> None:
         named, digest, epoch = await self.served_state(request)
         items = [(n, t) for n, t in named.items() if request.include_optimizer or n.startswith("param/")]
         chunks = state_chunks(items, a.stage, request.step, self.chunk_bytes)
         for chunk in chunks:
-            await context.write(chunk)
+            await self._write(context, chunk)
         attestation = sign(pb.StateAttestation(run_id=a.run_id, node_id=self.identity.node_id, stage=a.stage,
                                                step=request.step, state_digest=digest, epoch=epoch), self.identity)
-        await context.write(pb.StateChunk(attestation=attestation, stage=a.stage))
+        await self._write(context, pb.StateChunk(attestation=attestation, stage=a.stage))
+
+    async def _write(self, context, chunk) -> None:
+        """One chunk of a served stream; a requester that reads nothing for the request timeout is
+        dropped (DEADLINE_EXCEEDED), so an unread stream holds its slot and its copy no longer."""
+        try:
+            await asyncio.wait_for(context.write(chunk), self.stream_timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the requester read nothing for {self.stream_timeout:g}s") from None
 
     @abort_on_error
     async def FetchTensor(self, request: pb.FetchTensorRequest, context):
         await self._check_fetch(request, "fetch-tensor")
         commitment, tensor = self.served_tensor(request)
         for chunk in signed_chunks(commitment, tensor, self.chunk_bytes):
-            await context.write(chunk)
+            await self._write(context, chunk)
 
     @abort_on_error
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditVerdict:

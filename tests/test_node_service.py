@@ -25,7 +25,7 @@ import torch
 
 from node.membership import Membership
 from node.peers import PeerPool
-from node.service import ANONYMOUS, NodeService
+from node.service import ANONYMOUS, FETCH_QUEUE, NodeService
 from node.stage import StageRuntime
 from pipeguard import claims
 from pipeguard.config import NetConfig, TimeoutConfig
@@ -848,6 +848,53 @@ def test_an_idle_stream_is_dropped_and_frees_its_slot(tmp_path):
                 await bed.stub.PushTensor(held_stream(bed.tensor_chunks(), never), timeout=DEADLINE)
             assert err.value.code() == C.DEADLINE_EXCEEDED and "not complete" in err.value.details()
             assert await bed.push(bed.tensor_chunks()) == (C.OK, "")
+
+    run(scenario())
+
+
+def test_a_member_flooding_fetch_state_queues_behind_itself_and_the_coordinator_is_served(tmp_path):
+    """Issue 11, item 8: each FetchState clones or streams a whole state, so a registered node
+    flooding them must not starve anyone. One requester's fetches are served one at a time, at
+    most FETCH_QUEUE wait, one more is refused at once (RESOURCE_EXHAUSTED, marked busy), and the
+    coordinator's fetch is served while the flood waits; every queued fetch is served in the end."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            flooder = bed.stranger
+            bed.service.membership.members[flooder.node_id] = flooder.public()
+            served, release = [], asyncio.Event()
+            real = bed.service.served_state
+
+            async def holding(request):  # the flooder's first fetch is still being served
+                served.append(request.requester)
+                if request.requester:
+                    await release.wait()
+                return await real(request)
+
+            bed.service.served_state = holding
+
+            def fetch(signer: Identity, requester: str):
+                request = sign(pb.FetchStateRequest(run_id=RUN, node_id=bed.node.node_id, step=bed.step, stage=STAGE,
+                                                    requester=requester, include_optimizer=True), signer)
+                return asyncio.ensure_future(collect(bed.stub.FetchState(request, timeout=DEADLINE)))
+
+            async def collect(call):
+                return [c async for c in call]
+
+            flood = [fetch(flooder, flooder.node_id) for _ in range(FETCH_QUEUE)]
+            await wait_until(lambda: bed.service._fetch_queue[flooder.node_id] == FETCH_QUEUE,
+                             "the flood never queued up")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await fetch(flooder, flooder.node_id)
+            assert err.value.code() == C.RESOURCE_EXHAUSTED and "already waiting" in err.value.details()
+            assert ("pipeguard-busy", "1") in tuple(err.value.trailing_metadata()), "marked momentary"
+            assert served == [flooder.node_id], "one of the flooder's fetches at a time"
+
+            coordinator = await asyncio.wait_for(fetch(bed.coord, ""), DEADLINE)
+            assert coordinator[-1].HasField("attestation"), "the coordinator was served while the flood waited"
+            release.set()
+            for chunks in await asyncio.wait_for(asyncio.gather(*flood), DEADLINE):
+                assert chunks[-1].attestation.state_digest == coordinator[-1].attestation.state_digest
+            assert bed.service._fetch_queue[flooder.node_id] == 0
 
     run(scenario())
 
