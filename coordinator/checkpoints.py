@@ -14,7 +14,11 @@ before the convicted step.
 
 ``Checkpointer`` takes them: it fetches each stage's state with the node's signed attestation
 (``fetch_stage_state``, which exports use too) and keeps it only if the attestation is the
-stage's and names the digest the stage committed to (``claims.committed_state``).
+stage's and names the digest the stage committed to (``claims.committed_state``) and the bytes
+hash to it. Bytes off their holder's own signed attestation are the holder's fault, provably
+(``claims.off_attestation``): ``on_off_attestation`` hears of it (the clock counts it with the
+judge and takes the holder out of the pipeline) and ``StateOffAttestation`` is raised, so that one holder
+cannot stop the run by failing every checkpoint of its stage.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import torch
 
@@ -40,6 +45,15 @@ from coordinator.registry import NodeRecord
 from coordinator.state import EventLog, RunState, StateError
 
 log = logging.getLogger(__name__)
+
+
+class StateOffAttestation(DataLoss):
+    """A holder served the coordinator a state whose bytes do not hash to its own signed attestation."""
+
+    def __init__(self, node_id: str, stage: int, step: int):
+        super().__init__(f"node {node_id[:8]} served stage {stage}'s state of step {step} off its own signed "
+                         "attestation")
+        self.node_id, self.stage, self.step = node_id, stage, step
 
 
 class CheckpointStore:
@@ -136,6 +150,9 @@ class Checkpointer:
         self.state = state
         self.pipeline = pipeline
         self.events = events
+        self.on_off_attestation: Callable[[NodeRecord, int, int, pb.StateAttestation, dict], Awaitable[None]] | None \
+            = None
+        """Awaited with (holder, stage, step, attestation, state) before ``StateOffAttestation`` is raised."""
 
     async def verified_state(self, rec: NodeRecord, slot: int, step: int) -> tuple[dict[str, torch.Tensor], bytes]:
         net = self.cfg.net
@@ -144,6 +161,12 @@ class Checkpointer:
             net.max_tensor_bytes, max_tensors=net.max_state_tensors, max_total_bytes=net.state_bytes_limit)
         committed = bytes.fromhex(self.state.commitments[str(slot)])
         claims.committed_state(attestation, rec.identity, committed, stage=slot, step=step)
+        off = await asyncio.get_running_loop().run_in_executor(None, claims.off_attestation, attestation,
+                                                               rec.public_key, named)
+        if off:
+            if self.on_off_attestation is not None:
+                await self.on_off_attestation(rec, slot, step, attestation, named)
+            raise StateOffAttestation(rec.node_id, slot, step)
         return named, committed
 
     async def take(self, step: int) -> None:

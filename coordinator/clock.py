@@ -42,7 +42,7 @@ from coordinator import planning
 from coordinator.attribution import RefusalAttribution
 from coordinator.audits import AuditScheduler, StepRecord
 from coordinator.channels import NodeChannels
-from coordinator.checkpoints import Checkpointer, CheckpointStore, fetch_stage_state
+from coordinator.checkpoints import Checkpointer, CheckpointStore, StateOffAttestation, fetch_stage_state
 from coordinator.config import CoordinatorConfig
 from coordinator.convictions import Convictions
 from coordinator.pipeline import Pipeline
@@ -83,6 +83,7 @@ class StepClock:
         self.attribution = RefusalAttribution(registry, state, store, events, self.pipeline,
                                               attempts=cfg.pipeline.max_step_attempts,
                                               heartbeat_interval=cfg.timeouts.heartbeat_interval)
+        self.checkpointer.on_off_attestation = self._state_off_attestation
         self.membership_changed = asyncio.Event()
         self.step_lock = asyncio.Lock()
         """Held while a step runs; exports take it so they see one consistent step."""
@@ -114,6 +115,19 @@ class StepClock:
         """The monitor saw a node go silent."""
         self.pipeline.node_lost(rec)
         self.membership_changed.set()
+
+    async def _state_off_attestation(self, rec: NodeRecord, slot: int, step: int, attestation: pb.StateAttestation,
+                                     named: dict) -> None:
+        """A checkpoint (or export) fetch got ``rec``'s state of ``slot`` off its own signed
+        attestation: the judge counts it (and convicts at its limit, with the bundle), and the
+        holder is taken out of the pipeline at once (demoted: its own signature proves the fault), so it cannot stop the run by failing every checkpoint."""
+        judge = self.audits.judge if self.audits is not None else None
+        if judge is not None:
+            await judge.served_off_attestation(rec.node_id, rec.public_key, step, attestation, named,
+                                               f"checkpoint fetch of stage {slot}")
+        if not self.convictions.banned(rec.node_id):
+            self.attribution.distrust(rec.node_id, step, f"served the coordinator's fetch of stage {slot} at step "
+                                      f"{step} a state off its own signed attestation")
 
     # -- forming the pipeline ----------------------------------------------------------------------
 
@@ -182,9 +196,10 @@ class StepClock:
         digests = {int(k): bytes.fromhex(v) for k, v in self.state.commitments.items()}
         if plan.rollback_to is not None:
             target = self.checkpoints.latest(at_or_before=plan.rollback_to)
-            if target is None:
-                raise DataLoss(f"no checkpoint at or before step {plan.rollback_to} to roll back to")
-            start, digests = target, self.checkpoints.digests(target)
+            if target is None:  # none verified yet (step 0's failed): every stage starts from the seed again
+                start, digests = 0, {}
+            else:
+                start, digests = target, self.checkpoints.digests(target)
         slots = plan.slots
         nodes = [plan.holders[s] for s in slots]
         self.state.epoch += 1
@@ -434,7 +449,11 @@ class StepClock:
         self.events.emit("step", f"step {step} loss {loss:.4f} |g| {global_norm:.3f} lr {lr:.2e} "
                          f"{tokens / elapsed:,.0f} tok/s", step=step, persist=False)
         if self.state.step % self.cfg.audit.checkpoint_every == 0 and self.state.step < t.steps:
-            await self.checkpointer.take(self.state.step)
+            try:
+                await self.checkpointer.take(self.state.step)
+            except StateOffAttestation as exc:  # its holder is demoted: the next step forms again
+                self.events.emit("checkpoint_failed", f"no checkpoint at step {self.state.step}: {exc}",
+                                 step=self.state.step)
 
     async def stop(self, who: str) -> int | None:
         """Stop the run for an operator: let the step in flight finish, stop stepping, checkpoint,

@@ -201,18 +201,28 @@ class Judge:
             off = claims.off_attestation(att, target.public_key, named)
         except PipeguardError:
             return  # not served at all (crashed, silent, expired): not evidence of anything
-        if not off or self.convictions.banned(target.node_id):
+        if off:
+            await self.served_off_attestation(target.node_id, target.public_key, req.step, att, named,
+                                              f"audit {req.audit_id}", self._path(req, "off-attestation-", target.node_id))
+
+    async def served_off_attestation(self, node_id: str, public_key: bytes, step: int, att: pb.StateAttestation,
+                                     named: dict, where: str, path: Path | None = None) -> None:
+        """Count a state ``node_id`` served the coordinator (its judge's fetch, or a checkpoint
+        or export fetch: ``where``) that does not hash to its own signed attestation ``att``
+        (``claims.off_attestation`` said so); convict at ``OFF_ATTESTATION_LIMIT``."""
+        if self.convictions.banned(node_id):
             return
-        n = self.off_attestation[target.node_id] = self.off_attestation.get(target.node_id, 0) + 1
-        self.events.emit("off_attestation", f"{target.node_id[:8]} served the coordinator its state of step "
-                         f"{req.step} off its own signed attestation ({n} of {OFF_ATTESTATION_LIMIT})",
-                         node_id=target.node_id, step=req.step)
+        n = self.off_attestation[node_id] = self.off_attestation.get(node_id, 0) + 1
+        self.events.emit("off_attestation", f"{node_id[:8]} served the coordinator its state of step "
+                         f"{step} off its own signed attestation ({where}; {n} of {OFF_ATTESTATION_LIMIT})",
+                         node_id=node_id, step=step)
         if n < OFF_ATTESTATION_LIMIT:
             return
-        path = self._path(req, "off-attestation-", target.node_id)
-        await self._convict(target.node_id, req.step, f"served its state {n} times off its own signed attestation "
-                            f"(audit {req.audit_id})", path, lambda: evidence.write_off_attestation_bundle(
-                                path, att, named, target.public_key, self.identity.public_key, n),
+        if path is None:
+            path = self.evidence_dir / f"step{step:06d}-off-attestation-{node_id[:8]}.pgev"
+        await self._convict(node_id, step, f"served its state {n} times off its own signed attestation "
+                            f"(last: {where})", path, lambda: evidence.write_off_attestation_bundle(
+                                path, att, named, public_key, self.identity.public_key, n),
                             failed=True, detection=True)
 
     async def initial_state(self, order: pb.AssignRequest, claim: pb.StepReport | pb.StateAttestation,

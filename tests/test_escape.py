@@ -24,9 +24,9 @@ from tests.test_collusion import banned, start
 pytestmark = pytest.mark.multiprocess
 
 
-def escape_run(steps: int, rate: float, min_nodes: int = 4):
+def escape_run(steps: int, rate: float, min_nodes: int = 4, checkpoint_every: int = 100):
     return tiny_run({"pipeline.stages": 3, "pipeline.min_nodes": min_nodes, "train.steps": steps, "audit.rate": rate,
-                     "audit.screen": False, "audit.recheck_rate": 0.0, "audit.checkpoint_every": 100,
+                     "audit.screen": False, "audit.recheck_rate": 0.0, "audit.checkpoint_every": checkpoint_every,
                      "audit.retention": 4, "train.seed": 7, "model.n_layer": 3, "train.micro_batches": 4})
 
 
@@ -101,3 +101,34 @@ def test_an_honest_node_whose_audits_keep_coming_back_incomplete_is_never_convic
         "the auditor did answer incomplete about the honest node"
     assert all(not n.distrusted for n in status.nodes)
     assert [p.step for p in status.losses] == list(range(steps))
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize("start_step, checkpoint_every", [(0, 100), (2, 2)], ids=["formation", "periodic"])
+def test_a_holder_serving_the_checkpoint_fetch_off_its_attestation_is_routed_around(testnet, start_step,
+                                                                                     checkpoint_every):
+    """The coordinator's own checkpoint fetch (at formation, or every ``checkpoint_every`` steps)
+    gets the holder's state off its signed attestation: the judge counts it, the holder is taken
+    out of the pipeline at once (demoted) (a standby takes its stage from the last verified checkpoint) and the run
+    completes every step, as clean, instead of retrying the same checkpoint forever. Nobody honest
+    is demoted or banned; no audits at all (rate 0): the checkpoint alone catches it."""
+    steps = 6
+    net = testnet(escape_run(steps=steps, rate=0.0, checkpoint_every=checkpoint_every))
+    start(net, {1: f'[attack]\nbehaviours = ["state:off-attestation"]\nstart_step = {start_step}\n'})
+    attacker = net.nodes[1].node_id
+    standby = net.nodes[3].node_id
+    status = net.wait_finished(timeout=150)
+    assert [p.step for p in status.losses] == list(range(steps)), "the run finished every planned step"
+    assert banned(status) == {}, "one state off its attestation proves too little for a ban"
+    aside = [e for e in status.events if e.kind == "node_demoted"]
+    assert [e.node_id for e in aside] == [attacker], [e.message for e in aside]
+    assert aside[0].step == start_step
+    assert [e.node_id for e in status.events if e.kind == "off_attestation"] == [attacker]
+    by_id = {n.node_id: n for n in status.nodes}
+    assert by_id[standby].role == pb.ROLE_STAGE and by_id[standby].stage == 1, "the standby took the stage"
+    assert by_id[attacker].role == pb.ROLE_STANDBY
+    torch.set_num_threads(1)
+    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
+                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
+                          steps=steps, micro_batches=4, micro_batch_size=4)
+    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
