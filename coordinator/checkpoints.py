@@ -17,7 +17,7 @@ before the convicted step.
 stage's and names the digest the stage committed to (``claims.committed_state``) and the bytes
 hash to it. Bytes off their holder's own signed attestation are the holder's fault, provably
 (``claims.off_attestation``): ``on_off_attestation`` hears of it (the clock counts it with the
-judge and routes around the holder) and ``StateOffAttestation`` is raised, so that one holder
+judge and takes the holder out of the pipeline) and ``StateOffAttestation`` is raised, so that one holder
 cannot stop the run by failing every checkpoint of its stage.
 """
 

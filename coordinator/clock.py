@@ -121,14 +121,14 @@ class StepClock:
                                      named: dict) -> None:
         """A checkpoint (or export) fetch got ``rec``'s state of ``slot`` off its own signed
         attestation: the judge counts it (and convicts at its limit, with the bundle), and the
-        holder is routed around at once, so it cannot stop the run by failing every checkpoint."""
+        holder is taken out of the pipeline at once (demoted: its own signature proves the fault), so it cannot stop the run by failing every checkpoint."""
         judge = self.audits.judge if self.audits is not None else None
         if judge is not None:
             await judge.served_off_attestation(rec.node_id, rec.public_key, step, attestation, named,
                                                f"checkpoint fetch of stage {slot}")
         if not self.convictions.banned(rec.node_id):
-            self.attribution.set_aside(rec.node_id, step, f"served the coordinator's fetch of stage {slot} at step "
-                                       f"{step} a state off its own signed attestation", reporter="")
+            self.attribution.distrust(rec.node_id, step, f"served the coordinator's fetch of stage {slot} at step "
+                                      f"{step} a state off its own signed attestation")
 
     # -- forming the pipeline ----------------------------------------------------------------------
 
@@ -453,7 +453,7 @@ class StepClock:
         if self.state.step % self.cfg.audit.checkpoint_every == 0 and self.state.step < t.steps:
             try:
                 await self.checkpointer.take(self.state.step)
-            except StateOffAttestation as exc:  # its holder is routed around: the next step forms again
+            except StateOffAttestation as exc:  # its holder is demoted: the next step forms again
                 self.events.emit("checkpoint_failed", f"no checkpoint at step {self.state.step}: {exc}",
                                  step=self.state.step)
 
