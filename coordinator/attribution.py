@@ -103,7 +103,8 @@ class RefusalAttribution:
         ids = self.pipeline.ids()
         found = attribute(ids, self.registry.rejected_by_peers, charged_before)
         if found is None:
-            self._rotate(step, ids, unattributed_before)
+            silent = [r.node_id for r in self.pipeline.nodes if r.last_heartbeat < failed_at]
+            self._rotate(step, ids, unattributed_before, silent)
             return
         culprit, reporter, count = found
         for rep in growth_by_reporter(ids, self.registry.rejected_by_peers, charged_before)[culprit]:
@@ -135,9 +136,15 @@ class RefusalAttribution:
                            f"{reporter[:8]} during {self.attempts} failed attempts of step {step} (one "
                            "accuser: routed around, not demoted)", reporter=reporter)
 
-    def _rotate(self, step: int, ids: list[str], unattributed_before: Refusals) -> None:
-        """Nobody's messages were refused: set aside one pipeline node in turn, charged to nobody."""
+    def _rotate(self, step: int, ids: list[str], unattributed_before: Refusals, silent: list[str]) -> None:
+        """Nobody's messages were refused: set aside the pipeline node that has fallen silent (a
+        crash the liveness monitor has not timed out yet), else one in turn, charged to nobody."""
         if not ids:
+            return
+        if silent:  # never rotate an honest live node out for a dead one's failures
+            node = silent[0]
+            self.set_aside(node, step, f"silent since step {step} failed {self.attempts} times (no heartbeat; "
+                           "attributed to nobody: not demoted)", reporter="")
             return
         hints = growth_by_reporter(ids, self.registry.unattributed_by_peers, unattributed_before)
         if hints:

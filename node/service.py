@@ -60,7 +60,8 @@ FETCH_QUEUE = 8
 """State fetches one requester may have waiting or being served here at once; one more is refused
 (RESOURCE_EXHAUSTED, marked busy). Each requester's fetches are served one at a time, so a node
 flooding ``FetchState`` queues behind itself: at most one copy of the state per requester is
-being made or streamed, and the others' fetches (the coordinator's, other auditors') go on."""
+being made or streamed, and the others' fetches (other auditors') go on. The coordinator's own
+fetches (checkpoints, exports, the judge) are never queued."""
 
 
 @dataclass
@@ -193,6 +194,8 @@ class NodeService(pb_grpc.NodeServicer):
         if a is None or a.stage != request.stage:
             raise FailedPrecondition(f"this node does not serve stage {request.stage}")
         who = request.requester
+        if not who:  # the coordinator's own (signed) fetches: checkpoints, exports, the judge's audits
+            return await self._serve_state(request, a, context)
         if self._fetch_queue[who] >= FETCH_QUEUE:
             context.set_trailing_metadata((BUSY,))
             raise ResourceExhausted(f"{FETCH_QUEUE} state fetches of {who[:8] or 'the coordinator'} already "

@@ -4,6 +4,8 @@ attempt, and the bound on framing (coordinator/attribution.py; no network)."""
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import pytest
 
@@ -15,9 +17,7 @@ from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.test_planning import plan_for
 
-pytestmark = pytest.mark.unit
-
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
 def attribution_with_pipeline(tmp_path, stages: int = 3, standbys: int = 1) -> tuple[RefusalAttribution, list[str]]:
@@ -33,6 +33,7 @@ def attribution_with_pipeline(tmp_path, stages: int = 3, standbys: int = 1) -> t
         rec = NodeRecord(node_id=node.node_id, public_key=node.public_key, address=f"127.0.0.1:{7100 + i}",
                          role=pb.ROLE_STAGE if i < stages else pb.ROLE_STANDBY, stage=i if i < stages else -1)
         rec.heartbeat_seq = 1
+        rec.last_heartbeat = math.inf  # heartbeating throughout, unless a test silences it
         registry.nodes[rec.node_id] = rec
         ids.append(rec.node_id)
     pipeline.nodes, pipeline.slots = [registry.nodes[i] for i in ids[:stages]], list(range(stages))
@@ -94,6 +95,16 @@ def test_accusers_add_up_over_the_run(tmp_path):
     refused(att, b, a, 2)
     asyncio.run(att.after_failures(2, before))
     assert set(att.state.distrusted) == {b}
+
+
+def test_a_silent_pipeline_node_is_routed_around_before_any_live_one(tmp_path):
+    # b crashed: the step failed with nothing charged, and b sends no heartbeat since. Rotating a
+    # (live, honest) out instead would move a healthy stage and leave the dead one in place.
+    att, (a, b, c, d) = attribution_with_pipeline(tmp_path)
+    att.registry.nodes[b].last_heartbeat = time.monotonic() - 1.0
+    asyncio.run(att.after_failures(4, att.snapshot()))
+    assert att.state.distrusted == {} and list(att.state.set_aside) == [b] and att.pipeline.reform_needed
+    assert "silent" in att.state.set_aside[b] and "not demoted" in att.state.set_aside[b]
 
 
 def test_no_charged_refusals_route_around_one_node_in_turn_and_demote_nobody(tmp_path):

@@ -8,9 +8,7 @@ from coordinator.planning import Plan, plan
 from coordinator.registry import NodeRecord
 from pipeguard.v1 import pipeguard_pb2 as pb
 
-pytestmark = pytest.mark.unit
-
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
 
 def node(i: int, role: int = pb.ROLE_STANDBY, stage: int = -1) -> NodeRecord:

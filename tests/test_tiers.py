@@ -26,6 +26,9 @@ def _declared_marks(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda p: p.name)
 def test_every_test_module_declares_exactly_one_tier(path):
+    assigned = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in n.targets)]
+    assert len(assigned) <= 1, f"{path.name}: one `pytestmark` assignment (a second replaces the first's marks)"
     tiers = [m for m in _declared_marks(path) if m in TIERS]
     assert len(tiers) == 1, f"{path.name}: add one module-level `pytestmark` tier of {sorted(TIERS)}, found {tiers}"
 
