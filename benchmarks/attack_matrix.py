@@ -93,6 +93,9 @@ RUN = {
 TENSOR_KINDS = ["reverse", "random", "noise", "scale", "zero", "sign-flip", "constant-direction", "stale"]
 PROTOCOL = ["wire:bad-signature", "wire:replay", "wire:equivocate", "state:false-commitment", "update:skip",
             "update:poison", "audit:accuse", "audit:clear", "node:silent", "node:slow"]
+ESCAPES = ["state:backdoor", "state:off-attestation", "update:swap-after-commit", "forward:switch-attempt",
+           "refusal:frame"]
+"""Issue 11's attacks on the protocol itself (dodging audits, framing): each runs as a protocol row."""
 QUICK = ["forward:reverse", "backward:noise", "audit:accuse", "collude:reverse+clear"]
 
 
@@ -129,6 +132,15 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
             out.append(Case(name, "protocol", liar={"behaviours": [name], "rate": 1.0}))
         else:
             out.append(Case(name, "protocol", {"behaviours": [name], "rate": rate, "start_step": start}))
+    for name in ESCAPES:
+        first = 0 if name == "state:backdoor" else start  # a backdoor is the start state itself
+        out.append(Case(name, "protocol", {"behaviours": [name], "rate": rate, "start_step": first}))
+    for name in ("forward:ride", "backward:ride", "update:ride"):
+        out.append(Case(name, "tolerance", {"behaviours": [name], "rate": 1.0, "start_step": start, "ride": 0.9},
+                        note="0.9x the per-element allowance on every message: within the tolerance by design"))
+    out.append(Case("forward:ride(3x)", "tolerance",
+                    {"behaviours": ["forward:ride"], "rate": 1.0, "start_step": start, "ride": 3.0},
+                    note="3x the per-element allowance"))
     out.append(Case(f"patient:reverse(start={patient})", "coordinated",
                     {"behaviours": ["forward:reverse"], "rate": rate, "start_step": patient},
                     note=f"honest for {patient} steps, then forward:reverse"))
@@ -136,6 +148,10 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
                     {"behaviours": ["forward:reverse"], "rate": rate, "start_step": start},
                     liar={"behaviours": ["audit:clear"], "rate": 1.0, "accomplices": "ATTACKER"},
                     note="stage 1 reverses; the standby auditor signs PASS for it"))
+    out.append(Case("collude:reverse+shield", "coordinated",
+                    {"behaviours": ["forward:reverse"], "rate": rate, "start_step": start},
+                    liar={"behaviours": ["audit:shield"], "rate": 1.0, "accomplices": "ATTACKER"},
+                    note="stage 1 reverses; the standby auditor answers 'incomplete' for it"))
     return out
 
 
