@@ -4,10 +4,13 @@ After every stage has returned its signed StepReport for a step (so every tensor
 is committed), ``select`` draws audit targets from the operating system's CSPRNG: each
 stage's output for each micro-batch, forward and backward, with probability ``audit.rate``,
 each stage's optimizer update with the same probability, plus every message a receiver's
-screen flagged. Each audit goes to a node other than the audited one, preferring standbys,
-then stages that are not its neighbours; with nobody available, or when the auditor fails to
-answer (crashed, silent, refused), the coordinator audits itself. What a verdict leads to
-(re-checks, convictions) is the judge's (``coordinator/judge.py``).
+screen flagged. A stage-step whose update audit is drawn replays once: its forward/backward
+audits are folded into the update audit, which compares them all. Each audit goes to a node
+other than the audited one, preferring standbys, then stages that are not its neighbours; within
+a tier one at random of those with fewer than ``SPILL_AT`` audits waiting (a tier that does not
+keep up spills to the next; with every tier busy, the least loaded of the first). With nobody available, or when the auditor fails to answer (crashed,
+silent, refused), the coordinator audits itself. What a verdict leads to (re-checks,
+convictions) is the judge's (``coordinator/judge.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from coordinator.state import EventLog
 
 log = logging.getLogger(__name__)
 
+SPILL_AT = 2
+"""Audits waiting at every auditor of a tier before the next tier's (less loaded) nodes share
+them: standbys first, while they keep up; then stages that are not the target's neighbours."""
+
 
 @dataclass
 class StepRecord:
@@ -46,6 +53,8 @@ class StepRecord:
     update_reports: list[pb.UpdateReport] = field(default_factory=list)
     attempt: int = 0
     """The attempt of the step that succeeded (every audited tensor and report carries it)."""
+    update_drawn: set[int] = field(default_factory=set)
+    """Pipeline positions whose update audit ``select`` drew (revealed by ``select_updates``)."""
 
 
 class AuditScheduler:
@@ -71,6 +80,10 @@ class AuditScheduler:
         self.train_spec = cfg.train_spec()
         self.num_stages = cfg.pipeline.stages
         self.data_digest = data_digest
+        self.in_flight: dict[str, int] = {}
+        """auditor -> audits ordered from it and not answered yet (it recomputes them one at a time)."""
+        self.progress: Callable[[], int] = lambda: 0
+        """Steps the run has completed (the clock sets it): how far an audit has fallen behind."""
 
     @property
     def rate(self) -> float:
@@ -80,8 +93,18 @@ class AuditScheduler:
     # -- choosing -----------------------------------------------------------------------------
 
     def select(self, rec: StepRecord) -> list[pb.AuditRequest]:
-        """Draw this step's forward/backward audits. Call only once every report of the step is in."""
+        """Draw this step's audits and return its forward/backward ones. Call only once every
+        report of the step is in.
+
+        Each stage's update audit is drawn here too (kept in ``rec`` until the stage has committed
+        to its update, then ordered by ``select_updates``). An update audit replays the whole
+        stage-step and compares every activation and gradient the stage sent, so it answers every
+        forward and backward audit drawn for the same stage and step: those are folded into it
+        rather than replayed again (``AuditStats.folded``). The odds of any message being checked
+        are unchanged; each stage-step is replayed at most once, plus screen-flagged messages,
+        which are always audited on their own."""
         out = []
+        rec.update_drawn = {pos for pos in range(len(rec.nodes)) if self.rng.random() < self.rate}
         flagged: set[tuple[int, int, int]] = set()  # (sender position, direction, micro-batch)
         for pos, report in enumerate(rec.reports):
             for f in report.flags if self.cfg.audit.screen else []:
@@ -97,16 +120,19 @@ class AuditScheduler:
                     if not ok:
                         continue
                     is_flagged = (pos, direction, mb) in flagged
-                    if is_flagged or self.rng.random() < self.rate:
+                    drawn = self.rng.random() < self.rate
+                    if is_flagged:
                         out.append(self._request(rec, pos, kind, mb))
-                        if is_flagged:
-                            self.flagged_ids.add(out[-1].audit_id)
+                        self.flagged_ids.add(out[-1].audit_id)
+                    elif drawn and pos in rec.update_drawn:
+                        self.stats.folded += 1
+                    elif drawn:
+                        out.append(self._request(rec, pos, kind, mb))
         return out
 
     def select_updates(self, rec: StepRecord) -> list[pb.AuditRequest]:
-        """Draw this step's update audits, once every stage has committed to its new state."""
-        return [self._request(rec, pos, pb.AUDIT_KIND_UPDATE, 0)
-                for pos in range(len(rec.nodes)) if self.rng.random() < self.rate]
+        """The update audits ``select`` drew for this step, once every stage has committed to its new state."""
+        return [self._request(rec, pos, pb.AUDIT_KIND_UPDATE, 0) for pos in sorted(rec.update_drawn)]
 
     def _request(self, rec: StepRecord, pos: int, kind: int, mb: int) -> pb.AuditRequest:
         node = rec.nodes[pos]
@@ -139,12 +165,20 @@ class AuditScheduler:
         ]
         target = self.registry.nodes.get(req.target.node_id)
         device = target.build.device if target is not None else ""
+        busy: list[NodeRecord] = []
         for tier in tiers:
             # within a tier, an auditor on the target's device class first: its rounding compares
             pick = [r for r in tier if r.build.device == device] or tier
-            if pick:
-                return self.rng.choice(pick)
-        return None
+            # At random among those that keep up (so an auditor cannot draw more audits of a
+            # partner by answering fast); a tier that does not keep up spills to the next.
+            free = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT]
+            if free:
+                return self.rng.choice(free)
+            busy = busy or pick
+        if not busy:
+            return None
+        load = min(self.in_flight.get(r.node_id, 0) for r in busy)
+        return self.rng.choice([r for r in busy if self.in_flight.get(r.node_id, 0) == load])
 
     # -- running ------------------------------------------------------------------------------
 
@@ -153,12 +187,14 @@ class AuditScheduler:
             self.stats.dispatched += 1
             task = asyncio.create_task(self._run(req))
             self.pending[req.audit_id] = (req.step, task)
-            task.add_done_callback(self._done(req.audit_id))
+            task.add_done_callback(self._done(req.audit_id, req.step))
 
-    def _done(self, audit_id: int) -> Callable[[asyncio.Task], None]:
-        def forget(_task: asyncio.Task) -> None:
+    def _done(self, audit_id: int, step: int) -> Callable[[asyncio.Task], None]:
+        def forget(task: asyncio.Task) -> None:
             self.pending.pop(audit_id, None)
             self.flagged_ids.discard(audit_id)
+            if not task.cancelled():  # steps completed after the audited one while this audit ran
+                self.stats.max_lag = max(self.stats.max_lag, self.progress() - (step + 1))
         return forget
 
     async def drain(self, upto_step: int) -> None:
@@ -199,6 +235,7 @@ class AuditScheduler:
             return None
         req.auditor = auditor.node_id
         sign(req, self.identity)
+        self.in_flight[auditor.node_id] = self.in_flight.get(auditor.node_id, 0) + 1
         try:
             verdict = await self.channels.stub_for(auditor.address).Audit(req, timeout=self.cfg.audit_timeout())
         except PipeguardError as exc:
@@ -209,6 +246,8 @@ class AuditScheduler:
                              f"{exc}; the coordinator audits it itself",
                              node_id=auditor.node_id, step=req.step, persist=False)
             return None
+        finally:
+            self.in_flight[auditor.node_id] -= 1
         claims.audit_verdict(verdict, req, auditor.public_key)
         self.stats.performed[auditor.node_id] = self.stats.performed.get(auditor.node_id, 0) + 1
         return verdict

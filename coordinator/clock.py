@@ -79,6 +79,8 @@ class StepClock:
         self.convictions = convictions or Convictions(registry, state, store, events, Pipeline(state.skipped))
         self.pipeline = self.convictions.pipeline
         self.audits = audits
+        if audits is not None:
+            audits.progress = lambda: self.state.step
         self.checkpoints = CheckpointStore(store.dir / "checkpoints", keep=cfg.audit.keep_checkpoints)
         self.checkpointer = Checkpointer(self.checkpoints, self.channels, cfg, state, self.pipeline, events)
         self.attribution = RefusalAttribution(registry, state, store, events, self.pipeline,

@@ -74,6 +74,10 @@ class AuditStats:
     incomplete: int = 0
     rechecked: int = 0
     """PASS verdicts the coordinator recomputed itself."""
+    folded: int = 0
+    """Forward/backward audits drawn for a stage-step whose update audit was drawn too, which checks them."""
+    max_lag: int = 0
+    """The most steps completed after an audited step while its audit still ran (``StatusReply.max_audit_lag_steps``)."""
 
 
 class Judge:

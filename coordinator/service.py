@@ -115,6 +115,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if a is not None:
             reply.audits_total = a.dispatched
             reply.detections = a.detections
+            reply.max_audit_lag_steps = a.max_lag
+            reply.audits_pending = len(self.clock.audits.pending) if self.clock.audits is not None else 0
         reply.evidence.extend(st.evidence)
         for step, loss, tps in st.losses[-history:]:
             reply.losses.add(step=step, loss=loss, tokens_per_s=tps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeguard import audit, claims
 from pipeguard.errors import PipeguardError
@@ -41,7 +42,18 @@ class NodeAuditor:
         self.timeout = timeout
         self.done = 0
         self._lock = asyncio.Lock()  # one audit's recomputation at a time: bounded memory
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-audit")
+        """Recomputations run here, never on the stage's compute thread: an audit this node does
+        for others does not hold up the stage it serves (they share only the CPU)."""
         self._cache = audit.CachingFetcher(inner=None)  # type: ignore[arg-type]
+
+    @property
+    def fetched_state_bytes(self) -> int:
+        """Bytes of audited states fetched so far (a state several audits share is fetched once)."""
+        return self._cache.fetched_bytes
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def audit(self, req: pb.AuditRequest) -> pb.AuditVerdict:
         audit.validate_request(req)
@@ -53,10 +65,10 @@ class NodeAuditor:
                 self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
                 max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt))
             try:
-                # Forward/backward audits also fetch the senders' own copies of the tensors: a
-                # sender that shows auditors another signed version than its receiver holds is
-                # caught by the pair (update audits, covering every micro-batch, skip the extra fetches).
-                art = await audit.gather(req, fetcher, cross_check=req.kind != pb.AUDIT_KIND_UPDATE)
+                # Every audit also fetches the senders' own copies of the tensors: a sender that
+                # shows auditors another signed version than its receiver holds is caught by the
+                # pair (an update audit stands for the stage-step's forward/backward audits too).
+                art = await audit.gather(req, fetcher, cross_check=True)
                 audit.attach_artifacts(verdict, art)
                 if art.alternates:
                     verdict.commitments.extend(art.alternates)
@@ -69,7 +81,7 @@ class NodeAuditor:
                     if art.needs_tokens():
                         art.fill_tokens(await self.membership.dataset(req.data_digest))
                         audit.check_tokens(art)
-                    finding = await self.runtime.compute(audit.check, art)
+                    finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
                     verdict.verdict, verdict.deviation, verdict.detail = (finding.verdict, finding.deviation,
                                                                           finding.detail)
             except PipeguardError as exc:

@@ -161,6 +161,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             metrics.close()
         await server.stop(grace=1.0)
         runtime.close()
+        service.auditor.close()
         await peers.close()
         await membership.close()
 

@@ -30,6 +30,9 @@ class NodeMetrics:
         done = service.auditor.done if service.auditor is not None else 0
         yield CounterMetricFamily("pipeguard_node_audits_performed", "Audits of other nodes this node carried out.",
                                   value=done)
+        yield CounterMetricFamily("pipeguard_node_audit_state_bytes_fetched", "Bytes of audited nodes' states this "
+                                  "node fetched as auditor.",
+                                  value=service.auditor.fetched_state_bytes if service.auditor is not None else 0)
         yield SummaryMetricFamily("pipeguard_node_step_compute_seconds", "Compute seconds of a step's forward and "
                                   "backward on this stage.", count_value=runtime.steps_computed,
                                   sum_value=runtime.compute_seconds)

@@ -34,6 +34,8 @@ range absorbs at 1e-4 (worst 2.3e-10) but not at 1e-5 (2.6e-5: an honest node wo
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import logging
 import math
@@ -186,6 +188,8 @@ class CachingFetcher:
     def __init__(self, inner: Fetcher, capacity: int = 4):
         self.inner, self.capacity = inner, capacity
         self._states: dict[tuple[str, int, int], tuple[dict[str, torch.Tensor], pb.StateAttestation]] = {}
+        self.fetched_bytes = 0
+        """Bytes of state tensors fetched so far (cache misses only)."""
 
     def using(self, inner: Fetcher) -> "CachingFetcher":
         self.inner = inner
@@ -195,6 +199,7 @@ class CachingFetcher:
         key = (peer.node_id, step, stage, getattr(self.inner, "epoch", 0))
         if key not in self._states:
             self._states[key] = await self.inner.fetch_state(peer, step, stage)
+            self.fetched_bytes += sum(t.numel() * t.element_size() for t in self._states[key][0].values())
             while len(self._states) > self.capacity:
                 del self._states[next(iter(self._states))]
         return self._states[key]
@@ -230,7 +235,8 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
         art.state, art.attestation = await fetcher.fetch_state(target, req.step, req.stage)
     except PipeguardError as exc:
         raise AuditIncomplete(f"audited node did not serve its state for step {req.step}: {exc}") from None
-    claims.served_state(art.attestation, target, req, req.step, art.state)
+    # hashing a whole state takes a while: off the event loop (the node keeps serving meanwhile)
+    await asyncio.to_thread(claims.served_state, art.attestation, target, req, req.step, art.state)
     prev = req.prev if req.HasField("prev") else None
     nxt = req.next if req.HasField("next") else None
     kinds = req.kind
@@ -270,7 +276,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
             art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
         except PipeguardError as exc:
             raise AuditIncomplete(f"audited node did not serve its state after step {req.step}: {exc}") from None
-        claims.served_state(art.next_attestation, target, req, req.step + 1, art.next_state)
+        await asyncio.to_thread(claims.served_state, art.next_attestation, target, req, req.step + 1, art.next_state)
     return art
 
 

@@ -252,10 +252,15 @@ class StageComputation:
     def build(cls, setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> "StageComputation":
         """The stage at the run seed's initial weights, or at ``state`` (names as ``state()`` gives
         them; ValueError or RuntimeError if it does not fit this stage)."""
-        module = StageModule(setup.gpt, setup.spec, setup.seed)
+        if state is None:
+            module = StageModule(setup.gpt, setup.spec, setup.seed)
+        else:  # every weight comes from ``state``: no random init to throw away (audits build one each)
+            with torch.device("meta"):
+                module = StageModule(setup.gpt, setup.spec, setup.seed, init=False)
+            module = module.to_empty(device="cpu")
         comp = cls(setup, module, make_optimizer(module, setup.optim))
         if state is not None:
-            comp.load(state)
+            comp.load(state)  # ValueError unless it names every parameter: nothing stays uninitialised
         return comp
 
     @property

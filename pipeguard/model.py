@@ -233,13 +233,17 @@ class StageModule(nn.Module):
     Output: logits (B, T, vocab) for the last stage, else activations (B, T, C).
     """
 
-    def __init__(self, cfg: GPTConfig, spec: StageSpec, seed: int):
+    def __init__(self, cfg: GPTConfig, spec: StageSpec, seed: int, init: bool = True):
+        """``init=False`` leaves the weights as torch's constructors make them (for a module whose
+        every weight is loaded next, e.g. built on the meta device)."""
         super().__init__()
         self.cfg = cfg
         self.spec = spec
         self.embed = Embedding(cfg) if spec.has_embedding else None
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in spec.blocks})
         self.head = Head(cfg) if spec.has_head else None
+        if not init:
+            return
         if self.embed is not None:
             _init_component(self.embed, cfg, seed, "embed")
         for i, block in self.blocks.items():

@@ -164,6 +164,35 @@ def test_screen_flagged_audits_are_marked_for_a_recheck_of_their_pass(tmp_path):
         assert sched.flagged_ids == {drawn[0].audit_id}, "its PASS will be re-checked by the coordinator"
 
 
+def test_forward_and_backward_audits_of_a_stage_step_whose_update_is_audited_are_folded_into_it():
+    """The update audit replays the whole stage-step and compares everything the stage sent, so
+    the forward/backward audits drawn for the same stage and step are not replayed again; a
+    screen-flagged message is still audited on its own (its PASS is always re-checked)."""
+    from coordinator.audits import AuditScheduler, StepRecord
+    from coordinator.config import AuditConfig, CoordinatorConfig, PipelineConfig, TrainConfig
+    from coordinator.registry import NodeRecord
+
+    ids = [Identity.generate() for _ in range(3)]
+    nodes = [NodeRecord(node_id=i.node_id, public_key=i.public_key, address=f"127.0.0.1:{7001 + n}", stage=n)
+             for n, i in enumerate(ids)]
+    reports = [pb.StepReport(run_id=RUN, step=3, stage=n, node_id=i.node_id) for n, i in enumerate(ids)]
+    reports[2].flags.add(direction=pb.DIRECTION_FORWARD, micro_batch=1)
+    cfg = CoordinatorConfig(audit=AuditConfig(rate=1.0, tolerance=TOL, screen=True),
+                            train=TrainConfig(micro_batches=4), pipeline=PipelineConfig(stages=3))
+    sched = AuditScheduler(cfg=cfg, run_id=RUN, data_digest=b"", identity=Identity.generate(), registry=None,
+                           events=None, dataset=None, judge=None, channels=None)
+    record = StepRecord(step=3, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports)
+    drawn = sched.select(record)
+    assert record.update_drawn == {0, 1, 2}, "p = 1: every stage's update audit is drawn"
+    assert [(r.stage, r.kind, r.micro_batch) for r in drawn] == [(1, pb.AUDIT_KIND_FORWARD, 1)], "only the flagged one"
+    # 4 micro-batches: stages 0 and 1 send activations, stages 1 and 2 send gradients; one flagged
+    assert sched.stats.folded == 4 * 4 - 1
+    cfg.audit.rate = 0.0
+    assert sched.select(StepRecord(step=4, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports[:2] + [
+        pb.StepReport(run_id=RUN, step=4, stage=2, node_id=ids[2].node_id)])) == []
+    assert sched.stats.folded == 15, "nothing drawn, nothing folded"
+
+
 # -- multi-process tier ---------------------------------------------------------------------------
 
 

@@ -164,6 +164,7 @@ def test_manual_ban_hands_the_stage_to_the_standby_and_metrics_show_it(testnet):
     assert n["pipeguard_node_step_compute_seconds_count"] >= steps
     assert n["pipeguard_node_step_compute_seconds_sum"] > 0
     assert n["pipeguard_node_stage"] == 0 and n["pipeguard_node_audits_performed_total"] == 0
+    assert n["pipeguard_node_audit_state_bytes_fetched_total"] == 0
     # Tensors the banned node pushed after its ban were refused: counted by reason.
     rejected = {k: v for k, v in n.items() if k.startswith("pipeguard_node_tensors_rejected_total")}
     assert all(v >= 0 for v in rejected.values())

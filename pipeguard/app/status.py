@@ -54,7 +54,8 @@ def render(s: pb.StatusReply) -> str:
         lines.append(f"build     {build}: {count} node{'s' if count != 1 else ''}")
     lines.append("")
     lines.append(f"audits    {s.audits_total} dispatched, {s.detections} confirmed detections, "
-                 f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned")
+                 f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned; {s.audits_pending} running, "
+                 f"at most {s.max_audit_lag_steps} step{'s' if s.max_audit_lag_steps != 1 else ''} behind")
     for path in s.evidence:
         lines.append(f"evidence  {path}")
     if s.losses:

@@ -752,7 +752,7 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate")
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate", "max_audit_lag_steps", "audits_pending")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -768,6 +768,8 @@ class StatusReply(_message.Message):
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUDIT_LAG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_PENDING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     phase: RunPhase
     step: int
@@ -783,7 +785,9 @@ class StatusReply(_message.Message):
     evidence: _containers.RepeatedScalarFieldContainer[str]
     model: ModelSpec
     audit_rate: float
-    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ...) -> None: ...
+    max_audit_lag_steps: int
+    audits_pending: int
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ..., max_audit_lag_steps: _Optional[int] = ..., audits_pending: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("after_seq",)
