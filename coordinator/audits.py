@@ -7,8 +7,9 @@ each stage's optimizer update with the same probability, plus every message a re
 screen flagged. A stage-step whose update audit is drawn replays once: its forward/backward
 audits are folded into the update audit, which compares them all. Each audit goes to a node
 other than the audited one, preferring standbys, then stages that are not its neighbours; within
-a tier one at random of those with fewer than ``SPILL_AT`` audits waiting (a tier that does not
-keep up spills to the next; with every tier busy, the least loaded of the first). With nobody available, or when the auditor fails to answer (crashed,
+a tier one at random of those with fewer than ``SPILL_AT`` audits waiting (busy standbys spill
+to non-neighbour stages; with both busy, the least loaded of the first; neighbours only when
+there is nobody else). With nobody available, or when the auditor fails to answer (crashed,
 silent, refused), the coordinator audits itself. What a verdict leads to (re-checks,
 convictions) is the judge's (``coordinator/judge.py``).
 """
@@ -55,6 +56,8 @@ class StepRecord:
     """The attempt of the step that succeeded (every audited tensor and report carries it)."""
     update_drawn: set[int] = field(default_factory=set)
     """Pipeline positions whose update audit ``select`` drew (revealed by ``select_updates``)."""
+    folded: dict[int, list[pb.AuditRequest]] = field(default_factory=dict)
+    """Position -> the forward/backward audits drawn for it that its update audit answers."""
 
 
 class AuditScheduler:
@@ -80,6 +83,10 @@ class AuditScheduler:
         self.train_spec = cfg.train_spec()
         self.num_stages = cfg.pipeline.stages
         self.data_digest = data_digest
+        self.folded_into: dict[int, list[pb.AuditRequest]] = {}
+        """Update audit id -> the forward/backward audits folded into it, dispatched on their own
+        if it cannot be settled (its target refused the state after the update, say): refusing
+        one fetch must not leave the stage-step's messages unchecked."""
         self.in_flight: dict[str, int] = {}
         """auditor -> audits ordered from it and not answered yet (it recomputes them one at a time)."""
         self.progress: Callable[[], int] = lambda: 0
@@ -126,13 +133,19 @@ class AuditScheduler:
                         self.flagged_ids.add(out[-1].audit_id)
                     elif drawn and pos in rec.update_drawn:
                         self.stats.folded += 1
+                        rec.folded.setdefault(pos, []).append(self._request(rec, pos, kind, mb))
                     elif drawn:
                         out.append(self._request(rec, pos, kind, mb))
         return out
 
     def select_updates(self, rec: StepRecord) -> list[pb.AuditRequest]:
         """The update audits ``select`` drew for this step, once every stage has committed to its new state."""
-        return [self._request(rec, pos, pb.AUDIT_KIND_UPDATE, 0) for pos in sorted(rec.update_drawn)]
+        out = []
+        for pos in sorted(rec.update_drawn):
+            out.append(self._request(rec, pos, pb.AUDIT_KIND_UPDATE, 0))
+            if rec.folded.get(pos):
+                self.folded_into[out[-1].audit_id] = rec.folded[pos]
+        return out
 
     def _request(self, rec: StepRecord, pos: int, kind: int, mb: int) -> pb.AuditRequest:
         node = rec.nodes[pos]
@@ -165,6 +178,8 @@ class AuditScheduler:
         ]
         target = self.registry.nodes.get(req.target.node_id)
         device = target.build.device if target is not None else ""
+        if tiers[0] or tiers[1]:
+            tiers = tiers[:2]  # the target's neighbours audit it only when nobody else can
         busy: list[NodeRecord] = []
         for tier in tiers:
             # within a tier, an auditor on the target's device class first: its rounding compares
@@ -193,14 +208,15 @@ class AuditScheduler:
         def forget(task: asyncio.Task) -> None:
             self.pending.pop(audit_id, None)
             self.flagged_ids.discard(audit_id)
+            self.folded_into.pop(audit_id, None)
             if not task.cancelled():  # steps completed after the audited one while this audit ran
                 self.stats.max_lag = max(self.stats.max_lag, self.progress() - (step + 1))
         return forget
 
     async def drain(self, upto_step: int) -> None:
         """Wait for every audit of a step <= ``upto_step`` (their evidence is about to expire)."""
-        waiting = [t for s, t in list(self.pending.values()) if s <= upto_step]
-        if waiting:
+        while waiting := [t for s, t in list(self.pending.values()) if s <= upto_step and not t.done()]:
+            # (again after each wait: an update audit it could not settle launches its folded ones)
             await asyncio.wait(waiting)  # a step given up while waiting must not cancel its audits
 
     def cancel_from(self, step: int) -> None:
@@ -216,8 +232,9 @@ class AuditScheduler:
             self.judge.close()
 
     async def _run(self, req: pb.AuditRequest) -> None:
+        settled = False
         try:
-            await self.judge.decide(req, await self._ask(req), flagged=req.audit_id in self.flagged_ids)
+            settled = await self.judge.decide(req, await self._ask(req), flagged=req.audit_id in self.flagged_ids)
         except asyncio.CancelledError:
             raise
         except PipeguardError as exc:
@@ -225,6 +242,12 @@ class AuditScheduler:
             self.events.emit("audit_error", f"audit {req.audit_id}: {exc}", step=req.step, persist=False)
         except Exception:  # noqa: BLE001 - an audit bug must not take the coordinator down
             log.exception("audit %d crashed", req.audit_id)
+        folded = self.folded_into.pop(req.audit_id, [])
+        if folded and not settled:
+            self.events.emit("audit_unfolded", f"update audit {req.audit_id} of {req.target.node_id[:8]} could not "
+                             f"be completed: its {len(folded)} folded forward/backward audits run on their own",
+                             node_id=req.target.node_id, step=req.step, persist=False)
+            self.launch(folded)
 
     async def _ask(self, req: pb.AuditRequest) -> pb.AuditVerdict | None:
         """Order the audit from a node other than its target: its checked verdict, or None when the

@@ -52,6 +52,10 @@ from coordinator.state import EventLog, RunState, RunStore, StateError
 
 log = logging.getLogger(__name__)
 
+WITHHELD_LIMIT = 2
+"""Audits of one epoch whose state a live holder would not serve the judge before it is routed
+around and the run rolls back (``StepClock._state_withheld``)."""
+
 
 class StepFailed(PipeguardError):
     """A step could not complete; it was aborted and may be retried."""
@@ -87,6 +91,11 @@ class StepClock:
                                               attempts=cfg.pipeline.max_step_attempts,
                                               heartbeat_interval=cfg.timeouts.heartbeat_interval)
         self.checkpointer.on_off_attestation = self._state_off_attestation
+        if audits is not None and audits.judge is not None:
+            audits.judge.on_withheld = self._state_withheld
+        self.withheld: dict[str, tuple[int, int]] = {}
+        """node id -> (audits of the current epoch the judge could not settle because the node
+        served it no state, the earliest audited step among them)."""
         self.membership_changed = asyncio.Event()
         self.step_lock = asyncio.Lock()
         """Held while a step runs; exports take it so they see one consistent step."""
@@ -131,6 +140,31 @@ class StepClock:
         if not self.convictions.banned(rec.node_id):
             self.attribution.distrust(rec.node_id, step, f"served the coordinator's fetch of stage {slot} at step "
                                       f"{step} a state off its own signed attestation")
+
+    async def _state_withheld(self, req: pb.AuditRequest, why: str) -> None:
+        """The judge could not get the state ``req`` audits from its holder, twice. A refusal proves
+        nothing (no ban, no demotion), but it must not be cheaper than being audited: at
+        ``WITHHELD_LIMIT`` such audits in one epoch the holder is routed around (set aside) and the
+        run rolls back to before the earliest step it kept unchecked. Only a live holder of the
+        current epoch counts: a crashed one is the liveness monitor's, and after a re-formation an
+        honest node may no longer hold what an old audit asks for."""
+        node_id = req.target.node_id
+        rec = self.registry.nodes.get(node_id)
+        if (req.epoch != self.state.epoch or rec is None or rec not in self.pipeline
+                or not self.registry.is_alive(rec) or self.convictions.banned(node_id)):
+            return
+        count, first = self.withheld.get(node_id, (0, req.step))
+        if count >= WITHHELD_LIMIT:
+            return  # routed around already in this epoch
+        count, first = count + 1, min(first, req.step)
+        self.withheld[node_id] = (count, first)
+        self.events.emit("state_withheld", f"{node_id[:8]} served the judge no state for audit {req.audit_id} of "
+                         f"step {req.step} ({count} of {WITHHELD_LIMIT}): {why}", node_id=node_id, step=req.step)
+        if count < WITHHELD_LIMIT:
+            return
+        self.pipeline.suspect(first)  # what it kept from being checked is undone
+        self.attribution.set_aside(node_id, req.step, f"withheld its state from {count} audits of the judge "
+                                   f"(from step {first}); the run rolls back to before step {first}", reporter="")
 
     # -- forming the pipeline ----------------------------------------------------------------------
 
@@ -207,6 +241,7 @@ class StepClock:
         slots = plan.slots
         nodes = [plan.holders[s] for s in slots]
         self.state.epoch += 1
+        self.withheld.clear()  # counted per epoch
         requests = self._assign_requests(slots, nodes, start, digests)
         replies = await asyncio.gather(
             *(self.channels.call(rec, "Assign", req, self.cfg.timeouts.step) for rec, req in zip(nodes, requests)))

@@ -27,8 +27,10 @@ When the judge's own fetch of an audited state comes back off the holder's signe
 (the bytes do not hash to the digest it signs), the judge asks again; after
 ``OFF_ATTESTATION_LIMIT`` such states from one holder (an honest holder serves none: it signs
 the digest of the snapshot it serves) the holder is convicted with an ``off-attestation``
-bundle. Failures to answer at all (a crash, a partition) are never counted: those are the
-liveness monitor's, and lead to reassignment without a ban.
+bundle. Failures to serve at all prove nothing (a crash, a partition) and never lead to a ban;
+but an audit the holder keeps from being settled must not leave its work standing, so the
+judge tells the clock (``on_withheld``), which routes around a live holder that withheld its
+state from the judge and rolls back to before the step it kept unchecked.
 
 A node's own signed claims about its state are checked against each other and against the run
 seed by the step clock, which hands a contradiction here: a step-0 claim other than the seeded
@@ -45,7 +47,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from pipeguard import audit, claims, evidence
 from pipeguard.computation import StageComputation, StageSetup
@@ -80,6 +82,10 @@ class AuditStats:
     """The most steps completed after an audited step while its audit still ran (``StatusReply.max_audit_lag_steps``)."""
 
 
+INCOMPLETE = object()
+"""``Judge._confirm``'s answer when it could not gather what the audit needs: nothing settled."""
+
+
 class Judge:
     def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
                  evidence_dir: Path, timeout: float, net: NetConfig, channels: NodeChannels,
@@ -100,26 +106,31 @@ class Judge:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-judge")
         self.off_attestation: dict[str, int] = {}
         """holder id -> states it served the judge that do not hash to their signed attestation."""
+        self.on_withheld: Callable[[pb.AuditRequest, str], Awaitable[None]] | None = None
+        """Told each time the judge's own fetch of an audited state gets nothing from its holder
+        (twice: the first try and the one after it); the clock routes around a holder that keeps
+        its audits from being settled."""
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def decide(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None, flagged: bool = False) -> None:
-        """What follows from an auditor's signed ``verdict`` on ``req`` (None: nobody else audited it)."""
+    async def decide(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None, flagged: bool = False) -> bool:
+        """What follows from an auditor's signed ``verdict`` on ``req`` (None: nobody else audited it).
+        Whether it was settled: False when neither the auditor nor the judge could complete it."""
         if verdict is None:
-            await self._judge(req, None)
+            return await self._judge(req, None)
         elif verdict.verdict == pb.VERDICT_PASS:
             if flagged or self.rng.random() < self.recheck_rate:
-                await self._recheck(req, verdict, "screen-flagged message" if flagged else "random re-check")
-            else:
-                self._passed(req)
+                return await self._recheck(req, verdict, "screen-flagged message" if flagged else "random re-check")
+            self._passed(req)
+            return True
         elif verdict.verdict == pb.VERDICT_FAIL:
             if self.convictions.banned(req.target.node_id):
-                return  # already convicted: one bundle per ban is enough
+                return True  # already convicted: one bundle per ban is enough
             self.events.emit("audit_failed", f"auditor {verdict.auditor[:8]} reports {req.target.node_id[:8]} "
                              f"at step {req.step} stage {req.stage}: {verdict.detail}; confirming",
                              node_id=req.target.node_id, step=req.step)
-            await self._judge(req, verdict)
+            return await self._judge(req, verdict)
         else:
             # "Incomplete" (or any verdict other than PASS/FAIL) proves nothing either way: the
             # judge does the audit itself, always, so that refusing is never cheaper than auditing.
@@ -127,7 +138,7 @@ class Judge:
             self.events.emit("audit_incomplete", f"audit {req.audit_id} of {req.target.node_id[:8]}: "
                              f"{verdict.detail}; the coordinator audits it itself", node_id=req.target.node_id,
                              step=req.step, persist=False)
-            await self._recheck(req, verdict, "incomplete verdict")
+            return await self._recheck(req, verdict, "incomplete verdict")
 
     def _passed(self, req: pb.AuditRequest) -> None:
         t = req.target.node_id
@@ -164,11 +175,10 @@ class Judge:
                             lambda: evidence.write_equivocation_bundle(path, theirs, ours, key),
                             failed=True, detection=True)
 
-    async def _confirm(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None
-                       ) -> tuple[audit.Artifacts, audit.Finding] | None:
-        """Gather and recompute what ``req`` audits. None when there is nothing left to decide: its
-        target is convicted already, the audit could not be completed, or an equivocating signer
-        was convicted."""
+    async def _confirm(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None):
+        """Gather and recompute what ``req`` audits: (artifacts, finding); None when there is nothing
+        left to decide (its target is convicted already, or an equivocating signer was convicted);
+        ``INCOMPLETE`` when the audit could not be completed."""
         if self.convictions.banned(req.target.node_id):
             return None
         fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.net.max_tensor_bytes,
@@ -180,8 +190,10 @@ class Judge:
             self.stats.incomplete += 1
             self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
                              node_id=req.target.node_id, step=req.step)
-            await self._off_attestation(req, fetcher)
-            return None
+            served = await self._off_attestation(req, fetcher)
+            if isinstance(exc, audit.StateWithheld) and not served and self.on_withheld is not None:
+                await self.on_withheld(req, str(exc))
+            return INCOMPLETE
         if verdict is not None and await self._equivocation(req, verdict, art):
             return None
         if art.needs_tokens():
@@ -196,18 +208,20 @@ class Judge:
                 return None
         return art, finding
 
-    async def _off_attestation(self, req: pb.AuditRequest, fetcher: audit.RpcFetcher) -> None:
+    async def _off_attestation(self, req: pb.AuditRequest, fetcher: audit.RpcFetcher) -> bool:
         """After a failed gather: fetch the audited state once more, and count it against its holder
-        if it is off its own signed attestation; convict at ``OFF_ATTESTATION_LIMIT``."""
+        if it is off its own signed attestation; convict at ``OFF_ATTESTATION_LIMIT``. Whether the
+        holder served it this time."""
         target = req.target
         try:
             named, att = await fetcher.fetch_state(target, req.step, req.stage)
             off = claims.off_attestation(att, target.public_key, named)
         except PipeguardError:
-            return  # not served at all (crashed, silent, expired): not evidence of anything
+            return False  # not served at all (crashed, silent, expired): not evidence of anything
         if off:
             await self.served_off_attestation(target.node_id, target.public_key, req.step, att, named,
                                               f"audit {req.audit_id}", self._path(req, "off-attestation-", target.node_id))
+        return True
 
     async def served_off_attestation(self, node_id: str, public_key: bytes, step: int, att: pb.StateAttestation,
                                      named: dict, where: str, path: Path | None = None) -> None:
@@ -280,39 +294,42 @@ class Judge:
             path, art, finding, self.identity.public_key, false_verdict=verdict, auditor_key=key),
             failed=False, detection=what == "false-clearance")
 
-    async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> None:
-        """Confirm a FAIL (or decide an audit nobody else did): convict the target or the accuser."""
+    async def _judge(self, req: pb.AuditRequest, verdict: pb.AuditVerdict | None) -> bool:
+        """Confirm a FAIL (or decide an audit nobody else did): convict the target or the accuser.
+        Whether it was settled."""
         confirmed = await self._confirm(req, verdict)
-        if confirmed is None:
-            return
+        if confirmed is None or confirmed is INCOMPLETE:
+            return confirmed is None
         art, finding = confirmed
         if finding.verdict == pb.VERDICT_FAIL:
             await self._convict_target(req, art, finding)
-            return
+            return True
         self._passed(req)
         if verdict is not None and finding.verdict == pb.VERDICT_PASS:
             await self._convict_auditor(req, verdict, art, finding, "false-accusation", f"false accusation against "
                                         f"{req.target.node_id[:8]} in audit {req.audit_id}")
+        return True
 
-    async def _recheck(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, why: str) -> None:
+    async def _recheck(self, req: pb.AuditRequest, verdict: pb.AuditVerdict, why: str) -> bool:
         """Recompute an audit an auditor signed PASS (or "incomplete") for. If the recomputation
         fails, the audited node is convicted; if it fails clearly (beyond
         ``FALSE_CLEARANCE_MARGIN`` x tolerance) after a PASS, the auditor covered for it and is
         convicted too, each with its own bundle."""
         self.stats.rechecked += 1
         confirmed = await self._confirm(req, verdict)
-        if confirmed is None:
-            return
+        if confirmed is None or confirmed is INCOMPLETE:
+            return confirmed is None
         art, finding = confirmed
         if finding.verdict != pb.VERDICT_FAIL:
             self._passed(req)
-            return
+            return True
         target, liar = req.target.node_id, verdict.auditor
         said = pb.Verdict.Name(verdict.verdict).removeprefix("VERDICT_")
         self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the {said} signed by "
                          f"{liar[:8]}: {finding.detail}", node_id=target, step=req.step)
         await self._convict_target(req, art, finding)
         if verdict.verdict != pb.VERDICT_PASS or not evidence.clearly_fails(finding, req.tolerance):
-            return  # within rounding of the tolerance: an honest auditor may have seen a pass
+            return True  # within rounding of the tolerance: an honest auditor may have seen a pass
         await self._convict_auditor(req, verdict, art, finding, "false-clearance", f"false clearance of {target[:8]} "
                                     f"in audit {req.audit_id} ({why}): signed PASS, recomputation {finding.detail}")
+        return True

@@ -100,6 +100,8 @@ Protocol attacks:
   perturbed) and commit to them, honestly computed from then on
 - ``state:off-attestation``  serve its state (to auditors and the coordinator alike) with one weight
   perturbed, under an attestation of the committed digest: the bytes contradict the attestation
+- ``state:withhold``  serve no auditor, and not the judge, the state of a step it has begun (its
+  audits cannot be completed); the coordinator's checkpoint and export fetches are served
 - ``update:swap-after-commit``  perturb its weights right after committing to its updated state
   (``noise_scale`` or 1e-2 x each weight's std), keep claiming the committed digest, and serve the
   state it holds under it
@@ -643,6 +645,28 @@ class OffAttestation(Behaviour):
         return served, digest  # the attestation still signs the committed digest
 
 
+class Withhold(Behaviour):
+    """state:withhold: serve nobody (auditors, the judge) the state of a step it has begun; the
+    coordinator's checkpoint and export fetches, which come before, are served."""
+
+    name = "state:withhold"
+
+    def __init__(self):
+        self.running = -1
+        """The newest step this node has sent a tensor of."""
+
+    async def pause(self, ctx, what):
+        if what == "send":
+            self.running = max(self.running, ctx.step)
+
+    def on_serve_state(self, ctx, named, digest):
+        from pipeguard.errors import FailedPrecondition
+
+        if ctx.step <= self.running:
+            raise FailedPrecondition(f"state of step {ctx.step} withheld (state:withhold)")
+        return named, digest
+
+
 class SwapAfterCommit(Behaviour):
     name = "update:swap-after-commit"
 
@@ -832,6 +856,7 @@ BUILTINS: dict[str, Callable[[Params], Behaviour]] = {
     "state:false-commitment": lambda p: FalseCommitment(),
     "state:backdoor": lambda p: Backdoor(),
     "state:off-attestation": lambda p: OffAttestation(),
+    "state:withhold": lambda p: Withhold(),
     "update:swap-after-commit": SwapAfterCommit,
     "update:skip": lambda p: UpdateSkip(),
     "update:poison": UpdatePoison,

@@ -16,7 +16,7 @@ class AttackConfig:
     behaviours: list[str] = field(default_factory=list)
     """Built-in attacks: forward:KIND or backward:KIND (KIND: reverse, random, noise, scale, zero, sign-flip,
     constant-direction, stale, ride), forward:switch-attempt, wire:bad-signature, wire:replay, wire:equivocate,
-    state:false-commitment, state:backdoor, state:off-attestation, update:skip, update:poison, update:ride,
+    state:false-commitment, state:backdoor, state:off-attestation, state:withhold, update:skip, update:poison, update:ride,
     update:swap-after-commit, audit:accuse, audit:clear, audit:shield, refusal:frame, node:silent, node:slow."""
     rate: float = 1.0
     """Probability, per message or event (micro-batch, served fetch, update, verdict), that an attack fires."""

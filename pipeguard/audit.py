@@ -127,6 +127,10 @@ def check_tokens(art: "Artifacts") -> None:
                               "(a different dataset, or substituted tokens)")
 
 
+class StateWithheld(AuditIncomplete):
+    """The audited node itself did not serve a state the audit needs (refused, failed or timed out)."""
+
+
 class Fetcher(Protocol):
     """How ``gather`` reaches nodes; the node and the coordinator each provide one."""
 
@@ -234,7 +238,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     try:
         art.state, art.attestation = await fetcher.fetch_state(target, req.step, req.stage)
     except PipeguardError as exc:
-        raise AuditIncomplete(f"audited node did not serve its state for step {req.step}: {exc}") from None
+        raise StateWithheld(f"audited node did not serve its state for step {req.step}: {exc}") from None
     # hashing a whole state takes a while: off the event loop (the node keeps serving meanwhile)
     await asyncio.to_thread(claims.served_state, art.attestation, target, req, req.step, art.state)
     prev = req.prev if req.HasField("prev") else None
@@ -275,7 +279,7 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
         try:
             art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
         except PipeguardError as exc:
-            raise AuditIncomplete(f"audited node did not serve its state after step {req.step}: {exc}") from None
+            raise StateWithheld(f"audited node did not serve its state after step {req.step}: {exc}") from None
         await asyncio.to_thread(claims.served_state, art.next_attestation, target, req, req.step + 1, art.next_state)
     return art
 

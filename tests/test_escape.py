@@ -132,3 +132,32 @@ def test_a_holder_serving_the_checkpoint_fetch_off_its_attestation_is_routed_aro
                           OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
                           steps=steps, micro_batches=4, micro_batch_size=4)
     torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(200)
+def test_a_holder_withholding_its_state_from_every_audit_is_routed_around_and_its_steps_undone(testnet):
+    """Stage 1 negates its activations from step 2 and serves no auditor, nor the judge, the state
+    of any step it has begun, so none of its audits can be completed (at p = 1 every stage-step
+    is audited: each update audit stands for the stage-step's forward audits, and those run on
+    their own when it cannot be settled). A refusal proves nothing, so nobody is banned; but the
+    second audit it keeps from the judge routes it around, and the run rolls back to before the
+    first step it kept unchecked: the final losses are the clean run's, poison undone."""
+    steps = 8
+    net = testnet(escape_run(steps=steps, rate=1.0, checkpoint_every=2))
+    start(net, {1: '[attack]\nbehaviours = ["forward:reverse", "state:withhold"]\nstart_step = 2\n'})
+    attacker, standby = net.nodes[1].node_id, net.nodes[3].node_id
+    status = net.wait_finished(timeout=180)
+    assert banned(status) == {}, "withholding proves nothing: no ban"
+    withheld = [e for e in status.events if e.kind == "state_withheld"]
+    assert withheld and {e.node_id for e in withheld} == {attacker}, [e.message for e in withheld]
+    aside = [e for e in status.events if e.kind == "node_set_aside"]
+    assert [e.node_id for e in aside] == [attacker], [e.message for e in aside]
+    assert not any(e.kind == "node_demoted" for e in status.events)
+    by_id = {n.node_id: n for n in status.nodes}
+    assert by_id[standby].role == pb.ROLE_STAGE and by_id[standby].stage == 1, "the standby took the stage"
+    assert [p.step for p in status.losses] == list(range(steps))
+    torch.set_num_threads(1)
+    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
+                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
+                          steps=steps, micro_batches=4, micro_batch_size=4)
+    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
