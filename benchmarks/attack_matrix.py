@@ -96,6 +96,8 @@ PROTOCOL = ["wire:bad-signature", "wire:replay", "wire:equivocate", "state:false
 ESCAPES = ["state:backdoor", "state:off-attestation", "update:swap-after-commit", "forward:switch-attempt",
            "refusal:frame"]
 """Issue 11's attacks on the protocol itself (dodging audits, framing): each runs as a protocol row."""
+WITHHOLD = "withhold:reverse"
+"""forward:reverse while withholding every audited state (state:withhold): never banned, routed around."""
 QUICK = ["forward:reverse", "backward:noise", "audit:accuse", "collude:reverse+clear"]
 
 
@@ -141,6 +143,9 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
     out.append(Case("forward:ride(3x)", "tolerance",
                     {"behaviours": ["forward:ride"], "rate": 1.0, "start_step": start, "ride": 3.0},
                     note="3x the per-element allowance"))
+    out.append(Case(WITHHOLD, "coordinated", {"behaviours": ["forward:reverse", "state:withhold"], "rate": rate,
+                                              "start_step": start},
+                    note="reverses and serves nobody the state of a step it has begun"))
     out.append(Case(f"patient:reverse(start={patient})", "coordinated",
                     {"behaviours": ["forward:reverse"], "rate": rate, "start_step": patient},
                     note=f"honest for {patient} steps, then forward:reverse"))
@@ -268,11 +273,14 @@ def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, sc
         kinds = [e.kind for e in events]
         if bans:
             res.actions.append("ban")
-        for kind, label in (("node_demoted", "demoted"), ("rolled_back", "rollback"), ("stage_skipped", "skip")):
+        for kind, label in (("node_demoted", "demoted"), ("node_set_aside", "set aside"), ("rolled_back", "rollback"),
+                            ("stage_skipped", "skip")):
             if kind in kinds:
                 res.actions.append(label)
+        if any(e.kind == "node_set_aside" and e.node_id not in guilty for e in events):
+            res.actions.append("HONEST node set aside")
         if any(e.kind == "stage_assigned" and e.seq > (ban_ev.seq if ban_ev else 0) for e in events) and \
-                ("node_offline" in kinds or "node_demoted" in kinds or bans):
+                ("node_offline" in kinds or "node_demoted" in kinds or "node_set_aside" in kinds or bans):
             res.actions.append("reassignment")
         for kind, label in (("step_failed", "step retried"), ("node_offline", "node offline"),
                             ("commitment_mismatch", "commitment mismatch seen")):

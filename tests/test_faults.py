@@ -294,8 +294,10 @@ def standby_killed(testnet, tmp_path) -> Outcome:
 def auditor_killed_mid_audit(testnet, tmp_path) -> Outcome:
     steps = 6
     pause = Pause(tmp_path / "pause", "verdict:*:1:*")
-    # Auditors are chosen among standbys first: the standby does the audits, and pauses in one.
-    net, _, standby = start_net(testnet, steps, rate=0.3, nodes=[(pause.args, pause.env)] * (STAGES + 1))
+    # Auditors are chosen among standbys first: the standby does the audits, and pauses in one
+    # (while it is stuck, the audits it cannot take spill to the stage holders, which answer).
+    net, _, standby = start_net(testnet, steps, rate=0.3, nodes=[([], {})] * STAGES,
+                                standby=(pause.args, pause.env))
     where = pause.wait(net)
     assert where["node_id"] == standby.node_id
     seq = last_seq(net)
