@@ -110,6 +110,8 @@ class Case:
     liar: dict = field(default_factory=dict)
     """[attack] table of the standby (node 3); ``accomplices = "ATTACKER"`` is filled in."""
     note: str = ""
+    run: dict = field(default_factory=dict)
+    """Changes to ``RUN`` for this case (runconfig keys)."""
 
     @property
     def start(self) -> int:
@@ -135,8 +137,12 @@ def cases(rate: float, start: int, patient: int) -> list[Case]:
         else:
             out.append(Case(name, "protocol", {"behaviours": [name], "rate": rate, "start_step": start}))
     for name in ESCAPES:
-        first = 0 if name == "state:backdoor" else start  # a backdoor is the start state itself
-        out.append(Case(name, "protocol", {"behaviours": [name], "rate": rate, "start_step": first}))
+        if name == "state:backdoor":  # the start state itself, built once: every time, and the pipeline
+            # forms again with the three nodes left after its ban before step 0
+            out.append(Case(name, "protocol", {"behaviours": [name], "rate": 1.0, "start_step": 0},
+                            run={"pipeline.min_nodes": 3}))
+        else:
+            out.append(Case(name, "protocol", {"behaviours": [name], "rate": rate, "start_step": start}))
     for name in ("forward:ride", "backward:ride", "update:ride"):
         out.append(Case(name, "tolerance", {"behaviours": [name], "rate": 1.0, "start_step": start, "ride": 0.9},
                         note="0.9x the per-element allowance on every message: within the tolerance by design"))
@@ -219,7 +225,7 @@ def run_case(case: Case, p: float, steps: int, timeout: float, workdir: Path, sc
              overrides: dict | None = None, log_level: str = "", stop_on_ban: bool = False) -> tuple[RunResult, pb.StatusReply | None, LocalTestnet]:
     """One run of ``case``; ``overrides`` (runconfig keys) change ``RUN`` further."""
     res = RunResult(case.name, case.family, p, note=case.note, steps_planned=steps)
-    run = run_config(RUN, {"train.steps": steps, "audit.rate": p, "audit.screen": screen}, overrides or {})
+    run = run_config(RUN, {"train.steps": steps, "audit.rate": p, "audit.screen": screen}, case.run, overrides or {})
     net = LocalTestnet(workdir, run)
     t0 = time.monotonic()
     status = None

@@ -252,6 +252,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="write audit-cost.json (and .png) here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
     ap.add_argument("--quick", action="store_true", help="p = 0, 0.05, 1; one round of 12 steps")
     ap.add_argument("--rates", default=None, help="comma-separated audit rates (0 is always added)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; --quick 1)")
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  CPU {r['cpu_ratio']:.2f}x (ideal {1 + r['p']:.2f}x)  audits {r['audits_per_step']:.1f}/step"
               f"  max lag {r['max_audit_lag_steps']} steps  honest bans {r['honest_bans']}"
               f"  bytes/audited stage-step {'-' if b is None else f'{b:.2f}'}x state", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "audit-cost.json").write_text(json.dumps(report, indent=1))
