@@ -52,8 +52,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from experiment import cpu_seconds  # noqa: E402
 
 STAGES = 3
 MICRO_BATCHES = 8
@@ -99,14 +102,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def proc_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_peak_rss_mb(pid: int) -> float:
@@ -164,7 +159,7 @@ def run_once(p: float, rnd: int, steps: int, warmup: int, workdir: Path, timeout
         daemons = {"coordinator": net.coordinator, **{f"node{i}" + (" (standby)" if i == STAGES else f" (stage {i})"): n
                                                       for i, n in enumerate(net.nodes)}}
         for role, d in daemons.items():
-            res.cpu_s[role] = proc_cpu_s(d.proc.pid)
+            res.cpu_s[role] = cpu_seconds(d.proc.pid)
             res.peak_rss_mb[role] = proc_peak_rss_mb(d.proc.pid)
         for node in net.nodes:
             res.state_bytes_fetched += int(scrape(node.info["metrics"], "pipeguard_node_audit_state_bytes_fetched_total"))

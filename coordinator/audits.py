@@ -56,8 +56,9 @@ class StepRecord:
     """The attempt of the step that succeeded (every audited tensor and report carries it)."""
     update_drawn: set[int] = field(default_factory=set)
     """Pipeline positions whose update audit ``select`` drew (revealed by ``select_updates``)."""
-    folded: dict[int, list[pb.AuditRequest]] = field(default_factory=dict)
-    """Position -> the forward/backward audits drawn for it that its update audit answers."""
+    folded: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """Position -> (kind, micro-batch) of the forward/backward audits drawn for it that its update
+    audit answers (orders are built only if they must run on their own)."""
 
 
 class AuditScheduler:
@@ -83,8 +84,8 @@ class AuditScheduler:
         self.train_spec = cfg.train_spec()
         self.num_stages = cfg.pipeline.stages
         self.data_digest = data_digest
-        self.folded_into: dict[int, list[pb.AuditRequest]] = {}
-        """Update audit id -> the forward/backward audits folded into it, dispatched on their own
+        self.folded_into: dict[int, tuple[StepRecord, int]] = {}
+        """Update audit id -> (its step, position) whose folded forward/backward audits are dispatched on their own
         if it cannot be settled (its target refused the state after the update, say): refusing
         one fetch must not leave the stage-step's messages unchecked."""
         self.in_flight: dict[str, int] = {}
@@ -133,7 +134,7 @@ class AuditScheduler:
                         self.flagged_ids.add(out[-1].audit_id)
                     elif drawn and pos in rec.update_drawn:
                         self.stats.folded += 1
-                        rec.folded.setdefault(pos, []).append(self._request(rec, pos, kind, mb))
+                        rec.folded.setdefault(pos, []).append((kind, mb))
                     elif drawn:
                         out.append(self._request(rec, pos, kind, mb))
         return out
@@ -144,7 +145,7 @@ class AuditScheduler:
         for pos in sorted(rec.update_drawn):
             out.append(self._request(rec, pos, pb.AUDIT_KIND_UPDATE, 0))
             if rec.folded.get(pos):
-                self.folded_into[out[-1].audit_id] = rec.folded[pos]
+                self.folded_into[out[-1].audit_id] = (rec, pos)
         return out
 
     def _request(self, rec: StepRecord, pos: int, kind: int, mb: int) -> pb.AuditRequest:
@@ -242,12 +243,13 @@ class AuditScheduler:
             self.events.emit("audit_error", f"audit {req.audit_id}: {exc}", step=req.step, persist=False)
         except Exception:  # noqa: BLE001 - an audit bug must not take the coordinator down
             log.exception("audit %d crashed", req.audit_id)
-        folded = self.folded_into.pop(req.audit_id, [])
-        if folded and not settled:
+        folded = self.folded_into.pop(req.audit_id, None)
+        if folded is not None and not settled:
+            rec, pos = folded
             self.events.emit("audit_unfolded", f"update audit {req.audit_id} of {req.target.node_id[:8]} could not "
-                             f"be completed: its {len(folded)} folded forward/backward audits run on their own",
-                             node_id=req.target.node_id, step=req.step, persist=False)
-            self.launch(folded)
+                             f"be completed: its {len(rec.folded[pos])} folded forward/backward audits run on their "
+                             "own", node_id=req.target.node_id, step=req.step, persist=False)
+            self.launch([self._request(rec, pos, kind, mb) for kind, mb in rec.folded[pos]])
 
     async def _ask(self, req: pb.AuditRequest) -> pb.AuditVerdict | None:
         """Order the audit from a node other than its target: its checked verdict, or None when the

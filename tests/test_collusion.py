@@ -180,7 +180,7 @@ def test_forward_and_backward_audits_of_a_stage_step_whose_update_is_audited_are
     cfg = CoordinatorConfig(audit=AuditConfig(rate=1.0, tolerance=TOL, screen=True),
                             train=TrainConfig(micro_batches=4), pipeline=PipelineConfig(stages=3))
     sched = AuditScheduler(cfg=cfg, run_id=RUN, data_digest=b"", identity=Identity.generate(), registry=None,
-                           events=None, dataset=stdlib_corpus(65536), judge=None, channels=None)
+                           events=None, dataset=None, judge=None, channels=None)
     record = StepRecord(step=3, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports)
     drawn = sched.select(record)
     assert record.update_drawn == {0, 1, 2}, "p = 1: every stage's update audit is drawn"
@@ -188,8 +188,9 @@ def test_forward_and_backward_audits_of_a_stage_step_whose_update_is_audited_are
     # 4 micro-batches: stages 0 and 1 send activations, stages 1 and 2 send gradients; one flagged
     assert sched.stats.folded == 4 * 4 - 1
     # kept to run on their own should the update audit of their stage-step not be settled
-    assert sorted((pos, len(reqs)) for pos, reqs in record.folded.items()) == [(0, 4), (1, 7), (2, 4)]
-    assert all(r.stage == pos and r.kind != pb.AUDIT_KIND_UPDATE for pos, reqs in record.folded.items() for r in reqs)
+    assert sorted((pos, len(drawn)) for pos, drawn in record.folded.items()) == [(0, 4), (1, 7), (2, 4)]
+    assert all(kind != pb.AUDIT_KIND_UPDATE for drawn in record.folded.values() for kind, _ in drawn)
+    assert (pb.AUDIT_KIND_FORWARD, 1) not in record.folded[1], "the flagged one is audited on its own"
     cfg.audit.rate = 0.0
     assert sched.select(StepRecord(step=4, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports[:2] + [
         pb.StepReport(run_id=RUN, step=4, stage=2, node_id=ids[2].node_id)])) == []

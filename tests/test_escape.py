@@ -30,6 +30,14 @@ def escape_run(steps: int, rate: float, min_nodes: int = 4, checkpoint_every: in
                      "audit.retention": 4, "train.seed": 7, "model.n_layer": 3, "train.micro_batches": 4})
 
 
+def clean_losses(steps: int) -> list[float]:
+    """The losses of ``escape_run``'s training in one process, nobody attacking."""
+    torch.set_num_threads(1)
+    return train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
+                           OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
+                           steps=steps, micro_batches=4, micro_batch_size=4).losses
+
+
 @pytest.mark.timeout(150)
 def test_a_backdoored_start_state_is_convicted_before_step_zero(testnet):
     # No audits at all: the seed alone catches it. Three nodes are left to form the pipeline again.
@@ -62,11 +70,7 @@ def test_an_auditor_answering_incomplete_for_its_partner_shields_nothing(testnet
     assert all(verify_bundle(Path(p)).valid for p in status.evidence)
     # Rolled back and trained on without the attacker: the run's losses are the clean run's.
     assert [p.step for p in status.losses] == list(range(steps))
-    torch.set_num_threads(1)
-    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
-                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
-                          steps=steps, micro_batches=4, micro_batch_size=4)
-    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close([p.loss for p in status.losses], clean_losses(steps), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.timeout(170)
@@ -129,11 +133,7 @@ def test_a_holder_serving_the_checkpoint_fetch_off_its_attestation_is_routed_aro
     by_id = {n.node_id: n for n in status.nodes}
     assert by_id[standby].role == pb.ROLE_STAGE and by_id[standby].stage == 1, "the standby took the stage"
     assert by_id[attacker].role == pb.ROLE_STANDBY
-    torch.set_num_threads(1)
-    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
-                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
-                          steps=steps, micro_batches=4, micro_batch_size=4)
-    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close([p.loss for p in status.losses], clean_losses(steps), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.timeout(200)
@@ -158,8 +158,4 @@ def test_a_holder_withholding_its_state_from_every_audit_is_routed_around_and_it
     by_id = {n.node_id: n for n in status.nodes}
     assert by_id[standby].role == pb.ROLE_STAGE and by_id[standby].stage == 1, "the standby took the stage"
     assert [p.step for p in status.losses] == list(range(steps))
-    torch.set_num_threads(1)
-    ref = train_reference(GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32),
-                          OptimSettings(lr=3e-3, warmup_steps=2, total_steps=steps), stdlib_corpus(262144), seed=7,
-                          steps=steps, micro_batches=4, micro_batch_size=4)
-    torch.testing.assert_close([p.loss for p in status.losses], ref.losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close([p.loss for p in status.losses], clean_losses(steps), rtol=1e-4, atol=1e-5)
