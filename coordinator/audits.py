@@ -10,7 +10,9 @@ other than the audited one, preferring standbys, then stages that are not its ne
 a tier one at random of those with fewer than ``SPILL_AT`` audits waiting (busy standbys spill
 to non-neighbour stages; with both busy, the least loaded of the first; neighbours only when
 there is nobody else). With nobody available, or when the auditor fails to answer (crashed,
-silent, refused), the coordinator audits itself. What a verdict leads to (re-checks,
+silent, refused), the coordinator audits itself. The auditor drawn for a stage follows it for a
+run of audits of random length (mean ``audit.follow``) while it keeps up, so it starts each audit
+from the state its last one verified (``audit.Replicas``) instead of fetching it again. What a verdict leads to (re-checks,
 convictions) is the judge's (``coordinator/judge.py``).
 """
 
@@ -90,6 +92,10 @@ class AuditScheduler:
         one fetch must not leave the stage-step's messages unchecked."""
         self.in_flight: dict[str, int] = {}
         """auditor -> audits ordered from it and not answered yet (it recomputes them one at a time)."""
+        self.following: dict[int, tuple[str, int]] = {}
+        """stage -> (the auditor following it, audits of the stage still ordered from it while it
+        keeps up): the run's length is drawn from the CSPRNG when the auditor is, so no auditor can
+        tell how long it keeps a stage or lengthen its turn (a busy one loses it)."""
         self.progress: Callable[[], int] = lambda: 0
         """Steps the run has completed (the clock sets it): how far an audit has fallen behind."""
 
@@ -189,12 +195,28 @@ class AuditScheduler:
             # partner by answering fast); a tier that does not keep up spills to the next.
             free = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT]
             if free:
-                return self.rng.choice(free)
+                return self._follower(req.stage, free)
             busy = busy or pick
         if not busy:
             return None
         load = min(self.in_flight.get(r.node_id, 0) for r in busy)
         return self.rng.choice([r for r in busy if self.in_flight.get(r.node_id, 0) == load])
+
+    def _follower(self, stage: int, free: list[NodeRecord]) -> NodeRecord:
+        """The auditor following ``stage`` if it is among ``free`` and its run lasts, else one of
+        ``free`` at random, which starts a run of random length (geometric, mean ``audit.follow``)."""
+        who, left = self.following.get(stage, ("", 0))
+        if left > 0:
+            for r in free:
+                if r.node_id == who:
+                    self.following[stage] = (who, left - 1)
+                    return r
+        r = self.rng.choice(free)
+        runs = 1
+        while self.rng.random() >= 1 / self.cfg.audit.follow and runs < 64 * self.cfg.audit.follow:
+            runs += 1
+        self.following[stage] = (r.node_id, runs - 1)
+        return r
 
     # -- running ------------------------------------------------------------------------------
 

@@ -135,6 +135,11 @@ class AuditConfig:
     bans the audited node and the auditor that cleared it, each with an evidence bundle: an auditor
     covering for an accomplice is caught after about 1 / recheck_rate of its false verdicts. 0 trusts
     every PASS (a colluding auditor can then shield its accomplice for as long as it is chosen)."""
+    follow: float = 16.0
+    """Mean number of consecutive audits of a stage ordered from the same auditor (a run of random
+    length from the CSPRNG, its auditor drawn at random like any other, kept only while it keeps
+    up): a following auditor starts each audit from the state it verified by recomputing the last
+    one and fetches only tensors. 1 draws every audit's auditor afresh (every audit fetches a state)."""
     retention: int = 4
     """Steps that nodes keep state snapshots and sent/received tensors. Audits of a step finish
     before the step `retention` later applies its update, so a conviction can always roll back."""
@@ -154,6 +159,8 @@ class AuditConfig:
             raise ConfigError("audit.tolerance must be >= 0 (0 = exact mode)")
         if not 0.0 <= self.recheck_rate <= 1.0:
             raise ConfigError(f"audit.recheck_rate must be in [0, 1], got {self.recheck_rate}")
+        if not self.follow >= 1:
+            raise ConfigError(f"audit.follow must be >= 1 (audits in a row per auditor), got {self.follow}")
         if self.retention < 2:
             raise ConfigError("audit.retention must be >= 2")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:

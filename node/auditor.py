@@ -17,6 +17,9 @@ from node.stage import StageRuntime
 
 log = logging.getLogger(__name__)
 
+REPLICAS = 4
+"""States an auditor keeps (``audit.Replicas``): one per stage it follows, plus a spare."""
+
 
 class VerdictSigner:
     """Signs this node's verdicts as auditor (node/seams.py wraps it for a lying auditor)."""
@@ -45,12 +48,18 @@ class NodeAuditor:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-audit")
         """Recomputations run here, never on the stage's compute thread: an audit this node does
         for others does not hold up the stage it serves (they share only the CPU)."""
-        self._cache = audit.CachingFetcher(inner=None)  # type: ignore[arg-type]
+        self.replicas = audit.Replicas(capacity=REPLICAS)
+        """States this node holds by digest: fetched for an audit, or recomputed by an update audit
+        that matched the committed digest exactly. An audit whose step report commits to one of
+        them starts from it and fetches nothing but the tensors (several audits of one stage-step
+        share one fetch; an auditor following a stage advances its replica step by step)."""
+        self.fetched_state_bytes = 0
+        """Bytes of audited states fetched so far."""
 
-    @property
-    def fetched_state_bytes(self) -> int:
-        """Bytes of audited states fetched so far (a state several audits share is fetched once)."""
-        return self._cache.fetched_bytes
+    def _fetched(self, named: dict, att: pb.StateAttestation | None) -> None:
+        if att is not None:
+            self.fetched_state_bytes += sum(t.numel() * t.element_size() for t in named.values())
+            self.replicas.keep(att.state_digest, named)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -60,15 +69,16 @@ class NodeAuditor:
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id,
                                   order_digest=claims.order_digest(req))
         async with self._lock:
-            fetcher = self._cache.using(audit.RpcFetcher(
+            fetcher = audit.RpcFetcher(
                 self.identity, self.identity.node_id, self.peers.stub, req.run_id, self.net.max_tensor_bytes,
                 self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
-                max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt))
+                max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt)
             try:
                 # Every audit also fetches the senders' own copies of the tensors: a sender that
                 # shows auditors another signed version than its receiver holds is caught by the
                 # pair (an update audit stands for the stage-step's forward/backward audits too).
-                art = await audit.gather(req, fetcher, cross_check=True)
+                art = await audit.gather(req, fetcher, cross_check=True, next_state=False, replicas=self.replicas)
+                self._fetched(art.state, art.attestation)
                 audit.attach_artifacts(verdict, art)
                 if art.alternates:
                     verdict.commitments.extend(art.alternates)
@@ -81,7 +91,7 @@ class NodeAuditor:
                     if art.needs_tokens():
                         art.fill_tokens(await self.membership.dataset(req.data_digest))
                         audit.check_tokens(art)
-                    finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
+                    finding = await self._check(art, fetcher)
                     verdict.verdict, verdict.deviation, verdict.detail = (finding.verdict, finding.deviation,
                                                                           finding.detail)
             except PipeguardError as exc:
@@ -94,3 +104,17 @@ class NodeAuditor:
                 pb.Verdict.Name(verdict.verdict), verdict.detail)
         return verdict
 
+    async def _check(self, art: audit.Artifacts, fetcher: audit.RpcFetcher) -> audit.Finding:
+        """``audit.check`` on the audit thread. An update audit fetches the state after the update
+        only when its recomputation does not hash to the committed digest (then the per-element
+        tolerance decides); one that does is kept as a replica of the stage's next state."""
+        loop = asyncio.get_running_loop()
+        try:
+            finding = await loop.run_in_executor(self.executor, audit.check, art)
+        except audit.NeedNextState:
+            await audit.fetch_next_state(art, fetcher)
+            self._fetched(art.next_state, art.next_attestation)
+            finding = await loop.run_in_executor(self.executor, audit.check, art)
+        if finding.next_state is not None and finding.verdict == pb.VERDICT_PASS:
+            self.replicas.keep(art.request.update_report.state_digest, finding.next_state)
+        return finding

@@ -33,6 +33,10 @@ class NodeMetrics:
         yield CounterMetricFamily("pipeguard_node_audit_state_bytes_fetched", "Bytes of audited nodes' states this "
                                   "node fetched as auditor.",
                                   value=service.auditor.fetched_state_bytes if service.auditor is not None else 0)
+        yield CounterMetricFamily("pipeguard_node_audit_replica_hits", "Audits this node started from a state it "
+                                  "already held (its replica of a stage it follows, or a state another audit of the "
+                                  "same stage-step fetched) instead of fetching it.",
+                                  value=service.auditor.replicas.hits if service.auditor is not None else 0)
         yield SummaryMetricFamily("pipeguard_node_step_compute_seconds", "Compute seconds of a step's forward and "
                                   "backward on this stage.", count_value=runtime.steps_computed,
                                   sum_value=runtime.compute_seconds)

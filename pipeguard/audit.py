@@ -92,6 +92,9 @@ class Artifacts:
     """(direction, micro-batch) -> what the audited stage sent (signed by it), as its receiver holds it."""
     next_state: dict[str, torch.Tensor] = field(default_factory=dict)
     next_attestation: pb.StateAttestation | None = None
+    replica_of: bytes = b""
+    """Set when ``state`` is the auditor's own verified replica (``Replicas``) rather than a fetched
+    state: the digest it hashes to, which is the one the step report commits to (no attestation)."""
     tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """micro-batch -> (inputs, targets) from the dataset, for the first and last stage."""
     alternates: list[pb.TensorCommitment] = field(default_factory=list)
@@ -184,34 +187,6 @@ class RpcFetcher:
         return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
 
 
-class CachingFetcher:
-    """Remembers the last few states fetched, keyed by (node, step, stage): with several audits
-    of one stage and step (common at high audit rates) the state crosses the network once.
-    Tensors are the same signed bytes either way; every audit still checks the attestation."""
-
-    def __init__(self, inner: Fetcher, capacity: int = 4):
-        self.inner, self.capacity = inner, capacity
-        self._states: dict[tuple[str, int, int], tuple[dict[str, torch.Tensor], pb.StateAttestation]] = {}
-        self.fetched_bytes = 0
-        """Bytes of state tensors fetched so far (cache misses only)."""
-
-    def using(self, inner: Fetcher) -> "CachingFetcher":
-        self.inner = inner
-        return self
-
-    async def fetch_state(self, peer: pb.PeerInfo, step: int, stage: int):
-        key = (peer.node_id, step, stage, getattr(self.inner, "epoch", 0))
-        if key not in self._states:
-            self._states[key] = await self.inner.fetch_state(peer, step, stage)
-            self.fetched_bytes += sum(t.numel() * t.element_size() for t in self._states[key][0].values())
-            while len(self._states) > self.capacity:
-                del self._states[next(iter(self._states))]
-        return self._states[key]
-
-    def fetch_tensor(self, *args, **kwargs):
-        return self.inner.fetch_tensor(*args, **kwargs)
-
-
 async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> ReceivedTensor:
     errors = []
     for attempt in attempts:
@@ -222,8 +197,46 @@ async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> Recei
     raise AuditIncomplete("; ".join(errors))
 
 
-async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = False) -> Artifacts:
-    """Fetch and authenticate everything ``req`` needs. Raises AuditIncomplete when it cannot.
+FETCH_CONCURRENCY = 8
+"""Tensor fetches one audit keeps in flight at once: over a link with a round-trip time, an
+update audit's 4 x micro-batches fetches (twice, with ``cross_check``) would otherwise cost that
+many round trips one after another."""
+
+
+async def _all(jobs: dict, limit: int = FETCH_CONCURRENCY) -> dict:
+    """Await every coroutine of ``jobs`` (key -> coroutine), at most ``limit`` at once; the first
+    error cancels the rest and is raised."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job):
+        async with gate:
+            return await job
+
+    tasks = {key: asyncio.ensure_future(one(job)) for key, job in jobs.items()}
+    try:
+        await asyncio.gather(*tasks.values())
+    finally:
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    return {key: t.result() for key, t in tasks.items()}
+
+
+async def _state(fetcher: Fetcher, target: pb.PeerInfo, req: pb.AuditRequest, step: int, when: str):
+    """``target``'s state of ``step``, authenticated (``claims.served_state``); StateWithheld if it is not served."""
+    try:
+        named, att = await fetcher.fetch_state(target, step, req.stage)
+    except PipeguardError as exc:
+        raise StateWithheld(f"audited node did not serve its state {when} step {req.step}: {exc}") from None
+    # hashing a whole state takes a while: off the event loop (the node keeps serving meanwhile)
+    await asyncio.to_thread(claims.served_state, att, target, req, step, named)
+    return named, att
+
+
+async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = False, *, next_state: bool = True,
+                 replicas: "Replicas | None" = None) -> Artifacts:
+    """Fetch and authenticate everything ``req`` needs. Raises AuditIncomplete when it cannot
+    (StateWithheld, before any other reason, when the audited node did not serve its state).
 
     Every tensor is taken from the node that *received* it first (it is signed by its sender, so
     the holder cannot forge it, and it is what the receiver computed with); the sender's own copy
@@ -231,16 +244,15 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     another signed version than it sent (equivocation) frame its honest neighbour. With
     ``cross_check`` the sender's copy is fetched too (``cross_holders``), and every validly signed
     copy that differs from the receiver's is kept in ``Artifacts.alternates``: the pair proves
-    equivocation."""
+    equivocation. The state and the tensors are fetched side by side (``FETCH_CONCURRENCY``).
+
+    An auditor passes its ``replicas``: a state it verified that hashes to the digest the step
+    report commits to is used instead of a fetch (``Artifacts.replica_of``). With ``next_state``
+    False an update audit does not fetch the state after the update (``fetch_next_state``, when
+    ``check`` raises NeedNextState)."""
     setup = setup_of(req)
     art = Artifacts(request=req)
     target = req.target
-    try:
-        art.state, art.attestation = await fetcher.fetch_state(target, req.step, req.stage)
-    except PipeguardError as exc:
-        raise StateWithheld(f"audited node did not serve its state for step {req.step}: {exc}") from None
-    # hashing a whole state takes a while: off the event loop (the node keeps serving meanwhile)
-    await asyncio.to_thread(claims.served_state, art.attestation, target, req, req.step, art.state)
     prev = req.prev if req.HasField("prev") else None
     nxt = req.next if req.HasField("next") else None
     kinds = req.kind
@@ -257,31 +269,58 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
             return rt
         return await _first_of(lambda: copy(receiver, False), lambda: copy(sender, True))
 
+    reported = reported_inputs(req)
+    jobs: dict[tuple[str, int, int], Awaitable[ReceivedTensor]] = {}
     for mb in micro_batches_of(req):
-        # The audited node's outputs first: their headers name the inputs they were computed from.
         if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            art.outputs[(FORWARD, mb)] = await held(nxt, target, mb, FORWARD)
+            jobs[("out", FORWARD, mb)] = held(nxt, target, mb, FORWARD)
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
             assert prev is not None
-            art.outputs[(BACKWARD, mb)] = await held(prev, target, mb, BACKWARD)
-        reported = reported_inputs(req)
+            jobs[("out", BACKWARD, mb)] = held(prev, target, mb, BACKWARD)
         if not setup.is_first:
             assert prev is not None
-            art.inputs[mb] = await held(target, prev, mb, FORWARD, reported.get((FORWARD, mb), b""))
+            jobs[("in", FORWARD, mb)] = held(target, prev, mb, FORWARD, reported.get((FORWARD, mb), b""))
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            art.grads_in[mb] = await held(target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b""))
+            jobs[("in", BACKWARD, mb)] = held(target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b""))
+    kept = replicas.get(req.report.state_digest) if replicas is not None and req.report.state_digest else None
+
+    async def start_state():
+        if kept is not None:
+            art.replica_of = req.report.state_digest
+            return kept, None
+        return await _state(fetcher, target, req, req.step, "for")
+
+    state = asyncio.ensure_future(start_state())
+    tensors = asyncio.ensure_future(_all(jobs))
+    try:
+        await asyncio.wait({state, tensors})
+        art.state, art.attestation = state.result()  # a withheld state is the reason, whatever else failed
+        got = tensors.result()
+    finally:
+        for t in (state, tensors):
+            t.cancel()
+        await asyncio.gather(state, tensors, return_exceptions=True)
+    for (what, direction, mb), rt in got.items():
+        if what == "out":
+            art.outputs[(direction, mb)] = rt
+        elif direction == FORWARD:
+            art.inputs[mb] = rt
+        else:
+            art.grads_in[mb] = rt
     check_headers(art)
     if cross_check:
         art.alternates = [theirs for _, theirs, _ in await cross_holders(req, art, fetcher, receivers=False)]
-    if kinds == pb.AUDIT_KIND_UPDATE:
-        try:
-            art.next_state, art.next_attestation = await fetcher.fetch_state(target, req.step + 1, req.stage)
-        except PipeguardError as exc:
-            raise StateWithheld(f"audited node did not serve its state after step {req.step}: {exc}") from None
-        await asyncio.to_thread(claims.served_state, art.next_attestation, target, req, req.step + 1, art.next_state)
+    if kinds == pb.AUDIT_KIND_UPDATE and next_state:
+        await fetch_next_state(art, fetcher)
     return art
+
+
+async def fetch_next_state(art: Artifacts, fetcher: Fetcher) -> None:
+    """Fetch and authenticate the state the audited node serves after the audited update."""
+    req = art.request
+    art.next_state, art.next_attestation = await _state(fetcher, req.target, req, req.step + 1, "after")
 
 
 async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, receivers: bool = True
@@ -289,17 +328,17 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
     """Fetch every tensor of ``art`` again from its sender (and, with ``receivers``, from its
     receiver too) and return (sender, other copy, copy in ``art``) for each validly signed copy that
     differs from the one ``art`` holds under the same header: proof that its sender equivocated.
-    A holder that cannot serve its copy proves nothing either way and is skipped."""
+    A holder that cannot serve its copy proves nothing either way and is skipped. The copies are
+    fetched side by side (``FETCH_CONCURRENCY``)."""
     prev = req.prev if req.HasField("prev") else None
     nxt = req.next if req.HasField("next") else None
     target = req.target
     items = [(rt, FORWARD, mb, prev, target) for mb, rt in art.inputs.items()]
     items += [(rt, BACKWARD, mb, nxt, target) for mb, rt in art.grads_in.items()]
     items += [(rt, d, mb, target, nxt if d == FORWARD else prev) for (d, mb), rt in art.outputs.items()]
-    pairs = []
-    for rt, direction, mb, sender, receiver in items:
-        if sender is None:
-            continue
+
+    async def differing(rt: ReceivedTensor, direction: int, mb: int, sender: pb.PeerInfo,
+                        receiver: pb.PeerInfo | None):
         holders = [(sender, True)] + ([(receiver, False)] if receivers and receiver is not None else [])
         for holder, sent in holders:
             try:
@@ -308,9 +347,11 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
                 continue
             if other.commitment.payload_digest != rt.commitment.payload_digest and \
                     _header_key(other.commitment.header) == _header_key(rt.commitment.header):
-                pairs.append((sender, other.commitment, rt.commitment))
-                break
-    return pairs
+                return sender, other.commitment, rt.commitment
+        return None
+
+    found = await _all({i: differing(*item) for i, item in enumerate(items) if item[3] is not None})
+    return [found[i] for i in sorted(found) if found[i] is not None]
 
 
 def reported_inputs(req: pb.AuditRequest) -> dict[tuple[int, int], bytes]:
@@ -397,6 +438,45 @@ class Finding:
     deviation: float
     detail: str
     recomputed: dict[str, torch.Tensor] = field(default_factory=dict)
+    next_state: dict[str, torch.Tensor] | None = None
+    """For an update audit whose recomputed new state hashes to the digest the node committed to
+    (exact agreement): that state, which an auditor may keep as a verified replica."""
+
+
+class NeedNextState(Exception):
+    """``check`` of an update audit gathered without the node's next state (``gather(next_state=False)``)
+    whose recomputed state does not hash to the committed digest: the served next state is needed
+    to tell rounding within the tolerance from a false update."""
+
+
+class Replicas:
+    """States an auditor verified by recomputation, by the digest they hash to (the last few).
+
+    An update audit whose recomputed new state hashes to exactly the digest the node committed to
+    has verified that state without fetching it; the next audit of that stage at the next step
+    starts from it instead of fetching the state again (the step report commits to the same
+    digest). Any state that hashes to the committed digest is the committed state, whoever
+    computed it, so a replica is as good as a fetch; a digest it does not hold means a fetch."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._states: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.hits = 0
+
+    def get(self, digest: bytes) -> dict[str, torch.Tensor] | None:
+        state = self._states.get(digest)
+        if state is not None:
+            self.hits += 1
+        return state
+
+    def keep(self, digest: bytes, state: dict[str, torch.Tensor]) -> None:
+        self._states.pop(digest, None)
+        self._states[digest] = state
+        while len(self._states) > self.capacity:
+            del self._states[next(iter(self._states))]
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 def deviation(got: torch.Tensor, claimed: torch.Tensor) -> float:
@@ -465,14 +545,15 @@ def check(art: Artifacts) -> Finding:
     (``Artifacts.fill_tokens``)."""
     req = art.request
     setup = setup_of(req)
-    if art.attestation is None or art.attestation.state_digest != req.report.state_digest:
+    started = art.attestation.state_digest if art.attestation is not None else art.replica_of
+    if not started or started != req.report.state_digest:
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served for step "
                        f"{req.step} is not the state its step report committed to")
     missing = [mb for mb in micro_batches_of(req) if mb not in art.tokens]
     if (setup.is_first or setup.is_last) and missing:
         raise AuditIncomplete(f"this stage's audit needs the tokens of micro-batches {missing}")
-    if req.kind == pb.AUDIT_KIND_UPDATE and (art.next_attestation is None or
-                                             art.next_attestation.state_digest != req.update_report.state_digest):
+    if req.kind == pb.AUDIT_KIND_UPDATE and art.next_attestation is not None and \
+            art.next_attestation.state_digest != req.update_report.state_digest:
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served after step "
                        f"{req.step} is not the state its update report committed to")
     try:
@@ -481,6 +562,7 @@ def check(art: Artifacts) -> Finding:
         return Finding(pb.VERDICT_FAIL, math.inf, f"the committed state does not fit stage {req.stage}: {exc}")
     worst, where = 0.0, ""
     recomputed: dict[str, torch.Tensor] = {}
+    exact_state: dict[str, torch.Tensor] | None = None
     for mb in micro_batches_of(req):
         x = art.tokens[mb][0] if setup.is_first else art.inputs[mb].tensor  # (B, T) or (B, T, C)
         fwd = comp.forward(req.step, mb, x)
@@ -514,7 +596,14 @@ def check(art: Artifacts) -> Finding:
         # and no weight may step by more than AdamW's cap; exact mode compares bits.
         bounds = comp.update_bounds(up.global_grad_norm, up.lr, tol) if tol > 0 else {}
         comp.update(up.global_grad_norm, up.lr)
-        for name, t in comp.state():
+        # The recomputed new state hashing to the committed digest proves the update exact, with
+        # no need to see the state the node serves for the next step (an auditor keeps it).
+        exact = comp.digest() == req.update_report.state_digest
+        if exact:
+            exact_state = dict(comp.state())
+        elif art.next_attestation is None and not _exceeds(worst, tol):
+            raise NeedNextState(f"the recomputed state after step {req.step} is not the committed one")
+        for name, t in ([] if exact or art.next_attestation is None else comp.state()):
             if name not in art.next_state:
                 return Finding(pb.VERDICT_FAIL, math.inf, f"served next state lacks {name}")
             claimed = art.next_state[name]
@@ -532,7 +621,7 @@ def check(art: Artifacts) -> Finding:
                        f"(tolerance {tol:g})", recomputed)
     what = KIND_NAMES.get(req.kind, "?")
     return Finding(pb.VERDICT_PASS, worst, f"{what} audit of step {req.step} stage {req.stage} matches "
-                   f"(max deviation {worst:.3g}, tolerance {tol:g})", recomputed)
+                   f"(max deviation {worst:.3g}, tolerance {tol:g})", recomputed, next_state=exact_state)
 
 
 def attach_artifacts(verdict: pb.AuditVerdict, art: Artifacts) -> None:

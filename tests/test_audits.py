@@ -16,12 +16,14 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from pipeguard.app.testnet import wait_for
+from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.data import stdlib_corpus
 from pipeguard.evidence import verify_bundle
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.reference import train_reference
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
+from tests.test_operating import free_port, scrape
 
 pytestmark = pytest.mark.multiprocess
 
@@ -121,7 +123,7 @@ def test_evidence_from_a_real_ban_verifies_and_a_flipped_byte_does_not(testnet, 
 def test_honest_run_with_every_message_audited_bans_nobody(testnet):
     steps = 12
     net = testnet(audit_run(steps, rate=1.0))
-    start(net, {}, count=4)
+    start(net, {i: ["--metrics-port", str(free_port())] for i in range(4)}, count=4)
     status = net.wait_finished(timeout=170)
     assert banned(status) == set()
     assert status.detections == 0
@@ -131,6 +133,27 @@ def test_honest_run_with_every_message_audited_bans_nobody(testnet):
     assert status.audits_total >= steps * 3
     assert sum(n.audits_passed for n in status.nodes) > 0
     torch.testing.assert_close([p.loss for p in status.losses], clean_losses(steps), rtol=1e-5, atol=1e-6)
+    # Auditors follow stages: an update audit whose recomputed state hashes to the committed one
+    # fetches neither state after the first, and the next audit of the stage starts from it.
+    fetched = hits = 0
+    for node in net.nodes:
+        m = scrape(node.info["metrics"])
+        fetched += m["pipeguard_node_audit_state_bytes_fetched_total"]
+        hits += m["pipeguard_node_audit_replica_hits_total"]
+    update_audits = steps * 3
+    every_state = sum(stage_state_bytes(audit_run(steps, 1.0))) * steps * 2  # before and after each update
+    assert hits >= steps, (hits, update_audits)
+    assert fetched <= every_state / 2, (fetched, every_state)
+
+
+def stage_state_bytes(cfg: CoordinatorConfig) -> list[int]:
+    """Bytes of each stage's state (weights and both AdamW moments)."""
+    out = []
+    for stage in range(cfg.pipeline.stages):
+        comp = StageComputation.build(StageSetup.from_specs(cfg.model_spec(), cfg.train_spec(), stage,
+                                                            cfg.pipeline.stages))
+        out.append(3 * sum(p.numel() * p.element_size() for p in comp.module.parameters()))
+    return out
 
 
 @pytest.mark.timeout(150)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from node.stage import Assignment
 from pipeguard import audit
@@ -168,6 +169,53 @@ def test_a_changed_claim_fails_at_tolerance_zero(claims):
     rt = art.outputs[(FORWARD, 0)]
     art.outputs[(FORWARD, 0)] = ReceivedTensor(commitment=rt.commitment, tensor=rt.tensor * (1 + 1e-6))
     assert audit.check(art).verdict == pb.VERDICT_FAIL
+
+
+def test_an_exact_update_is_verified_without_the_next_state_and_kept_as_a_replica(claims):
+    """An auditor need not fetch the state after an update: a recomputed state that hashes to the
+    committed digest proves it (and is the state the next step starts from)."""
+    art = artifacts(claims, 1, pb.AUDIT_KIND_UPDATE)
+    art.next_state, art.next_attestation = {}, None  # as gather(next_state=False) leaves it
+    finding = audit.check(art)
+    assert finding.verdict == pb.VERDICT_PASS, finding.detail
+    assert finding.next_state is not None
+    assert StageComputation.build(StageSetup.from_specs(MODEL, TRAIN, 1, STAGES),
+                                  finding.next_state).digest() == claims["next_digests"][1]
+
+
+def test_an_update_off_its_commitment_needs_the_next_state_and_then_fails(claims):
+    """A false update digest is never taken on the recomputation's word: without the served state
+    the check asks for it; with the served state (the node's own false one) it fails."""
+    art = artifacts(claims, 1, pb.AUDIT_KIND_UPDATE)
+    off = claims["next_states"][1].copy()
+    name = next(n for n in off if n.startswith("param/"))
+    off[name] = off[name] * -1  # a poisoned update: the node commits to (and serves) this state
+    digest = StageComputation.build(StageSetup.from_specs(MODEL, TRAIN, 1, STAGES), off).digest()
+    art.request.update_report.state_digest = digest
+    lazy = audit.Artifacts(**{**art.__dict__, "next_state": {}, "next_attestation": None})
+    with pytest.raises(audit.NeedNextState):
+        audit.check(lazy)
+    art.next_state = off
+    art.next_attestation = pb.StateAttestation(state_digest=digest)
+    finding = audit.check(art)
+    assert finding.verdict == pb.VERDICT_FAIL and finding.next_state is None, finding.detail
+
+
+def test_an_audit_starts_from_a_replica_only_of_the_committed_digest(claims):
+    """A replica stands in for the fetched state only under the digest the step report commits to."""
+    art = artifacts(claims, 1, pb.AUDIT_KIND_FORWARD)
+    art.attestation, art.replica_of = None, claims["digests"][1]
+    assert audit.check(art).verdict == pb.VERDICT_PASS
+    art.replica_of = claims["next_digests"][1]  # a state the auditor holds, but not this step's
+    finding = audit.check(art)
+    assert finding.verdict == pb.VERDICT_FAIL and "false commitment" in finding.detail
+
+
+def test_replicas_keep_the_last_few_by_digest():
+    kept = audit.Replicas(capacity=2)
+    for d in (b"a", b"b", b"c"):
+        kept.keep(d, {"param/x": torch.zeros(1)})
+    assert kept.get(b"a") is None and kept.get(b"c") is not None and len(kept) == 2 and kept.hits == 1
 
 
 def test_building_from_a_state_reproduces_its_digest(claims):
