@@ -82,6 +82,9 @@ class Run:
     tokens_per_s: float = math.nan
     wall_tokens_per_s: float = math.nan
     cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU-seconds per daemon from the first step after the warm-up to the end (no start-up)."""
+    cpu_steps: int = 0
+    """Steps ``cpu_s`` covers."""
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     audits: int = 0
     max_audit_lag_steps: int = 0
@@ -95,7 +98,7 @@ class Run:
 
     @property
     def cpu_per_step(self) -> float:
-        return sum(self.cpu_s.values()) / max(self.steps, 1)
+        return sum(self.cpu_s.values()) / max(self.cpu_steps, 1)
 
 
 def free_port() -> int:
@@ -154,12 +157,18 @@ def run_once(p: float, rnd: int, steps: int, warmup: int, workdir: Path, timeout
             cfg.write_text(f"[net]\nmetrics_port = {free_port()}\n")
             net.start_node("--config", str(cfg))
             net.wait_registered(i + 1)
-        net.wait_finished(timeout=timeout)
-        status = net.status(history=5000)
         daemons = {"coordinator": net.coordinator, **{f"node{i}" + (" (standby)" if i == STAGES else f" (stage {i})"): n
                                                       for i, n in enumerate(net.nodes)}}
+        # CPU from the warm-up on: start-up (imports, the first step's set-up) is not audit cost
+        deadline = time.monotonic() + timeout
+        while (first := net.status(history=1).step) < warmup and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu0 = {role: cpu_seconds(d.proc.pid) for role, d in daemons.items()}
+        net.wait_finished(timeout=timeout)
+        status = net.status(history=5000)
+        res.cpu_steps = status.step - first
         for role, d in daemons.items():
-            res.cpu_s[role] = cpu_seconds(d.proc.pid)
+            res.cpu_s[role] = cpu_seconds(d.proc.pid) - cpu0[role]
             res.peak_rss_mb[role] = proc_peak_rss_mb(d.proc.pid)
         for node in net.nodes:
             res.state_bytes_fetched += int(scrape(node.info["metrics"], "pipeguard_node_audit_state_bytes_fetched_total"))

@@ -13,6 +13,7 @@ from pipeguard.data import Dataset, load_dataset
 from pipeguard.identity import Identity
 from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.metrics import serve_metrics
+from pipeguard.model import warm_up_optimizer
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from coordinator.admin import Admin, load_or_create_token, token_path
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     # counts give bit-identical results (benchmarks/audit_tolerance.py).
     Determinism(REFEREE_THREADS).apply()
 
+    warm_up_optimizer()
     return run_daemon("pipeguard-coordinator", lambda stop: serve(cfg, stop))
 
 

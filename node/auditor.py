@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeguard import audit, claims
@@ -68,7 +69,10 @@ class NodeAuditor:
         audit.validate_request(req)
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id,
                                   order_digest=claims.order_digest(req))
+        queued = time.perf_counter()
+        gathered = 0.0
         async with self._lock:
+            began = time.perf_counter()
             fetcher = audit.RpcFetcher(
                 self.identity, self.identity.node_id, self.peers.stub, req.run_id, self.net.max_tensor_bytes,
                 self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
@@ -78,6 +82,7 @@ class NodeAuditor:
                 # shows auditors another signed version than its receiver holds is caught by the
                 # pair (an update audit stands for the stage-step's forward/backward audits too).
                 art = await audit.gather(req, fetcher, cross_check=True, next_state=False, replicas=self.replicas)
+                gathered = time.perf_counter()
                 self._fetched(art.state, art.attestation)
                 audit.attach_artifacts(verdict, art)
                 if art.alternates:
@@ -99,9 +104,11 @@ class NodeAuditor:
         verdict = self.signer.sign(req, verdict)
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
-        log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,
-                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
-                pb.Verdict.Name(verdict.verdict), verdict.detail)
+        end = time.perf_counter()
+        log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s [waited %.0f ms, gathered in %.0f ms, "
+                "%.0f ms in all]", req.audit_id, audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage,
+                req.micro_batch, req.target.node_id[:8], pb.Verdict.Name(verdict.verdict), verdict.detail,
+                1e3 * (began - queued), 1e3 * ((gathered if gathered else end) - began), 1e3 * (end - began))
         return verdict
 
     async def _check(self, art: audit.Artifacts, fetcher: audit.RpcFetcher) -> audit.Finding:

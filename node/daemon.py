@@ -13,6 +13,7 @@ from pipeguard import config as pgconfig
 from pipeguard.computation import Determinism
 from pipeguard.identity import Identity
 from pipeguard.metrics import serve_metrics
+from pipeguard.model import warm_up_optimizer
 from pipeguard.rpc import run_daemon, set_log_prefix, setup_logging, start_server, write_ready_file
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node import attacks
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, "node")
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
 
+    warm_up_optimizer()
     return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop))
 
 

@@ -37,6 +37,7 @@ from pipeguard.model import lr_at
 from pipeguard.rpc import BUSY
 from pipeguard.signing import sign
 from pipeguard.tensors import receive_tensor, signed_chunks, state_chunks
+from pipeguard.audit import MAX_FETCH_TENSORS
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 from node.membership import Membership
@@ -228,9 +229,20 @@ class NodeService(pb_grpc.NodeServicer):
     @abort_on_error
     async def FetchTensor(self, request: pb.FetchTensorRequest, context):
         await self._check_fetch(request, "fetch-tensor")
-        commitment, tensor = self.served_tensor(request)
-        for chunk in signed_chunks(commitment, tensor, self.chunk_bytes):
-            await self._write(context, chunk)
+        if len(request.more) >= MAX_FETCH_TENSORS:
+            raise InvalidArgument(f"fetch-tensor request names {len(request.more) + 1} tensors; at most "
+                                  f"{MAX_FETCH_TENSORS} per call")
+        # every tensor named is looked up before any is sent: all of them or an error, never part
+        served = [self.served_tensor(request)]
+        for ref in request.more:
+            one = pb.FetchTensorRequest()
+            one.CopyFrom(request)
+            one.ClearField("more")
+            one.micro_batch, one.direction, one.sent = ref.micro_batch, ref.direction, ref.sent
+            served.append(self.served_tensor(one))
+        for commitment, tensor in served:
+            for chunk in signed_chunks(commitment, tensor, self.chunk_bytes):
+                await self._write(context, chunk)
 
     @abort_on_error
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditVerdict:

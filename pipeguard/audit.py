@@ -170,10 +170,26 @@ class RpcFetcher:
             raise AuditIncomplete(f"{peer.node_id[:8]} served its state without an attestation")
         return named, attestation
 
-    async def fetch_tensor(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, sent: bool,
-                           signer: pb.PeerInfo) -> ReceivedTensor:
-        req = sign(pb.FetchTensorRequest(run_id=self.run_id, node_id=peer.node_id, step=step, micro_batch=micro_batch,
-                                         direction=direction, sent=sent, requester=self.requester), self.identity)
+    async def fetch_tensors(self, peer: pb.PeerInfo, step: int, items: list[tuple[int, int, bool, pb.PeerInfo]]
+                            ) -> list[ReceivedTensor]:
+        """Several tensors of ``step`` from one holder in one call: (micro-batch, direction, sent,
+        signer) each, in order (``FetchTensorRequest.more``); each is checked as ``fetch_tensor`` checks it."""
+        (mb0, d0, s0, _), rest = items[0], items[1:]
+        req = pb.FetchTensorRequest(run_id=self.run_id, node_id=peer.node_id, step=step, micro_batch=mb0, direction=d0,
+                                    sent=s0, requester=self.requester)
+        req.more.extend(pb.TensorRef(micro_batch=mb, direction=d, sent=s) for mb, d, s, _ in rest)
+        call = self.stub_for(peer.address).FetchTensor(sign(req, self.identity), timeout=self.timeout)
+        stream = call.__aiter__()
+        out = []
+        try:
+            for mb, direction, _, signer in items:
+                out.append(await receive_tensor(stream, max_tensor_bytes=self.max_tensor_bytes,
+                                                admit=self._admit(peer, step, mb, direction, signer)))
+        finally:
+            call.cancel()  # a holder that streams more than it was asked for is not read further
+        return out
+
+    def _admit(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, signer: pb.PeerInfo):
         key = PublicIdentity(signer.public_key)
 
         def admit(header: pb.TensorHeader) -> PublicIdentity:
@@ -182,9 +198,40 @@ class RpcFetcher:
                     self.epoch, self.attempt):
                 raise AuditIncomplete(f"{peer.node_id[:8]} served a different tensor than asked for")
             return key
+        return admit
 
+    async def fetch_tensor(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, sent: bool,
+                           signer: pb.PeerInfo) -> ReceivedTensor:
+        req = sign(pb.FetchTensorRequest(run_id=self.run_id, node_id=peer.node_id, step=step, micro_batch=micro_batch,
+                                         direction=direction, sent=sent, requester=self.requester), self.identity)
         call = self.stub_for(peer.address).FetchTensor(req, timeout=self.timeout)
-        return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes, admit=admit)
+        return await receive_tensor(call, max_tensor_bytes=self.max_tensor_bytes,
+                                    admit=self._admit(peer, step, micro_batch, direction, signer))
+
+
+async def fetch_batch(fetcher: Fetcher, holder: pb.PeerInfo, step: int,
+                      items: list[tuple[int, int, bool, pb.PeerInfo]]) -> list[ReceivedTensor | PipeguardError]:
+    """Each of ``items`` (micro-batch, direction, sent, signer) from ``holder``, or the error it
+    gave: in calls of up to MAX_FETCH_TENSORS (``fetch_tensors``), and one by one for a call the
+    holder did not serve whole."""
+    out: list[ReceivedTensor | PipeguardError] = []
+    many = getattr(fetcher, "fetch_tensors", None)
+    for at in range(0, len(items), MAX_FETCH_TENSORS):
+        part = items[at:at + MAX_FETCH_TENSORS]
+        if many is not None and len(part) > 1:
+            try:
+                out.extend(await many(holder, step, part))
+                continue
+            except PipeguardError:
+                pass  # one it does not hold (or will not serve) must not cost the others
+
+        async def one(item):
+            try:
+                return await fetcher.fetch_tensor(holder, step, *item)
+            except PipeguardError as exc:
+                return exc
+        out.extend((await _all({i: one(item) for i, item in enumerate(part)})).values())
+    return out
 
 
 async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> ReceivedTensor:
@@ -196,6 +243,10 @@ async def _first_of(*attempts: Callable[[], Awaitable[ReceivedTensor]]) -> Recei
             errors.append(str(exc))
     raise AuditIncomplete("; ".join(errors))
 
+
+MAX_FETCH_TENSORS = 64
+"""Tensors one FetchTensor call may ask for (``FetchTensorRequest.more``): an update audit's
+fetches from one holder (a micro-batch count of 64 or more is fetched in several calls)."""
 
 FETCH_CONCURRENCY = 8
 """Tensor fetches one audit keeps in flight at once: over a link with a round-trip time, an
@@ -270,30 +321,47 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
         return await _first_of(lambda: copy(receiver, False), lambda: copy(sender, True))
 
     reported = reported_inputs(req)
-    jobs: dict[tuple[str, int, int], Awaitable[ReceivedTensor]] = {}
+    wanted: list[tuple[tuple[str, int, int], pb.PeerInfo, pb.PeerInfo, int, int, bytes]] = []  # key, receiver, sender, ...
     for mb in micro_batches_of(req):
         if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            jobs[("out", FORWARD, mb)] = held(nxt, target, mb, FORWARD)
+            wanted.append((("out", FORWARD, mb), nxt, target, mb, FORWARD, b""))
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
             assert prev is not None
-            jobs[("out", BACKWARD, mb)] = held(prev, target, mb, BACKWARD)
+            wanted.append((("out", BACKWARD, mb), prev, target, mb, BACKWARD, b""))
         if not setup.is_first:
             assert prev is not None
-            jobs[("in", FORWARD, mb)] = held(target, prev, mb, FORWARD, reported.get((FORWARD, mb), b""))
+            wanted.append((("in", FORWARD, mb), target, prev, mb, FORWARD, reported.get((FORWARD, mb), b"")))
         if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
             assert nxt is not None
-            jobs[("in", BACKWARD, mb)] = held(target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b""))
-    kept = replicas.get(req.report.state_digest) if replicas is not None and req.report.state_digest else None
+            wanted.append((("in", BACKWARD, mb), target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b"")))
 
-    async def start_state():
-        if kept is not None:
-            art.replica_of = req.report.state_digest
-            return kept, None
-        return await _state(fetcher, target, req, req.step, "for")
+    async def from_receiver(receiver: pb.PeerInfo, group: list) -> dict:
+        """The group's tensors as ``receiver`` holds them, in one call; any it does not serve (or
+        serves another copy of than the one wanted) from the receiver, else the sender, one by one."""
+        got = await fetch_batch(fetcher, receiver, req.step, [(mb, d, False, snd) for _, _, snd, mb, d, _ in group])
+        out, again = {}, {}
+        for (key, rcv, snd, mb, d, want), rt in zip(group, got):
+            if isinstance(rt, ReceivedTensor) and (not want or rt.commitment.payload_digest == want):
+                out[key] = rt
+            else:
+                again[key] = held(rcv, snd, mb, d, want)
+        out.update(await _all(again))
+        return out
+
+    groups: dict[str, tuple[pb.PeerInfo, list]] = {}
+    for item in wanted:
+        groups.setdefault(item[1].node_id, (item[1], []))[1].append(item)
+    jobs = {who: from_receiver(receiver, group) for who, (receiver, group) in groups.items()}
+
+    async def tensors_of() -> dict:
+        merged = {}
+        for part in (await _all(jobs)).values():
+            merged.update(part)
+        return merged
 
     state = asyncio.ensure_future(start_state())
-    tensors = asyncio.ensure_future(_all(jobs))
+    tensors = asyncio.ensure_future(tensors_of())
     try:
         await asyncio.wait({state, tensors})
         art.state, art.attestation = state.result()  # a withheld state is the reason, whatever else failed
@@ -337,21 +405,30 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
     items += [(rt, BACKWARD, mb, nxt, target) for mb, rt in art.grads_in.items()]
     items += [(rt, d, mb, target, nxt if d == FORWARD else prev) for (d, mb), rt in art.outputs.items()]
 
-    async def differing(rt: ReceivedTensor, direction: int, mb: int, sender: pb.PeerInfo,
-                        receiver: pb.PeerInfo | None):
-        holders = [(sender, True)] + ([(receiver, False)] if receivers and receiver is not None else [])
-        for holder, sent in holders:
-            try:
-                other = await fetcher.fetch_tensor(holder, req.step, mb, direction, sent, sender)
-            except PipeguardError:
-                continue
+    # every other copy, fetched per holder in one call: (item index, holder, sent)
+    asks: dict[tuple[str, bool], tuple[pb.PeerInfo, list[int]]] = {}
+    for i, (rt, direction, mb, sender, receiver) in enumerate(items):
+        if sender is None:
+            continue
+        for holder, sent in [(sender, True)] + ([(receiver, False)] if receivers and receiver is not None else []):
+            asks.setdefault((holder.node_id, sent), (holder, []))[1].append(i)
+
+    async def copies(holder: pb.PeerInfo, sent: bool, which: list[int]):
+        got = await fetch_batch(fetcher, holder, req.step, [(items[i][2], items[i][1], sent, items[i][3]) for i in which])
+        return list(zip(which, got))
+
+    fetched = await _all({key: copies(holder, key[1], which) for key, (holder, which) in asks.items()})
+    pairs, found = [], set()
+    for key in sorted(fetched, key=lambda k: not k[1]):  # the senders' own copies first
+        for i, other in fetched[key]:
+            rt, sender = items[i][0], items[i][3]
+            if i in found or not isinstance(other, ReceivedTensor):
+                continue  # a holder that cannot serve its copy proves nothing either way
             if other.commitment.payload_digest != rt.commitment.payload_digest and \
                     _header_key(other.commitment.header) == _header_key(rt.commitment.header):
-                return sender, other.commitment, rt.commitment
-        return None
-
-    found = await _all({i: differing(*item) for i, item in enumerate(items) if item[3] is not None})
-    return [found[i] for i in sorted(found) if found[i] is not None]
+                pairs.append((i, (sender, other.commitment, rt.commitment)))
+                found.add(i)
+    return [pair for _, pair in sorted(pairs, key=lambda p: p[0])]
 
 
 def reported_inputs(req: pb.AuditRequest) -> dict[tuple[int, int], bytes]:

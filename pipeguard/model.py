@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -324,6 +325,17 @@ def make_optimizer(module: nn.Module, o: OptimSettings) -> torch.optim.AdamW:
         betas=(o.beta1, o.beta2),
         foreach=False,
     )
+
+
+def warm_up_optimizer() -> threading.Thread:
+    """Build a throwaway AdamW on a thread: torch imports its compiler stack the first time any
+    optimizer is made (about a second of CPU here), which would otherwise land on a daemon's first
+    stage assignment or first audit."""
+    def build() -> None:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], foreach=False)
+    t = threading.Thread(target=build, name="pipeguard-warm-up", daemon=True)
+    t.start()
+    return t
 
 
 def grad_sq_norm(module: nn.Module) -> float:

@@ -966,3 +966,41 @@ def test_a_rollback_serves_the_restart_state_under_the_new_epoch(tmp_path):
             assert report.state_digest == start and (await attested_state(bed, 0)).epoch == 2
 
     run(scenario())
+
+
+def test_one_fetch_tensor_call_serves_several_tensors_in_order_or_none(tmp_path):
+    """An auditor fetches every tensor it needs from one holder in one call (``more``): each comes
+    in the order asked, exactly as its sender signed it; a call naming one tensor the node does
+    not hold serves none of them (NOT_FOUND), and one naming too many is refused."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            await run_one_step(bed)
+            step = bed.step - 1
+
+            def ask(refs: list[tuple[int, int, bool]]):
+                (mb, d, sent), rest = refs[0], refs[1:]
+                req = pb.FetchTensorRequest(run_id=RUN, node_id=bed.node.node_id, step=step, micro_batch=mb,
+                                            direction=d, sent=sent, requester="")
+                req.more.extend(pb.TensorRef(micro_batch=m, direction=dd, sent=s) for m, dd, s in rest)
+                return bed.stub.FetchTensor(sign(req, bed.coord), timeout=DEADLINE)
+
+            refs = [(mb, d, sent) for mb in range(MICRO_BATCHES) for d in (FORWARD, BACKWARD) for sent in (True, False)]
+            chunks = [c async for c in ask(refs)]
+            got = [(c.header.micro_batch, c.header.direction, c.header.sender == bed.node.node_id)
+                   for c in chunks if c.HasField("header")]
+            assert got == refs
+            sent = {(c.header.direction, c.header.micro_batch): c for c in bed.sink.received}
+            last = [c for c in chunks if c.signature]
+            assert [c.signature for c, (mb, d, s) in zip(last, refs) if s] == \
+                [sent[(d, mb)].signature for mb, d, s in refs if s], "each as signed when it was sent"
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [c async for c in ask([(0, FORWARD, True), (MICRO_BATCHES + 5, FORWARD, True)])]
+            assert MICRO_BATCHES + 5 == 7
+            assert err.value.code() == C.NOT_FOUND and "micro-batch 7" in err.value.details()
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [c async for c in ask([(0, FORWARD, True)] * 65)]
+            assert err.value.code() == C.INVALID_ARGUMENT and "at most 64" in err.value.details()
+
+    run(scenario())

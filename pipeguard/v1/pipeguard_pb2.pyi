@@ -536,7 +536,7 @@ class StateAttestation(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class FetchTensorRequest(_message.Message):
-    __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature")
+    __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature", "more")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -545,6 +545,7 @@ class FetchTensorRequest(_message.Message):
     SENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
     step: int
@@ -553,7 +554,18 @@ class FetchTensorRequest(_message.Message):
     sent: bool
     requester: str
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[TensorRef]
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ..., more: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ...) -> None: ...
+
+class TensorRef(_message.Message):
+    __slots__ = ("micro_batch", "direction", "sent")
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    micro_batch: int
+    direction: Direction
+    sent: bool
+    def __init__(self, micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ...) -> None: ...
 
 class FetchCheckpointRequest(_message.Message):
     __slots__ = ("run_id", "stage", "step", "requester", "signature")
