@@ -7,6 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeguard import audit, claims
+from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.signing import sign
@@ -81,7 +82,9 @@ class NodeAuditor:
                     if art.needs_tokens():
                         art.fill_tokens(await self.membership.dataset(req.data_digest))
                         audit.check_tokens(art)
-                    finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
+                    device = self.runtime.device  # audits recompute where this node computes
+                    finding = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, audit.check, art, device, device_class(device))
                     verdict.verdict, verdict.deviation, verdict.detail = (finding.verdict, finding.deviation,
                                                                           finding.detail)
             except PipeguardError as exc:

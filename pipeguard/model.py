@@ -136,8 +136,10 @@ def _dropout(x: torch.Tensor, p: float, rng: Randomness | None, layer: int, site
     if p == 0.0 or rng is None:
         return x
     g = _generator(rng.seed, "dropout", rng.step, rng.micro_batch, layer, site)
+    # Drawn on the host from a CPU generator, so that every device draws the same mask
+    # (a CUDA generator's stream differs); one host-to-device copy per dropout site.
     keep = torch.rand(x.shape, generator=g) >= p
-    return x * keep.to(x.dtype) / (1.0 - p)
+    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 # -- modules ---------------------------------------------------------------------------------
@@ -380,5 +382,8 @@ def load_named_state(module: nn.Module, opt: torch.optim.Optimizer, named: dict[
             continue
         st = {}
         for key, v in keys.items():
-            st[key] = v.clone().reshape(p.shape) if v.numel() == p.numel() and key != "step" else v.clone().reshape(())
+            if v.numel() == p.numel() and key != "step":  # moments live with their parameter
+                st[key] = v.to(p.device, copy=True).reshape(p.shape)
+            else:  # AdamW's single-tensor step count stays on the host
+                st[key] = v.to("cpu", copy=True).reshape(())
         opt.state[p] = st

@@ -177,14 +177,21 @@ def _verify_cmd(args: argparse.Namespace) -> int:
 
     from pipeguard.evidence import verify_bundle
 
+    from pipeguard import device as devices
+
     pinned = bytes.fromhex(args.coordinator_key) if args.coordinator_key else None
+    try:
+        device = devices.resolve(args.device)
+    except ValueError as exc:
+        print(f"pipeguard verify: {exc}", file=sys.stderr)
+        return 2
     status = 0
     for path in args.bundles:
         if not Path(path).is_file():
             print(f"{path}: INVALID: no such file")
             status = 1
             continue
-        result = verify_bundle(Path(path), pinned)
+        result = verify_bundle(Path(path), pinned, device)
         word = "VALID" if result.valid else "INVALID"
         print(f"{path}: {word} ({result.kind}): {result.summary}")
         status |= 0 if result.valid else 1
@@ -289,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-check evidence bundles offline (exit 0 only if all are VALID)")
     v.add_argument("bundles", nargs="+", help="evidence bundle files (.pgev)")
     v.add_argument("--coordinator-key", help="require audit orders signed by this coordinator key (hex)")
+    v.add_argument("--device", default="cpu", help="where to recompute: cpu (default), cuda, cuda:N or auto")
     v.set_defaults(func=_verify_cmd)
 
     k = sub.add_parser("keygen", help="create (or show) an Ed25519 key file")
