@@ -2,10 +2,10 @@
 
     pipeguard status  --coordinator HOST:PORT [--json] [--watch]
     pipeguard admin   ban|unban|stop|audit-rate ... --coordinator HOST:PORT --token-file PATH
-    pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] ...
+    pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] [--device auto] ...
     pipeguard export  --coordinator HOST:PORT --out model.pt
     pipeguard sample  --model model.pt [--prompt TEXT] [--tokens N]
-    pipeguard verify  BUNDLE.pgev ...
+    pipeguard verify  BUNDLE.pgev ... [--device cpu]
     pipeguard keygen  PATH
 
 Commands that talk to a coordinator take ``--tls-ca/--tls-cert/--tls-key`` (or the daemons'
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234, help="run seed")
     t.add_argument("--workdir", help="keep keys, state and logs here (default: a temporary directory)")
     t.add_argument("--no-compare", action="store_true", help="skip the clean single-process comparison")
+    t.add_argument("--device", default="auto", help="where the nodes compute: cpu, cuda, cuda:N or auto (default: "
+                   "cuda:0 when available, else cpu); nodes on one GPU share it")
+    t.add_argument("--auditor-device", help="device of the standby nodes (beyond --stages), e.g. cpu for a CPU "
+                   "auditor of GPU nodes (default: --device)")
     t.set_defaults(func=_testnet_cmd)
 
     x = sub.add_parser("experiment", help="run an experiment from benchmarks/ against local testnets")
