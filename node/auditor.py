@@ -92,8 +92,9 @@ class NodeAuditor:
         verdict = self.signer.sign(req, verdict)
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
-        log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s", req.audit_id,
-                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
+        log.log(level, "audit %d (%s step %d stage %d mb %d of %s, target on %s, audited on %s): %s — %s",
+                req.audit_id, audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch,
+                req.target.node_id[:8], req.target_device or "?", device_class(self.runtime.device),
                 pb.Verdict.Name(verdict.verdict), verdict.detail)
         return verdict
 
