@@ -74,6 +74,25 @@ def test_auto_is_cpu_and_cuda_is_refused_with_the_fix_on_a_machine_without_a_gpu
     assert "device must be one of" in capsys.readouterr().err
 
 
+@cpu_only
+def test_the_judge_verify_and_testnet_refuse_cuda_without_a_gpu(tmp_path, monkeypatch, capsys):
+    from coordinator.daemon import main as coordinator_main
+    from pipeguard.app.cli import main as cli_main
+
+    monkeypatch.setenv("PIPEGUARD_AUDIT_DEVICE", "cuda")
+    assert coordinator_main(["--state-dir", str(tmp_path / "state")]) == 2
+    assert "audit.device = 'cuda', but torch sees no CUDA device" in capsys.readouterr().err
+    monkeypatch.delenv("PIPEGUARD_AUDIT_DEVICE")
+    bundle = tmp_path / "x.pgev"
+    bundle.write_bytes(b"")
+    assert cli_main(["verify", str(bundle), "--device", "cuda:0"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert cli_main(["testnet", "--device", "cuda", "--workdir", str(tmp_path / "net")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "net").exists(), "nothing started"
+    assert cli_main(["testnet", "--auditor-device", "cuda", "--workdir", str(tmp_path / "net")]) == 2
+
+
 def test_device_class_and_build_name_the_hardware():
     assert devices.device_class(torch.device("cpu")) == "cpu"
     build = node_build(threads=1, device=torch.device("cpu"))
