@@ -168,7 +168,7 @@ def testnet(preset: str, shape: tuple[int, int, int], gpu: str, cpu_threads: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="write the JSON here (default: print it only)")
+    ap.add_argument("--out", "--json", dest="out", help="write the JSON here (default: print the summary only)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="no GPU: run the same code with the CPU as the 'GPU'")
     ap.add_argument("--presets", help="comma-separated presets (default small,gpt2; dry run tiny,small)")
     ap.add_argument("--cpu-threads", type=int, default=0, help="threads of the CPU auditor (default: min(8, CPUs))")
