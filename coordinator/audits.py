@@ -163,6 +163,9 @@ class AuditScheduler:
                               attempt=rec.attempt, session=self.session)
         self.next_id += 1
         req.target.CopyFrom(_peer(node, rec.slots[pos]))
+        target = self.registry.nodes.get(node.node_id)
+        req.target_device = target.build.device if target is not None else ""
+        req.cross_device_tolerance = self.cfg.audit.cross_device_tolerance
         if pos > 0:
             req.prev.CopyFrom(_peer(rec.nodes[pos - 1], rec.slots[pos - 1]))
         if pos < len(rec.nodes) - 1:

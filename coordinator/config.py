@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeguard import computation
+from pipeguard import device as devices
 from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, preset
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -66,8 +67,16 @@ class TrainConfig:
     """Clip the global gradient norm (over all stages) to this; 0 disables."""
     max_in_flight: int = 0
     """Micro-batches a stage may have forwarded but not yet backwarded (0 = all: GPipe)."""
+    compute_dtype: str = "fp32"
+    """fp32, or bf16 (autocast of matmuls and attention; weights, optimizer state and the wire stay
+    float32). In every node's signed assignment, so auditors replay it; bf16 needs a larger
+    audit.tolerance (docs/gpu.md)."""
 
     def __post_init__(self) -> None:
+        try:
+            devices.compute_dtype(self.compute_dtype)
+        except ValueError as exc:
+            raise ConfigError(f"train.{exc}") from None
         for name in ("steps", "micro_batches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
@@ -127,6 +136,12 @@ class AuditConfig:
     produce (no weight stepping by more than AdamW's cap); 0 = exact mode (bit-identical results,
     for identical hardware and thread counts). Honest recomputation with 1 vs 2 threads: see
     docs/threat-model.md, "Tolerance"."""
+    cross_device_tolerance: float = 1e-3
+    """The tolerance a recomputation on another device class than the audited node's applies (e.g. a
+    CPU auditor of a GPU node), when larger than tolerance; unused in exact mode, which admits only
+    the judge's build. Auditors of the target's own class are picked first. docs/gpu.md."""
+    device: str = "cpu"
+    """Where the coordinator's judge recomputes: cpu, cuda, cuda:N or auto (cuda:0 when available)."""
     screen: bool = True
     """Always audit tensors that a receiver's statistical screen flags."""
     recheck_rate: float = 0.1
@@ -157,6 +172,12 @@ class AuditConfig:
             raise ConfigError(f"audit.rate must be in [0, 1], got {self.rate}")
         if self.tolerance < 0:
             raise ConfigError("audit.tolerance must be >= 0 (0 = exact mode)")
+        if self.cross_device_tolerance < 0:
+            raise ConfigError("audit.cross_device_tolerance must be >= 0 (0: the same as audit.tolerance)")
+        try:
+            self.device = devices.check(self.device, "audit.device")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not 0.0 <= self.recheck_rate <= 1.0:
             raise ConfigError(f"audit.recheck_rate must be in [0, 1], got {self.recheck_rate}")
         if not self.follow >= 1:
@@ -247,4 +268,4 @@ class CoordinatorConfig:
         t = self.train
         return computation.train_spec(t.optim(), seed=t.seed, micro_batches=t.micro_batches,
                                       micro_batch_size=t.micro_batch_size, max_in_flight=t.max_in_flight,
-                                      retention_steps=self.audit.retention)
+                                      retention_steps=self.audit.retention, compute_dtype=t.compute_dtype)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from pipeguard import config as pgconfig
+from pipeguard import device as devices
 from pipeguard.computation import REFEREE_THREADS, Determinism, node_build
 from pipeguard.data import Dataset, load_dataset
 from pipeguard.identity import Identity
@@ -83,7 +84,7 @@ def build_clock(cfg: CoordinatorConfig, identity: Identity, registry: Registry, 
     judge = Judge(identity=identity, registry=registry, events=events, dataset=dataset,
                   evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout(),
                   net=cfg.net, channels=channels, convictions=convictions,
-                  recheck_rate=cfg.audit.recheck_rate)
+                  recheck_rate=cfg.audit.recheck_rate, device=devices.resolve(cfg.audit.device))
     audits = AuditScheduler(cfg=cfg, run_id=state.run_id, data_digest=dataset.digest, identity=identity,
                             registry=registry, events=events, dataset=dataset, judge=judge, channels=channels)
     return StepClock(cfg, identity, registry, state, store, events, dataset.digest, channels=channels,
@@ -101,7 +102,8 @@ async def serve(cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     token = load_or_create_token(token_path(cfg.admin_token_file, cfg.state_dir))
     events = EventLog(store)
     # Exact mode compares recomputations bit for bit: only the judge's own build is comparable.
-    required = node_build(threads=REFEREE_THREADS) if cfg.audit.tolerance == 0 else None
+    required = node_build(threads=REFEREE_THREADS, device=devices.resolve(cfg.audit.device)) \
+        if cfg.audit.tolerance == 0 else None
     registry = Registry(cfg.timeouts.heartbeat_timeout, challenge_ttl=cfg.timeouts.request, limits=cfg.registry,
                         required_build=required)
     for d in state.nodes:
@@ -180,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
     # The judge's recomputations use one thread, like nodes by default: identical thread
     # counts give bit-identical results (benchmarks/audit_tolerance.py).
-    Determinism(REFEREE_THREADS).apply()
+    try:
+        judge_device = devices.resolve(cfg.audit.device, "audit.device")
+    except ValueError as exc:
+        print(f"pipeguard-coordinator: {exc}", file=sys.stderr)
+        return 2
+    Determinism.for_device(REFEREE_THREADS, judge_device).apply()
 
     warm_up_optimizer()
     return run_daemon("pipeguard-coordinator", lambda stop: serve(cfg, stop))

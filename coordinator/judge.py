@@ -49,10 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import torch
+
 from pipeguard import audit, claims, evidence
 from pipeguard.computation import StageComputation, StageSetup
 from pipeguard.config import NetConfig
 from pipeguard.data import Dataset
+from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -89,8 +92,11 @@ INCOMPLETE = object()
 class Judge:
     def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
                  evidence_dir: Path, timeout: float, net: NetConfig, channels: NodeChannels,
-                 convictions: Convictions, recheck_rate: float = 0.0):
+                 convictions: Convictions, recheck_rate: float = 0.0, device: torch.device | None = None):
         self.identity = identity
+        self.device = torch.device("cpu") if device is None else device
+        """Where the judge recomputes (``audit.device``); its class picks the tolerance it applies."""
+        self.device_class = device_class(self.device)
         self.registry = registry
         self.events = events
         self.dataset = dataset
@@ -199,7 +205,8 @@ class Judge:
         if art.needs_tokens():
             art.fill_tokens(self.dataset)
             audit.check_tokens(art)
-        finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art)
+        finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art, self.device,
+                                                                   self.device_class)
         if finding.verdict == pb.VERDICT_FAIL:
             # Before convicting anyone: a sender that signed two versions of a tensor it sent
             # (one to its receiver, another to auditors) is the one banned.
@@ -328,7 +335,7 @@ class Judge:
         self.events.emit("audit_failed", f"re-check ({why}) of audit {req.audit_id} contradicts the {said} signed by "
                          f"{liar[:8]}: {finding.detail}", node_id=target, step=req.step)
         await self._convict_target(req, art, finding)
-        if verdict.verdict != pb.VERDICT_PASS or not evidence.clearly_fails(finding, req.tolerance):
+        if verdict.verdict != pb.VERDICT_PASS or not evidence.clearly_fails(finding, audit.loosest_tolerance(req)):
             return True  # within rounding of the tolerance: an honest auditor may have seen a pass
         await self._convict_auditor(req, verdict, art, finding, "false-clearance", f"false clearance of {target[:8]} "
                                     f"in audit {req.audit_id} ({why}): signed PASS, recomputation {finding.detail}")

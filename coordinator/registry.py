@@ -52,7 +52,7 @@ class NodeRecord:
                 "role": self.role, "stage": self.stage, "registered_at": self.registered_at,
                 "ban_reason": self.ban_reason,
                 "build": {"torch_version": self.build.torch_version, "device": self.build.device,
-                          "threads": self.build.threads}}
+                          "threads": self.build.threads, "cuda_version": self.build.cuda_version}}
 
     @classmethod
     def from_json(cls, d: dict) -> "NodeRecord":

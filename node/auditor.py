@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeguard import audit, claims
+from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.signing import sign
@@ -105,10 +106,12 @@ class NodeAuditor:
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
         end = time.perf_counter()
-        log.log(level, "audit %d (%s step %d stage %d mb %d of %s): %s — %s [waited %.0f ms, gathered in %.0f ms, "
-                "%.0f ms in all]", req.audit_id, audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage,
-                req.micro_batch, req.target.node_id[:8], pb.Verdict.Name(verdict.verdict), verdict.detail,
-                1e3 * (began - queued), 1e3 * ((gathered if gathered else end) - began), 1e3 * (end - began))
+        log.log(level, "audit %d (%s step %d stage %d mb %d of %s, target on %s, audited on %s): %s — %s "
+                "[waited %.0f ms, gathered in %.0f ms, %.0f ms in all]", req.audit_id,
+                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
+                req.target_device or "?", device_class(self.runtime.device), pb.Verdict.Name(verdict.verdict),
+                verdict.detail, 1e3 * (began - queued), 1e3 * ((gathered if gathered else end) - began),
+                1e3 * (end - began))
         return verdict
 
     async def _check(self, art: audit.Artifacts, fetcher: audit.RpcFetcher) -> audit.Finding:
@@ -116,12 +119,13 @@ class NodeAuditor:
         only when its recomputation does not hash to the committed digest (then the per-element
         tolerance decides); one that does is kept as a replica of the stage's next state."""
         loop = asyncio.get_running_loop()
+        device = self.runtime.device  # audits recompute where this node computes
         try:
-            finding = await loop.run_in_executor(self.executor, audit.check, art)
+            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device))
         except audit.NeedNextState:
             await audit.fetch_next_state(art, fetcher)
             self._fetched(art.next_state, art.next_attestation)
-            finding = await loop.run_in_executor(self.executor, audit.check, art)
+            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device))
         if finding.next_state is not None and finding.verdict == pb.VERDICT_PASS:
             self.replicas.keep(art.request.update_report.state_digest, finding.next_state)
         return finding

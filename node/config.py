@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeguard import device as devices
 from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
 
 
@@ -93,6 +94,12 @@ class NodeConfig:
     and the dataset cache."""
     threads: int = 1
     """Torch intra-op threads for this node's compute."""
+    device: str = "auto"
+    """Where this node computes its stage and its audits: cpu, cuda, cuda:N, or auto (cuda:0 when torch
+    sees a GPU, else cpu). Its device class (cpu, cuda:<GPU name>) is registered with the coordinator,
+    which picks auditors of the same class first; see docs/gpu.md."""
+    tf32: bool = False
+    """Let CUDA float32 matmuls use TF32 (faster, not bit-reproducible against fp32 auditors; off)."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING, ERROR."""
     ready_file: str = ""
@@ -105,6 +112,10 @@ class NodeConfig:
         parse_hostport(self.coordinator, "coordinator")
         if self.threads < 1:
             raise ConfigError("threads must be >= 1")
+        try:
+            self.device = devices.check(self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.coordinator_key:
             try:
                 if len(bytes.fromhex(self.coordinator_key)) != 32:

@@ -9,7 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeguard import config as pgconfig
+from pipeguard import device as devices
 from pipeguard.computation import Determinism
 from pipeguard.identity import Identity
 from pipeguard.metrics import serve_metrics
@@ -38,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--advertise", help="HOST:PORT other daemons use to reach this node")
     p.add_argument("--home", help="directory for the key and dataset cache (default ~/.pipeguard/node)")
     p.add_argument("--threads", type=int, help="torch threads for compute (default 1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto: cuda:0 when available)")
     p.add_argument("--attack", action="append", help="misbehave: a built-in such as forward:reverse, repeatable "
                    "(see node/attacks.py and the README's attack table)")
     p.add_argument("--attack-rate", type=float, help="probability per message or event an attack fires (default 1)")
@@ -71,6 +75,7 @@ def load_config(args: argparse.Namespace) -> NodeConfig:
         "net.advertise": args.advertise,
         "home": args.home,
         "threads": args.threads,
+        "device": args.device,
         "attack.behaviours": args.attack,
         "attack.rate": args.attack_rate,
         "attack.start_step": args.attack_start,
@@ -104,9 +109,10 @@ class Node:
     """How the node misbehaves (None: honest, every part a plain object)."""
 
 
-def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
-    """Build the node. Malicious behaviour is chosen here, once: a node with an ``[attack]`` gets
-    the wrappers of node/seams.py around the parts whose hooks it overrides."""
+def build(cfg: NodeConfig, identity: Identity, home: Path, device: torch.device | None = None) -> Node:
+    """Build the node (computing on ``device``, cpu if None). Malicious behaviour is chosen here,
+    once: a node with an ``[attack]`` gets the wrappers of node/seams.py around the parts whose
+    hooks it overrides."""
     a = cfg.attack
     behaviour = attacks.from_config(a, a.seed or int(identity.node_id[:15], 16))
     seams = Seams.for_behaviour(behaviour, identity)
@@ -116,13 +122,14 @@ def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
                     f", micro-batches {a.micro_batches}" if a.micro_batches else "")
     peers = PeerPool(identity, cfg.net, cfg.timeouts)
     if seams is None:
-        runtime = StageRuntime(identity, peers, cfg.timeouts)
+        runtime = StageRuntime(identity, peers, cfg.timeouts, device=device)
     else:
-        runtime = StageRuntime(identity, seams.peers(peers), cfg.timeouts, build=seams.computation())
+        runtime = StageRuntime(identity, seams.peers(peers), cfg.timeouts, build=seams.computation(), device=device)
         seams.runtime = runtime
     service: NodeService | None = None
     membership = Membership(identity, cfg.coordinator, cfg.coordinator_key, home, cfg.net, cfg.timeouts,
                             stats=lambda: service.heartbeat_stats())
+    membership.device = runtime.device
     args = (identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
     options = dict(max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
     service = NodeService(*args, **options) if seams is None else seams.service(*args, **options)
@@ -138,12 +145,14 @@ def build(cfg: NodeConfig, identity: Identity, home: Path) -> Node:
     return Node(peers, runtime, membership, service, seams)
 
 
-async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
+async def serve(cfg: NodeConfig, stop: asyncio.Event, device: torch.device | None = None) -> None:
     home = Path(cfg.home).expanduser()
     identity = Identity.load_or_create(home / "node.key")
     set_log_prefix(f"node {identity.node_id[:8]}")
-    Determinism(cfg.threads).apply()
-    node = build(cfg, identity, home)
+    device = devices.resolve(cfg.device) if device is None else device
+    Determinism.for_device(cfg.threads, device, cfg.tf32).apply()
+    log.info("computing on %s (%s)", device, devices.device_class(device))
+    node = build(cfg, identity, home, device)
     peers, runtime, membership, service = node.peers, node.runtime, node.membership, node.service
     server, address, _ = await start_server(
         cfg.net, lambda s: pb_grpc.add_NodeServicer_to_server(service, s), ["pipeguard.v1.Node"], cfg.timeouts)
@@ -177,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_level, "node")
     log.info("resolved config:\n%s", pgconfig.to_toml(cfg))
-
+    try:
+        device = devices.resolve(cfg.device)
+    except ValueError as exc:
+        print(f"pipeguard-node: {exc}", file=sys.stderr)
+        return 2
     warm_up_optimizer()
-    return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop))
+    return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop, device))
 
 
 if __name__ == "__main__":

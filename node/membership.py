@@ -10,6 +10,8 @@ import stat
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import torch
+
 from pipeguard import __version__
 from pipeguard.computation import node_build
 from pipeguard.config import NetConfig, TimeoutConfig
@@ -43,6 +45,8 @@ class Membership:
         self.timeouts = timeouts
         self.stats = stats
         self.address = ""
+        self.device = torch.device("cpu")
+        """Where this node computes (``NodeConfig.device`` resolved): its class is registered."""
         self.coordinator_key: PublicIdentity | None = None
         self.run_id = ""
         self.registered = asyncio.Event()
@@ -125,7 +129,8 @@ class Membership:
                     f"{offered.hex()}; otherwise someone else is answering at {self.coordinator}"
                 )
         req = pb.RegisterRequest(public_key=self.identity.public_key, address=self.address,
-                                 challenge=hello.challenge, version=__version__, build=node_build())
+                                 challenge=hello.challenge, version=__version__,
+                                 build=node_build(device=self.device))
         reply = await self.stub.Register(sign(req, self.identity))
         if reply.heartbeat_interval_ms:
             self.interval = reply.heartbeat_interval_ms / 1000

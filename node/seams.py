@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from pipeguard.computation import Forward, StageComputation, StageSetup
+from pipeguard.computation import Forward, StageComputation, StageSetup, to_wire
 from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
 from node.attacks import HOOKS, NO_MICRO_BATCH, AttackContext, Behaviour, overrides
@@ -92,8 +92,9 @@ class Seams:
         if not self.wants("on_forward", "on_backward", "on_gradients", "on_update", "on_build", "on_committed"):
             return build
 
-        def tampered(setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> TamperedComputation:
-            comp = TamperedComputation(build(setup, state), self)
+        def tampered(setup: StageSetup, state: dict[str, torch.Tensor] | None = None,
+                     device: torch.device | None = None) -> TamperedComputation:
+            comp = TamperedComputation(build(setup, state, device), self)
             if state is None and "on_build" in self.hooks:  # experiments: state:backdoor
                 self.behaviour.on_build(self.context(0), comp.inner.module, comp.inner.opt)
             return comp
@@ -161,7 +162,7 @@ class TamperedComputation:
         if self.setup.is_last:
             return fwd
         ctx = self.seams.context(step, micro_batch, FORWARD, self.seams.neighbour(FORWARD))
-        sent = self.seams.behaviour.on_forward(ctx, fwd.output)
+        sent = self.seams.behaviour.on_forward(ctx, to_wire(fwd.output))  # attacks see host tensors
         return _Sent(fwd.step, fwd.micro_batch, fwd.x, fwd.y, sent)
 
     def backward(self, fwd: Forward, g: torch.Tensor) -> tuple[float, torch.Tensor | None]:
@@ -169,7 +170,7 @@ class TamperedComputation:
         if grad is None:
             return loss, None
         ctx = self.seams.context(fwd.step, fwd.micro_batch, BACKWARD, self.seams.neighbour(BACKWARD))
-        return loss, self.seams.behaviour.on_backward(ctx, grad)
+        return loss, self.seams.behaviour.on_backward(ctx, to_wire(grad))
 
     def digest(self) -> bytes:
         digest = self.inner.digest()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from pipeguard import claims
-from pipeguard.computation import Forward, StageComputation, StageSetup
+from pipeguard.computation import Forward, StageComputation, StageSetup, to_wire
 from pipeguard.config import TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.errors import DataLoss, FailedPrecondition, InvalidArgument
@@ -34,8 +34,9 @@ from node.schedule import Schedule, StepWork
 log = logging.getLogger(__name__)
 
 FORWARD = pb.DIRECTION_FORWARD
-BuildComputation = Callable[[StageSetup, "dict[str, torch.Tensor] | None"], StageComputation]
-"""How the runtime builds its stage (``StageComputation.build``; node/seams.py wraps it for attackers)."""
+BuildComputation = Callable[[StageSetup, "dict[str, torch.Tensor] | None", "torch.device | None"], StageComputation]
+"""How the runtime builds its stage on its device (``StageComputation.build``; node/seams.py wraps it
+for attackers)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class StageRuntime:
     retention."""
 
     def __init__(self, identity: Identity, peers: PeerPool, timeouts: TimeoutConfig, *,
-                 build: BuildComputation = StageComputation.build):
+                 build: BuildComputation = StageComputation.build, device: torch.device | None = None):
         self.identity = identity
+        self.device = torch.device("cpu") if device is None else device
+        """Where the stage's module, optimizer state, activations and snapshots live (node.device)."""
         self.peers = peers
         """Where outputs are pushed (``PeerPool.push``)."""
         self.build = build
@@ -163,7 +166,7 @@ class StageRuntime:
                 raise FailedPrecondition(f"joining at step {start_step} needs the expected state digest")
 
             def build():
-                computation = self.build(a.setup, named)
+                computation = self.build(a.setup, named, self.device)
                 return computation, computation.digest()
 
             computation, digest = await self.compute(build)
@@ -265,7 +268,7 @@ class StageRuntime:
         assert self.computation is not None and self.dataset is not None
         x = a.setup.batch(self.dataset, step, mb)[0] if a.setup.is_first else x_in  # (B, T) or (B, T, C)
         fwd = self.computation.forward(step, mb, x)
-        return fwd, None if a.setup.is_last else fwd.output.contiguous()  # (B, T, C)
+        return fwd, None if a.setup.is_last else to_wire(fwd.output)  # (B, T, C), on the host
 
     def _backward(self, a: Assignment, fwd: Forward, grad_in: torch.Tensor | None
                   ) -> tuple[float, torch.Tensor | None]:
@@ -274,7 +277,7 @@ class StageRuntime:
         assert self.computation is not None and self.dataset is not None
         g = a.setup.batch(self.dataset, fwd.step, fwd.micro_batch)[1] if a.setup.is_last else grad_in
         loss, grad = self.computation.backward(fwd, g)  # grad: (B, T, C) or None
-        return loss, None if grad is None else grad.contiguous()
+        return loss, to_wire(grad)  # (B, T, C) on the host, or None
 
     # -- update ----------------------------------------------------------------------------------
 

@@ -30,6 +30,11 @@ benchmarks/audit_tolerance.py --quick (torch 2.13 CPU, claims at 1 thread, recom
 forward/backward deviations 0; raw per-element update deviation up to 2.9e-4, which the honest
 range absorbs at 1e-4 (worst 2.3e-10) but not at 1e-5 (2.6e-5: an honest node would fail), so
 1e-4 is the smallest decade that passes honest updates. Figures: docs/threat-model.md, "Tolerance".
+
+Hardware (issue 13): ``tolerance`` holds between parties of one device class (the run's value,
+0 = exact). A party recomputing on another device class than the audited node registered
+(``AuditRequest.target_device``) applies ``AuditRequest.cross_device_tolerance`` when it is
+larger (``tolerance_for``); both are in the coordinator's signed order. docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from pipeguard.data import Dataset
 from pipeguard import claims
 from pipeguard.errors import AuditIncomplete, InvalidArgument, PipeguardError
 from pipeguard.identity import Identity, PublicIdentity
-from pipeguard.computation import StageComputation, StageSetup
+from pipeguard.computation import StageComputation, StageSetup, to_wire
 from pipeguard.signing import sign
 from pipeguard.tensors import StateAssembler, ReceivedTensor, receive_state, receive_tensor, tensor_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -619,17 +624,37 @@ def update_deviation(got: torch.Tensor, claimed: torch.Tensor, base: torch.Tenso
     return _worst(excess, ref.abs() + _rms(ref))
 
 
+def tolerance_for(req: pb.AuditRequest, device_class: str | None) -> float:
+    """The tolerance a party recomputing on ``device_class`` applies to ``req``: the order's
+    ``tolerance`` on the target's own class (or when either class is unknown), else the larger of
+    it and ``cross_device_tolerance``. Exact mode (tolerance 0) stays exact: the coordinator admits
+    only its own build then."""
+    tol = req.tolerance
+    if tol > 0 and device_class and req.target_device and device_class != req.target_device:
+        return max(tol, req.cross_device_tolerance)
+    return tol
+
+
+def loosest_tolerance(req: pb.AuditRequest) -> float:
+    """The largest tolerance any party may have applied to ``req`` (what a false clearance must
+    exceed by the margin: an honest auditor on another class passed within it)."""
+    return max(req.tolerance, req.cross_device_tolerance) if req.tolerance > 0 and req.target_device else req.tolerance
+
+
 def _exceeds(dev: float, tolerance: float) -> bool:
     return dev > tolerance if tolerance > 0 else dev != 0.0
 
 
-def check(art: Artifacts) -> Finding:
+def check(art: Artifacts, device: torch.device | None = None, device_class: str | None = None) -> Finding:
     """Recompute what ``art.request`` audits and compare. Pure: no network, deterministic.
 
-    For the first and last stage, ``art.tokens`` must hold the micro-batches' tokens
-    (``Artifacts.fill_tokens``)."""
+    ``device``: where to recompute (cpu if None); ``device_class``: its class
+    (``pipeguard.device.device_class``), which picks the tolerance (``tolerance_for``; None: the
+    order's ``tolerance``). Comparisons run on the host in float64. For the first and last stage,
+    ``art.tokens`` must hold the micro-batches' tokens (``Artifacts.fill_tokens``)."""
     req = art.request
     setup = setup_of(req)
+    tol = tolerance_for(req, device_class)
     started = art.attestation.state_digest if art.attestation is not None else art.replica_of
     if not started or started != req.report.state_digest:
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served for step "
@@ -642,7 +667,7 @@ def check(art: Artifacts) -> Finding:
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served after step "
                        f"{req.step} is not the state its update report committed to")
     try:
-        comp = StageComputation.build(setup, art.state)
+        comp = StageComputation.build(setup, art.state, device)
     except (ValueError, RuntimeError) as exc:  # it hashes to the node's own commitment: its fault
         return Finding(pb.VERDICT_FAIL, math.inf, f"the committed state does not fit stage {req.stage}: {exc}")
     worst, where = 0.0, ""
@@ -653,8 +678,9 @@ def check(art: Artifacts) -> Finding:
         fwd = comp.forward(req.step, mb, x)
         out_key = (FORWARD, mb)
         if out_key in art.outputs:
-            dev = deviation(fwd.output, art.outputs[out_key].tensor)
-            recomputed[f"forward/{mb}"] = fwd.output
+            out = to_wire(fwd.output)  # (B, T, C) on the host, as the node sent it
+            dev = deviation(out, art.outputs[out_key].tensor)
+            recomputed[f"forward/{mb}"] = out
             if dev > worst or math.isinf(dev):
                 worst, where = dev, f"forward activation of micro-batch {mb}"
         if req.kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE):
@@ -662,6 +688,7 @@ def check(art: Artifacts) -> Finding:
             _, grad = comp.backward(fwd, g)
             if (BACKWARD, mb) in art.outputs:
                 assert grad is not None
+                grad = to_wire(grad)  # (B, T, C) on the host
                 dev = deviation(grad, art.outputs[(BACKWARD, mb)].tensor)
                 recomputed[f"backward/{mb}"] = grad
                 if dev > worst or math.isinf(dev):
@@ -674,7 +701,6 @@ def check(art: Artifacts) -> Finding:
         if dev > worst or math.isinf(dev):
             worst, where = dev, "reported gradient norm"
         up = req.update
-        tol = req.tolerance
         # AdamW divides by sqrt(v): a last-bit difference in a near-zero gradient can become a
         # whole lr-sized step in that element. So each element of the new state is compared with
         # the range that gradients within the tolerance produce (computation.update_bounds),
@@ -689,6 +715,7 @@ def check(art: Artifacts) -> Finding:
         elif art.next_attestation is None and not _exceeds(worst, tol):
             raise NeedNextState(f"the recomputed state after step {req.step} is not the committed one")
         for name, t in ([] if exact or art.next_attestation is None else comp.state()):
+            t = t.cpu()  # compared on the host
             if name not in art.next_state:
                 return Finding(pb.VERDICT_FAIL, math.inf, f"served next state lacks {name}")
             claimed = art.next_state[name]
@@ -697,10 +724,10 @@ def check(art: Artifacts) -> Finding:
             base = art.state[name] if name.startswith("param/") else None
             if base is not None:
                 recomputed[f"next/{name}"] = t.detach().clone()
-            dev = update_deviation(t, claimed, base, bounds.get(name))
+            b = bounds.get(name)
+            dev = update_deviation(t, claimed, base, None if b is None else (b[0].cpu(), b[1].cpu()))
             if dev > worst or math.isinf(dev):
                 worst, where = dev, f"updated {name}" if base is None else f"weight update of {name}"
-    tol = req.tolerance
     if _exceeds(worst, tol):
         return Finding(pb.VERDICT_FAIL, worst, f"{where} deviates from recomputation by {worst:.3g} "
                        f"(tolerance {tol:g})", recomputed)

@@ -14,7 +14,14 @@ that drift apart would convict every honest node; there is one copy.
 - ``update_bounds``: per element, the range of new weights and AdamW moments that any gradient
   within an audit's per-element tolerance of this one produces (what update audits accept).
 - ``Determinism``: the process-wide torch settings under which results are bit-identical
-  between parties with the same thread count; every entry point applies it the same way.
+  between parties with the same thread count (and, on CUDA, the same GPU model and build);
+  every entry point applies it the same way (``Determinism.for_device``).
+
+Device (pipeguard/device.py): a computation lives on one ``torch.device``. Its module, AdamW
+state, activations, autograd graph and snapshots stay there; tensors cross to host memory only
+at the wire: what arrives (tokens, received activations and gradients) is moved to the device
+once in ``forward``/``backward``, and what leaves (``to_wire``) is copied to the host once, as
+float32, on the compute thread. A state's digest reads each tensor's bytes through the host.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Iterator
 
 import torch
 
+from pipeguard import device as devices
 from pipeguard.data import Dataset
 from pipeguard.errors import InvalidArgument
 from pipeguard.model import (
@@ -74,11 +82,23 @@ class Determinism:
     warn_only: bool = True
     """With deterministic algorithms: warn instead of raising for an op that has none."""
     matmul_precision: str = "highest"
-    """``torch.set_float32_matmul_precision``; anything lower may use reduced-precision kernels."""
+    """``torch.set_float32_matmul_precision``; anything lower may use reduced-precision kernels
+    ("high" lets CUDA matmuls use TF32)."""
+    cudnn_tf32: bool = False
+    """``torch.backends.cudnn.allow_tf32`` (cuDNN convolutions; the model has none, kept off)."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @classmethod
+    def for_device(cls, threads: int, device: torch.device, tf32: bool = False) -> "Determinism":
+        """The settings a party computing on ``device`` applies: on CUDA, deterministic algorithms
+        (warning, not failing, for an op that has none) and TF32 off unless ``tf32``;
+        ``CUBLAS_WORKSPACE_CONFIG`` is set by pipeguard.device before CUDA starts."""
+        devices.prepare()
+        return cls(threads=threads, deterministic_algorithms=device.type == "cuda",
+                   matmul_precision="high" if tf32 else "highest", cudnn_tf32=tf32)
 
     @classmethod
     def current(cls) -> "Determinism":
@@ -86,7 +106,8 @@ class Determinism:
         return cls(threads=torch.get_num_threads(),
                    deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                    warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
-                   matmul_precision=torch.get_float32_matmul_precision())
+                   matmul_precision=torch.get_float32_matmul_precision(),
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32)
 
     def apply(self) -> "Determinism":
         """Put these settings in force for the whole process; returns the ones they replace."""
@@ -96,6 +117,7 @@ class Determinism:
                 self.deterministic_algorithms and self.warn_only != previous.warn_only):
             torch.use_deterministic_algorithms(self.deterministic_algorithms, warn_only=self.warn_only)
         torch.set_float32_matmul_precision(self.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
         return previous
 
     @contextmanager
@@ -108,19 +130,24 @@ class Determinism:
             previous.apply()
 
 
-def node_build(threads: int | None = None, device: str = "cpu") -> pb.NodeBuild:
-    """The build a party computes with: torch version, device class and intra-op threads (those in
-    force now unless ``threads`` is given). Recomputations are bit-identical only between equal
-    builds; nodes register theirs and the coordinator plans audits by it."""
-    return pb.NodeBuild(torch_version=torch.__version__, device=device,
-                        threads=torch.get_num_threads() if threads is None else threads)
+def node_build(threads: int | None = None, device: str | torch.device = "cpu") -> pb.NodeBuild:
+    """The build a party computes with: torch version, device class (``device``: a class name or a
+    ``torch.device``, see ``pipeguard.device.device_class``), CUDA version and intra-op threads
+    (those in force now unless ``threads`` is given). Recomputations are bit-identical only
+    between equal builds; nodes register theirs and the coordinator plans audits by it."""
+    cls = devices.device_class(device) if isinstance(device, torch.device) else device
+    return pb.NodeBuild(torch_version=torch.__version__, device=cls,
+                        threads=torch.get_num_threads() if threads is None else threads,
+                        cuda_version=(torch.version.cuda or "") if cls.startswith("cuda") else "")
 
 
 def describe_build(build: pb.NodeBuild) -> str:
     """One line for logs and status, e.g. ``torch 2.13.0+cpu, cpu, 1 thread``."""
     if not build.torch_version:
         return "unknown build"
-    return f"torch {build.torch_version}, {build.device or '?'}, {build.threads} thread{'s' if build.threads != 1 else ''}"
+    cuda = f" (CUDA {build.cuda_version})" if build.cuda_version else ""
+    return (f"torch {build.torch_version}, {build.device or '?'}{cuda}, "
+            f"{build.threads} thread{'s' if build.threads != 1 else ''}")
 
 
 # -- the set-up --------------------------------------------------------------------------------
@@ -145,6 +172,8 @@ class StageSetup:
     """Micro-batches per optimizer step (the last stage scales each loss by 1 / micro_batches)."""
     micro_batch_size: int
     """Sequences per micro-batch."""
+    compute_dtype: str = "fp32"
+    """``fp32`` or ``bf16`` (autocast; pipeguard.device): part of the run's signed train spec."""
     spec: StageSpec = field(init=False, repr=False)
     """The blocks this stage holds (``partition``)."""
 
@@ -157,13 +186,18 @@ class StageSetup:
         if self.micro_batches < 1 or self.micro_batch_size < 1:
             raise InvalidArgument(f"micro_batches ({self.micro_batches}) and micro_batch_size "
                                   f"({self.micro_batch_size}) must be >= 1")
+        try:
+            devices.compute_dtype(self.compute_dtype)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         object.__setattr__(self, "spec", partition(self.gpt, self.num_stages)[self.stage])
 
     @classmethod
     def from_specs(cls, model: pb.ModelSpec, train: pb.TrainSpec, stage: int, num_stages: int) -> "StageSetup":
         """The set-up an order describes (AssignRequest, AuditRequest); InvalidArgument if it is unusable."""
         return cls(stage=stage, num_stages=num_stages, gpt=gpt_config(model), optim=optim_settings(train),
-                   seed=train.seed, micro_batches=train.micro_batches, micro_batch_size=train.micro_batch_size)
+                   seed=train.seed, micro_batches=train.micro_batches, micro_batch_size=train.micro_batch_size,
+                   compute_dtype=train.compute_dtype or "fp32")
 
     @property
     def is_first(self) -> bool:
@@ -208,13 +242,14 @@ def model_spec(gpt: GPTConfig) -> pb.ModelSpec:
 
 
 def train_spec(optim: OptimSettings, *, seed: int, micro_batches: int, micro_batch_size: int,
-               max_in_flight: int = 0, retention_steps: int = 0) -> pb.TrainSpec:
+               max_in_flight: int = 0, retention_steps: int = 0, compute_dtype: str = "fp32") -> pb.TrainSpec:
     """The wire form of a run's training settings (``optim_settings`` reads the optimizer part back)."""
     return pb.TrainSpec(seed=seed, micro_batches=micro_batches, micro_batch_size=micro_batch_size, lr=optim.lr,
                         warmup_steps=optim.warmup_steps, total_steps=optim.total_steps,
                         min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay, beta1=optim.beta1,
                         beta2=optim.beta2, grad_clip=optim.grad_clip, max_in_flight=max_in_flight,
-                        retention_steps=retention_steps)
+                        retention_steps=retention_steps,
+                        compute_dtype="" if compute_dtype == "fp32" else compute_dtype)  # fp32: the default, unset
 
 
 # -- the computation ---------------------------------------------------------------------------
@@ -239,26 +274,33 @@ class Forward:
 
 
 class StageComputation:
-    """A stage's module and optimizer, and the math every party runs on them.
+    """A stage's module and optimizer, and the math every party runs on them, on one device.
 
     Not thread-safe: one caller (a node's compute thread, an audit) at a time."""
 
-    def __init__(self, setup: StageSetup, module: StageModule, opt: torch.optim.Optimizer):
+    def __init__(self, setup: StageSetup, module: StageModule, opt: torch.optim.Optimizer,
+                 device: torch.device = torch.device("cpu")):
         self.setup = setup
         self.module = module
         self.opt = opt
+        self.device = device
+        """Where the module, optimizer state, activations and snapshots live."""
 
     @classmethod
-    def build(cls, setup: StageSetup, state: dict[str, torch.Tensor] | None = None) -> "StageComputation":
+    def build(cls, setup: StageSetup, state: dict[str, torch.Tensor] | None = None,
+              device: torch.device | None = None) -> "StageComputation":
         """The stage at the run seed's initial weights, or at ``state`` (names as ``state()`` gives
-        them; ValueError or RuntimeError if it does not fit this stage)."""
+        them; ValueError or RuntimeError if it does not fit this stage), on ``device`` (cpu if None).
+        Initial weights are drawn on the host (CPU generators) and copied, so every device starts
+        from the same bits."""
+        device = torch.device("cpu") if device is None else device
         if state is None:
-            module = StageModule(setup.gpt, setup.spec, setup.seed)
+            module = StageModule(setup.gpt, setup.spec, setup.seed).to(device)
         else:  # every weight comes from ``state``: no random init to throw away (audits build one each)
             with torch.device("meta"):
                 module = StageModule(setup.gpt, setup.spec, setup.seed, init=False)
-            module = module.to_empty(device="cpu")
-        comp = cls(setup, module, make_optimizer(module, setup.optim))
+            module = module.to_empty(device=device)
+        comp = cls(setup, module, make_optimizer(module, setup.optim), device)
         if state is not None:
             comp.load(state)  # ValueError unless it names every parameter: nothing stays uninitialised
         return comp
@@ -270,9 +312,11 @@ class StageComputation:
     def forward(self, step: int, micro_batch: int, x: torch.Tensor) -> Forward:
         """Forward one micro-batch. ``x``: token ids (B, T) on the first stage (``StageSetup.batch``),
         else the activation received from the previous stage (B, T, C)."""
+        x = x.to(self.device, non_blocking=True)  # from the wire (host) or the dataset: once
         if not self.setup.is_first:
             x = x.detach().requires_grad_(True)  # (B, T, C)
-        y = self.module(x, Randomness(self.setup.seed, step, micro_batch))  # (B, T, C) or (B, T, vocab)
+        with devices.autocast(self.device, self.setup.compute_dtype):
+            y = self.module(x, Randomness(self.setup.seed, step, micro_batch))  # (B, T, C) or (B, T, vocab)
         return Forward(step, micro_batch, x, y)
 
     def backward(self, fwd: Forward, g: torch.Tensor) -> tuple[float, torch.Tensor | None]:
@@ -283,12 +327,13 @@ class StageComputation:
         Returns (the micro-batch's unscaled loss, 0.0 except on the last stage; the input gradient
         to send back (B, T, C), None on the first stage)."""
         loss_value = 0.0
+        g = g.to(self.device, non_blocking=True)
         if self.setup.is_last:
-            loss = StageModule.loss(fwd.y, g)
+            loss = StageModule.loss(fwd.y.float(), g)  # the loss in float32 whatever the compute dtype
             loss_value = float(loss.detach())
             (loss / self.setup.micro_batches).backward()
         else:
-            fwd.y.backward(g)
+            fwd.y.backward(g.to(fwd.y.dtype))
         if self.setup.is_first:
             return loss_value, None
         assert fwd.x.grad is not None
@@ -315,7 +360,7 @@ class StageComputation:
         return named_state(self.module, self.opt)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of ``state()`` that later steps do not change."""
+        """A copy of ``state()`` that later steps do not change (on the device)."""
         return {name: t.clone() for name, t in self.state()}
 
     def digest(self) -> bytes:
@@ -332,6 +377,14 @@ class StageComputation:
         """Replace weights and optimizer state with ``state`` (names as ``state()``), dropping gradients."""
         self.zero_grad()
         load_named_state(self.module, self.opt, state)
+
+
+def to_wire(t: torch.Tensor | None) -> torch.Tensor | None:
+    """What an output becomes at the wire: detached, float32, contiguous, in host memory (a no-op
+    for a float32 CPU tensor; one device-to-host copy otherwise)."""
+    if t is None:
+        return None
+    return t.detach().to(device="cpu", dtype=devices.WIRE_DTYPE).contiguous()
 
 
 # -- the honest range of an update ---------------------------------------------------------------

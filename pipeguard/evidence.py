@@ -55,6 +55,7 @@ import torch
 
 from pipeguard import audit, claims
 from pipeguard.computation import REFEREE_THREADS, Determinism, StageComputation, StageSetup
+from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
 from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_nbytes, tensor_bytes, tensor_digest
@@ -369,8 +370,11 @@ def _load_artifacts(r: _Reader, pinned_coordinator: bytes | None) -> audit.Artif
     return art
 
 
-def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> VerifyResult:
-    """Re-check a bundle offline. Never raises for a bad bundle: returns valid=False and why."""
+def verify_bundle(path: Path, pinned_coordinator: bytes | None = None, device: torch.device | None = None
+                  ) -> VerifyResult:
+    """Re-check a bundle offline, recomputing on ``device`` (cpu if None; its class picks the
+    tolerance, ``audit.tolerance_for``). Never raises for a bad bundle: returns valid=False and why."""
+    device = torch.device("cpu") if device is None else device
     try:
         r = _Reader(Path(path))
         kind = r.manifest.get("kind", "?")
@@ -390,8 +394,8 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
         if kind in ("initial-state", "contradiction", "off-attestation"):
             return _verify_state_claims(r, kind, pinned_coordinator)
         art = _load_artifacts(r, pinned_coordinator)
-        with Determinism(REFEREE_THREADS).scope():  # as the judge recomputed it
-            finding = audit.check(art)
+        with Determinism.for_device(REFEREE_THREADS, device).scope():  # as the judge recomputed it
+            finding = audit.check(art, device, device_class(device))
         req = art.request
         where = f"step {req.step} stage {req.stage} ({audit.KIND_NAMES[req.kind]} audit)"
         if kind == "audit":
@@ -409,7 +413,7 @@ def verify_bundle(path: Path, pinned_coordinator: bytes | None = None) -> Verify
                 if audit.contradictions(verdict, art):  # claims signed by the parties they name
                     return VerifyResult(False, kind, verdict.auditor, "the auditor saw other signed data than "
                                         "the bundle holds (its PASS may be honest; someone equivocated)")
-                if clearly_fails(finding, req.tolerance):
+                if clearly_fails(finding, audit.loosest_tolerance(req)):
                     return VerifyResult(True, kind, verdict.auditor, f"auditor {verdict.auditor} signed PASS for "
                                         f"{req.target.node_id[:8]} at {where}, but {finding.detail}")
                 return VerifyResult(False, kind, verdict.auditor, "the recomputation does not fail by more than "

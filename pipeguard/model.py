@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ def _dropout(x: torch.Tensor, p: float, rng: Randomness | None, layer: int, site
     if p == 0.0 or rng is None:
         return x
     g = _generator(rng.seed, "dropout", rng.step, rng.micro_batch, layer, site)
+    # Drawn on the host from a CPU generator, so that every device draws the same mask
+    # (a CUDA generator's stream differs); one host-to-device copy per dropout site.
     keep = torch.rand(x.shape, generator=g) >= p
-    return x * keep.to(x.dtype) / (1.0 - p)
+    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 # -- modules ---------------------------------------------------------------------------------
@@ -157,7 +160,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if q.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # The fused CUDA attention kernels' backward accumulates with atomics (not
+            # reproducible); the math kernel is, at the cost of (B, nh, T, T) memory.
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -392,5 +401,8 @@ def load_named_state(module: nn.Module, opt: torch.optim.Optimizer, named: dict[
             continue
         st = {}
         for key, v in keys.items():
-            st[key] = v.clone().reshape(p.shape) if v.numel() == p.numel() and key != "step" else v.clone().reshape(())
+            if v.numel() == p.numel() and key != "step":  # moments live with their parameter
+                st[key] = v.to(p.device, copy=True).reshape(p.shape)
+            else:  # AdamW's single-tensor step count stays on the host
+                st[key] = v.to("cpu", copy=True).reshape(())
         opt.state[p] = st

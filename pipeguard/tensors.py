@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import math
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator
@@ -117,15 +118,43 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
+class _Staging(threading.local):
+    """A host buffer, one per thread, that device tensors are copied into to be hashed."""
+
+    buf: torch.Tensor | None = None
+
+
+_staging = _Staging()
+STAGING_MIN_BYTES = 1 << 20
+
+
+def staged_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as ``tensor_bytes`` gives them, through a host buffer reused on this
+    thread (pinned when CUDA is available) for a tensor on an accelerator: no allocation per
+    tensor. The view is valid until the next call on this thread: consume it at once."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return tensor_bytes(t)
+    n = t.numel() * t.element_size()
+    buf = _staging.buf
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, STAGING_MIN_BYTES), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        _staging.buf = buf
+    host = buf[:n].view(t.dtype).view(t.shape)
+    host.copy_(t)  # synchronous: the bytes are there when it returns
+    return tensor_bytes(host)
+
+
 def state_digest(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
     """SHA-256 over (name, dtype, shape, bytes) of each tensor, in name order (so any party
-    holding the same named tensors, in any order, computes the same digest)."""
+    holding the same named tensors, in any order, computes the same digest). Tensors on an
+    accelerator are read through one reused host buffer (``staged_bytes``)."""
     h = hashlib.sha256(b"pipeguard-state\x00")
     for name, t in sorted(named, key=lambda item: item[0]):
         raw_name = name.encode()
         h.update(struct.pack(">I", len(raw_name)) + raw_name)
         h.update(_digest_prefix(wire_dtype(t.dtype), list(t.shape)))
-        h.update(tensor_bytes(t))
+        h.update(staged_bytes(t))
     return h.digest()
 
 

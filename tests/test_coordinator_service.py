@@ -193,6 +193,49 @@ def test_each_node_registers_its_build_and_exact_mode_admits_only_the_coordinato
     run(tolerant())
 
 
+def test_a_gpu_node_registers_its_device_class_and_is_audited_by_its_class_first(tmp_path):
+    """Issue 13: a node's device class (and CUDA version) is registered under its signature, shown
+    in status, kept across restarts; the scheduler picks an auditor of the target's class first and
+    falls back to another class (whose recomputation then applies audit.cross_device_tolerance)."""
+    h200 = pb.NodeBuild(torch_version=torch.__version__, device="cuda:NVIDIA H200", threads=1, cuda_version="12.8")
+    cpu = node_build(threads=1)
+
+    async def scenario():
+        async with coordinator_bed(tmp_path, audits=True) as bed:
+            target, gpu_peer, cpu_peer = Identity.generate(), Identity.generate(), Identity.generate()
+            await bed.register(target, build=h200)
+            await bed.register(cpu_peer, address="127.0.0.1:7102", build=cpu)
+            with pytest.raises(grpc.aio.AioRpcError) as forged:  # the build is under the node's signature
+                await _register_with_swapped_build(bed, gpu_peer, signed=cpu, sent=h200)
+            assert forged.value.code() == C.UNAUTHENTICATED
+            await bed.register(gpu_peer, address="127.0.0.1:7103", build=h200)
+            status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
+            shown = {n.node_id: n.build for n in status.nodes}
+            assert "cuda:NVIDIA H200 (CUDA 12.8)" in shown[target.node_id] and "cpu" in shown[cpu_peer.node_id]
+            rec = bed.registry.nodes[target.node_id]
+            assert NodeRecord.from_json(rec.to_json()).build == h200, "the class survives a restart"
+            for node in (target, gpu_peer, cpu_peer):
+                bed.registry.nodes[node.node_id].role = pb.ROLE_STANDBY
+            scheduler = bed.service.clock.audits
+            req = pb.AuditRequest(target=pb.PeerInfo(node_id=target.node_id))
+            picks = {scheduler._choose_auditor(req).node_id for _ in range(20)}
+            assert picks == {gpu_peer.node_id}, "an auditor of the target's class first"
+            bed.registry.nodes[gpu_peer.node_id].role = pb.ROLE_OFFLINE
+            assert scheduler._choose_auditor(req).node_id == cpu_peer.node_id, "else another class"
+
+    run(scenario())
+
+
+async def _register_with_swapped_build(bed: Bed, node: Identity, *, signed: pb.NodeBuild, sent: pb.NodeBuild):
+    """A registration signed over one build and sent with another."""
+    hello = await bed.hello()
+    req = pb.RegisterRequest(public_key=node.public_key, address="127.0.0.1:7103", challenge=hello.challenge,
+                             version="test", build=signed)
+    sign(req, node)
+    req.build.CopyFrom(sent)
+    return await bed.stub.Register(req, timeout=DEADLINE)
+
+
 def test_registering_again_keeps_one_record_and_updates_the_address(tmp_path):
     async def scenario():
         async with coordinator_bed(tmp_path) as bed:

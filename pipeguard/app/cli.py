@@ -2,10 +2,10 @@
 
     pipeguard status  --coordinator HOST:PORT [--json] [--watch]
     pipeguard admin   ban|unban|stop|audit-rate ... --coordinator HOST:PORT --token-file PATH
-    pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] ...
+    pipeguard testnet [--nodes 4] [--stages 3] [--steps 100] [--attack forward:reverse] [--device auto] ...
     pipeguard export  --coordinator HOST:PORT --out model.pt
     pipeguard sample  --model model.pt [--prompt TEXT] [--tokens N]
-    pipeguard verify  BUNDLE.pgev ...
+    pipeguard verify  BUNDLE.pgev ... [--device cpu]
     pipeguard keygen  PATH
 
 Commands that talk to a coordinator take ``--tls-ca/--tls-cert/--tls-key`` (or the daemons'
@@ -177,14 +177,21 @@ def _verify_cmd(args: argparse.Namespace) -> int:
 
     from pipeguard.evidence import verify_bundle
 
+    from pipeguard import device as devices
+
     pinned = bytes.fromhex(args.coordinator_key) if args.coordinator_key else None
+    try:
+        device = devices.resolve(args.device)
+    except ValueError as exc:
+        print(f"pipeguard verify: {exc}", file=sys.stderr)
+        return 2
     status = 0
     for path in args.bundles:
         if not Path(path).is_file():
             print(f"{path}: INVALID: no such file")
             status = 1
             continue
-        result = verify_bundle(Path(path), pinned)
+        result = verify_bundle(Path(path), pinned, device)
         word = "VALID" if result.valid else "INVALID"
         print(f"{path}: {word} ({result.kind}): {result.summary}")
         status |= 0 if result.valid else 1
@@ -259,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234, help="run seed")
     t.add_argument("--workdir", help="keep keys, state and logs here (default: a temporary directory)")
     t.add_argument("--no-compare", action="store_true", help="skip the clean single-process comparison")
+    t.add_argument("--device", default="auto", help="where the nodes compute: cpu, cuda, cuda:N or auto (default: "
+                   "cuda:0 when available, else cpu); nodes on one GPU share it")
+    t.add_argument("--auditor-device", help="device of the standby nodes (beyond --stages), e.g. cpu for a CPU "
+                   "auditor of GPU nodes (default: --device)")
     t.set_defaults(func=_testnet_cmd)
 
     x = sub.add_parser("experiment", help="run an experiment from benchmarks/ against local testnets")
@@ -289,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-check evidence bundles offline (exit 0 only if all are VALID)")
     v.add_argument("bundles", nargs="+", help="evidence bundle files (.pgev)")
     v.add_argument("--coordinator-key", help="require audit orders signed by this coordinator key (hex)")
+    v.add_argument("--device", default="cpu", help="where to recompute: cpu (default), cuda, cuda:N or auto")
     v.set_defaults(func=_verify_cmd)
 
     k = sub.add_parser("keygen", help="create (or show) an Ed25519 key file")

@@ -54,6 +54,14 @@ def run_testnet(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pipeguard testnet: {exc}", file=sys.stderr)
         return 2
+    from pipeguard import device as devices
+
+    try:
+        for where in {args.device, args.auditor_device or args.device}:
+            devices.resolve(where)
+    except ValueError as exc:
+        print(f"pipeguard testnet: {exc}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pipeguard-testnet-"))
     net = LocalTestnet(workdir, run)
     tty = sys.stdout.isatty()
@@ -70,16 +78,17 @@ def run_testnet(args: argparse.Namespace) -> int:
         for i in range(args.nodes):
             # Nodes register one at a time so stage i goes to node i and the malicious one lands
             # on --malicious-stage; nodes beyond --stages stand by.
-            extra: list[str] = []
-            if i == args.malicious_stage and attacks:
+            extra: list[str] = ["--device", (args.auditor_device or args.device) if i >= args.stages else args.device]
+            malicious = bool(i == args.malicious_stage and attacks)
+            if malicious:
                 for a in attacks:
                     extra += ["--attack", a]
                 extra += ["--attack-rate", str(args.attack_rate)]
             node = net.start_node(*extra)
             net.wait_registered(i + 1)
             role = f"stage {i}" if i < args.stages else "standby"
-            note = f"  MALICIOUS: {'+'.join(attacks)} at rate {args.attack_rate}" if extra else ""
-            if extra:
+            note = f"  MALICIOUS: {'+'.join(attacks)} at rate {args.attack_rate}" if malicious else ""
+            if malicious:
                 malicious_id = node.node_id
             print(f"  node {node.node_id[:8]}  {node.address:<21} {role}{note}")
         t0 = time.monotonic()

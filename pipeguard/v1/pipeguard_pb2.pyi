@@ -178,14 +178,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., challenge: _Optional[bytes] = ..., version: _Optional[str] = ..., signature: _Optional[bytes] = ..., build: _Optional[_Union[NodeBuild, _Mapping]] = ...) -> None: ...
 
 class NodeBuild(_message.Message):
-    __slots__ = ("torch_version", "device", "threads")
+    __slots__ = ("torch_version", "device", "threads", "cuda_version")
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_VERSION_FIELD_NUMBER: _ClassVar[int]
     torch_version: str
     device: str
     threads: int
-    def __init__(self, torch_version: _Optional[str] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+    cuda_version: str
+    def __init__(self, torch_version: _Optional[str] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ..., cuda_version: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id", "run_id", "heartbeat_interval_ms")
@@ -268,7 +270,7 @@ class ModelSpec(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight", "retention_steps")
+    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight", "retention_steps", "compute_dtype")
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +284,7 @@ class TrainSpec(_message.Message):
     GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     RETENTION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     seed: int
     micro_batches: int
     micro_batch_size: int
@@ -295,7 +298,8 @@ class TrainSpec(_message.Message):
     grad_clip: float
     max_in_flight: int
     retention_steps: int
-    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., retention_steps: _Optional[int] = ...) -> None: ...
+    compute_dtype: str
+    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., retention_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
 
 class PeerInfo(_message.Message):
     __slots__ = ("node_id", "address", "public_key", "stage")
@@ -582,7 +586,7 @@ class FetchCheckpointRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest", "attempt", "session")
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest", "attempt", "session", "target_device", "cross_device_tolerance")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -606,6 +610,8 @@ class AuditRequest(_message.Message):
     TOKENS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CROSS_DEVICE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     kind: AuditKind
@@ -629,7 +635,9 @@ class AuditRequest(_message.Message):
     tokens_digest: bytes
     attempt: int
     session: bytes
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ..., attempt: _Optional[int] = ..., session: _Optional[bytes] = ...) -> None: ...
+    target_device: str
+    cross_device_tolerance: float
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ..., attempt: _Optional[int] = ..., session: _Optional[bytes] = ..., target_device: _Optional[str] = ..., cross_device_tolerance: _Optional[float] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
     __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments", "order_digest")
