@@ -90,8 +90,8 @@ def grpc_receiver(size: int, chunk_bytes: int, sender_key_hex: str) -> None:
     from pipeguard.config import NetConfig
     from pipeguard.errors import abort_on_error
     from pipeguard.identity import PublicIdentity
-    from pipeguard.rpc import install_event_loop_policy, start_server
-    from pipeguard.tensors import receive_tensor
+    from pipeguard.rpc import install_event_loop_policy, parses_requests_with, start_server
+    from pipeguard.tensors import parse_chunk, receive_tensor
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -99,6 +99,7 @@ def grpc_receiver(size: int, chunk_bytes: int, sender_key_hex: str) -> None:
 
     class Receiver(pb_grpc.NodeServicer):
         @abort_on_error
+        @parses_requests_with(parse_chunk)  # as node/service.py's PushTensor
         async def PushTensor(self, request_iterator, context) -> pb.PushReply:
             rt = await receive_tensor(request_iterator, max_tensor_bytes=size, admit=lambda header: sender)
             return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())

@@ -85,13 +85,26 @@ def set_log_prefix(prefix: str) -> None:
         handler.setFormatter(logging.Formatter(fmt))
 
 
+def parses_requests_with(parse: Callable[[bytes], object]):
+    """Decorate a servicer method: ``RejectMalformed`` parses its requests with ``parse`` (raw
+    bytes in; a ``DecodeError`` for malformed input) instead of the generated deserializer. For
+    PushTensor, whose chunks ``pipeguard.tensors.parse_chunk`` reads without copying the payload."""
+
+    def mark(method):
+        method.request_parser = parse
+        return method
+
+    return mark
+
+
 class RejectMalformed(grpc.aio.ServerInterceptor):
     """Answer a request whose bytes do not parse as its message with INVALID_ARGUMENT.
 
     grpc parses requests before the servicer runs and answers a parse failure with UNKNOWN;
     this interceptor takes the parsing over so that malformed input gets a precise status, is
     logged, and (for a stream) the handler's own error path runs. Every server of pipeguard
-    installs it (``start_server``).
+    installs it (``start_server``). A method marked with ``parses_requests_with`` is parsed
+    with its own parser.
     """
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -99,6 +112,9 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         parse, method = handler.request_deserializer, handler_call_details.method
+        behaviour = (handler.stream_unary or handler.stream_stream or handler.unary_unary
+                     or handler.unary_stream)
+        parse = getattr(behaviour, "request_parser", parse)
 
         def parsed(raw: bytes):
             try:
