@@ -1,17 +1,20 @@
 """Tensors on the wire: raw bytes + dtype + shape, streamed in chunks, never pickled.
 
 The first chunk carries the ``TensorHeader``; the last carries the payload digest and the
-sender's signature over the ``TensorCommitment``. Sender and receiver both hash while the
-chunks flow. The receiver checks the claimed size against its limit and the header against
-what its stage expects *before* allocating, then assembles the bytes into one preallocated
-buffer that becomes the tensor without another copy.
+sender's signature over the ``TensorCommitment``. The header names the digest's hash
+(``digest_algorithm``: BLAKE3 from this build's senders, SHA-256 in headers that name none, as
+every tensor signed before the field had), so any party can recompute a commitment's digest
+with the hash its signer committed to (``payload_digest``). Sender and receiver both hash while
+the chunks flow. The receiver checks the claimed size, the algorithm and the header against what
+its stage expects *before* allocating, then assembles the bytes into one preallocated buffer
+that becomes the tensor without another copy.
 
-Hashing a large payload costs as much CPU as moving it, so for large chunks it runs on a
-small worker pool (SHA-256 releases the GIL): the sender hashes chunk k+1 while gRPC writes
-chunk k, and the receiver hashes chunk k while it already waits for chunk k+1 — a receiver
-with a read outstanding keeps HTTP/2 flow control open, so the two sides overlap instead of
-taking turns (benchmarks/transport.py measures it). The first chunk sent and the last chunk
-received are hashed inline: nothing overlaps them, and a thread hop adds latency.
+Copies and page faults cost as much as hashing here, so the path keeps both down: the sender
+builds each serialised chunk with one copy of the payload (``wire_chunks``); PushTensor's chunks
+are parsed by ``parse_chunk``, which leaves the payload in the bytes gRPC delivered, so it is
+hashed and copied once, straight into the tensor; the receive buffer is mapped for huge pages
+(``_payload_buffer``). Chunks of ``OFFLOAD_BYTES`` or more are hashed on a small worker pool
+(BLAKE3 and SHA-256 release the GIL) while the next one is read or written; smaller ones inline.
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_DIMS = 8
 MAX_DIM = 2**63 - 1
 """Largest dimension a shape may have (torch sizes are int64; the wire's are uint64)."""
-OFFLOAD_BYTES = 256 * 1024
-"""Chunks at least this large are hashed on the worker pool; smaller ones inline (a thread hop
-costs more than hashing a few KiB)."""
+OFFLOAD_BYTES = 4 * 1024 * 1024
+"""Chunks at least this large are hashed (and copied) on the worker pool; smaller ones inline on
+the event loop. BLAKE3 hashes 1 MiB (the default chunk) in ~0.25 ms here, and gRPC's own threads
+keep moving bytes meanwhile, so at that size a thread hop costs more than it overlaps: on these
+shared 2-core machines pooled 1 MiB chunks reached 0.27-0.37 of raw TCP, inline ones 0.34-0.49,
+same runs (benchmarks/README.md)."""
 _hash_pool: ThreadPoolExecutor | None = None
 
 
