@@ -53,7 +53,7 @@ OFFLOAD_BYTES = 4 * 1024 * 1024
 """Chunks at least this large are hashed (and copied) on the worker pool; smaller ones inline on
 the event loop. BLAKE3 hashes 1 MiB (the default chunk) in ~0.25 ms here, and gRPC's own threads
 keep moving bytes meanwhile, so at that size a thread hop costs more than it overlaps: on these
-shared 2-core machines pooled 1 MiB chunks reached 0.27-0.37 of raw TCP, inline ones 0.34-0.49,
+shared 2-core machines pooled 1 MiB chunks reached 0.27-0.38 of raw TCP, inline ones 0.34-0.49,
 same runs (benchmarks/README.md)."""
 _hash_pool: ThreadPoolExecutor | None = None
 
