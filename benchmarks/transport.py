@@ -5,13 +5,16 @@
 Two receiver processes are started on loopback (port 0):
 
 * raw:  a TCP socket that ``recv_into``s a preallocated ``bytearray`` and acks with one byte;
-* grpc: a grpc.aio server whose ``PushTensor`` runs ``pipeguard.tensors.receive_tensor``
-  (size check, SHA-256 of the payload, Ed25519 signature, torch tensor over the bytes).
+* grpc: a grpc.aio server whose ``PushTensor`` runs ``pipeguard.tensors.receive_tensor`` on
+  chunks parsed by ``parse_chunk``, as the node's does (size check, BLAKE3 of the payload,
+  Ed25519 signature, torch tensor over the bytes). Both processes set up the allocator as the
+  daemons do (``pipeguard.rpc.retain_freed_memory``).
 
 This process is the sender for both: raw ``sendall`` of the tensor's bytes, and
 ``node.peers.PeerPool.push`` (chunking, hashing and signing in ``TensorSender``). Runs are
 interleaved (raw, grpc, raw, grpc, ...) after warm-up; each run is timed from the first
-byte sent to the receiver's answer. Medians are reported; the figure of merit is the median
+byte sent to the receiver's answer. CPU time and minor page faults of both processes are
+counted per transfer. Medians are reported; the figure of merit is the median
 of the per-pair ratios grpc/raw. This is a benchmark, not a test: it prints figures and
 asserts nothing about them.
 """
@@ -90,8 +93,8 @@ def grpc_receiver(size: int, chunk_bytes: int, sender_key_hex: str) -> None:
     from pipeguard.config import NetConfig
     from pipeguard.errors import abort_on_error
     from pipeguard.identity import PublicIdentity
-    from pipeguard.rpc import install_event_loop_policy, start_server
-    from pipeguard.tensors import receive_tensor
+    from pipeguard.rpc import install_event_loop_policy, parses_requests_with, retain_freed_memory, start_server
+    from pipeguard.tensors import parse_chunk, receive_tensor
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -99,6 +102,7 @@ def grpc_receiver(size: int, chunk_bytes: int, sender_key_hex: str) -> None:
 
     class Receiver(pb_grpc.NodeServicer):
         @abort_on_error
+        @parses_requests_with(parse_chunk)  # as node/service.py's PushTensor
         async def PushTensor(self, request_iterator, context) -> pb.PushReply:
             rt = await receive_tensor(request_iterator, max_tensor_bytes=size, admit=lambda header: sender)
             return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())
@@ -131,7 +135,8 @@ def grpc_receiver(size: int, chunk_bytes: int, sender_key_hex: str) -> None:
         finally:
             await server.stop(grace=0.5)
 
-    install_event_loop_policy()
+    install_event_loop_policy()  # as the node daemon does (pipeguard.rpc.run_daemon)
+    retain_freed_memory()
     asyncio.run(serve())
     os._exit(0)  # the stdin reader thread may still block
 
@@ -164,6 +169,16 @@ def cpu_seconds(pid: int | None = None) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def page_faults(pid: int | None = None) -> int:
+    """Minor page faults of a process so far (this process when ``pid`` is None): each first
+    touch of fresh memory, a cost that copies into new buffers pay on top of the copy."""
+    try:
+        fields = Path(f"/proc/{pid or 'self'}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[7])  # minflt
 
 
 def stop_child(proc: subprocess.Popen) -> None:
@@ -241,19 +256,22 @@ async def measure(opts: argparse.Namespace) -> dict:
     seconds: dict[str, list[float]] = {k: [] for k in arms}
     cpu = {k: [0.0, 0.0] for k in arms}
     """CPU seconds over all measured runs: [sender, receiver]."""
+    faults = {k: [0, 0] for k in arms}
+    """Minor page faults over all measured runs: [sender, receiver]."""
     try:
         for _ in range(opts.warmup):
             for fn, _proc in arms.values():
                 await fn()
         for _ in range(opts.reps):
             for name, (fn, proc) in arms.items():
-                c0 = cpu_seconds(), cpu_seconds(proc.pid)
+                c0, f0 = (cpu_seconds(), cpu_seconds(proc.pid)), (page_faults(), page_faults(proc.pid))
                 t0 = time.perf_counter()
                 await fn()
                 seconds[name].append(time.perf_counter() - t0)
-                c1 = cpu_seconds(), cpu_seconds(proc.pid)
-                cpu[name][0] += c1[0] - c0[0]
-                cpu[name][1] += c1[1] - c0[1]
+                c1, f1 = (cpu_seconds(), cpu_seconds(proc.pid)), (page_faults(), page_faults(proc.pid))
+                for side in (0, 1):
+                    cpu[name][side] += c1[side] - c0[side]
+                    faults[name][side] += f1[side] - f0[side]
     finally:
         raw.close()
         await bare_channel.close()
@@ -284,6 +302,8 @@ async def measure(opts: argparse.Namespace) -> dict:
         "goal_ratio": GOAL_RATIO,
         "cpu_ms_per_transfer": {k: {"sender": 1e3 * v[0] / opts.reps, "receiver": 1e3 * v[1] / opts.reps}
                                 for k, v in cpu.items()},
+        "page_faults_per_transfer": {k: {"sender": v[0] / opts.reps, "receiver": v[1] / opts.reps}
+                                     for k, v in faults.items()},
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
@@ -294,10 +314,11 @@ def local_costs(size: int, chunk_bytes: int, reps: int = 3) -> dict:
     """Single-process costs of the pieces of the signed path, for context (best of ``reps``)."""
     import hashlib
 
+    import blake3
     import torch
 
     from pipeguard.identity import Identity
-    from pipeguard.tensors import TensorSender, make_header, tensor_bytes
+    from pipeguard.tensors import TensorSender, make_header, parse_chunk, tensor_bytes
     from pipeguard.v1 import pipeguard_pb2 as pb
 
     t = torch.randn(size // 4)
@@ -322,6 +343,8 @@ def local_costs(size: int, chunk_bytes: int, reps: int = 3) -> dict:
     mb = size / 1e6
     return {
         "sha256_mb_per_s": mb / best(lambda: hashlib.sha256(view).digest()),
+        "blake3_mb_per_s": mb / best(lambda: blake3.blake3(view).digest()),
+        "receiver_parse_chunk_mb_per_s": mb / best(lambda: [parse_chunk(m).data for m in messages]),
         "sender_wire_chunks_mb_per_s": mb / best(lambda: asyncio.run(wire())),
         "receiver_parse_and_data_mb_per_s": mb / best(lambda: [pb.TensorChunk.FromString(m).data for m in messages]),
     }
@@ -339,8 +362,10 @@ def report(r: dict) -> None:
     for key, label in labels.items():
         v = r["mb_per_s"][key]
         c = r["cpu_ms_per_transfer"][key]
+        f = r["page_faults_per_transfer"][key]
         print(f"  {label:37s} median {r['mb_per_s_median'][key]:6.0f} MB/s  [{min(v):.0f} .. {max(v):.0f}]  "
-              f"CPU ms/transfer sender {c['sender']:4.1f} receiver {c['receiver']:4.1f}")
+              f"CPU ms/transfer sender {c['sender']:4.1f} receiver {c['receiver']:4.1f}  "
+              f"page faults {f['sender']:4.0f} / {f['receiver']:4.0f}")
     ok = "meets" if r["ratio_median"] >= r["goal_ratio"] else "BELOW"
     print(f"  ratio signed/raw: {r['ratio_median']:.2f} (median of pairs; ratio of medians "
           f"{r['ratio_of_medians']:.2f}); goal >= {r['goal_ratio']} -> {ok} goal")
@@ -349,8 +374,10 @@ def report(r: dict) -> None:
     if "local" in r:
         c = r["local"]
         print("  single-process costs (best of 3), MB/s: "
-              f"SHA-256 {c['sha256_mb_per_s']:.0f}; sender TensorSender.wire_chunks (hash, sign, one copy) "
-              f"{c['sender_wire_chunks_mb_per_s']:.0f}; receiver TensorChunk.FromString + .data (two copies) "
+              f"SHA-256 {c['sha256_mb_per_s']:.0f}; BLAKE3 {c['blake3_mb_per_s']:.0f} (the digest signed now: the "
+              f"hashing limit); sender TensorSender.wire_chunks (hash, sign, one copy) "
+              f"{c['sender_wire_chunks_mb_per_s']:.0f}; receiver parse_chunk (no copy) "
+              f"{c['receiver_parse_chunk_mb_per_s']:.0f}, TensorChunk.FromString + .data (two copies) "
               f"{c['receiver_parse_and_data_mb_per_s']:.0f}")
     print("  (MB = 10^6 bytes; CPU time from /proc in ~10 ms clock ticks, averaged over the runs)")
 
@@ -380,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= opts.reps <= 1000 or not 0 <= opts.warmup <= 100 or not 0 < opts.size_mb <= 1024:
         p.error("--reps must be 1..1000, --warmup 0..100, --size-mb in (0, 1024]")
 
-    from pipeguard.rpc import install_event_loop_policy
+    from pipeguard.rpc import install_event_loop_policy, retain_freed_memory
 
-    install_event_loop_policy()  # as the node daemon does
+    install_event_loop_policy()  # as the node daemon does (pipeguard.rpc.run_daemon)
+    retain_freed_memory()
     result = asyncio.run(measure(opts))
     if not opts.no_local:
         result["local"] = local_costs(result["tensor_bytes"], opts.chunk_bytes)

@@ -548,10 +548,10 @@ class Replay(Behaviour):
 def sign_tensor_commitment(header, tensor: torch.Tensor, signer):
     """A fresh ``pb.TensorCommitment`` by ``signer`` over ``tensor`` under ``header``."""
     from pipeguard.signing import canonical_bytes
-    from pipeguard.tensors import tensor_digest
+    from pipeguard.tensors import payload_digest
     from pipeguard.v1 import pipeguard_pb2 as pb
 
-    commitment = pb.TensorCommitment(header=header, payload_digest=tensor_digest(tensor))
+    commitment = pb.TensorCommitment(header=header, payload_digest=payload_digest(header, tensor))
     commitment.signature = signer.sign(canonical_bytes(commitment))
     return commitment
 

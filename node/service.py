@@ -34,9 +34,9 @@ from pipeguard.errors import (
 from pipeguard import claims
 from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.model import lr_at
-from pipeguard.rpc import BUSY
+from pipeguard.rpc import BUSY, parses_requests_with
 from pipeguard.signing import sign
-from pipeguard.tensors import receive_tensor, signed_chunks, state_chunks
+from pipeguard.tensors import parse_chunk, receive_tensor, signed_chunks, state_chunks
 from pipeguard.audit import MAX_FETCH_TENSORS
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -271,6 +271,7 @@ class NodeService(pb_grpc.NodeServicer):
     # -- tensors -------------------------------------------------------------------------------
 
     @abort_on_error
+    @parses_requests_with(parse_chunk)  # chunks arrive as WireChunks: the payload is not copied
     async def PushTensor(self, request_iterator, context) -> pb.PushReply:
         return await self._receive(request_iterator, context)
 

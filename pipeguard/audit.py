@@ -61,6 +61,7 @@ from pipeguard.v1 import pipeguard_pb2 as pb
 log = logging.getLogger(__name__)
 
 FORWARD, BACKWARD = pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD
+SHA256 = pb.DIGEST_ALGORITHM_SHA256
 DEFAULT_TOLERANCE = 1e-4
 """The default ``audit.tolerance`` (coordinator/config.py keeps the same literal; tests/test_tolerance.py
 checks they agree): see the module docstring for how it was calibrated."""
@@ -121,10 +122,12 @@ def tokens_for(req: pb.AuditRequest, dataset: Dataset) -> dict[int, tuple[torch.
 
 
 def tokens_digest(tokens: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bytes:
+    """What an audit order signs about its tokens: SHA-256 throughout, whatever tensors are sent with
+    (the order's signature, in old bundles too, covers this exact value)."""
     h = hashlib.sha256(b"pipeguard-tokens\x00")
     for mb in sorted(tokens):
         x, y = tokens[mb]
-        h.update(mb.to_bytes(4, "big") + tensor_digest(x) + tensor_digest(y))
+        h.update(mb.to_bytes(4, "big") + tensor_digest(x, SHA256) + tensor_digest(y, SHA256))
     return h.digest()
 
 

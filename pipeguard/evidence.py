@@ -58,7 +58,7 @@ from pipeguard.computation import REFEREE_THREADS, Determinism, StageComputation
 from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
-from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_nbytes, tensor_bytes, tensor_digest
+from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_digest, payload_nbytes, tensor_bytes
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 FORMAT = "pipeguard-evidence/1"
@@ -328,7 +328,11 @@ class _Reader:
         commitment = self.claim(name, pb.TensorCommitment)
         tensor = self.tensor(name)
         claims.sent_tensor(commitment, signer, what=name, unbound=BundleError)
-        if tensor_digest(tensor) != commitment.payload_digest:
+        try:
+            digest = payload_digest(commitment.header, tensor)  # the hash the signed header names
+        except PipeguardError as exc:
+            raise BundleError(f"{name}: {exc}") from None
+        if digest != commitment.payload_digest:
             raise BundleError(f"{name}: tensor bytes do not match the signed digest")
         return ReceivedTensor(commitment=commitment, tensor=tensor)
 

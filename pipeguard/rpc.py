@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import inspect
 import json
 import logging
@@ -48,12 +49,38 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
+"""Allocations below this come from glibc's heap, not a mapping of their own (glibc's dynamic
+threshold reaches the same ceiling, but only after it has unmapped a few)."""
+MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
+"""Free memory glibc keeps at the top of its heap before handing it back to the OS."""
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc (where it is the allocator) keep freed memory for reuse; True if it took the settings.
+
+    Each gRPC message reaches Python as a fresh bytes object (1 MiB per tensor chunk, and the
+    sender builds one per chunk too). With glibc's defaults those are freed back to the OS at
+    once, so the next ones fault in every page again: ~3800 page faults per 16 MiB received,
+    measured here (benchmarks/transport.py), costing about as much as hashing the bytes. Every
+    daemon calls this at start (``run_daemon``); it holds at most ``MALLOC_TRIM_THRESHOLD`` of
+    free memory per arena."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+
+
 def run_daemon(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run ``serve(stop)`` on a fresh event loop until it returns; SIGINT/SIGTERM set ``stop``.
 
     Returns the daemon's exit status: 0, or 1 after logging why it failed (the traceback only at
     DEBUG: a startup failure should read as one plain line)."""
     install_event_loop_policy()
+    retain_freed_memory()
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -85,13 +112,26 @@ def set_log_prefix(prefix: str) -> None:
         handler.setFormatter(logging.Formatter(fmt))
 
 
+def parses_requests_with(parse: Callable[[bytes], object]):
+    """Decorate a servicer method: ``RejectMalformed`` parses its requests with ``parse`` (raw
+    bytes in; a ``DecodeError`` for malformed input) instead of the generated deserializer. For
+    PushTensor, whose chunks ``pipeguard.tensors.parse_chunk`` reads without copying the payload."""
+
+    def mark(method):
+        method.request_parser = parse
+        return method
+
+    return mark
+
+
 class RejectMalformed(grpc.aio.ServerInterceptor):
     """Answer a request whose bytes do not parse as its message with INVALID_ARGUMENT.
 
     grpc parses requests before the servicer runs and answers a parse failure with UNKNOWN;
     this interceptor takes the parsing over so that malformed input gets a precise status, is
     logged, and (for a stream) the handler's own error path runs. Every server of pipeguard
-    installs it (``start_server``).
+    installs it (``start_server``). A method marked with ``parses_requests_with`` is parsed
+    with its own parser.
     """
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -99,6 +139,9 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         parse, method = handler.request_deserializer, handler_call_details.method
+        behaviour = (handler.stream_unary or handler.stream_stream or handler.unary_unary
+                     or handler.unary_stream)
+        parse = getattr(behaviour, "request_parser", parse)
 
         def parsed(raw: bytes):
             try:

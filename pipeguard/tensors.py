@@ -1,17 +1,20 @@
 """Tensors on the wire: raw bytes + dtype + shape, streamed in chunks, never pickled.
 
 The first chunk carries the ``TensorHeader``; the last carries the payload digest and the
-sender's signature over the ``TensorCommitment``. Sender and receiver both hash while the
-chunks flow. The receiver checks the claimed size against its limit and the header against
-what its stage expects *before* allocating, then assembles the bytes into one preallocated
-buffer that becomes the tensor without another copy.
+sender's signature over the ``TensorCommitment``. The header names the digest's hash
+(``digest_algorithm``: BLAKE3 from this build's senders, SHA-256 in headers that name none, as
+every tensor signed before the field had), so any party can recompute a commitment's digest
+with the hash its signer committed to (``payload_digest``). Sender and receiver both hash while
+the chunks flow. The receiver checks the claimed size, the algorithm and the header against what
+its stage expects *before* allocating, then assembles the bytes into one preallocated buffer
+that becomes the tensor without another copy.
 
-Hashing a large payload costs as much CPU as moving it, so for large chunks it runs on a
-small worker pool (SHA-256 releases the GIL): the sender hashes chunk k+1 while gRPC writes
-chunk k, and the receiver hashes chunk k while it already waits for chunk k+1 — a receiver
-with a read outstanding keeps HTTP/2 flow control open, so the two sides overlap instead of
-taking turns (benchmarks/transport.py measures it). The first chunk sent and the last chunk
-received are hashed inline: nothing overlaps them, and a thread hop adds latency.
+Copies and page faults cost as much as hashing here, so the path keeps both down: the sender
+builds each serialised chunk with one copy of the payload (``wire_chunks``); PushTensor's chunks
+are parsed by ``parse_chunk``, which leaves the payload in the bytes gRPC delivered, so it is
+hashed and copied once, straight into the tensor; the receive buffer is mapped for huge pages
+(``_payload_buffer``). Chunks of ``OFFLOAD_BYTES`` or more are hashed on a small worker pool
+(BLAKE3 and SHA-256 release the GIL) while the next one is read or written; smaller ones inline.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import asyncio
 import ctypes
 import hashlib
 import math
+import mmap
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
+import blake3
 import torch
+from google.protobuf.message import DecodeError
 
 from pipeguard.errors import DataLoss, InvalidArgument, ResourceExhausted
 from pipeguard.identity import Identity, PublicIdentity
@@ -44,9 +50,12 @@ WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_DIMS = 8
 MAX_DIM = 2**63 - 1
 """Largest dimension a shape may have (torch sizes are int64; the wire's are uint64)."""
-OFFLOAD_BYTES = 256 * 1024
-"""Chunks at least this large are hashed on the worker pool; smaller ones inline (a thread hop
-costs more than hashing a few KiB)."""
+OFFLOAD_BYTES = 4 * 1024 * 1024
+"""Chunks at least this large are hashed (and copied) on the worker pool; smaller ones inline on
+the event loop. BLAKE3 hashes 1 MiB (the default chunk) in ~0.25 ms here, and gRPC's own threads
+keep moving bytes meanwhile, so at that size a thread hop costs more than it overlaps: on these
+shared 2-core machines pooled 1 MiB chunks reached 0.27-0.38 of raw TCP, inline ones 0.34-0.49,
+same runs (benchmarks/README.md)."""
 _hash_pool: ThreadPoolExecutor | None = None
 
 
@@ -100,20 +109,37 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr).cast("B")
 
 
+PAYLOAD_DIGEST = pb.DIGEST_ALGORITHM_BLAKE3
+"""The hash this build's senders name in every tensor header they make (``make_header``): BLAKE3
+hashes ~2.5x faster than SHA-256 on one core and releases the GIL. Receivers and ``pipeguard
+verify`` accept every algorithm in ``DIGEST_ALGORITHMS``, whatever this is."""
+DIGEST_ALGORITHMS: dict[int, Callable[[], object]] = {
+    pb.DIGEST_ALGORITHM_UNSPECIFIED: hashlib.sha256,  # tensors signed before the field existed
+    pb.DIGEST_ALGORITHM_SHA256: hashlib.sha256,
+    pb.DIGEST_ALGORITHM_BLAKE3: blake3.blake3,
+}
+"""Payload digest algorithms a commitment may name, and the hash each stands for (32-byte digests)."""
+
+
 def _digest_prefix(dtype: int, shape) -> bytes:
     return b"pipeguard-tensor\x00" + struct.pack(f">II{len(shape)}Q", dtype, len(shape), *shape)
 
 
-def new_payload_hash(dtype: int, shape) -> "hashlib._Hash":
-    """A SHA-256 object primed with dtype and shape; feed it the payload bytes."""
-    h = hashlib.sha256()
+def new_payload_hash(dtype: int, shape, algorithm: int = PAYLOAD_DIGEST):
+    """A hash object of ``algorithm`` (a ``DigestAlgorithm``: what the header names) primed with
+    dtype and shape; feed it the payload bytes. An unknown algorithm is InvalidArgument."""
+    try:
+        h = DIGEST_ALGORITHMS[algorithm]()
+    except KeyError:
+        raise InvalidArgument(f"unknown payload digest algorithm {algorithm} (known: "
+                              f"{', '.join(pb.DigestAlgorithm.Name(a) for a in DIGEST_ALGORITHMS)})") from None
     h.update(_digest_prefix(dtype, shape))
     return h
 
 
-def tensor_digest(t: torch.Tensor) -> bytes:
-    """The payload digest a TensorCommitment over ``t`` would carry."""
-    h = new_payload_hash(wire_dtype(t.dtype), list(t.shape))
+def tensor_digest(t: torch.Tensor, algorithm: int = PAYLOAD_DIGEST) -> bytes:
+    """The payload digest of ``t`` under ``algorithm`` (the one ``make_header`` names by default)."""
+    h = new_payload_hash(wire_dtype(t.dtype), list(t.shape), algorithm)
     h.update(tensor_bytes(t))
     return h.digest()
 
@@ -145,6 +171,12 @@ def staged_bytes(t: torch.Tensor) -> memoryview:
     return tensor_bytes(host)
 
 
+def payload_digest(header: pb.TensorHeader, t: torch.Tensor) -> bytes:
+    """The payload digest a TensorCommitment under ``header`` over ``t`` carries: the hash the
+    header names (SHA-256 for a header that names none), whatever this build sends with."""
+    return tensor_digest(t, header.digest_algorithm)
+
+
 def state_digest(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
     """SHA-256 over (name, dtype, shape, bytes) of each tensor, in name order (so any party
     holding the same named tensors, in any order, computes the same digest). Tensors on an
@@ -169,8 +201,10 @@ def make_header(
     receiver: str,
     tensor: torch.Tensor,
     epoch: int = 0,
+    digest_algorithm: int = PAYLOAD_DIGEST,
 ) -> pb.TensorHeader:
     return pb.TensorHeader(
+        digest_algorithm=digest_algorithm,
         epoch=epoch,
         run_id=run_id,
         step=step,
@@ -206,14 +240,14 @@ class TensorSender:
     def _starts(self) -> range:
         return range(0, max(len(self.payload), 1), self.chunk_bytes)
 
-    def _commit(self, h: "hashlib._Hash") -> pb.TensorCommitment:
+    def _commit(self, h) -> pb.TensorCommitment:
         commitment = pb.TensorCommitment(header=self.header, payload_digest=h.digest())
         commitment.signature = self.identity.sign(canonical_bytes(commitment))
         self.commitment = commitment
         return commitment
 
     def chunks(self) -> Iterator[pb.TensorChunk]:
-        h = new_payload_hash(self.header.dtype, self.header.shape)
+        h = new_payload_hash(self.header.dtype, self.header.shape, self.header.digest_algorithm)
         starts = self._starts()
         last = len(starts) - 1
         for i, start in enumerate(starts):
@@ -231,7 +265,7 @@ class TensorSender:
 
     async def wire_chunks(self) -> AsyncIterator[bytes]:
         """Serialised ``TensorChunk``s; chunk k+1 is hashed on the worker pool while k is sent."""
-        h = new_payload_hash(self.header.dtype, self.header.shape)
+        h = new_payload_hash(self.header.dtype, self.header.shape, self.header.digest_algorithm)
         starts = self._starts()
         last = len(starts) - 1
         head = pb.TensorChunk(header=self.header).SerializeToString()  # field 1
@@ -281,6 +315,134 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+class WireChunk:
+    """A ``TensorChunk`` read from its wire bytes (``parse_chunk``) without copying the payload:
+    ``data`` is a view into those bytes; every other field is parsed by protobuf as usual."""
+
+    __slots__ = ("raw", "start", "size", "fields")
+
+    def __init__(self, raw: bytes, start: int, size: int, fields: pb.TensorChunk):
+        self.raw = raw
+        self.start = start
+        """Offset of the payload slice in ``raw``."""
+        self.size = size
+        """Payload bytes (0 when the chunk carries none)."""
+        self.fields = fields
+        """The chunk's other fields (header, payload digest, signatures)."""
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.raw)[self.start : self.start + self.size]
+
+    @property
+    def header(self) -> pb.TensorHeader:
+        return self.fields.header
+
+    @property
+    def payload_digest(self) -> bytes:
+        return self.fields.payload_digest
+
+    @property
+    def signature(self) -> bytes:
+        return self.fields.signature
+
+    @property
+    def header_signature(self) -> bytes:
+        return self.fields.header_signature
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf method it stands in for
+        return self.fields.HasField(name)
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return len(self.raw)
+
+
+_DATA_FIELD_TAG = (2 << 3) | 2  # TensorChunk.data: field 2, wire type LEN
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if pos >= len(raw):
+            raise DecodeError("truncated varint")
+        b = raw[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise DecodeError("varint longer than 10 bytes")
+
+
+def parse_chunk(raw: bytes) -> WireChunk:
+    """Parse a serialised ``TensorChunk`` (PushTensor's request parser, ``rpc.parses_requests_with``).
+
+    Walks the top-level fields: the payload (field 2) stays where it is in ``raw``, and the rest
+    (a few hundred bytes at most) is parsed by ``TensorChunk.FromString``, so every field but the
+    payload has protobuf's own semantics and checks. Stricter than protobuf in one way: a chunk
+    carrying its payload field twice is malformed (``DecodeError``), not "last one wins"."""
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    pos, n = 0, len(raw)
+    found: tuple[int, int, int] | None = None  # (tag offset, payload offset, end) of field 2
+    while pos < n:
+        tag_at = pos
+        tag, pos = _read_varint(raw, pos)
+        wire = tag & 7
+        body = pos
+        if wire == 0:
+            _, pos = _read_varint(raw, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, body = _read_varint(raw, pos)
+            pos = body + length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise DecodeError(f"TensorChunk: unsupported wire type {wire} at byte {tag_at}")
+        if pos > n:
+            raise DecodeError(f"TensorChunk: field at byte {tag_at} runs past the message end")
+        if tag == _DATA_FIELD_TAG:
+            if found is not None:
+                raise DecodeError("TensorChunk: payload field repeated in one chunk")
+            found = (tag_at, body, pos)
+    if found is None:
+        return WireChunk(raw, 0, 0, pb.TensorChunk.FromString(raw))
+    tag_at, body, end = found
+    return WireChunk(raw, body, end - body, pb.TensorChunk.FromString(raw[:tag_at] + raw[end:]))
+
+
+def _payload_of(chunk) -> tuple[bytes, int, int]:
+    """(bytes object, offset, length) of a chunk's payload: a ``WireChunk``'s slice of its wire
+    bytes, or a ``pb.TensorChunk``'s ``data``."""
+    if isinstance(chunk, WireChunk):
+        return chunk.raw, chunk.start, chunk.size
+    data = chunk.data
+    return data, 0, len(data)
+
+
+HUGE_PAGE_BYTES = 2 * 1024 * 1024
+"""Receive buffers at least this large are mapped for transparent huge pages, when the OS has them."""
+
+
+def _payload_buffer(nbytes: int) -> torch.Tensor:
+    """A fresh, uninitialised uint8 tensor of ``nbytes`` to receive a payload into.
+
+    Its first write costs a page fault per page: for 16 MiB in 4 KiB pages, 4096 of them, measured
+    here at 8-12 ms of system time, more than hashing it. A large buffer is therefore its own
+    anonymous mapping advised for transparent huge pages (8 faults for 16 MiB; freed with the
+    tensor). Where the OS has none (or THP is off) the advice is ignored: ordinary pages."""
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)  # not bytearray: no zero fill
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    return torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
 @dataclass
 class ReceivedTensor:
     commitment: pb.TensorCommitment
@@ -288,7 +450,7 @@ class ReceivedTensor:
 
 
 async def receive_tensor(
-    stream: AsyncIterator[pb.TensorChunk],
+    stream: AsyncIterator[pb.TensorChunk | WireChunk],
     *,
     max_tensor_bytes: int,
     admit: Callable[[pb.TensorHeader], PublicIdentity],
@@ -297,7 +459,9 @@ async def receive_tensor(
 
     ``admit(header)`` validates the header against the receiver's expectations (run, step,
     receiver, sender, shape) and returns the sender's public identity, or raises. It runs
-    on the first chunk, before any payload memory is allocated.
+    on the first chunk, before any payload memory is allocated. The stream's chunks may be
+    ``pb.TensorChunk``s or ``WireChunk``s (``parse_chunk``: the payload copied once, from the
+    wire bytes into the tensor).
     """
     it = stream.__aiter__()
     try:
@@ -312,19 +476,18 @@ async def receive_tensor(
     nbytes = payload_nbytes(header.dtype, header.shape)
     if nbytes > max_tensor_bytes:
         raise ResourceExhausted(f"tensor of {nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes")
+    h = new_payload_hash(header.dtype, header.shape, header.digest_algorithm)  # unknown: InvalidArgument
     sender = admit(header)
 
-    # torch.empty, not bytearray: no zero fill of memory that is about to be overwritten
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    h = new_payload_hash(header.dtype, header.shape)
-
+    buf = _payload_buffer(nbytes)
     base = buf.data_ptr()
 
-    def absorb(data: bytes, offset: int, _keep_alive: torch.Tensor = buf) -> None:
-        # like view[offset:...] = data, without the GIL. The default argument keeps ``buf``
-        # alive while a pool thread still writes into it, even if this stream was abandoned.
-        ctypes.memmove(base + offset, data, len(data))
-        h.update(data)
+    def absorb(src: bytes, start: int, size: int, offset: int, _keep_alive: torch.Tensor = buf) -> None:
+        # Hash the wire bytes, then copy them into place; both without the GIL. The default
+        # argument keeps ``buf`` alive while a pool thread still writes into it, even if this
+        # stream was abandoned; ``src`` is kept alive by the call itself.
+        h.update(memoryview(src)[start : start + size])
+        ctypes.memmove(base + offset, ctypes.cast(src, ctypes.c_void_p).value + start, size)
 
     loop = asyncio.get_running_loop()
     pending: asyncio.Future | None = None  # absorb() of the previous chunk, on the worker pool
@@ -332,17 +495,17 @@ async def receive_tensor(
     chunk = first
     try:
         while True:
-            data = chunk.data
-            end = offset + len(data)
+            src, start, size = _payload_of(chunk)
+            end = offset + size
             if end > nbytes:
                 raise InvalidArgument(f"payload longer than its shape allows ({nbytes} bytes)")
             if pending is not None:
                 await pending  # one chunk in the pool at a time keeps the hash in order
                 pending = None
-            if len(data) >= OFFLOAD_BYTES and not chunk.signature:  # the pool only helps if more is coming
-                pending = loop.run_in_executor(_pool(), absorb, data, offset)
-            else:
-                absorb(data, offset)
+            if size >= OFFLOAD_BYTES and not chunk.signature:  # the pool only helps if more is coming
+                pending = loop.run_in_executor(_pool(), absorb, src, start, size, offset)
+            elif size:
+                absorb(src, start, size, offset)
             offset = end
             if chunk.signature:
                 break

@@ -22,7 +22,7 @@ from pipeguard.identity import Identity
 from pipeguard.computation import StageComputation, StageSetup, model_spec, train_spec
 from pipeguard.model import GPTConfig, OptimSettings
 from pipeguard.signing import sign
-from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, tensor_digest
+from pipeguard.tensors import PAYLOAD_DIGEST, WIRE_DTYPES, ReceivedTensor, payload_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from tests.conftest import tiny_run
 
@@ -66,8 +66,9 @@ def forward_audit(dataset, tamper, verdict_kind=pb.VERDICT_PASS, attach=True, se
         t = t.contiguous()
         header = pb.TensorHeader(run_id=RUN, step=0, micro_batch=0, stage=0, direction=pb.DIRECTION_FORWARD,
                                  sender=target.node_id, receiver=nxt.node_id, dtype=WIRE_DTYPES[t.dtype],
-                                 shape=list(t.shape), epoch=1, assignment_digest=assigned)
-        return ReceivedTensor(commitment=sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t)),
+                                 shape=list(t.shape), epoch=1, assignment_digest=assigned,
+                                 digest_algorithm=PAYLOAD_DIGEST)
+        return ReceivedTensor(commitment=sign(pb.TensorCommitment(header=header, payload_digest=payload_digest(header, t)),
                                               target), tensor=t)
 
     sent = commit(tamper(out))

@@ -23,7 +23,7 @@ from pipeguard.errors import InvalidArgument
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, lr_at
 from pipeguard.signing import sign
-from pipeguard.tensors import WIRE_DTYPES, ReceivedTensor, tensor_digest
+from pipeguard.tensors import PAYLOAD_DIGEST, WIRE_DTYPES, ReceivedTensor, payload_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -57,12 +57,12 @@ def claims():
         header = pb.TensorHeader(run_id=RUN, step=STEP, micro_batch=mb, stage=stage, direction=direction,
                                  sender=ids[stage].node_id, receiver=ids[receiver].node_id,
                                  dtype=WIRE_DTYPES[t.dtype], shape=list(t.shape), epoch=EPOCH,
-                                 assignment_digest=assigned(stage))
+                                 assignment_digest=assigned(stage), digest_algorithm=PAYLOAD_DIGEST)
         if stage > 0:  # the inputs it was computed from, as a node names them
             header.input_digest = sent[(stage - 1, FORWARD, mb)].commitment.payload_digest
         if direction == BACKWARD and stage < STAGES - 1:
             header.grad_input_digest = sent[(stage + 1, BACKWARD, mb)].commitment.payload_digest
-        c = sign(pb.TensorCommitment(header=header, payload_digest=tensor_digest(t.contiguous())), ids[stage])
+        c = sign(pb.TensorCommitment(header=header, payload_digest=payload_digest(header, t.contiguous())), ids[stage])
         sent[(stage, direction, mb)] = ReceivedTensor(commitment=c, tensor=t.contiguous())
 
     tokens = {mb: comps[0].setup.batch(dataset, STEP, mb) for mb in range(M)}

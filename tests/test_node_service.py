@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import logging
 import math
 import re
 import tracemalloc
@@ -34,7 +35,7 @@ from pipeguard.rpc import server_options
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
 from pipeguard.signing import canonical_bytes, sign, verify
-from pipeguard.tensors import TensorSender, make_header, new_payload_hash, receive_tensor, state_digest
+from pipeguard.tensors import TensorSender, make_header, new_payload_hash, payload_digest, receive_tensor, state_digest
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -117,7 +118,8 @@ class Bed:
     def tensor_chunks(self, sender: Identity | None = None, *, signer: Identity | None = None,
                       step: int | None = None, micro_batch: int = 0, direction: int = FORWARD,
                       stage: int | None = None, receiver: str | None = None, run_id: str = RUN,
-                      tensor: torch.Tensor | None = None) -> list[pb.TensorChunk]:
+                      tensor: torch.Tensor | None = None, digest_algorithm: int | None = None
+                      ) -> list[pb.TensorChunk]:
         """A signed chunk stream; by default a valid activation from the previous stage."""
         sender = sender or self.prev
         if stage is None:
@@ -129,6 +131,8 @@ class Bed:
                              stage=stage, direction=direction, sender=sender.node_id,
                              receiver=receiver or self.node.node_id, tensor=tensor, epoch=self.epoch)
         header.attempt = self.attempt
+        if digest_algorithm is not None:
+            header.digest_algorithm = digest_algorithm
         return list(TensorSender(header, tensor, signer or sender, CHUNK_BYTES).chunks())
 
     async def push(self, chunks: list[pb.TensorChunk]) -> tuple[grpc.StatusCode, str]:
@@ -304,6 +308,7 @@ class Fault(enum.Enum):
     NO_HEADER = "first chunk without a header"
     HEADER_UNSIGNED = "first chunk without the header signature"
     HEADER_SIGNATURE_FLIPPED = "header signature bytes flipped"
+    UNKNOWN_DIGEST_ALGORITHM = "a signed header naming a payload digest algorithm nobody knows"
 
 
 C = grpc.StatusCode
@@ -340,6 +345,7 @@ EXPECTED = {
     Fault.NO_HEADER: (C.INVALID_ARGUMENT, "nobody", "must carry the header"),
     Fault.HEADER_UNSIGNED: (C.UNAUTHENTICATED, "nobody", "bad header signature"),
     Fault.HEADER_SIGNATURE_FLIPPED: (C.UNAUTHENTICATED, "nobody", "bad header signature"),
+    Fault.UNKNOWN_DIGEST_ALGORITHM: (C.INVALID_ARGUMENT, "prev", "unknown payload digest algorithm 99"),
 }
 
 
@@ -356,6 +362,18 @@ def _replace(chunks: list[pb.TensorChunk], i: int, **fields) -> list[pb.TensorCh
 
 def _flip(b: bytes) -> bytes:
     return bytes([b[0] ^ 0x01]) + b[1:]
+
+
+def unknown_algorithm_chunks(bed: Bed, algorithm: int) -> list[pb.TensorChunk]:
+    """A valid stream whose header, re-signed by its sender, names ``algorithm`` (no sender of
+    this build can hash with it, so the header is rewritten after the fact)."""
+    chunks = bed.tensor_chunks()
+    header = pb.TensorHeader()
+    header.CopyFrom(chunks[0].header)
+    header.digest_algorithm = algorithm
+    commitment = sign(pb.TensorCommitment(header=header, payload_digest=chunks[-1].payload_digest), bed.prev)
+    chunks = _replace(chunks, 0, header=header, header_signature=bed.prev.sign(canonical_bytes(header)))
+    return _replace(chunks, -1, signature=commitment.signature)
 
 
 async def hostile(bed: Bed, fault: Fault) -> list[pb.TensorChunk]:
@@ -429,6 +447,8 @@ async def hostile(bed: Bed, fault: Fault) -> list[pb.TensorChunk]:
     if fault is Fault.HEADER_SIGNATURE_FLIPPED:
         chunks = bed.tensor_chunks()
         return _replace(chunks, 0, header_signature=_flip(chunks[0].header_signature))
+    if fault is Fault.UNKNOWN_DIGEST_ALGORITHM:
+        return unknown_algorithm_chunks(bed, 99)
     raise AssertionError(f"no scenario for {fault}")
 
 
@@ -480,6 +500,34 @@ def test_hostile_tensor_is_refused_counted_and_survived(tmp_path, fault):
             bed.runtime.banned = set()
             assert await bed.push(bed.tensor_chunks(micro_batch=1)) == (C.OK, "")
             assert bed.stats()[bed.prev.node_id][0] == before.get(bed.prev.node_id, (0, 0, ""))[0] + 1
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("algorithm", [pb.DIGEST_ALGORITHM_UNSPECIFIED, pb.DIGEST_ALGORITHM_SHA256,
+                                       pb.DIGEST_ALGORITHM_BLAKE3], ids=lambda a: pb.DigestAlgorithm.Name(a))
+def test_tensors_under_every_known_digest_algorithm_are_accepted(tmp_path, algorithm):
+    """A sender naming SHA-256 (explicitly, or by naming nothing, as before the field existed) is
+    as welcome as one using this build's BLAKE3; the commitment kept names what was signed."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            assert await bed.push(bed.tensor_chunks(digest_algorithm=algorithm)) == (C.OK, "")
+            kept = bed.runtime.admission.inbox[(bed.step, FORWARD, 0)]
+            assert kept.commitment.header.digest_algorithm == algorithm
+            assert kept.commitment.payload_digest == payload_digest(kept.commitment.header, kept.tensor)
+
+    run(scenario())
+
+
+def test_unknown_digest_algorithm_is_logged_and_the_node_keeps_serving(tmp_path, caplog):
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            with caplog.at_level(logging.WARNING):
+                code, details = await bed.push(unknown_algorithm_chunks(bed, 7))
+            assert code == C.INVALID_ARGUMENT and "unknown payload digest algorithm 7" in details
+            assert any("PushTensor rejected: INVALID_ARGUMENT" in r.getMessage() and "algorithm 7" in r.getMessage()
+                       for r in caplog.records), [r.getMessage() for r in caplog.records]
+            assert await bed.push(bed.tensor_chunks(micro_batch=1)) == (C.OK, "")
 
     run(scenario())
 
@@ -585,6 +633,8 @@ async def hostile_order(bed: Bed, fault: OrderFault):
         req = bed.assign_request(epoch=bed.epoch + 1)
         req.prev.public_key = bed.stranger.public_key
         return await bed.order("Assign", req)
+    if fault is Fault.UNKNOWN_DIGEST_ALGORITHM:
+        return unknown_algorithm_chunks(bed, 99)
     raise AssertionError(f"no scenario for {fault}")
 
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import struct
 
+import blake3
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
 from pipeguard.errors import DataLoss, InvalidArgument, ResourceExhausted, Unauthenticated
 from pipeguard.identity import Identity
 from pipeguard.signing import canonical_bytes
 from pipeguard.tensors import (
+    PAYLOAD_DIGEST,
     StateAssembler,
     TensorSender,
     make_header,
     new_payload_hash,
+    parse_chunk,
+    payload_digest,
     receive_tensor,
     state_chunks,
     state_digest,
@@ -349,3 +356,85 @@ def test_state_digest_depends_on_names_and_values_not_order():
     changed = [(named[0][0], named[0][1] + 1e-6)] + named[1:]
     assert state_digest(iter(changed)) != base
     assert state_digest(iter([(n, t.clone()) for n, t in named])) == base
+
+
+# -- payload digest algorithms and the zero-copy chunk parser ------------------------------------
+
+ALGORITHMS = [pb.DIGEST_ALGORITHM_UNSPECIFIED, pb.DIGEST_ALGORITHM_SHA256, pb.DIGEST_ALGORITHM_BLAKE3]
+
+
+def test_sha256_named_digests_are_the_ones_signed_before_the_field_existed():
+    """Known answer: a header naming no algorithm, or SHA-256, gets exactly the digest every
+    commitment carried before (SHA-256 over the prefix and the bytes), so old bundles still verify."""
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    legacy = hashlib.sha256(b"pipeguard-tensor\x00" + struct.pack(">IIQQ", pb.DTYPE_FLOAT32, 2, 3, 4)
+                            + tensor_bytes(t)).digest()
+    for algorithm in (pb.DIGEST_ALGORITHM_UNSPECIFIED, pb.DIGEST_ALGORITHM_SHA256):
+        assert payload_digest(header_for(t, digest_algorithm=algorithm), t) == legacy
+    assert payload_digest(header_for(t), t) == blake3.blake3(
+        b"pipeguard-tensor\x00" + struct.pack(">IIQQ", pb.DTYPE_FLOAT32, 2, 3, 4) + tensor_bytes(t)).digest()
+    assert header_for(t).digest_algorithm == PAYLOAD_DIGEST == pb.DIGEST_ALGORITHM_BLAKE3
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: pb.DigestAlgorithm.Name(a))
+@pytest.mark.parametrize("wire", [False, True], ids=["messages", "wire-bytes"])
+def test_every_known_algorithm_round_trips_and_a_flipped_byte_is_caught(algorithm, wire):
+    t = torch.randn(4, 64)
+    sender, chunks = send(t, 256, digest_algorithm=algorithm)
+    as_received = (lambda cs: [parse_chunk(c.SerializeToString()) for c in cs]) if wire else list
+    rt, _ = receive(as_received(chunks))
+    assert torch.equal(rt.tensor, t) and rt.commitment == sender.commitment
+    assert rt.commitment.header.digest_algorithm == algorithm
+    assert rt.commitment.payload_digest == payload_digest(rt.commitment.header, t)
+    flipped = pb.TensorChunk()
+    flipped.CopyFrom(chunks[2])
+    flipped.data = flipped.data[:7] + bytes([flipped.data[7] ^ 0x10]) + flipped.data[8:]
+    with pytest.raises(DataLoss, match="do not match the signed digest"):
+        receive(as_received(chunks[:2] + [flipped] + chunks[3:]))
+
+
+def test_unknown_algorithm_is_refused_before_admission_or_allocation():
+    t = torch.randn(4, 64)
+    _, chunks = send(t, 256)
+    chunks[0].header.digest_algorithm = 42
+    admitted = []
+    with pytest.raises(InvalidArgument, match="unknown payload digest algorithm 42"):
+        receive(chunks, admit=lambda h: admitted.append(h))
+    assert admitted == [], "refused on the header alone"
+    with pytest.raises(InvalidArgument, match="unknown payload digest algorithm 42"):
+        tensor_digest(t, 42)
+
+
+def test_parse_chunk_matches_protobuf_without_copying_the_payload():
+    t = torch.randn(4, 64)
+    sender, chunks = send(t, 300)
+    for c in chunks:
+        raw = c.SerializeToString()
+        w = parse_chunk(raw)
+        assert bytes(w.data) == c.data and w.data.obj is raw, "a view into the wire bytes"
+        for name in ("header", "payload_digest", "signature", "header_signature"):
+            assert getattr(w, name) == getattr(c, name)
+        assert w.HasField("header") == c.HasField("header")
+    assert parse_chunk(b"").size == 0 and not parse_chunk(b"").HasField("header")
+    assert bytes(parse_chunk(pb.TensorChunk(data=b"x" * 200).SerializeToString()).data) == b"x" * 200
+
+
+@pytest.mark.parametrize("raw", [
+    pb.TensorChunk(data=b"ab").SerializeToString() * 2,  # payload field twice
+    b"\x12\x05ab",  # length past the end
+    b"\x12" + b"\xff" * 11,  # varint too long
+    b"\x0b",  # a group (wire type 3)
+    b"\x0a\x03\xff\xff\xff",  # header that is not a TensorHeader
+], ids=["payload-twice", "truncated", "long-varint", "group", "bad-header"])
+def test_parse_chunk_refuses_malformed_bytes(raw):
+    with pytest.raises(DecodeError):
+        parse_chunk(raw)
+
+
+def test_large_payloads_land_in_their_own_mapping():
+    t = torch.randn(1024, 1024)  # 4 MiB: over HUGE_PAGE_BYTES
+    _, chunks = send(t, 1 << 20)
+    rt, _ = receive([parse_chunk(c.SerializeToString()) for c in chunks])
+    assert torch.equal(rt.tensor, t)
+    rt.tensor.add_(1)  # writable, and its own memory
+    assert torch.equal(rt.tensor, t + 1)

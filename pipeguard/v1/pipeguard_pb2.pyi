@@ -51,6 +51,12 @@ class RunPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_PHASE_FINISHED: _ClassVar[RunPhase]
     RUN_PHASE_FAILED: _ClassVar[RunPhase]
     RUN_PHASE_STOPPED: _ClassVar[RunPhase]
+
+class DigestAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIGEST_ALGORITHM_UNSPECIFIED: _ClassVar[DigestAlgorithm]
+    DIGEST_ALGORITHM_SHA256: _ClassVar[DigestAlgorithm]
+    DIGEST_ALGORITHM_BLAKE3: _ClassVar[DigestAlgorithm]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_FORWARD: Direction
 DIRECTION_BACKWARD: Direction
@@ -78,9 +84,12 @@ RUN_PHASE_TRAINING: RunPhase
 RUN_PHASE_FINISHED: RunPhase
 RUN_PHASE_FAILED: RunPhase
 RUN_PHASE_STOPPED: RunPhase
+DIGEST_ALGORITHM_UNSPECIFIED: DigestAlgorithm
+DIGEST_ALGORITHM_SHA256: DigestAlgorithm
+DIGEST_ALGORITHM_BLAKE3: DigestAlgorithm
 
 class TensorHeader(_message.Message):
-    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch", "attempt", "assignment_digest", "input_digest", "grad_input_digest")
+    __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch", "attempt", "assignment_digest", "input_digest", "grad_input_digest", "digest_algorithm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +104,7 @@ class TensorHeader(_message.Message):
     ASSIGNMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     GRAD_INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     micro_batch: int
@@ -109,7 +119,8 @@ class TensorHeader(_message.Message):
     assignment_digest: bytes
     input_digest: bytes
     grad_input_digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ..., input_digest: _Optional[bytes] = ..., grad_input_digest: _Optional[bytes] = ...) -> None: ...
+    digest_algorithm: DigestAlgorithm
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., stage: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., assignment_digest: _Optional[bytes] = ..., input_digest: _Optional[bytes] = ..., grad_input_digest: _Optional[bytes] = ..., digest_algorithm: _Optional[_Union[DigestAlgorithm, str]] = ...) -> None: ...
 
 class TensorCommitment(_message.Message):
     __slots__ = ("header", "payload_digest", "signature")
