@@ -314,6 +314,45 @@ def auditor_killed_mid_audit(testnet, tmp_path) -> Outcome:
     return outcome
 
 
+def auditor_frozen_mid_audit(testnet, tmp_path) -> Outcome:
+    """The auditor (the standby) freezes inside an audit (SIGSTOP: to its peers a frozen process is
+    a cut link, its connections stay open and nothing answers) and thaws several steps later. The
+    audits it held are abandoned as soon as it is marked offline, not held to their deadline (set
+    to 300 s here), so the clock runs past the step whose evidence it must settle while the
+    auditor is still frozen; thawed, it comes back as a standby, audits again, and nobody is
+    banned or demoted."""
+    steps, retention = 10, 4
+    pause = Pause(tmp_path / "pause", "verdict:*:1:*")
+    net, _, standby = start_net(testnet, steps, rate=0.3, nodes=[([], {})] * STAGES,
+                                standby=(pause.args, pause.env), coordinator_env={"PIPEGUARD_TIMEOUTS_AUDIT": "300"})
+    where = pause.wait(net)
+    assert where["node_id"] == standby.node_id
+    seq = last_seq(net)
+    os.kill(standby.proc.pid, signal.SIGSTOP)
+    try:
+        wait_offline(net, standby, seq)
+        # The audit it froze in is of step where["step"]: the clock must settle it before step
+        # where["step"] + retention applies its update. Stepping past that while the auditor is
+        # still frozen is the proof that nothing waited for it.
+        past = min(steps, where["step"] + retention + 1)
+        wait_for(lambda: net.status().step >= past, 90, f"step {past} with the auditor frozen")
+        frozen = net.status()
+    finally:
+        os.kill(standby.proc.pid, signal.SIGCONT)
+        pause.release()
+    abandoned = [e for e in frozen.events if e.kind == "audit_error" and e.seq > seq and "abandoned" in e.message]
+    assert abandoned and all(e.node_id == standby.node_id and "the coordinator audits it itself" in e.message
+                             for e in abandoned), event_text(frozen)
+    wait_for(lambda: any(e.kind == "node_back" and e.node_id == standby.node_id and e.seq > seq
+                         for e in net.status().events), 30, "the auditor to come back")
+    outcome, s = finish(net, steps, "auditor SIGSTOPped mid-audit, SIGCONT steps later", seq)
+    assert s.detections == 0
+    assert role_of(s, standby.node_id) == pb.ROLE_STANDBY, "not demoted"
+    assert not [e for e in s.events if e.seq > seq and e.kind in ("audit_incomplete", "step_failed")], event_text(s)
+    assert sum(n.audits_passed for n in s.nodes) == s.audits_total, "every audit drawn was done, and passed"
+    return outcome
+
+
 def coordinator_killed_mid_step(testnet, tmp_path) -> Outcome:
     steps = 10
     port = free_port()
@@ -532,6 +571,7 @@ FAULTS = {
     "stage-killed-mid-backward": stage_killed_mid("backward"),
     "standby-killed": standby_killed,
     "auditor-killed-mid-audit": auditor_killed_mid_audit,
+    "auditor-frozen-mid-audit": auditor_frozen_mid_audit,
     "coordinator-killed-mid-step": coordinator_killed_mid_step,
     "partition-healed": silent_node("partition"),
     "node-stopped-then-continued": silent_node("stop"),
