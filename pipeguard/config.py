@@ -162,7 +162,7 @@ class TimeoutConfig:
     bytes it moves (the audited stage's state and tensors) at timeouts.link_mbit, plus 8 x the compute
     seconds the audited stage reported for the step (at most timeouts.step), for it and each audit
     queued before it at the auditor. An auditor that misses it costs no penalty: the coordinator
-    audits itself."""
+    audits itself. A node's auditor bounds its fetches by what is left of the coordinator's deadline."""
     abort_wait: float = 2.0
     """Seconds an aborted step may take to stop running before the abort is refused."""
     heartbeat_interval: float = 1.0
@@ -180,7 +180,7 @@ class TimeoutConfig:
     keepalive: float = 10.0
     """Seconds between HTTP/2 keepalive pings on every channel, idle or not: a connection whose peer
     froze or whose link died (no RST, no FIN) is dropped and made anew instead of holding calls
-    until their deadlines. At least 1 (servers refuse pings more often than once a second)."""
+    until their deadlines. At least 1 (servers send away clients that ping more often than every 0.5 s)."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before its connection is dropped (its calls fail
     with UNAVAILABLE). A ping queues behind the bytes in flight: on a slow link keep this above a
