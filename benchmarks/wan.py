@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -132,7 +133,8 @@ def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> L
     extra, steps, warmup = PRESETS[preset]
     half = warmup + steps
     run = run_config(COMMON, extra, {"train.steps": 2 * half, "audit.rate": AUDIT_RATES[0]})
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time (a state directory holding one is refused)
+    workdir.mkdir(parents=True)
     net = LocalTestnet(workdir, run)
     lan = Lan(tag=f"pw{uuid.uuid4().hex[:5]}", prefix=free_subnet())
     relays: list[subprocess.Popen] = []
