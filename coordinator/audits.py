@@ -12,8 +12,8 @@ to non-neighbour stages; with both busy, the least loaded of the first; neighbou
 there is nobody else). With nobody available, or when the auditor fails to answer (crashed,
 silent, refused), the coordinator audits itself; an auditor the liveness monitor finds silent has
 the audits it holds abandoned at once (``auditor_lost``), not waited out to their deadlines, and an
-Audit call's deadline is sized to what it moves and recomputes (``CoordinatorConfig.audit_timeout``). What a verdict leads to (re-checks,
-convictions) is the judge's (``coordinator/judge.py``).
+Audit call's deadline is sized to what it moves and recomputes (``CoordinatorConfig.audit_timeout``).
+What a verdict leads to (re-checks, convictions) is the judge's (``coordinator/judge.py``).
 """
 
 from __future__ import annotations

@@ -309,8 +309,8 @@ def channel_credentials(net: NetConfig) -> grpc.ChannelCredentials | None:
 STEP_METHODS = frozenset({"Assign", "RunStep", "ApplyUpdate", "FetchState", "FetchTensor", "FetchData",
                           "FetchCheckpoint", "ExportState"})
 """Calls whose default deadline is ``timeouts.step``: they wait for a step's compute or move a
-stage's state; ``Audit`` gets ``timeouts.audit`` (callers size it when that is 0), ``Watch`` none (it streams for as long as the
-caller listens), every other call ``timeouts.request``."""
+stage's state; ``Audit`` gets ``timeouts.audit`` (callers size it when that is 0), ``Watch`` none
+(it streams for as long as the caller listens), every other call ``timeouts.request``."""
 
 
 def default_deadline(method: str, timeouts: TimeoutConfig) -> float | None:
