@@ -10,9 +10,12 @@ other than the audited one, preferring standbys, then stages that are not its ne
 a tier one at random of those with fewer than ``SPILL_AT`` audits waiting (busy standbys spill
 to non-neighbour stages; with both busy, the least loaded of the first; neighbours only when
 there is nobody else). With nobody available, or when the auditor fails to answer (crashed,
-silent, refused), the coordinator audits itself. The auditor drawn for a stage follows it for a
-run of audits of random length (mean ``audit.follow``) while it keeps up, so it starts each audit
-from the state its last one verified (``audit.Replicas``) instead of fetching it again. What a verdict leads to (re-checks,
+silent, refused), the coordinator audits itself; an auditor the liveness monitor finds silent has
+the audits it holds abandoned at once (``auditor_lost``), not waited out to their deadlines, and an
+Audit call's deadline is sized to what it moves and recomputes (``CoordinatorConfig.audit_timeout``).
+The auditor drawn for a stage follows it for a run of audits of random length (mean
+``audit.follow``) while it keeps up, so it starts each audit from the state its last one verified
+(``audit.Replicas``) instead of fetching it again. What a verdict leads to (re-checks,
 convictions) is the judge's (``coordinator/judge.py``).
 """
 
@@ -96,6 +99,9 @@ class AuditScheduler:
         """stage -> (the auditor following it, audits of the stage still ordered from it while it
         keeps up): the run's length is drawn from the CSPRNG when the auditor is, so no auditor can
         tell how long it keeps a stage or lengthen its turn (a busy one loses it)."""
+        self.watching: dict[str, set[asyncio.Future]] = {}
+        """auditor -> one future per audit ordered from it and not answered yet, set when the
+        liveness monitor finds the auditor silent (``auditor_lost``)."""
         self.progress: Callable[[], int] = lambda: 0
         """Steps the run has completed (the clock sets it): how far an audit has fallen behind."""
 
@@ -220,6 +226,13 @@ class AuditScheduler:
             runs += 1
         self.following[stage] = (r.node_id, runs - 1)
         return r
+    def auditor_lost(self, node_id: str) -> None:
+        """The liveness monitor found ``node_id`` silent: the audits ordered from it are abandoned
+        at once and the coordinator does them itself, so one dead peer never holds the step clock
+        (which waits for audits whose evidence is about to expire) past the heartbeat timeout."""
+        for lost in self.watching.pop(node_id, set()):
+            if not lost.done():
+                lost.set_result(None)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -285,9 +298,28 @@ class AuditScheduler:
             return None
         req.auditor = auditor.node_id
         sign(req, self.identity)
-        self.in_flight[auditor.node_id] = self.in_flight.get(auditor.node_id, 0) + 1
+        queued = self.in_flight.get(auditor.node_id, 0)
+        self.in_flight[auditor.node_id] = queued + 1
+        lost = asyncio.get_running_loop().create_future()
+        self.watching.setdefault(auditor.node_id, set()).add(lost)
+        call = asyncio.ensure_future(self.channels.stub_for(auditor.address).Audit(
+            req, timeout=self.cfg.audit_timeout(req, queued)))
         try:
-            verdict = await self.channels.stub_for(auditor.address).Audit(req, timeout=self.cfg.audit_timeout())
+            await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                # The auditor went silent (crashed, frozen, its link cut): its answer is not waited
+                # for (the clock may need this audit settled before the step's evidence expires).
+                call.cancel()
+                await asyncio.wait([call])
+                self.stats.abandoned += 1
+                self.events.emit("audit_error", f"audit {req.audit_id} by {auditor.node_id[:8]} abandoned: the "
+                                 "auditor went offline; the coordinator audits it itself",
+                                 node_id=auditor.node_id, step=req.step, persist=False)
+                return None
+            verdict = call.result()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         except PipeguardError as exc:
             # The auditor crashed, went silent or refused: the audit is not dropped (that would
             # let a crash, or a well-timed one, leave a message unchecked); the coordinator
@@ -298,6 +330,8 @@ class AuditScheduler:
             return None
         finally:
             self.in_flight[auditor.node_id] -= 1
+            self.watching.get(auditor.node_id, set()).discard(lost)
+            lost.cancel()
         claims.audit_verdict(verdict, req, auditor.public_key)
         self.stats.performed[auditor.node_id] = self.stats.performed.get(auditor.node_id, 0) + 1
         return verdict

@@ -124,8 +124,10 @@ class StepClock:
         self.membership_changed.set()
 
     def node_lost(self, rec: NodeRecord) -> None:
-        """The monitor saw a node go silent."""
+        """The monitor saw a node go silent: its stage is given up, and the audits it holds."""
         self.pipeline.node_lost(rec)
+        if self.audits is not None:
+            self.audits.auditor_lost(rec.node_id)
         self.membership_changed.set()
 
     async def _state_off_attestation(self, rec: NodeRecord, slot: int, step: int, attestation: pb.StateAttestation,

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from pipeguard import computation
 from pipeguard import device as devices
 from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
-from pipeguard.model import GPTConfig, OptimSettings, preset
+from pipeguard.model import GPTConfig, OptimSettings, partition, preset
 from pipeguard.v1 import pipeguard_pb2 as pb
 
+
+AUDIT_COMPUTE_MARGIN = 8.0
+"""A sized audit deadline allows this many times the compute the audited stage reported for its step
+(an update audit replays all of it; the auditor may be slower hardware)."""
 
 MEMBER_BYTES = 100
 """Least room a member takes in a heartbeat reply (32-character id, 32-byte key, a short address)."""
@@ -255,9 +259,39 @@ class CoordinatorConfig:
                 "lower pipeline.stages or raise model.n_layer"
             )
 
-    def audit_timeout(self) -> float:
-        """Deadline of an Audit RPC and of the judge's fetches (``timeouts.audit``)."""
-        return self.timeouts.audit
+    def audit_timeout(self, req: pb.AuditRequest | None = None, queued: int = 0) -> float:
+        """Deadline of an Audit RPC for ``req`` with ``queued`` audits waiting before it at the
+        auditor, and of the judge's fetches for it: ``timeouts.audit``, or when that is 0, sized to
+        what the audit moves and recomputes (``audit_bytes`` at ``timeouts.link_mbit``, and
+        ``AUDIT_COMPUTE_MARGIN`` x the compute seconds the audited stage reported, at most
+        ``timeouts.step``) on top of ``timeouts.request``. The reported seconds are the audited
+        node's word: a low figure only hands its audits to the judge sooner, and a high one gains
+        no more than the step timeout."""
+        t = self.timeouts
+        if t.audit:
+            return t.audit
+        reported = req.report.compute_seconds if req is not None else t.step
+        compute = t.step if reported != reported else min(t.step, AUDIT_COMPUTE_MARGIN * max(0.0, reported))  # NaN
+        stage = req.stage if req is not None else None
+        return (1 + max(0, queued)) * (t.request + t.transfer(self.audit_bytes(stage)) + compute)
+
+    def audit_bytes(self, stage: int | None = None) -> int:
+        """Bytes an audit of ``stage`` (None: the largest) moves at most: the stage's state (weights and
+        both AdamW moments, fetched before and after an update) and, for an update audit, every
+        micro-batch's activations and gradients in and out, from both of their holders."""
+        gpt, stages = self.model.gpt(), self.pipeline.stages
+        specs = partition(gpt, stages)
+        C, V, T = gpt.n_embd, gpt.vocab_size, gpt.block_size
+
+        def params(spec) -> int:
+            n = len(spec.blocks) * (12 * C * C + 13 * C)
+            n += (V * C + T * C) if spec.has_embedding else 0
+            return n + ((V * C + 2 * C) if spec.has_head else 0)
+
+        state = 4 * 3 * max(params(s) for s in (specs if stage is None or stage >= stages else [specs[stage]]))
+        t = self.train
+        activation = 4 * t.micro_batch_size * T * C
+        return 2 * state + 8 * t.micro_batches * activation
 
     def model_spec(self) -> pb.ModelSpec:
         """The model as stages and auditors are told it."""

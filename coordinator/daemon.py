@@ -82,7 +82,7 @@ def build_clock(cfg: CoordinatorConfig, identity: Identity, registry: Registry, 
     channels = NodeChannels(identity, cfg.net, cfg.timeouts)
     convictions = Convictions(registry, state, store, events, Pipeline(state.skipped))
     judge = Judge(identity=identity, registry=registry, events=events, dataset=dataset,
-                  evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout(),
+                  evidence_dir=store.dir / "evidence", timeout=cfg.audit_timeout,
                   net=cfg.net, channels=channels, convictions=convictions,
                   recheck_rate=cfg.audit.recheck_rate, device=devices.resolve(cfg.audit.device))
     audits = AuditScheduler(cfg=cfg, run_id=state.run_id, data_digest=dataset.digest, identity=identity,

@@ -81,6 +81,8 @@ class AuditStats:
     """PASS verdicts the coordinator recomputed itself."""
     folded: int = 0
     """Forward/backward audits drawn for a stage-step whose update audit was drawn too, which checks them."""
+    abandoned: int = 0
+    """Audits taken back from an auditor that went offline while it held them (the coordinator did them)."""
     max_lag: int = 0
     """The most steps completed after an audited step while its audit still ran (``StatusReply.max_audit_lag_steps``)."""
 
@@ -91,8 +93,9 @@ INCOMPLETE = object()
 
 class Judge:
     def __init__(self, *, identity: Identity, registry: Registry, events: EventLog, dataset: Dataset,
-                 evidence_dir: Path, timeout: float, net: NetConfig, channels: NodeChannels,
-                 convictions: Convictions, recheck_rate: float = 0.0, device: torch.device | None = None):
+                 evidence_dir: Path, timeout: float | Callable[[pb.AuditRequest], float], net: NetConfig,
+                 channels: NodeChannels, convictions: Convictions, recheck_rate: float = 0.0,
+                 device: torch.device | None = None):
         self.identity = identity
         self.device = torch.device("cpu") if device is None else device
         """Where the judge recomputes (``audit.device``); its class picks the tolerance it applies."""
@@ -101,7 +104,8 @@ class Judge:
         self.events = events
         self.dataset = dataset
         self.evidence_dir = Path(evidence_dir)
-        self.timeout = timeout
+        self.timeout = timeout if callable(timeout) else (lambda req, t=timeout: t)
+        """The deadline of each fetch for an audit (``CoordinatorConfig.audit_timeout``)."""
         self.net = net
         """Size limits of the judge's fetches (``net.max_tensor_bytes``, the state limits)."""
         self.channels = channels
@@ -188,7 +192,7 @@ class Judge:
         if self.convictions.banned(req.target.node_id):
             return None
         fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.net.max_tensor_bytes,
-                                   self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
+                                   self.timeout(req), req.epoch, max_state_tensors=self.net.max_state_tensors,
                                    max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt)
         try:
             art = await audit.gather(req, fetcher)

@@ -45,6 +45,8 @@ class NodeAuditor:
         self.net = net
         """Bounds of what an audit fetches (``max_tensor_bytes``, the state limits)."""
         self.timeout = timeout
+        """Most seconds each fetch for an audit may take (``timeouts.audit``, or ``timeouts.step``
+        when that is 0); never more than what is left of the Audit call's own deadline."""
         self.done = 0
         self._lock = asyncio.Lock()  # one audit's recomputation at a time: bounded memory
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-audit")
@@ -66,17 +68,22 @@ class NodeAuditor:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def audit(self, req: pb.AuditRequest) -> pb.AuditVerdict:
+    async def audit(self, req: pb.AuditRequest, remaining: float | None = None) -> pb.AuditVerdict:
+        """Audit ``req``; ``remaining``: seconds left of the caller's deadline (None: none), which
+        bounds every fetch (the coordinator sized it to the audit, see ``timeouts.audit``)."""
         audit.validate_request(req)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + remaining if remaining is not None else None
         verdict = pb.AuditVerdict(run_id=req.run_id, audit_id=req.audit_id, auditor=self.identity.node_id,
                                   order_digest=claims.order_digest(req))
         queued = time.perf_counter()
         gathered = 0.0
         async with self._lock:
             began = time.perf_counter()
+            timeout = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - loop.time()))
             fetcher = audit.RpcFetcher(
                 self.identity, self.identity.node_id, self.peers.stub, req.run_id, self.net.max_tensor_bytes,
-                self.timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
+                timeout, req.epoch, max_state_tensors=self.net.max_state_tensors,
                 max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt)
             try:
                 # Every audit also fetches the senders' own copies of the tensors: a sender that

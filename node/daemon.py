@@ -131,7 +131,8 @@ def build(cfg: NodeConfig, identity: Identity, home: Path, device: torch.device 
                             stats=lambda: service.heartbeat_stats())
     membership.device = runtime.device
     args = (identity, runtime, membership, cfg.net.max_tensor_bytes, cfg.net.chunk_bytes)
-    options = dict(max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request)
+    options = dict(max_inflight_streams=cfg.net.max_inflight_streams, stream_timeout=cfg.timeouts.request,
+                   link_mbit=cfg.timeouts.link_mbit)
     service = NodeService(*args, **options) if seams is None else seams.service(*args, **options)
     membership.on_banned = lambda banned: setattr(runtime, "banned", set(banned))
     runtime.fetch_checkpoint = membership.fetch_checkpoint
@@ -140,7 +141,8 @@ def build(cfg: NodeConfig, identity: Identity, home: Path, device: torch.device 
         membership.before_heartbeat = seams.heartbeat()
         membership.after_heartbeat = seams.heartbeat_reply()
         signer = seams.verdict_signer(signer)
-    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net, cfg.timeouts.audit,
+    service.auditor = NodeAuditor(identity, runtime, peers, membership, cfg.net,
+                                  cfg.timeouts.audit or cfg.timeouts.step,
                                   signer)
     return Node(peers, runtime, membership, service, seams)
 

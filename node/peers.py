@@ -68,7 +68,7 @@ class PeerPool:
         lost, and it refuses the identical copy as a replay. A receiver that is busy (too many
         streams at once, see ``rpc.BUSY``) is retried for up to ``timeouts.step``; an unreachable
         one ``timeouts.retries`` times. Every attempt has the
-        ``timeouts.request`` deadline (``rpc.TypedErrors``).
+        ``timeouts.request`` deadline plus the tensor's transfer time at ``timeouts.link_mbit``.
 
         ``rewrite`` (experiments only: node/seams.py passes a behaviour's ``on_send``) gets the signed chunk
         stream and returns the one actually pushed; the honest commitment is still returned.
@@ -83,6 +83,7 @@ class PeerPool:
                 yield piece
 
         loop = asyncio.get_running_loop()
+        deadline = self.timeouts.request + self.timeouts.transfer(len(sender.payload))
         give_up = loop.time() + self.timeouts.step
         delays = backoff(self.timeouts)
         failures = 0
@@ -91,7 +92,7 @@ class PeerPool:
             try:
                 async with self._slots(address):
                     chunks = sender.wire_chunks() if wire is None else rewritten()
-                    await self._push_call(address)(chunks)
+                    await self._push_call(address)(chunks, timeout=deadline)
                 break
             except AlreadyExists as exc:
                 if not maybe_delivered:

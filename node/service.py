@@ -36,7 +36,7 @@ from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.model import lr_at
 from pipeguard.rpc import BUSY, parses_requests_with
 from pipeguard.signing import sign
-from pipeguard.tensors import parse_chunk, receive_tensor, signed_chunks, state_chunks
+from pipeguard.tensors import parse_chunk, payload_nbytes, receive_tensor, signed_chunks, state_chunks
 from pipeguard.audit import MAX_FETCH_TENSORS
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -77,7 +77,8 @@ class PeerStats:
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, identity: Identity, runtime: StageRuntime, membership: Membership, max_tensor_bytes: int,
-                 chunk_bytes: int, *, max_inflight_streams: int = 16, stream_timeout: float = 30.0):
+                 chunk_bytes: int, *, max_inflight_streams: int = 16, stream_timeout: float = 30.0,
+                 link_mbit: float = 10.0):
         self.identity = identity
         self.chunk_bytes = chunk_bytes
         self.auditor = None
@@ -94,6 +95,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.slots_per_sender = max(1, max_inflight_streams // 2)
         """Streams one neighbour may have in flight at once (its two neighbours share the budget)."""
         self.stream_timeout = stream_timeout
+        self.link_mbit = link_mbit
+        """``timeouts.link_mbit``: receiving a tensor may take its transfer time at this rate on top of
+        ``stream_timeout``."""
         """Seconds an inbound tensor stream may take, so that idle streams cannot hold their slots."""
         self._fetching: dict[str, asyncio.Semaphore] = {}
         """Requester ("" = the coordinator) -> its one state fetch served at a time."""
@@ -249,7 +253,8 @@ class NodeService(pb_grpc.NodeServicer):
         claims.audit_order(request, self.membership.coordinator_key, auditor=self.identity.node_id)
         if self.auditor is None:
             raise FailedPrecondition("this node does not audit")
-        return await self.auditor.audit(request)
+        remaining = context.time_remaining()  # None without a deadline
+        return await self.auditor.audit(request, remaining)
 
     async def served_state(self, request: pb.FetchStateRequest):
         """(named state, digest, epoch) served for a FetchState that passed its checks."""
@@ -332,12 +337,14 @@ class NodeService(pb_grpc.NodeServicer):
                 raise ResourceExhausted(f"{self.slots_per_sender} tensor streams from {signer[:8]} already in "
                                         "flight; retry shortly")
             async with slots:
+                # The claimed size (bounded by max_tensor_bytes) at the slowest link allowed for.
+                claimed = min(payload_nbytes(first.header.dtype, first.header.shape), self.max_tensor_bytes)
+                limit = self.stream_timeout + claimed * 8 / (self.link_mbit * 1e6)
                 try:
                     rt = await asyncio.wait_for(
-                        receive_tensor(chunks(first), max_tensor_bytes=self.max_tensor_bytes, admit=admit),
-                        self.stream_timeout)
+                        receive_tensor(chunks(first), max_tensor_bytes=self.max_tensor_bytes, admit=admit), limit)
                 except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"tensor stream not complete after {self.stream_timeout:g}s") from None
+                    raise DeadlineExceeded(f"tensor stream not complete after {limit:g}s") from None
                 self.accept(rt)
         except PipeguardError as exc:
             if busy:  # momentary, and the sender retries: nobody's fault, not even a refusal to count

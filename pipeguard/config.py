@@ -156,9 +156,13 @@ class TimeoutConfig:
     step: float = 300.0
     """Deadline of one training step on a stage (forward + backward of all micro-batches), and of the
     calls that wait for one or move a stage's state (assign, apply-update, state and tensor fetches)."""
-    audit: float = 300.0
+    audit: float = 0.0
     """Deadline in seconds of an Audit call, and of each fetch an auditor (or the coordinator's judge,
-    confirming or re-checking a verdict) makes for it; an audit recomputes at most one stage's step."""
+    confirming or re-checking a verdict) makes for it. 0 = sized per audit: timeouts.request, plus the
+    bytes it moves (the audited stage's state and tensors) at timeouts.link_mbit, plus 8 x the compute
+    seconds the audited stage reported for the step (at most timeouts.step), for it and each audit
+    queued before it at the auditor. An auditor that misses it costs no penalty: the coordinator
+    audits itself. A node's auditor bounds its fetches by what is left of the coordinator's deadline."""
     abort_wait: float = 2.0
     """Seconds an aborted step may take to stop running before the abort is refused."""
     heartbeat_interval: float = 1.0
@@ -173,16 +177,64 @@ class TimeoutConfig:
     """Tries of a tensor push to a peer that cannot be reached before the push fails."""
     drain: float = 2.0
     """Seconds a server keeps reading a client stream it answers early (see net.drain_bytes)."""
+    keepalive: float = 10.0
+    """Seconds between HTTP/2 keepalive pings on every channel, idle or not: a connection whose peer
+    froze or whose link died (no RST, no FIN) is dropped and made anew instead of holding calls
+    until their deadlines. At least 1 (servers send away clients that ping more often than every 0.5 s)."""
+    keepalive_timeout: float = 10.0
+    """Seconds a keepalive ping may go unanswered before its connection is dropped (its calls fail
+    with UNAVAILABLE). A ping queues behind the bytes in flight: on a slow link keep this above a
+    chunk's transfer time (net.max_message_bytes at timeouts.link_mbit)."""
+    link_mbit: float = 10.0
+    """The slowest link (Mbit/s) that deadlines allow for: every deadline of a call that moves a
+    tensor or a state adds its size at this rate (a 16 MiB tensor: 13 s at 10 Mbit/s), so a slow
+    honest link never reads as a fault."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ConfigError(f"timeouts.{f.name} must be positive, got {getattr(self, f.name)}")
+            if getattr(self, f.name) <= 0 and not (f.name == "audit" and self.audit == 0):
+                raise ConfigError(f"timeouts.{f.name} must be positive, got {getattr(self, f.name)}"
+                                  + (" (0 sizes it per audit)" if f.name == "audit" else ""))
+        if self.keepalive < 1:
+            raise ConfigError(f"timeouts.keepalive must be at least 1 (second): servers refuse pings more often, "
+                              f"got {self.keepalive}")
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
             raise ConfigError(
                 "timeouts.heartbeat_timeout must be more than twice timeouts.heartbeat_interval "
                 f"({self.heartbeat_timeout} <= 2 x {self.heartbeat_interval})"
             )
+
+    def transfer(self, nbytes: int) -> float:
+        """Seconds ``nbytes`` take at ``link_mbit``: what a deadline of a call moving them adds."""
+        return nbytes * 8 / (self.link_mbit * 1e6)
+
+    def keepalive_options(self) -> list[tuple[str, int]]:
+        """Channel options: a ping every ``keepalive`` seconds, with or without calls in flight,
+        the connection dropped when one goes unanswered for ``keepalive_timeout``."""
+        # gRPC >= 1.6x times a ping's ack with http2.ping_timeout_ms (default 60 s), not keepalive_timeout_ms
+        return [("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0)]
+
+
+KEEPALIVE_FLOOR_MS = 500
+"""Servers accept a client's pings this often at most: half the shortest ``timeouts.keepalive``
+(1 s), so that an honest client's timer jitter never counts; more often earns ping strikes and, at
+gRPC's limit, a GOAWAY ("too_many_pings"): a flood of pings costs the flooder its connection."""
+
+
+def server_keepalive_options(timeouts: "TimeoutConfig") -> list[tuple[str, int]]:
+    """Server options: permit clients' keepalive pings (idle connections too) down to
+    ``KEEPALIVE_FLOOR_MS``, and ping clients on the same schedule as channels do."""
+    return [("grpc.keepalive_time_ms", int(timeouts.keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(timeouts.keepalive_timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(timeouts.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_FLOOR_MS),  # its name in gRPC 1.85
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_FLOOR_MS),  # and in older releases
+            ("grpc.http2.max_pings_without_data", 0)]
 
 
 def add_tls_flags(p: "argparse.ArgumentParser", server: bool = True) -> None:

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport
+from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport, server_keepalive_options
 from pipeguard.errors import DeadlineExceeded, InvalidArgument, PipeguardError, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -286,10 +286,11 @@ class _DrainFirstContext:
 
 
 def server_options(net: NetConfig, timeouts: TimeoutConfig | None = None) -> dict:
-    """Keyword arguments for ``grpc.aio.server``: explicit message limits, ``FinishReading`` and
-    ``RejectMalformed``."""
-    drain = (timeouts or TimeoutConfig()).drain
-    return {"options": net.grpc_options(), "interceptors": [FinishReading(net.drain_bytes, drain), RejectMalformed()]}
+    """Keyword arguments for ``grpc.aio.server``: explicit message limits, keepalive pings permitted
+    (and sent: ``config.server_keepalive_options``), ``FinishReading`` and ``RejectMalformed``."""
+    timeouts = timeouts or TimeoutConfig()
+    return {"options": net.grpc_options() + server_keepalive_options(timeouts),
+            "interceptors": [FinishReading(net.drain_bytes, timeouts.drain), RejectMalformed()]}
 
 
 async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None], service_names: list[str],
@@ -351,8 +352,8 @@ def channel_credentials(net: NetConfig) -> grpc.ChannelCredentials | None:
 STEP_METHODS = frozenset({"Assign", "RunStep", "ApplyUpdate", "FetchState", "FetchTensor", "FetchData",
                           "FetchCheckpoint", "ExportState"})
 """Calls whose default deadline is ``timeouts.step``: they wait for a step's compute or move a
-stage's state; ``Audit`` gets ``timeouts.audit``, ``Watch`` none (it streams for as long as the
-caller listens), every other call ``timeouts.request``."""
+stage's state; ``Audit`` gets ``timeouts.audit`` (callers size it when that is 0), ``Watch`` none
+(it streams for as long as the caller listens), every other call ``timeouts.request``."""
 
 
 def default_deadline(method: str, timeouts: TimeoutConfig) -> float | None:
@@ -362,7 +363,7 @@ def default_deadline(method: str, timeouts: TimeoutConfig) -> float | None:
     if name == "Watch":
         return None
     if name == "Audit":
-        return timeouts.audit
+        return timeouts.audit or timeouts.step
     return timeouts.step if name in STEP_METHODS else timeouts.request
 
 
@@ -462,10 +463,12 @@ def channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None)
 
     The channel's own reconnect backoff follows ``retry_backoff`` up to ``retry_max`` (gRPC's
     default grows to 120 s, so a peer that was down for a while would be noticed back only minutes
-    after it returned).
+    after it returned), and keepalive pings (``timeouts.keepalive``) drop a connection whose peer
+    froze or whose link died, so calls on it fail fast (UNAVAILABLE) and the next one reconnects,
+    instead of waiting out their deadlines on a connection that will never answer.
     """
     timeouts = timeouts or TimeoutConfig()
-    options = net.grpc_options() + [
+    options = net.grpc_options() + timeouts.keepalive_options() + [
         ("grpc.initial_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(timeouts.retry_backoff * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(timeouts.retry_max * 1000))]
@@ -487,12 +490,14 @@ async def connect(ch: grpc.aio.Channel, address: str, timeouts: TimeoutConfig) -
 def blocking_channel(address: str, net: NetConfig, timeouts: TimeoutConfig | None = None) -> grpc.Channel:
     """The same as ``channel`` for synchronous callers (the CLI, test and script helpers): typed
     errors and default deadlines for unary calls and streamed replies (``BlockingTypedErrors``)."""
+    timeouts = timeouts or TimeoutConfig()
+    options = net.grpc_options() + timeouts.keepalive_options()
     creds = channel_credentials(net)
     if creds is None:
-        ch = grpc.insecure_channel(address, options=net.grpc_options())
+        ch = grpc.insecure_channel(address, options=options)
     else:
-        ch = grpc.secure_channel(address, creds, options=net.grpc_options())
-    return grpc.intercept_channel(ch, BlockingTypedErrors(timeouts or TimeoutConfig()))
+        ch = grpc.secure_channel(address, creds, options=options)
+    return grpc.intercept_channel(ch, BlockingTypedErrors(timeouts))
 
 
 class BlockingTypedErrors(TypedErrors, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

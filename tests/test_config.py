@@ -145,7 +145,7 @@ def test_stream_and_drain_bounds_are_config_with_todays_defaults():
     assert net.stream_slots_per_peer == 8 == NetConfig(peer_stream_slots=8).stream_slots_per_peer
     assert NetConfig(max_inflight_streams=3).stream_slots_per_peer == 1
     assert net.state_bytes_limit == 64 * net.max_tensor_bytes and net.max_state_tensors == 10_000
-    assert (t.audit, t.retries, t.abort_wait) == (t.step, 5, 2.0)
+    assert (t.audit, t.retries, t.abort_wait) == (0.0, 5, 2.0)  # audit 0: sized per audit (tests/test_links.py)
     for bad in ({"peer_stream_slots": -1}, {"drain_bytes": -1}, {"max_state_tensors": 0}):
         with pytest.raises(ConfigError, match="net."):
             NetConfig(**bad)

@@ -314,6 +314,76 @@ def auditor_killed_mid_audit(testnet, tmp_path) -> Outcome:
     return outcome
 
 
+def auditor_frozen(kind: str):
+    """The auditor (the standby) goes dead inside an audit and comes back several steps later.
+    ``kind`` "stop": SIGSTOP, then SIGCONT (to its peers a frozen process is a cut link: its
+    connections stay open and nothing answers). "partition": every daemon in its own network
+    namespace, the auditor's bridge port goes down, then up (packets vanish: no RST, no FIN).
+
+    The audits it held are abandoned as soon as it is marked offline, not held to their deadline
+    (set to 300 s here), so the clock runs past the step whose evidence it must settle while the
+    auditor is still gone; back, it is a standby again (its stale connections replaced, thanks to
+    keepalives, not waited out), and nobody is banned or demoted."""
+
+    def fault(testnet, tmp_path) -> Outcome:
+        steps = 10
+        pause = Pause(tmp_path / "pause", "verdict:*:1:*")
+        env = {"PIPEGUARD_TIMEOUTS_AUDIT": "300"}
+        if kind == "stop":
+            net, _, standby = start_net(testnet, steps, rate=0.3, nodes=[([], {})] * STAGES,
+                                        standby=(pause.args, pause.env), coordinator_env=env)
+            return run(net, steps, standby, pause, lambda: os.kill(standby.proc.pid, signal.SIGSTOP),
+                       lambda: os.kill(standby.proc.pid, signal.SIGCONT),
+                       "auditor SIGSTOPped mid-audit, SIGCONT steps later")
+        reason = why_no_netns()
+        if reason:
+            pytest.skip(reason)
+        lan = Lan(tag=f"pgf{uuid.uuid4().hex[:5]}", prefix=free_subnet())
+        daemons: list[Daemon] = []
+        try:
+            lan.setup()
+            net, _, standby, cut, heal = start_lan(lan, testnet, tmp_path, steps, daemons, rate=0.3,
+                                                   standby=(pause.args, {**pause.env, **env}), coordinator_env=env)
+            return run(net, steps, standby, pause, cut, heal, "partition of the auditor mid-audit (netns), healed")
+        finally:
+            for d in daemons:  # before their namespaces go
+                d.kill()
+            problems = lan.teardown()
+            assert not problems, problems
+
+    def run(net, steps, standby, pause, cut, heal, name) -> Outcome:
+        retention = fault_run(steps, 0.3).audit.retention
+        where = pause.wait(net)
+        assert where["node_id"] == standby.node_id
+        seq = last_seq(net)
+        cut()
+        try:
+            wait_offline(net, standby, seq)
+            # The audit it went dead in is of step where["step"]: the clock must settle it before step
+            # where["step"] + retention applies its update. Stepping past that while the auditor is
+            # still gone is the proof that nothing waited for it.
+            past = min(steps, where["step"] + retention + 1)
+            wait_for(lambda: net.status().step >= past, 90, f"step {past} with the auditor gone")
+            gone = net.status()
+        finally:
+            heal()
+            pause.release()
+        abandoned = [e for e in gone.events if e.kind == "audit_error" and e.seq > seq and "abandoned" in e.message]
+        assert abandoned and all(e.node_id == standby.node_id and "the coordinator audits it itself" in e.message
+                                 for e in abandoned), event_text(gone)
+        wait_for(lambda: any(e.kind == "node_back" and e.node_id == standby.node_id and e.seq > seq
+                             for e in net.status().events), 30, "the auditor to come back")
+        outcome, s = finish(net, steps, name, seq)
+        assert s.detections == 0
+        assert role_of(s, standby.node_id) == pb.ROLE_STANDBY, "not demoted"
+        assert not [e for e in s.events if e.seq > seq and e.kind in ("audit_incomplete", "step_failed")], \
+            event_text(s)
+        assert sum(n.audits_passed for n in s.nodes) == s.audits_total, "every audit drawn was done, and passed"
+        return outcome
+
+    return fault
+
+
 def coordinator_killed_mid_step(testnet, tmp_path) -> Outcome:
     steps = 10
     port = free_port()
@@ -401,36 +471,45 @@ def silent_node(kind: str):
     return fault
 
 
-def start_lan(lan: Lan, testnet, tmp_path: Path, steps: int, daemons: list[Daemon]):
-    """The coordinator and four nodes, each in its own network namespace (added to ``daemons``)."""
-    net = testnet(fault_run(steps, rate=0.1))
+def start_lan(lan: Lan, testnet, tmp_path: Path, steps: int, daemons: list[Daemon], rate: float = 0.1,
+              standby: NodeSpec | None = None, coordinator_env: dict | None = None):
+    """The coordinator and four nodes, each in its own network namespace (added to ``daemons``).
+    Returns (net, the stage-1 node, the standby, cut, heal); with ``standby`` (its arguments and
+    environment) the standby registers last and cut/heal act on its link, else on stage 1's."""
+    net = testnet(fault_run(steps, rate=rate))
     (tmp_path / "node.toml").write_text(to_toml(node_config({f"timeouts.{k}": v for k, v in TIMEOUTS.items()})))
     coord = lan.add("c", 1)
     coord_addr = f"{coord.address}:{COORDINATOR_PORT}"
     net.coordinator = start_in(coord, "coordinator", [
         "-m", "coordinator.daemon", "--config", str(net.config_path), "--bind", coord_addr, "--advertise", coord_addr,
-        "--state-dir", str(tmp_path / "coordinator" / "state")], tmp_path, TIMEOUTS_ENV)
+        "--state-dir", str(tmp_path / "coordinator" / "state")], tmp_path, {**TIMEOUTS_ENV, **(coordinator_env or {})})
     daemons.append(net.coordinator)
     key = net.coordinator.wait_ready(60)["public_key"]
     hosts = {}
     for i in range(STAGES + 1):
+        args, env = standby if standby is not None and i == STAGES else ([], {})
+        if standby is not None and i == STAGES:
+            net.wait_registered(STAGES)  # the stages first: this one stands by
         host = lan.add(f"n{i}", 10 + i)
         node = start_in(host, f"node{i}", [
             "-m", "node.daemon", "--config", str(tmp_path / "node.toml"), "--coordinator", coord_addr,
             "--coordinator-key", key, "--bind", f"0.0.0.0:{NODE_PORT}", "--advertise", f"{host.address}:{NODE_PORT}",
-            "--home", str(tmp_path / f"node{i}" / "home")], tmp_path)
+            "--home", str(tmp_path / f"node{i}" / "home"), *args], tmp_path, env)
         net.nodes.append(node)
         daemons.append(node)
         hosts[node] = host
+        if standby is not None:
+            node.wait_ready(60)
     for node in net.nodes:
         node.wait_ready(60)
     net.wait_registered(STAGES + 1)
     by_id = {n.node_id: n for n in net.nodes}
     s = wait_for(lambda: (lambda s: s if len(holders(s)) == STAGES else None)(net.status()), 60, "the pipeline")
-    victim = by_id[holders(s)[1]]
-    standby = next(n for n in net.nodes if n.node_id not in holders(s).values())
+    stage1 = by_id[holders(s)[1]]
+    spare = next(n for n in net.nodes if n.node_id not in holders(s).values())
+    victim = spare if standby is not None else stage1
     port = hosts[victim].port_if
-    return (net, victim, standby, lambda: lan.cut(hosts[victim].name),
+    return (net, stage1, spare, lambda: lan.cut(hosts[victim].name),
             lambda: subprocess.run(["ip", "link", "set", port, "up"], check=True, timeout=20))
 
 
@@ -532,6 +611,8 @@ FAULTS = {
     "stage-killed-mid-backward": stage_killed_mid("backward"),
     "standby-killed": standby_killed,
     "auditor-killed-mid-audit": auditor_killed_mid_audit,
+    "auditor-frozen-mid-audit": auditor_frozen("stop"),
+    "auditor-partitioned-mid-audit": auditor_frozen("partition"),
     "coordinator-killed-mid-step": coordinator_killed_mid_step,
     "partition-healed": silent_node("partition"),
     "node-stopped-then-continued": silent_node("stop"),

@@ -1,0 +1,344 @@
+"""pipeguard over internet-like links: step time and tokens/s against the ideal for the link.
+
+    sudo python benchmarks/wan.py --out docs/          # RTT 0/20/50/100 ms x 100 Mbit/s, 1 Gbit/s; tiny, small
+    sudo python benchmarks/wan.py --quick              # tiny only; RTT 0 and 50 ms at 100 Mbit/s (< 5 min)
+
+Every daemon (the coordinator, three stage nodes and a standby) runs in a network namespace of its
+own, joined to the others by a Linux bridge (tests/test_multihost.py's ``Lan``). Each namespace's
+link is shaped in both directions with ``tc qdisc ... tbf`` at the link's rate (on the veth end in
+the namespace and on its port on the bridge), and latency comes from a ``DelayRelay``
+(tests/links.py) in each namespace: the daemon binds loopback and advertises the relay, which
+holds every byte RTT/2 in each direction, so every connection to it (from the coordinator or a
+neighbour) has the link's round trip. The unshaped row ("direct") has no tbf and no relay.
+
+Each link runs one testnet for ``2 x (warmup + steps)`` steps: the first half at audit rate p = 0,
+the second at p = 0.05 (set through the admin API mid-run, ``pipeguard admin audit-rate``); the
+first ``warmup`` steps of each half are not counted. Per half it reports:
+
+- ``step_s``: wall seconds per step (between the coordinator's ``step`` events: everything the run
+  waited for, audits it drained included); ``tokens_per_s`` from it;
+- ``ideal_step_s``: the direct row's step time at the same p (compute, with loopback transfers),
+  plus the busiest link's bytes per step at the link's rate (each boundary carries every
+  micro-batch's activation forward and its gradient back: 2 x M x B x T x C x 4 bytes each way),
+  plus ``HOPS`` round trips (RunStep and ApplyUpdate from the coordinator, and the pipeline's fill
+  and drain through the stage boundaries: stages - 1 round trips); ``efficiency`` = ideal / measured;
+- ``max_audit_lag_steps``, ``audits``, honest bans and demotions (every node is honest: both 0),
+  step failures and nodes marked offline.
+
+Writes ``wan.json`` (and ``wan.png``, tokens/s against RTT per bandwidth, when matplotlib is
+installed) under ``--out``. Needs root (namespaces, tc). Sends nothing anywhere but our own
+namespaces' addresses; removes every namespace, bridge and process it made, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STAGES = 3
+COORDINATOR_PORT, NODE_PORT, RELAY_OFFSET = 7000, 7001, 100
+AUDIT_RATES = (0.0, 0.05)
+HOPS = 2 + (STAGES - 1)
+PRESETS = {
+    # preset -> (run config, steps counted per half, warm-up steps per half)
+    "tiny": ({"model.preset": "tiny", "train.micro_batches": 8, "train.micro_batch_size": 8}, 6, 2),
+    "small": ({"model.preset": "small", "train.micro_batches": 4, "train.micro_batch_size": 2}, 3, 1),
+}
+COMMON = {"train.seed": 1234, "pipeline.stages": STAGES, "pipeline.min_nodes": STAGES + 1,
+          "audit.checkpoint_every": 10_000, "audit.screen": True,
+          "timeouts.heartbeat_interval": 0.5, "timeouts.heartbeat_timeout": 15.0}
+FULL_LINKS = [(None, 0.0)] + [(rate, rtt) for rate in (100.0, 1000.0) for rtt in (0.0, 20.0, 50.0, 100.0)]
+QUICK_LINKS = [(None, 0.0), (100.0, 0.0), (100.0, 50.0)]
+RUN_LIMIT_S = 900.0
+"""Most seconds one link's testnet may take, start to finish."""
+
+
+@dataclass
+class Half:
+    p: float
+    steps: int = 0
+    step_s: float = math.nan
+    tokens_per_s: float = math.nan
+    coordinator_step_s: float = math.nan
+    """Median of the coordinator's own per-step time (RunStep + ApplyUpdate; no audit drain)."""
+    ideal_step_s: float = math.nan
+    efficiency: float = math.nan
+    audits: int = 0
+    max_audit_lag_steps: int = 0
+
+
+@dataclass
+class LinkRun:
+    preset: str
+    rate_mbit: float | None
+    rtt_ms: float
+    halves: list[Half] = field(default_factory=list)
+    honest_bans: int = 0
+    demotions: int = 0
+    step_failures: int = 0
+    offline: int = 0
+    transfer_s: float = 0.0
+    wall_s: float = 0.0
+    load: str = ""
+    error: str = ""
+
+
+def tokens_per_step(preset: str) -> int:
+    from pipeguard.app.runconfig import run_config
+    cfg = run_config(COMMON, PRESETS[preset][0])
+    return cfg.train.micro_batches * cfg.train.micro_batch_size * cfg.model.gpt().block_size
+
+
+def boundary_bytes(preset: str) -> int:
+    """Bytes one stage boundary carries each way per step: M activations forward (or gradients back)."""
+    from pipeguard.app.runconfig import run_config
+    cfg = run_config(COMMON, PRESETS[preset][0])
+    t, gpt = cfg.train, cfg.model.gpt()
+    return 2 * t.micro_batches * t.micro_batch_size * gpt.block_size * gpt.n_embd * 4
+
+
+def uptime() -> str:
+    """The load averages (1, 5, 15 minutes), as ``uptime`` shows them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> LinkRun:
+    from pipeguard.app.runconfig import node_config, run_config, to_toml
+    from pipeguard.app.testnet import Daemon, LocalTestnet, wait_for
+    from pipeguard.v1 import pipeguard_pb2 as pb
+    from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
+    from tests.links import shape
+    from tests.test_multihost import Lan, free_subnet, start_in, why_no_netns
+
+    reason = why_no_netns()
+    if reason:
+        raise SystemExit(f"wan.py: {reason}")
+    res = LinkRun(preset, rate, rtt_ms, load=uptime())
+    extra, steps, warmup = PRESETS[preset]
+    half = warmup + steps
+    run = run_config(COMMON, extra, {"train.steps": 2 * half, "audit.rate": AUDIT_RATES[0]})
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time (a state directory holding one is refused)
+    workdir.mkdir(parents=True)
+    net = LocalTestnet(workdir, run)
+    lan = Lan(tag=f"pw{uuid.uuid4().hex[:5]}", prefix=free_subnet())
+    relays: list[subprocess.Popen] = []
+    daemons: list[Daemon] = []
+    relayed = rate is not None
+    t0 = time.monotonic()
+
+    def host_up(name: str, index: int, port: int):
+        """A namespace, shaped, with its relay; returns (host, address to bind, address to advertise)."""
+        host = lan.add(name, index)
+        if not relayed:
+            return host, f"{host.address}:{port}", f"{host.address}:{port}"
+        shape(host.netns, "eth0", rate)
+        shape(None, host.port_if, rate)
+        relay = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, sys.executable, "-m", "tests.links", "relay",
+             f"{host.address}:{port + RELAY_OFFSET}", f"127.0.0.1:{port}", str(rtt_ms / 2000), "--rate-mbit",
+             str(rate), "--limit-s", str(RUN_LIMIT_S + 60)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        relays.append(relay)
+        if relay.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the relay in {host.netns} did not start")
+        return host, f"127.0.0.1:{port}", f"{host.address}:{port + RELAY_OFFSET}"
+
+    try:
+        lan.setup()
+        (workdir / "node.toml").write_text(to_toml(node_config({"timeouts.heartbeat_interval": 0.5,
+                                                                 "timeouts.heartbeat_timeout": 15.0})))
+        chost, cbind, cadv = host_up("c", 1, COORDINATOR_PORT)
+        net.coordinator = start_in(chost, "coordinator", [
+            "-m", "coordinator.daemon", "--config", str(net.config_path), "--bind", cbind, "--advertise", cadv,
+            "--state-dir", str(workdir / "coordinator" / "state")], workdir)
+        daemons.append(net.coordinator)
+        key = net.coordinator.wait_ready(120)["public_key"]
+        for i in range(STAGES + 1):
+            host, bind, adv = host_up(f"n{i}", 10 + i, NODE_PORT)
+            node = start_in(host, f"node{i}", [
+                "-m", "node.daemon", "--config", str(workdir / "node.toml"), "--coordinator", cadv,
+                "--coordinator-key", key, "--bind", bind, "--advertise", adv,
+                "--home", str(workdir / f"node{i}" / "home")], workdir)
+            net.nodes.append(node)
+            daemons.append(node)
+            node.wait_ready(120)
+            net.wait_registered(i + 1, 120)  # in order: nodes 0..2 serve stages 0..2, node 3 stands by
+        deadline = t0 + RUN_LIMIT_S
+        wait_for(lambda: net.status().step >= half, max(1.0, deadline - time.monotonic()), "the first half")
+        token = net.admin_token_file.read_text().strip()
+        with net.channel() as ch:
+            pb_grpc.CoordinatorStub(ch).SetAuditRate(pb.SetAuditRateRequest(rate=AUDIT_RATES[1], operator="wan.py"),
+                                                     timeout=30, metadata=(("authorization", f"Bearer {token}"),))
+        switched = net.status().step  # the first step drawn at the new rate is this one or the next
+        status = net.wait_finished(max(1.0, deadline - time.monotonic()))
+        counted = [range(warmup, half), range(max(half, switched + 1) + warmup, 2 * half)]
+        times = {e.step: e.time for e in status.events if e.kind == "step"}
+        by_step = {q.step: q for q in status.losses}
+        tokens = tokens_per_step(preset)
+        for p, steps_of in zip(AUDIT_RATES, counted):
+            h = Half(p=p)
+            stamps = [times[s] for s in steps_of if s in times]
+            prev = times.get(steps_of.start - 1)
+            if prev is not None:
+                stamps = [prev] + stamps
+            if len(stamps) > 1:
+                h.steps = len(stamps) - 1
+                h.step_s = (stamps[-1] - stamps[0]) / h.steps
+                h.tokens_per_s = tokens / h.step_s
+            own = [tokens / by_step[s].tokens_per_s for s in steps_of if s in by_step and by_step[s].tokens_per_s > 0]
+            h.coordinator_step_s = statistics.median(own) if own else math.nan
+            res.halves.append(h)
+        res.halves[-1].audits = status.audits_total
+        res.halves[-1].max_audit_lag_steps = status.max_audit_lag_steps
+        res.honest_bans = sum(1 for n in status.nodes if n.role == pb.ROLE_BANNED)
+        res.demotions = sum(1 for e in status.events if e.kind in ("node_demoted", "node_set_aside"))
+        res.step_failures = sum(1 for e in status.events if e.kind == "step_failed")
+        res.offline = sum(1 for e in status.events if e.kind == "node_offline")
+    except Exception as exc:  # noqa: BLE001 - one link's failure is reported in its row; the rest run
+        res.error = f"{type(exc).__name__}: {exc}"
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is not None:
+                res.error += f"\n{d.name} exited:\n{d.log_tail(15)}"
+    finally:
+        for d in daemons:
+            d.kill()
+        for r in relays:
+            try:
+                os.killpg(r.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            r.wait(timeout=10)
+        problems = lan.teardown()
+        if problems:
+            res.error += f" cleanup: {problems}"
+    res.wall_s = time.monotonic() - t0
+    if rate is not None:
+        res.transfer_s = boundary_bytes(preset) / 2 * 8 / (rate * 1e6) * 2  # out and back on the busiest link
+    return res
+
+
+def add_ideal(runs: list[LinkRun]) -> None:
+    """Fill ideal_step_s and efficiency from the direct row of the same preset at p = 0: audits should
+    cost the pipeline no waiting (the design's claim), so the ideal is the same at either rate."""
+    for r in runs:
+        direct = next((d for d in runs if d.preset == r.preset and d.rate_mbit is None and not d.error
+                       and d.halves), None)
+        if direct is None:
+            continue
+        for h in r.halves:
+            h.ideal_step_s = direct.halves[0].step_s + r.transfer_s + HOPS * r.rtt_ms / 1000
+            h.efficiency = h.ideal_step_s / h.step_s if h.step_s > 0 else math.nan
+
+
+def table(runs: list[LinkRun]) -> str:
+    rows = ["| preset | link | RTT ms | p | step s | ideal s | efficiency | tokens/s | coordinator step s | "
+            "audit lag (steps) | bans / demotions / step failures |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        link = "direct" if r.rate_mbit is None else f"{r.rate_mbit:g} Mbit/s"
+        if r.error:
+            rows.append(f"| {r.preset} | {link} | {r.rtt_ms:g} | - | failed: {r.error.splitlines()[0][:80]} |"
+                        " | | | | | |")
+            continue
+        for h in r.halves:
+            lag = h.max_audit_lag_steps if h.p > 0 else "-"
+            rows.append(f"| {r.preset} | {link} | {r.rtt_ms:g} | {h.p:g} | {h.step_s:.3f} | {h.ideal_step_s:.3f} | "
+                        f"{h.efficiency:.2f} | {h.tokens_per_s:,.0f} | {h.coordinator_step_s:.3f} | {lag} | "
+                        f"{r.honest_bans} / {r.demotions} / {r.step_failures} |")
+    return "\n".join(rows)
+
+
+def plot(runs: list[LinkRun], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    presets = sorted({r.preset for r in runs})
+    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        for rate in sorted({r.rate_mbit for r in runs if r.rate_mbit is not None}):
+            for i, p in enumerate(AUDIT_RATES):
+                pts = sorted((r.rtt_ms, r.halves[i].tokens_per_s) for r in runs
+                             if r.preset == preset and r.rate_mbit == rate and not r.error)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", linestyle="-" if p == 0 else "--", label=f"{rate:g} Mbit/s, p={p:g}")
+        ax.set_xlabel("RTT (ms)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(preset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write(runs: list[LinkRun], args: argparse.Namespace, load_before: str, started: float) -> dict:
+    add_ideal(runs)
+    out = {"runs": [asdict(r) for r in runs], "hops": HOPS, "audit_rates": list(AUDIT_RATES), "quick": args.quick,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "load_before": load_before, "load_after": uptime(), "wall_s": time.monotonic() - started,
+           "table": table(runs)}
+    if args.out:
+        d = Path(args.out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "wan.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny only, three links (< 5 min)")
+    ap.add_argument("--presets", default="", help="comma-separated presets (default: tiny,small; --quick: tiny)")
+    ap.add_argument("--out", default="", help="directory for wan.json and wan.png")
+    ap.add_argument("--workdir", default="/tmp/pipeguard-wan")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("wan.py needs root (network namespaces, tc)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks clean up
+    presets = [p for p in args.presets.split(",") if p] or (["tiny"] if args.quick else ["tiny", "small"])
+    links = QUICK_LINKS if args.quick else FULL_LINKS
+    started = time.monotonic()
+    load_before = uptime()
+    runs = []
+    for preset in presets:
+        for i, (rate, rtt) in enumerate(links):
+            r = run_link(preset, rate, rtt, Path(args.workdir) / f"{preset}-{i}")
+            runs.append(r)
+            first = r.halves[0] if r.halves else Half(p=0)
+            print(f"{preset} {'direct' if rate is None else f'{rate:g}Mbit'} rtt {rtt:g}ms: step {first.step_s:.3f}s "
+                  f"({r.wall_s:.0f}s, load {r.load}) {r.error.splitlines()[0] if r.error else ''}", flush=True)
+            write(runs, args, load_before, started)  # after every link: a partial run keeps what it measured
+    add_ideal(runs)
+    print(table(runs))
+    out = write(runs, args, load_before, started)
+    if args.out:
+        d = Path(args.out)
+        if plot(runs, d / "wan.png"):
+            print(f"wrote {d / 'wan.json'} and {d / 'wan.png'}")
+        else:
+            print(f"wrote {d / 'wan.json'} (no matplotlib: no plot)")
+    else:
+        print(json.dumps(out)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
