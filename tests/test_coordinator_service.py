@@ -143,7 +143,9 @@ def test_register_with_a_signed_challenge_then_status_lists_the_node(tmp_path):
 
             status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
             assert status.run_id == RUN and status.phase == pb.RUN_PHASE_WAITING and status.step == 0
-            assert status.num_stages == 2 and status.coordinator_key == bed.coord.public_key.hex()
+            assert status.num_stages == 2 and status.coordinator_key == bed.coord.public_key
+            assert status.coordinator_key_hex == bed.coord.public_key.hex(), "the same key, as hex"
+            assert all(not n.HasField("stage") for n in status.nodes), "standbys hold no stage"
             by_id = {n.node_id: n for n in status.nodes}
             assert set(by_id) == {n.node_id for n in nodes}
             assert [by_id[n.node_id].address for n in nodes] == ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]

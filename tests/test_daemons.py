@@ -51,7 +51,7 @@ def test_status_cli_and_health(testnet):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["phase"] == "RUN_PHASE_FINISHED"
-    assert status["step"] == "3"  # uint64 renders as a JSON string
+    assert status["step"] == 3  # uint64 prints as a JSON number (pipeguard.app.status.to_json)
     roles = {n["node_id"]: n["role"] for n in status["nodes"]}
     assert roles == {a.node_id: "ROLE_STAGE", b.node_id: "ROLE_STAGE", standby.node_id: "ROLE_STANDBY"}
     assert [int(p["step"]) for p in status["losses"]] == [0, 1, 2]

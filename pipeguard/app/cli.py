@@ -34,9 +34,10 @@ def _client_net(args: argparse.Namespace, **overrides):
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
+    # Imports the generated code, grpc and the renderer only: a status client loads no torch
+    # (tests/test_status_api.py checks).
     from pipeguard.app import status as status_view
+    from pipeguard.errors import ResourceExhausted
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -47,18 +48,29 @@ def _status_cmd(args: argparse.Namespace) -> int:
         try:
             reply = stub.Status(pb.StatusRequest(history=args.history), timeout=args.timeout)
             if args.json and not args.watch:
-                print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+                print(json.dumps(status_view.to_json(reply), indent=2))
                 return 0
             if not args.json:
                 print(status_view.render(reply))
             if not args.watch:
                 return 0
             last = reply.events[-1].seq if reply.events else 0
-            for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
-                if args.json:
-                    print(json.dumps(MessageToDict(ev, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)), flush=True)
-                else:
-                    print(status_view.render_event(ev), flush=True)
+            while True:  # the resume rule of WatchRequest: a stream that ends goes on after the last event
+                before = last
+                try:
+                    for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
+                        if args.json:
+                            print(json.dumps(status_view.to_json(ev)), flush=True)
+                        else:
+                            print(status_view.render_event(ev), flush=True)
+                        last = ev.seq
+                except ResourceExhausted as err:  # fell behind: resume, unless it got nothing at all
+                    if last == before:
+                        raise
+                    print(f"pipeguard status: {err.details()}; resuming", file=sys.stderr, flush=True)
+                    continue
+                if last == before:  # an older coordinator ending the stream without a word
+                    return 0
         except PipeguardError as err:  # blocking_channel raises typed errors
             print(f"pipeguard status: {args.coordinator}: {err}", file=sys.stderr)
             return 1
