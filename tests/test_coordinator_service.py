@@ -22,8 +22,8 @@ from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
 from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
-from coordinator.service import CoordinatorService
-from coordinator.state import EventLog, RunStore
+from coordinator.service import RESUME_TRAILER, CoordinatorService
+from coordinator.state import WATCH_BACKLOG, EventLog, RunStore
 from pipeguard.computation import describe_build, node_build
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
@@ -369,6 +369,38 @@ def test_watch_replays_then_follows_events(tmp_path):
             assert (live.kind, live.node_id) == ("node_registered", second.node_id)
             assert live.seq == replayed.seq + 1
             call.cancel()
+
+    run(scenario())
+
+
+def test_a_watcher_that_falls_behind_is_told_where_to_resume_and_misses_nothing(tmp_path):
+    """More than WATCH_BACKLOG events while a watcher reads nothing: its stream sends what it had
+    queued, in order, then ends RESOURCE_EXHAUSTED naming the after_seq that resumes it (in the
+    details and the trailer); Watch(after_seq=N) then continues at N + 1. Never a silent end."""
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            events = bed.service.events
+            events.emit("waiting", "before the watcher", step=0)
+            call = bed.stub.Watch(pb.WatchRequest(after_seq=0), timeout=DEADLINE)
+            assert (await call.read()).seq == 1  # replayed: the stream is subscribed
+            for i in range(WATCH_BACKLOG + 50):  # in one go: the stream's task cannot run in between
+                events.emit("audit_rate", f"flood {i}", step=0)
+            seqs = []
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while True:
+                    ev = await call.read()
+                    assert ev is not grpc.aio.EOF, "the stream of a watcher that fell behind ended OK"
+                    seqs.append(ev.seq)
+            assert err.value.code() == C.RESOURCE_EXHAUSTED
+            cut = int(dict(err.value.trailing_metadata())[RESUME_TRAILER])
+            assert f"after_seq={cut}" in err.value.details()
+            assert seqs == list(range(2, cut + 1)) and cut == 1 + WATCH_BACKLOG, "what was queued, in order"
+            assert events.watchers == set(), "a cut watcher is forgotten"
+
+            resumed = bed.stub.Watch(pb.WatchRequest(after_seq=cut), timeout=DEADLINE)
+            rest = [(await resumed.read()).seq for _ in range(events.seq - cut)]
+            assert rest == list(range(cut + 1, events.seq + 1)), "the resumed stream picks up at cut + 1"
+            resumed.cancel()
 
     run(scenario())
 

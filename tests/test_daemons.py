@@ -79,10 +79,12 @@ def test_watch_streams_events_live(testnet):
     try:
         net.start_node()
         net.start_node()
-        kinds = []
+        kinds, steps = [], []
         for line in watcher.stdout:  # ends when the run finishes (we kill the watcher then)
             ev = json.loads(line)
             kinds.append(ev["kind"])
+            if ev["kind"] == "step":
+                steps.append(ev)
             if ev["kind"] == "finished":
                 break
     finally:
@@ -91,6 +93,11 @@ def test_watch_streams_events_live(testnet):
     assert kinds.count("stage_assigned") == 2
     assert kinds.count("step") == 30
     assert kinds[-1] == "finished"
+    # A script reads a step's figures from fields, not from the text (Event in pipeguard.proto).
+    assert [e["step"] for e in steps] == list(range(30)) and all(e["type"] == "EVENT_KIND_STEP" for e in steps)
+    for e in steps:
+        assert all(isinstance(e[f], float) for f in ("loss", "tokens_per_s", "grad_norm", "lr")), e
+        assert e["tokens_per_s"] > 0 and f"loss {e['loss']:.4f}" in e["message"], e
 
 
 @pytest.mark.parametrize("attack,stage,start", [
