@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pipeguard.app.testnet import wait_for
 from pipeguard.data import stdlib_corpus
@@ -66,6 +67,9 @@ def test_status_cli_and_health(testnet):
         with grpc.insecure_channel(daemon.address) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")  # server reflection, on both daemons
+            listed = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([ask]), timeout=5))
+            assert service in {s.name for s in listed.list_services_response.service}
 
     unreachable = cli("status", "--coordinator", "127.0.0.1:1", "--timeout", "2")
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
