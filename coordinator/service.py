@@ -105,8 +105,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         now = time.monotonic()
         a = self.clock.audits.stats if self.clock.audits is not None else None
         for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
+            holds = rec.stage >= 0 and rec.role in (pb.ROLE_STAGE, pb.ROLE_OFFLINE)  # NodeStatus.stage's presence
             reply.nodes.add(
-                node_id=rec.node_id, address=rec.address, role=rec.role, stage=rec.stage if rec.stage >= 0 else None,
+                node_id=rec.node_id, address=rec.address, role=rec.role, stage=rec.stage if holds else None,
                 heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
                 tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
                 tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),

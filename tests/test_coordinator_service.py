@@ -322,6 +322,10 @@ def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(t
             for r in bed.registry.nodes.values():  # both go silent for longer than the timeout
                 r.last_heartbeat = 0.0
             assert {r.node_id for r in bed.registry.expire()} == {holder.node_id, standby.node_id}
+            offline = {n.node_id: n for n in (await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)).nodes}
+            assert offline[holder.node_id].role == pb.ROLE_OFFLINE and offline[holder.node_id].HasField("stage")
+            assert offline[holder.node_id].stage == 1, "an offline holder's stage is shown while nobody else has it"
+            assert not offline[standby.node_id].HasField("stage"), "no stage: absent, not stage 0"
 
             reply = await bed.heartbeat(holder, seq=2)
             assert (reply.role, reply.stage) == (pb.ROLE_STAGE, 1), "it still serves stage 1 of the pipeline"
