@@ -3,14 +3,18 @@
 EventKind is the one list of event kinds: every kind the coordinator emits is a value of it and
 every value is emitted somewhere; the numbers the proto's comments quote (history default,
 events kept, watcher backlog) are the code's constants; events keep "no step" apart from step 0
-through a restart; ``status --json`` prints 64-bit integers as numbers.
+through a restart; ``status --json`` prints 64-bit integers as numbers; ``pipeguard status`` loads
+no torch.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,24 @@ def test_status_json_prints_64_bit_integers_as_numbers_and_leaves_absent_fields_
     assert "step" not in out["events"][0] and out["events"][1]["step"] == 0, "absent is not 0"
     assert out["nodes"][0]["tensors_sent"] == 2**63 and "stage" not in out["nodes"][0]
     assert out["coordinator_key_hex"] == "01" * 32
+
+
+def test_the_status_command_imports_no_torch():
+    """Everything `pipeguard status` imports (cli.py and the imports of its _status_cmd), in a fresh
+    interpreter: no torch. tests/test_status_api.py runs the command itself against a coordinator."""
+    tree = ast.parse((ROOT / "pipeguard" / "app" / "cli.py").read_text())
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_status_cmd")
+    names = ["pipeguard.app.cli"]  # `from a import b`: module a.b if there is one, else a
+    for node in ast.walk(func):
+        if isinstance(node, ast.ImportFrom):
+            names += [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    assert "pipeguard.rpc.blocking_channel" in names and "pipeguard.app.status" in names, names
+    code = (f"import importlib, sys\nfor name in {sorted(set(names))!r}:\n"
+            "    try:\n        importlib.import_module(name)\n    except ModuleNotFoundError:\n"
+            "        importlib.import_module(name.rsplit('.', 1)[0])\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "pipeguard status would load torch"
