@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
 from coordinator.service import RESUME_TRAILER, CoordinatorService
 from coordinator.state import WATCH_BACKLOG, EventLog, RunStore
+from pipeguard.app.status import follow
 from pipeguard.computation import describe_build, node_build
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
@@ -405,6 +407,42 @@ def test_a_watcher_that_falls_behind_is_told_where_to_resume_and_misses_nothing(
             rest = [(await resumed.read()).seq for _ in range(events.seq - cut)]
             assert rest == list(range(cut + 1, events.seq + 1)), "the resumed stream picks up at cut + 1"
             resumed.cancel()
+
+    run(scenario())
+
+
+def test_status_follow_resumes_a_watch_that_fell_behind_as_the_proto_says(tmp_path):
+    """`pipeguard status --watch`'s loop (pipeguard.app.status.follow), over a synchronous channel,
+    reading nothing while the coordinator emits more than a watcher may leave unread: it is cut
+    off, resumes by itself, and sees every event once, in order."""
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            events = bed.service.events
+            events.emit("waiting", "before the watcher", step=0)
+            started, flooded = threading.Event(), threading.Event()
+            total = 1 + WATCH_BACKLOG + 200
+            resumes: list[int] = []
+
+            def watcher() -> list[int]:
+                with grpc.insecure_channel(bed.address) as ch:
+                    seen = follow(pb_grpc.CoordinatorStub(ch), 0, lambda details, last: resumes.append(last))
+                    seqs = [next(seen).seq]
+                    started.set()
+                    assert flooded.wait(DEADLINE)
+                    for ev in seen:
+                        seqs.append(ev.seq)
+                        if ev.seq == total:
+                            return seqs
+                    raise AssertionError("follow ended")
+
+            reading = asyncio.ensure_future(asyncio.to_thread(watcher))
+            assert await asyncio.to_thread(started.wait, DEADLINE)
+            for i in range(total - 1):  # in one go: the stream's task cannot run in between
+                events.emit("audit_rate", f"flood {i}", step=0)
+            flooded.set()
+            seqs = await asyncio.wait_for(reading, 2 * DEADLINE)
+            assert seqs == list(range(1, total + 1)), "every event once, in order, across the resume"
+            assert len(resumes) == 1 and 1 < resumes[0] < total, resumes
 
     run(scenario())
 

@@ -35,9 +35,8 @@ def _client_net(args: argparse.Namespace, **overrides):
 
 def _status_cmd(args: argparse.Namespace) -> int:
     # Imports the generated code, grpc and the renderer only: a status client loads no torch
-    # (tests/test_status_api.py checks).
+    # (tests/test_status_contract.py and test_status_api.py check).
     from pipeguard.app import status as status_view
-    from pipeguard.errors import ResourceExhausted
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -54,23 +53,15 @@ def _status_cmd(args: argparse.Namespace) -> int:
                 print(status_view.render(reply))
             if not args.watch:
                 return 0
-            last = reply.events[-1].seq if reply.events else 0
-            while True:  # the resume rule of WatchRequest: a stream that ends goes on after the last event
-                before = last
-                try:
-                    for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
-                        if args.json:
-                            print(json.dumps(status_view.to_json(ev)), flush=True)
-                        else:
-                            print(status_view.render_event(ev), flush=True)
-                        last = ev.seq
-                except ResourceExhausted as err:  # fell behind: resume, unless it got nothing at all
-                    if last == before:
-                        raise
-                    print(f"pipeguard status: {err.details()}; resuming", file=sys.stderr, flush=True)
-                    continue
-                if last == before:  # an older coordinator ending the stream without a word
-                    return 0
+
+            def resumed(details: str, last: int) -> None:
+                print(f"pipeguard status: {details}; resuming after event {last}", file=sys.stderr, flush=True)
+
+            for ev in status_view.follow(stub, reply.events[-1].seq if reply.events else 0, resumed):
+                if args.json:
+                    print(json.dumps(status_view.to_json(ev)), flush=True)
+                else:
+                    print(status_view.render_event(ev), flush=True)
         except PipeguardError as err:  # blocking_channel raises typed errors
             print(f"pipeguard status: {args.coordinator}: {err}", file=sys.stderr)
             return 1

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -23,6 +24,28 @@ def to_json(msg: Message) -> dict[str, Any]:
     out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     _numbers(out, msg.DESCRIPTOR)
     return out
+
+
+def follow(stub, after_seq: int, on_resume: Callable[[str, int], None] | None = None) -> Iterator[pb.Event]:
+    """Every event after ``after_seq``, then live ones, by the resume rule of WatchRequest: a stream
+    that ends RESOURCE_EXHAUSTED (the watcher fell behind) is opened again after the last event
+    seen, ``on_resume(details, last_seq)`` told. Ends when a stream ends OK having sent nothing
+    (an older coordinator ending it without a word is resumed too); raises any other error."""
+    last = after_seq
+    while True:
+        before = last
+        try:
+            for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
+                last = ev.seq
+                yield ev
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or last == before:
+                raise
+            if on_resume is not None:
+                on_resume(err.details(), last)
+            continue
+        if last == before:
+            return
 
 
 def _repeated(f: FieldDescriptor) -> bool:
