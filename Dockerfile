@@ -64,12 +64,12 @@ RUN python3 -m venv "$VIRTUAL_ENV" && python -m pip install --upgrade pip
 # shellcheck disable=SC2086  (TORCH_PIP_ARGS is meant to split into words)
 RUN pip install $TORCH_PIP_ARGS "$TORCH_SPEC"
 
-# The project (pyproject.toml pulls in grpcio, grpcio-health-checking, protobuf, cryptography,
-# uvloop). The generated protobuf code is committed, so no protoc step is needed.
+# The project (pyproject.toml pulls in grpcio, grpcio-health-checking, grpcio-reflection, protobuf,
+# cryptography, uvloop). The generated protobuf code is committed, so no protoc step is needed.
 WORKDIR /src
 COPY . /src
 RUN pip install /src \
-    && python -c "import torch, grpc, grpc_health.v1, pipeguard, node, coordinator, pipeguard.app.cli; print('torch', torch.__version__)"
+    && python -c "import torch, grpc, grpc_health.v1, grpc_reflection.v1alpha, pipeguard, node, coordinator, pipeguard.app.cli; print('torch', torch.__version__)"
 
 # An unprivileged user. Keys and run state live under /var/lib/pipeguard; compose mounts named
 # volumes there, which start with this ownership and mode, so key files stay 0600 in 0700 dirs.

@@ -357,8 +357,9 @@ class StepClock:
             need_formation = True
         self.state.phase = pb.RUN_PHASE_FINISHED
         self.persist()
-        last = self.state.losses[-1][1] if self.state.losses else float("nan")
-        self.events.emit("finished", f"run finished after {total} steps, final loss {last:.4f}", step=total)
+        last = self.state.losses[-1][1] if self.state.losses else None
+        self.events.emit("finished", f"run finished after {total} steps, final loss "
+                         f"{'n/a' if last is None else f'{last:.4f}'}", step=total, loss=last)
 
     async def _train_until(self, total: int, need_formation: bool) -> None:
         failures = 0
@@ -488,7 +489,8 @@ class StepClock:
         self.state.step = step + 1
         self.persist()
         self.events.emit("step", f"step {step} loss {loss:.4f} |g| {global_norm:.3f} lr {lr:.2e} "
-                         f"{tokens / elapsed:,.0f} tok/s", step=step, persist=False)
+                         f"{tokens / elapsed:,.0f} tok/s", step=step, loss=loss, tokens_per_s=tokens / elapsed,
+                         grad_norm=global_norm, lr=lr)
         if self.state.step % self.cfg.audit.checkpoint_every == 0 and self.state.step < t.steps:
             try:
                 await self.checkpointer.take(self.state.step)

@@ -55,4 +55,4 @@ class Convictions:
         self.pipeline.reform()
         self.store.save_run(self.state, self.registry)
         self.events.emit("banned", f"node {node_id[:8]} banned: {reason}" + (f"; evidence {bundle}" if bundle else ""),
-                         node_id=node_id, step=max(step, 0))
+                         node_id=node_id, step=step if step >= 0 else None)

@@ -20,11 +20,14 @@ from coordinator.admin import Admin
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import Registry
-from coordinator.state import EventLog
+from coordinator.state import WATCH_BACKLOG, EventLog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 50
+"""Losses and events a StatusRequest with history 0 gets (documented in the proto)."""
+RESUME_TRAILER = "pipeguard-after-seq"
+"""Trailing metadata of a Watch stream ended because the watcher fell behind: the after_seq to resume with."""
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -95,14 +98,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def status(self, history: int) -> pb.StatusReply:
         st = self.clock.state
         reply = pb.StatusReply(run_id=st.run_id, phase=st.phase, step=st.step, total_steps=self.cfg.train.steps,
-                               num_stages=self.cfg.pipeline.stages, coordinator_key=self.identity.public_key.hex(),
+                               num_stages=self.cfg.pipeline.stages, coordinator_key=self.identity.public_key,
+                               coordinator_key_hex=self.identity.public_key.hex(),
                                config_toml=to_toml(self.cfg), audit_rate=self.cfg.audit.rate)
         reply.model.CopyFrom(self.cfg.model_spec())
         now = time.monotonic()
         a = self.clock.audits.stats if self.clock.audits is not None else None
         for rec in sorted(self.registry.nodes.values(), key=lambda r: (r.stage < 0, r.stage, r.registered_at)):
+            holds = rec.stage >= 0 and rec.role in (pb.ROLE_STAGE, pb.ROLE_OFFLINE)  # NodeStatus.stage's presence
             reply.nodes.add(
-                node_id=rec.node_id, address=rec.address, role=rec.role, stage=max(rec.stage, 0),
+                node_id=rec.node_id, address=rec.address, role=rec.role, stage=rec.stage if holds else None,
                 heartbeat_age_s=now - rec.last_heartbeat if rec.last_heartbeat else -1.0,
                 tensors_sent=rec.tensors_sent, tensors_received=rec.tensors_received,
                 tensors_rejected=rec.tensors_rejected, rejected_by_peers=self.registry.rejected_count(rec.node_id),
@@ -178,7 +183,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         admin, who = self._authorize(context, request.operator)
         return admin.set_audit_rate(request.rate, who)
 
+    @abort_on_error
     async def Watch(self, request: pb.WatchRequest, context):
+        """Retained events after ``after_seq``, then live ones; never ends OK (see WatchRequest)."""
         queue = self.events.subscribe()  # before the replay, so nothing falls in between
         last = request.after_seq
         try:
@@ -188,8 +195,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     last = ev.seq
             while True:
                 ev = await queue.get()
-                if ev is None:
-                    return
+                if ev is None:  # fell behind: the events it had queued are sent, the rest is for a resume
+                    context.set_trailing_metadata(((RESUME_TRAILER, str(last)),))
+                    raise ResourceExhausted(
+                        f"this watcher fell more than {WATCH_BACKLOG} events behind and was cut off after event "
+                        f"{last}; call Watch again with after_seq={last} to continue")
                 if ev.seq > last:
                     await context.write(ev)
                     last = ev.seq

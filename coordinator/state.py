@@ -34,6 +34,25 @@ EVENTS_KEPT = 2000
 EVENTS_COMPACT_AT = 10 * EVENTS_KEPT
 """events.jsonl is cut down to its last EVENTS_KEPT lines at start once it holds more than this."""
 LOSSES_KEPT = 100_000
+WATCH_BACKLOG = 1000
+"""Events a live watcher may leave unread; one more and its stream ends RESOURCE_EXHAUSTED (it resumes
+with ``after_seq``, see WatchRequest in the proto)."""
+EVENT_FIELDS = ("loss", "tokens_per_s", "grad_norm", "lr")
+"""Structured figures an event may carry (Event fields with presence, see EventKind)."""
+
+
+def event_type(kind: str) -> int:
+    """The EventKind value of ``kind`` (an Event.kind string); UNSPECIFIED for a kind the schema lacks."""
+    try:
+        return pb.EventKind.Value("EVENT_KIND_" + kind.upper())
+    except ValueError:
+        return pb.EVENT_KIND_UNSPECIFIED
+
+
+def event_kinds() -> list[str]:
+    """Every kind the coordinator may emit: the EventKind names as Event.kind spells them."""
+    return [name.removeprefix("EVENT_KIND_").lower() for name in pb.EventKind.keys()
+            if name != "EVENT_KIND_UNSPECIFIED"]
 
 
 class StateError(PipeguardError):
@@ -141,8 +160,11 @@ class RunStore:
         self.save(st)
 
     def append_event(self, ev: pb.Event) -> None:
-        line = json.dumps({"seq": ev.seq, "time": ev.time, "kind": ev.kind, "message": ev.message,
-                           "node_id": ev.node_id, "step": ev.step})
+        record = {"seq": ev.seq, "time": ev.time, "kind": ev.kind, "message": ev.message, "node_id": ev.node_id}
+        for name in ("step", *EVENT_FIELDS):  # absent stays absent
+            if ev.HasField(name):
+                record[name] = getattr(ev, name)
+        line = json.dumps(record)
         try:
             with open(self.events_path, "a") as fh:
                 fh.write(line + "\n")
@@ -160,9 +182,11 @@ class RunStore:
         for line in lines[-EVENTS_KEPT:]:
             try:
                 d = json.loads(line)
-            except json.JSONDecodeError:
+                ev = pb.Event(**{k: v for k, v in d.items() if k in pb.Event.DESCRIPTOR.fields_by_name})
+            except (json.JSONDecodeError, TypeError, ValueError):
                 continue  # a line cut short by a crash
-            out.append(pb.Event(**d))
+            ev.type = event_type(ev.kind)  # lines written before Event.type existed
+            out.append(ev)
         return out
 
     def _compact(self, lines: list[str]) -> None:
@@ -188,32 +212,45 @@ class EventLog:
         self.listeners: list[Callable[[pb.Event], None]] = []
         """Called with every event as it is emitted (metrics count steps and bans this way)."""
 
-    def emit(self, kind: str, message: str, node_id: str = "", step: int = 0, persist: bool = True) -> pb.Event:
+    def emit(self, kind: str, message: str, node_id: str = "", step: int | None = None, persist: bool = True,
+             **figures: float) -> pb.Event:
         """Record an event and push it to watchers.
+
+        ``kind`` must be one of the proto's EventKind (``event_kinds()``): that enum is the one list
+        of kinds, documented for clients. ``step`` None: the event concerns no step (Event.step is
+        absent). ``figures``: the structured fields of EVENT_FIELDS the kind carries.
 
         Every event is written to events.jsonl, so a restarted coordinator goes on numbering after
         the last one and a watcher resuming with ``after_seq`` misses nothing. ``persist`` is
         ignored (it used to keep per-step events in memory only, which made ``seq`` numbers repeat
         after a restart); it is accepted so that existing callers keep working.
         """
+        kind_type = event_type(kind)
+        if kind_type == pb.EVENT_KIND_UNSPECIFIED:
+            raise ValueError(f"event kind {kind!r} is not an EventKind of pipeguard.proto; add it there first")
+        unknown = set(figures) - set(EVENT_FIELDS)
+        if unknown:
+            raise ValueError(f"events carry no field {sorted(unknown)} (Event has {EVENT_FIELDS})")
         self.seq += 1
-        ev = pb.Event(seq=self.seq, time=time.time(), kind=kind, message=message, node_id=node_id, step=step)
+        ev = pb.Event(seq=self.seq, time=time.time(), kind=kind, type=kind_type, message=message, node_id=node_id,
+                      step=step, **figures)
         self.recent.append(ev)
         self.store.append_event(ev)
         log.info("event %s: %s", kind, message)
         for listener in self.listeners:
             listener(ev)
         for q in list(self.watchers):
-            try:
-                q.put_nowait(ev)
-            except asyncio.QueueFull:  # a watcher that doesn't read is cut off, never waited on
+            if q.qsize() >= WATCH_BACKLOG:  # a watcher that doesn't read is cut off, never waited on
                 self.watchers.discard(q)
-                q.get_nowait()
-                q.put_nowait(None)  # tells the stream to end; the client resumes with after_seq
+                q.put_nowait(None)  # after what it has queued: its stream ends RESOURCE_EXHAUSTED
+            else:
+                q.put_nowait(ev)
         return ev
 
     def subscribe(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        """A queue of live events for one watcher: at most WATCH_BACKLOG of them, in order and without a
+        gap, then None once the watcher has fallen behind (it resumes after the last one it took)."""
+        q: asyncio.Queue = asyncio.Queue()  # bounded by emit: WATCH_BACKLOG events + the None
         self.watchers.add(q)
         return q
 

@@ -22,6 +22,7 @@ from typing import Awaitable, Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from pipeguard.config import ConfigError, NetConfig, TimeoutConfig, parse_hostport, server_keepalive_options
 from pipeguard.errors import DeadlineExceeded, InvalidArgument, PipeguardError, Unavailable, from_rpc_error
@@ -165,8 +166,17 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
                 except InvalidArgument as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+            async def stream_gen_behaviour(raw_iterator, context):
+                # A stream-stream handler written as an async generator (server reflection's).
+                try:
+                    async for item in inner(requests(raw_iterator), context):
+                        yield item
+                except InvalidArgument as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
             kind = "stream_unary" if handler.stream_unary else "stream_stream"
-            return handler._replace(request_deserializer=None, **{kind: stream_behaviour})
+            behaviour = stream_gen_behaviour if inspect.isasyncgenfunction(inner) else stream_behaviour
+            return handler._replace(request_deserializer=None, **{kind: behaviour})
 
         inner = handler.unary_unary or handler.unary_stream
         kind = "unary_unary" if handler.unary_unary else "unary_stream"
@@ -211,7 +221,7 @@ class FinishReading(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.stream_unary is None:  # pipeguard has no stream-stream RPC
+        if handler is None or handler.stream_unary is None:  # stream-stream: only server reflection's
             return handler
         inner, method = handler.stream_unary, handler_call_details.method
 
@@ -295,15 +305,19 @@ def server_options(net: NetConfig, timeouts: TimeoutConfig | None = None) -> dic
 
 async def start_server(net: NetConfig, register: Callable[[grpc.aio.Server], None], service_names: list[str],
                        timeouts: TimeoutConfig | None = None) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
-    """Start a grpc.aio server with explicit message limits and the health service.
+    """Start a grpc.aio server with explicit message limits, the health service and server reflection.
 
     Returns the server, the address to advertise (``net.advertise`` or the bound address)
-    and the health servicer (set to SERVING for every name in ``service_names``).
+    and the health servicer (set to SERVING for every name in ``service_names``). Reflection
+    lists ``service_names``, health and itself, and describes them from the generated code's
+    descriptors, so a client needs nothing but the address (``grpcurl -plaintext HOST:PORT list``).
     """
     server = grpc.aio.server(**server_options(net, timeouts))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
     host, port = parse_hostport(net.bind, "net.bind")
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     creds = server_credentials(net)

@@ -99,7 +99,7 @@ def test_evidence_from_a_real_ban_verifies_and_a_flipped_byte_does_not(testnet, 
     status = net.wait_finished(timeout=100)
     bundle = Path(status.evidence[0])
     cli = [sys.executable, "-m", "pipeguard.app.cli", "verify"]
-    ok = subprocess.run([*cli, str(bundle), "--coordinator-key", status.coordinator_key], capture_output=True,
+    ok = subprocess.run([*cli, str(bundle), "--coordinator-key", status.coordinator_key_hex], capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and "VALID" in ok.stdout, ok.stdout + ok.stderr
 

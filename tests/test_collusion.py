@@ -241,7 +241,7 @@ def test_colluding_auditor_and_its_accomplice_are_both_banned(testnet):
     assert results["audit"].valid and results["audit"].accused == attacker
     assert all(r.valid for r in results.values()), [r.summary for r in results.values()]
     out = subprocess.run([sys.executable, "-m", "pipeguard.app.cli", "verify", *status.evidence, "--coordinator-key",
-                          status.coordinator_key], capture_output=True, text=True, timeout=60)
+                          status.coordinator_key_hex], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "VALID (false-clearance)" in out.stdout, out.stdout + out.stderr
     # No standby is left: stage 1 is bypassed and training goes on to the end.
     assert any(e.kind == "stage_skipped" for e in status.events)

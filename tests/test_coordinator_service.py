@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
 from coordinator.daemon import build_clock
 from coordinator.registry import NodeRecord, Registry
-from coordinator.service import CoordinatorService
-from coordinator.state import EventLog, RunStore
+from coordinator.service import RESUME_TRAILER, CoordinatorService
+from coordinator.state import WATCH_BACKLOG, EventLog, RunStore
+from pipeguard.app.status import follow
 from pipeguard.computation import describe_build, node_build
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
@@ -143,7 +145,9 @@ def test_register_with_a_signed_challenge_then_status_lists_the_node(tmp_path):
 
             status = await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)
             assert status.run_id == RUN and status.phase == pb.RUN_PHASE_WAITING and status.step == 0
-            assert status.num_stages == 2 and status.coordinator_key == bed.coord.public_key.hex()
+            assert status.num_stages == 2 and status.coordinator_key == bed.coord.public_key
+            assert status.coordinator_key_hex == bed.coord.public_key.hex(), "the same key, as hex"
+            assert all(not n.HasField("stage") for n in status.nodes), "standbys hold no stage"
             by_id = {n.node_id: n for n in status.nodes}
             assert set(by_id) == {n.node_id for n in nodes}
             assert [by_id[n.node_id].address for n in nodes] == ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]
@@ -363,6 +367,10 @@ def test_a_stage_holder_back_from_missed_heartbeats_is_shown_serving_its_stage(t
             for r in bed.registry.nodes.values():  # both go silent for longer than the timeout
                 r.last_heartbeat = 0.0
             assert {r.node_id for r in bed.registry.expire()} == {holder.node_id, standby.node_id}
+            offline = {n.node_id: n for n in (await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)).nodes}
+            assert offline[holder.node_id].role == pb.ROLE_OFFLINE and offline[holder.node_id].HasField("stage")
+            assert offline[holder.node_id].stage == 1, "an offline holder's stage is shown while nobody else has it"
+            assert not offline[standby.node_id].HasField("stage"), "no stage: absent, not stage 0"
 
             reply = await bed.heartbeat(holder, seq=2)
             assert (reply.role, reply.stage) == (pb.ROLE_STAGE, 1), "it still serves stage 1 of the pipeline"
@@ -410,6 +418,74 @@ def test_watch_replays_then_follows_events(tmp_path):
             assert (live.kind, live.node_id) == ("node_registered", second.node_id)
             assert live.seq == replayed.seq + 1
             call.cancel()
+
+    run(scenario())
+
+
+def test_a_watcher_that_falls_behind_is_told_where_to_resume_and_misses_nothing(tmp_path):
+    """More than WATCH_BACKLOG events while a watcher reads nothing: its stream sends what it had
+    queued, in order, then ends RESOURCE_EXHAUSTED naming the after_seq that resumes it (in the
+    details and the trailer); Watch(after_seq=N) then continues at N + 1. Never a silent end."""
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            events = bed.service.events
+            events.emit("waiting", "before the watcher", step=0)
+            call = bed.stub.Watch(pb.WatchRequest(after_seq=0), timeout=DEADLINE)
+            assert (await call.read()).seq == 1  # replayed: the stream is subscribed
+            for i in range(WATCH_BACKLOG + 50):  # in one go: the stream's task cannot run in between
+                events.emit("audit_rate", f"flood {i}", step=0)
+            seqs = []
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while True:
+                    ev = await call.read()
+                    assert ev is not grpc.aio.EOF, "the stream of a watcher that fell behind ended OK"
+                    seqs.append(ev.seq)
+            assert err.value.code() == C.RESOURCE_EXHAUSTED
+            cut = int(dict(err.value.trailing_metadata())[RESUME_TRAILER])
+            assert f"after_seq={cut}" in err.value.details()
+            assert seqs == list(range(2, cut + 1)) and cut == 1 + WATCH_BACKLOG, "what was queued, in order"
+            assert events.watchers == set(), "a cut watcher is forgotten"
+
+            resumed = bed.stub.Watch(pb.WatchRequest(after_seq=cut), timeout=DEADLINE)
+            rest = [(await resumed.read()).seq for _ in range(events.seq - cut)]
+            assert rest == list(range(cut + 1, events.seq + 1)), "the resumed stream picks up at cut + 1"
+            resumed.cancel()
+
+    run(scenario())
+
+
+def test_status_follow_resumes_a_watch_that_fell_behind_as_the_proto_says(tmp_path):
+    """`pipeguard status --watch`'s loop (pipeguard.app.status.follow), over a synchronous channel,
+    reading nothing while the coordinator emits more than a watcher may leave unread: it is cut
+    off, resumes by itself, and sees every event once, in order."""
+    async def scenario():
+        async with coordinator_bed(tmp_path) as bed:
+            events = bed.service.events
+            events.emit("waiting", "before the watcher", step=0)
+            started, flooded = threading.Event(), threading.Event()
+            total = 1 + WATCH_BACKLOG + 200
+            resumes: list[int] = []
+
+            def watcher() -> list[int]:
+                with grpc.insecure_channel(bed.address) as ch:
+                    seen = follow(pb_grpc.CoordinatorStub(ch), 0, lambda details, last: resumes.append(last))
+                    seqs = [next(seen).seq]
+                    started.set()
+                    assert flooded.wait(DEADLINE)
+                    for ev in seen:
+                        seqs.append(ev.seq)
+                        if ev.seq == total:
+                            return seqs
+                    raise AssertionError("follow ended")
+
+            reading = asyncio.ensure_future(asyncio.to_thread(watcher))
+            assert await asyncio.to_thread(started.wait, DEADLINE)
+            for i in range(total - 1):  # in one go: the stream's task cannot run in between
+                events.emit("audit_rate", f"flood {i}", step=0)
+            flooded.set()
+            seqs = await asyncio.wait_for(reading, 2 * DEADLINE)
+            assert seqs == list(range(1, total + 1)), "every event once, in order, across the resume"
+            assert len(resumes) == 1 and 1 < resumes[0] < total, resumes
 
     run(scenario())
 

@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pipeguard.app.testnet import wait_for
 from pipeguard.data import stdlib_corpus
@@ -51,7 +52,7 @@ def test_status_cli_and_health(testnet):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["phase"] == "RUN_PHASE_FINISHED"
-    assert status["step"] == "3"  # uint64 renders as a JSON string
+    assert status["step"] == 3  # uint64 prints as a JSON number (pipeguard.app.status.to_json)
     roles = {n["node_id"]: n["role"] for n in status["nodes"]}
     assert roles == {a.node_id: "ROLE_STAGE", b.node_id: "ROLE_STAGE", standby.node_id: "ROLE_STANDBY"}
     assert [int(p["step"]) for p in status["losses"]] == [0, 1, 2]
@@ -66,6 +67,9 @@ def test_status_cli_and_health(testnet):
         with grpc.insecure_channel(daemon.address) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")  # server reflection, on both daemons
+            listed = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([ask]), timeout=5))
+            assert service in {s.name for s in listed.list_services_response.service}
 
     unreachable = cli("status", "--coordinator", "127.0.0.1:1", "--timeout", "2")
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
@@ -79,10 +83,12 @@ def test_watch_streams_events_live(testnet):
     try:
         net.start_node()
         net.start_node()
-        kinds = []
+        kinds, steps = [], []
         for line in watcher.stdout:  # ends when the run finishes (we kill the watcher then)
             ev = json.loads(line)
             kinds.append(ev["kind"])
+            if ev["kind"] == "step":
+                steps.append(ev)
             if ev["kind"] == "finished":
                 break
     finally:
@@ -91,6 +97,11 @@ def test_watch_streams_events_live(testnet):
     assert kinds.count("stage_assigned") == 2
     assert kinds.count("step") == 30
     assert kinds[-1] == "finished"
+    # A script reads a step's figures from fields, not from the text (Event in pipeguard.proto).
+    assert [e["step"] for e in steps] == list(range(30)) and all(e["type"] == "EVENT_KIND_STEP" for e in steps)
+    for e in steps:
+        assert all(isinstance(e[f], float) for f in ("loss", "tokens_per_s", "grad_norm", "lr")), e
+        assert e["tokens_per_s"] > 0 and f"loss {e['loss']:.4f}" in e["message"], e
 
 
 @pytest.mark.parametrize("attack,stage,start", [

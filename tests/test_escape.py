@@ -48,7 +48,7 @@ def test_a_backdoored_start_state_is_convicted_before_step_zero(testnet):
     bans = banned(status)
     assert set(bans) == {attacker}, bans
     assert "seeded initialisation" in bans[attacker]
-    results = [verify_bundle(Path(p), pinned_coordinator=bytes.fromhex(status.coordinator_key)) for p in status.evidence]
+    results = [verify_bundle(Path(p), pinned_coordinator=status.coordinator_key) for p in status.evidence]
     assert [r.kind for r in results] == ["initial-state"] and results[0].valid, [r.summary for r in results]
     assert results[0].accused == attacker
     assert [p.step for p in status.losses] == list(range(4))

@@ -109,3 +109,28 @@ def test_every_bundle_kind_is_a_row_of_section_4():
     assert {"audit", "equivocation"} <= kinds, "the walker no longer finds the kinds in evidence.py"
     rows = {k.strip("`") for k in _rows(_section(4))}
     assert kinds - rows == set(), f"bundle kinds docs/protocol.md §4 lacks: {sorted(kinds - rows)}"
+
+
+def _status_api_types() -> set[str]:
+    """Messages and enums a Status or Watch client reads or writes (the pipeguard.v1 ones)."""
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    todo = [service.methods_by_name[m].input_type for m in ("Status", "Watch")]
+    todo += [service.methods_by_name[m].output_type for m in ("Status", "Watch")]
+    seen: set[str] = set()
+    while todo:
+        d = todo.pop()
+        if d.name in seen:
+            continue
+        seen.add(d.name)
+        for f in d.fields:
+            if f.type == FieldDescriptor.TYPE_MESSAGE:
+                todo.append(f.message_type)
+            elif f.type == FieldDescriptor.TYPE_ENUM and f.enum_type.name == "EventKind":
+                seen.add("EventKind")  # the other enums (Role, RunPhase) are named by their fields
+    return seen
+
+
+def test_the_status_api_section_names_every_message_of_status_and_watch():
+    rows = set(_rows(_section(6)))
+    assert _status_api_types() - rows == set(), \
+        f"Status/Watch types docs/protocol.md §6 lacks: {sorted(_status_api_types() - rows)}"

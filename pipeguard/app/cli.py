@@ -34,8 +34,8 @@ def _client_net(args: argparse.Namespace, **overrides):
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
+    # Imports the generated code, grpc and the renderer only: a status client loads no torch
+    # (tests/test_status_contract.py and test_status_api.py check).
     from pipeguard.app import status as status_view
     from pipeguard.v1 import pipeguard_pb2 as pb
     from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -47,16 +47,19 @@ def _status_cmd(args: argparse.Namespace) -> int:
         try:
             reply = stub.Status(pb.StatusRequest(history=args.history), timeout=args.timeout)
             if args.json and not args.watch:
-                print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+                print(json.dumps(status_view.to_json(reply), indent=2))
                 return 0
             if not args.json:
                 print(status_view.render(reply))
             if not args.watch:
                 return 0
-            last = reply.events[-1].seq if reply.events else 0
-            for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
+
+            def resumed(details: str, last: int) -> None:
+                print(f"pipeguard status: {details}; resuming after event {last}", file=sys.stderr, flush=True)
+
+            for ev in status_view.follow(stub, reply.events[-1].seq if reply.events else 0, resumed):
                 if args.json:
-                    print(json.dumps(MessageToDict(ev, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)), flush=True)
+                    print(json.dumps(status_view.to_json(ev)), flush=True)
                 else:
                     print(status_view.render_event(ev), flush=True)
         except PipeguardError as err:  # blocking_channel raises typed errors

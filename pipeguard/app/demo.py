@@ -149,7 +149,7 @@ def _summary(args, status: pb.StatusReply | None, malicious_id: str, attacks: li
         print(f"  malicious node    {malicious_id[:8]} ({'+'.join(attacks)}, rate {args.attack_rate})")
     for n in banned:
         ev = next((e for e in status.events if e.kind == "banned" and e.node_id == n.node_id), None)
-        when = f" at step {ev.step}" if ev else ""
+        when = f" at step {ev.step}" if ev is not None and ev.HasField("step") else ""
         honest = "" if n.node_id == malicious_id else "  <-- an HONEST node was banned"
         print(f"  banned            {n.node_id[:8]}{when}: {n.ban_reason}{honest}")
     if malicious_id and not any(n.node_id == malicious_id for n in banned):

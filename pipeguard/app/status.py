@@ -3,10 +3,66 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 SPARK = "▁▂▃▄▅▆▇█"
+INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+               FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def to_json(msg: Message) -> dict[str, Any]:
+    """``msg`` as ``status --json`` prints it: the proto3 JSON mapping with proto field names and every
+    field without presence shown (an absent `optional` field is left out), except that 64-bit
+    integers are JSON numbers, not strings (Python's json reads them back exactly)."""
+    out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _numbers(out, msg.DESCRIPTOR)
+    return out
+
+
+def follow(stub, after_seq: int, on_resume: Callable[[str, int], None] | None = None) -> Iterator[pb.Event]:
+    """Every event after ``after_seq``, then live ones, by the resume rule of WatchRequest: a stream
+    that ends RESOURCE_EXHAUSTED (the watcher fell behind) is opened again after the last event
+    seen, ``on_resume(details, last_seq)`` told. Ends when a stream ends OK having sent nothing
+    (an older coordinator ending it without a word is resumed too); raises any other error."""
+    last = after_seq
+    while True:
+        before = last
+        try:
+            for ev in stub.Watch(pb.WatchRequest(after_seq=last)):
+                last = ev.seq
+                yield ev
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or last == before:
+                raise
+            if on_resume is not None:
+                on_resume(err.details(), last)
+            continue
+        if last == before:
+            return
+
+
+def _repeated(f: FieldDescriptor) -> bool:
+    if hasattr(f, "is_repeated"):  # protobuf >= 6.31; `label` is gone in 7
+        return f.is_repeated
+    return f.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _numbers(d: dict[str, Any], desc: Descriptor) -> None:
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        if f.type in INT64_TYPES:
+            d[f.name] = [int(v) for v in d[f.name]] if _repeated(f) else int(d[f.name])
+        elif f.type == FieldDescriptor.TYPE_MESSAGE and not f.message_type.GetOptions().map_entry:
+            for sub in d[f.name] if _repeated(f) else [d[f.name]]:
+                _numbers(sub, f.message_type)
 
 
 def _role(r: int) -> str:
@@ -31,7 +87,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
 
 def render(s: pb.StatusReply) -> str:
     lines = [f"run {s.run_id}   phase {_phase(s.phase)}   step {s.step}/{s.total_steps}   "
-             f"stages {s.num_stages}   coordinator key {s.coordinator_key[:16]}…"]
+             f"stages {s.num_stages}   coordinator key {s.coordinator_key.hex()[:16]}…"]
     stages = sorted((n for n in s.nodes if n.role == pb.ROLE_STAGE), key=lambda n: n.stage)
     if stages:
         lines.append("pipeline  " + " ──▶ ".join(f"[{n.stage}] {n.node_id[:8]}" for n in stages))
@@ -41,7 +97,7 @@ def render(s: pb.StatusReply) -> str:
     lines.append(header)
     for n in s.nodes:
         hb = f"{n.heartbeat_age_s:.1f}s ago" if n.heartbeat_age_s >= 0 else "never"
-        stage = str(n.stage) if n.role == pb.ROLE_STAGE else "-"
+        stage = str(n.stage) if n.role == pb.ROLE_STAGE and n.HasField("stage") else "-"
         lines.append(f"{n.node_id[:8]:<10} {_role(n.role):<8} {stage:>5} {n.address:<22} {hb:>10} "
                      f"{n.tensors_sent:>6} {n.tensors_received:>6} {n.tensors_rejected:>4} "
                      f"{n.rejected_by_peers:>12} {f'{n.audits_passed}/{n.audits_failed}':>14} {n.audits_done:>7}  "

@@ -57,6 +57,39 @@ class DigestAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIGEST_ALGORITHM_UNSPECIFIED: _ClassVar[DigestAlgorithm]
     DIGEST_ALGORITHM_SHA256: _ClassVar[DigestAlgorithm]
     DIGEST_ALGORITHM_BLAKE3: _ClassVar[DigestAlgorithm]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_COORDINATOR_STARTED: _ClassVar[EventKind]
+    EVENT_KIND_WAITING: _ClassVar[EventKind]
+    EVENT_KIND_TRAINING: _ClassVar[EventKind]
+    EVENT_KIND_STEP: _ClassVar[EventKind]
+    EVENT_KIND_STEP_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_FINISHED: _ClassVar[EventKind]
+    EVENT_KIND_STOPPED: _ClassVar[EventKind]
+    EVENT_KIND_RUN_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT_RATE: _ClassVar[EventKind]
+    EVENT_KIND_NODE_REGISTERED: _ClassVar[EventKind]
+    EVENT_KIND_NODE_BACK: _ClassVar[EventKind]
+    EVENT_KIND_NODE_OFFLINE: _ClassVar[EventKind]
+    EVENT_KIND_NODE_SET_ASIDE: _ClassVar[EventKind]
+    EVENT_KIND_NODE_DEMOTED: _ClassVar[EventKind]
+    EVENT_KIND_BANNED: _ClassVar[EventKind]
+    EVENT_KIND_UNBANNED: _ClassVar[EventKind]
+    EVENT_KIND_STAGE_ASSIGNED: _ClassVar[EventKind]
+    EVENT_KIND_STAGE_SKIPPED: _ClassVar[EventKind]
+    EVENT_KIND_ASSIGN_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_ROLLED_BACK: _ClassVar[EventKind]
+    EVENT_KIND_CHECKPOINT: _ClassVar[EventKind]
+    EVENT_KIND_CHECKPOINT_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_COMMITMENT_MISMATCH: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT_INCOMPLETE: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT_ERROR: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT_UNFOLDED: _ClassVar[EventKind]
+    EVENT_KIND_STATE_WITHHELD: _ClassVar[EventKind]
+    EVENT_KIND_OFF_ATTESTATION: _ClassVar[EventKind]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_FORWARD: Direction
 DIRECTION_BACKWARD: Direction
@@ -87,6 +120,36 @@ RUN_PHASE_STOPPED: RunPhase
 DIGEST_ALGORITHM_UNSPECIFIED: DigestAlgorithm
 DIGEST_ALGORITHM_SHA256: DigestAlgorithm
 DIGEST_ALGORITHM_BLAKE3: DigestAlgorithm
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_COORDINATOR_STARTED: EventKind
+EVENT_KIND_WAITING: EventKind
+EVENT_KIND_TRAINING: EventKind
+EVENT_KIND_STEP: EventKind
+EVENT_KIND_STEP_FAILED: EventKind
+EVENT_KIND_FINISHED: EventKind
+EVENT_KIND_STOPPED: EventKind
+EVENT_KIND_RUN_FAILED: EventKind
+EVENT_KIND_AUDIT_RATE: EventKind
+EVENT_KIND_NODE_REGISTERED: EventKind
+EVENT_KIND_NODE_BACK: EventKind
+EVENT_KIND_NODE_OFFLINE: EventKind
+EVENT_KIND_NODE_SET_ASIDE: EventKind
+EVENT_KIND_NODE_DEMOTED: EventKind
+EVENT_KIND_BANNED: EventKind
+EVENT_KIND_UNBANNED: EventKind
+EVENT_KIND_STAGE_ASSIGNED: EventKind
+EVENT_KIND_STAGE_SKIPPED: EventKind
+EVENT_KIND_ASSIGN_FAILED: EventKind
+EVENT_KIND_ROLLED_BACK: EventKind
+EVENT_KIND_CHECKPOINT: EventKind
+EVENT_KIND_CHECKPOINT_FAILED: EventKind
+EVENT_KIND_COMMITMENT_MISMATCH: EventKind
+EVENT_KIND_AUDIT_FAILED: EventKind
+EVENT_KIND_AUDIT_INCOMPLETE: EventKind
+EVENT_KIND_AUDIT_ERROR: EventKind
+EVENT_KIND_AUDIT_UNFOLDED: EventKind
+EVENT_KIND_STATE_WITHHELD: EventKind
+EVENT_KIND_OFF_ATTESTATION: EventKind
 
 class TensorHeader(_message.Message):
     __slots__ = ("run_id", "step", "micro_batch", "stage", "direction", "sender", "receiver", "dtype", "shape", "epoch", "attempt", "assignment_digest", "input_digest", "grad_input_digest", "digest_algorithm")
@@ -767,23 +830,33 @@ class LossPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "time", "kind", "message", "node_id", "step")
+    __slots__ = ("seq", "time", "kind", "message", "node_id", "step", "type", "loss", "tokens_per_s", "grad_norm", "lr")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time: float
     kind: str
     message: str
     node_id: str
     step: int
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    type: EventKind
+    loss: float
+    tokens_per_s: float
+    grad_norm: float
+    lr: float
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., type: _Optional[_Union[EventKind, str]] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate", "max_audit_lag_steps", "audits_pending")
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key_hex", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate", "max_audit_lag_steps", "audits_pending", "coordinator_key")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -792,7 +865,7 @@ class StatusReply(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
-    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_HEX_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
     AUDITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -801,6 +874,7 @@ class StatusReply(_message.Message):
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_AUDIT_LAG_STEPS_FIELD_NUMBER: _ClassVar[int]
     AUDITS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     phase: RunPhase
     step: int
@@ -809,7 +883,7 @@ class StatusReply(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     losses: _containers.RepeatedCompositeFieldContainer[LossPoint]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    coordinator_key: str
+    coordinator_key_hex: str
     config_toml: str
     audits_total: int
     detections: int
@@ -818,7 +892,8 @@ class StatusReply(_message.Message):
     audit_rate: float
     max_audit_lag_steps: int
     audits_pending: int
-    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ..., max_audit_lag_steps: _Optional[int] = ..., audits_pending: _Optional[int] = ...) -> None: ...
+    coordinator_key: bytes
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key_hex: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ..., max_audit_lag_steps: _Optional[int] = ..., audits_pending: _Optional[int] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("after_seq",)

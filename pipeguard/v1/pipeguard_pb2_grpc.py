@@ -138,14 +138,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Run status.
+        """Run status (unauthenticated, read-only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Stream events as they happen.
+        """Stream events: retained ones after `after_seq`, then live ones (see WatchRequest for the
+        resume rule and how a watcher that falls behind is told).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
