@@ -169,7 +169,7 @@ class AuditScheduler:
                               attempt=rec.attempt, session=self.session)
         self.next_id += 1
         req.target.CopyFrom(_peer(node, rec.slots[pos]))
-        target = self.registry.nodes.get(node.node_id)
+        target = self.registry.nodes.get(node.node_id) if self.registry is not None else None
         req.target_device = target.build.device if target is not None else ""
         req.cross_device_tolerance = self.cfg.audit.cross_device_tolerance
         if pos > 0:
