@@ -46,6 +46,11 @@ SPILL_AT = 2
 them: standbys first, while they keep up; then stages that are not the target's neighbours."""
 
 
+FOLLOWER_EXTRA = 1
+"""Audits a stage's follower may have waiting beyond ``SPILL_AT`` and still be ordered the stage's
+next one (its run continues; the run's length, not its speed, decides how long it keeps the stage)."""
+
+
 @dataclass
 class StepRecord:
     """What the coordinator knows of one step, for building audit orders."""
@@ -203,6 +208,12 @@ class AuditScheduler:
             # At random among those that keep up (so an auditor cannot draw more audits of a
             # partner by answering fast); a tier that does not keep up spills to the next.
             free = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT]
+            # the stage's follower waits one audit deeper before the stage is drawn afresh: it holds
+            # the state this audit starts from (a fresh auditor would fetch it)
+            following = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT + FOLLOWER_EXTRA]
+            who, left = self.following.get(req.stage, ("", 0))
+            if left > 0 and any(r.node_id == who for r in following):
+                return self._follower(req.stage, [r for r in following if r.node_id == who])
             if free:
                 return self._follower(req.stage, free)
             busy = busy or pick

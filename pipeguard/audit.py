@@ -708,7 +708,11 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
         # whole lr-sized step in that element. So each element of the new state is compared with
         # the range that gradients within the tolerance produce (computation.update_bounds),
         # and no weight may step by more than AdamW's cap; exact mode compares bits.
-        bounds = comp.update_bounds(up.global_grad_norm, up.lr, tol) if tol > 0 else {}
+        # (only when the served next state is at hand to compare: an auditor that has not
+        # fetched it needs no bounds when its recomputation hashes to the committed digest, and
+        # otherwise fetches it and checks again)
+        bounds = comp.update_bounds(up.global_grad_norm, up.lr, tol) if tol > 0 and \
+            art.next_attestation is not None else {}
         comp.update(up.global_grad_norm, up.lr)
         # The recomputed new state hashing to the committed digest proves the update exact, with
         # no need to see the state the node serves for the next step (an auditor keeps it).
