@@ -210,33 +210,29 @@ class AuditScheduler:
             free = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT]
             # the stage's follower waits one audit deeper before the stage is drawn afresh: it holds
             # the state this audit starts from (a fresh auditor would fetch it)
-            following = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT + FOLLOWER_EXTRA]
             who, left = self.following.get(req.stage, ("", 0))
-            if left > 0 and any(r.node_id == who for r in following):
-                return self._follower(req.stage, [r for r in following if r.node_id == who])
+            for r in pick:
+                if r.node_id == who and left > 0 and self.in_flight.get(who, 0) < SPILL_AT + FOLLOWER_EXTRA:
+                    self.following[req.stage] = (who, left - 1)
+                    return r
             if free:
-                return self._follower(req.stage, free)
+                return self._new_follower(req.stage, free)
             busy = busy or pick
         if not busy:
             return None
         load = min(self.in_flight.get(r.node_id, 0) for r in busy)
         return self.rng.choice([r for r in busy if self.in_flight.get(r.node_id, 0) == load])
 
-    def _follower(self, stage: int, free: list[NodeRecord]) -> NodeRecord:
-        """The auditor following ``stage`` if it is among ``free`` and its run lasts, else one of
-        ``free`` at random, which starts a run of random length (geometric, mean ``audit.follow``)."""
-        who, left = self.following.get(stage, ("", 0))
-        if left > 0:
-            for r in free:
-                if r.node_id == who:
-                    self.following[stage] = (who, left - 1)
-                    return r
+    def _new_follower(self, stage: int, free: list[NodeRecord]) -> NodeRecord:
+        """One of ``free`` at random, which follows ``stage`` for a run of random length (geometric,
+        mean ``audit.follow``; this audit is the run's first)."""
         r = self.rng.choice(free)
         runs = 1
         while self.rng.random() >= 1 / self.cfg.audit.follow and runs < 64 * self.cfg.audit.follow:
             runs += 1
         self.following[stage] = (r.node_id, runs - 1)
         return r
+
     def auditor_lost(self, node_id: str) -> None:
         """The liveness monitor found ``node_id`` silent: the audits ordered from it are abandoned
         at once and the coordinator does them itself, so one dead peer never holds the step clock
