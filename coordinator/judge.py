@@ -114,6 +114,8 @@ class Judge:
         self.rng = secrets.SystemRandom()
         self.stats = AuditStats()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeguard-judge")
+        self.workspace = audit.Workspace()
+        """The judge's recomputations reuse one module and optimizer per stage (on ``executor``)."""
         self.off_attestation: dict[str, int] = {}
         """holder id -> states it served the judge that do not hash to their signed attestation."""
         self.on_withheld: Callable[[pb.AuditRequest, str], Awaitable[None]] | None = None
@@ -210,7 +212,7 @@ class Judge:
             art.fill_tokens(self.dataset)
             audit.check_tokens(art)
         finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art, self.device,
-                                                                   self.device_class)
+                                                                   self.device_class, self.workspace)
         if finding.verdict == pb.VERDICT_FAIL:
             # Before convicting anyone: a sender that signed two versions of a tensor it sent
             # (one to its receiver, another to auditors) is the one banned.

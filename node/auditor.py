@@ -57,6 +57,8 @@ class NodeAuditor:
         that matched the committed digest exactly. An audit whose step report commits to one of
         them starts from it and fetches nothing but the tensors (several audits of one stage-step
         share one fetch; an auditor following a stage advances its replica step by step)."""
+        self.workspace = audit.Workspace()
+        """The module and optimizer each audited stage is recomputed in, reused (on the audit thread)."""
         self.fetched_state_bytes = 0
         """Bytes of audited states fetched so far."""
 
@@ -128,11 +130,13 @@ class NodeAuditor:
         loop = asyncio.get_running_loop()
         device = self.runtime.device  # audits recompute where this node computes
         try:
-            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device))
+            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device),
+                                                 self.workspace)
         except audit.NeedNextState:
             await audit.fetch_next_state(art, fetcher)
             self._fetched(art.next_state, art.next_attestation)
-            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device))
+            finding = await loop.run_in_executor(self.executor, audit.check, art, device, device_class(device),
+                                                 self.workspace)
         if finding.next_state is not None and finding.verdict == pb.VERDICT_PASS:
             self.replicas.keep(art.request.update_report.state_digest, finding.next_state)
         return finding

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def build(cfg: NodeConfig, identity: Identity, home: Path, device: torch.device 
     return Node(peers, runtime, membership, service, seams)
 
 
-async def serve(cfg: NodeConfig, stop: asyncio.Event, device: torch.device | None = None) -> None:
+async def serve(cfg: NodeConfig, stop: asyncio.Event, device: torch.device | None = None,
+                warm_up: threading.Thread | None = None) -> None:
     home = Path(cfg.home).expanduser()
     identity = Identity.load_or_create(home / "node.key")
     set_log_prefix(f"node {identity.node_id[:8]}")
@@ -163,6 +165,10 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event, device: torch.device | Non
     log.info("node %s serving on %s (bound %s)", identity.node_id, address, cfg.net.bind)
     write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id,
                      metrics=metrics.address if metrics else "")
+    if warm_up is not None:
+        # registered = ready to compute: torch's one-off import (about a second of CPU) is not left
+        # to land on the first steps or audits, racing them for the cores
+        await asyncio.to_thread(warm_up.join)
     member_task = asyncio.create_task(membership.run())
     try:
         await stop.wait()
@@ -193,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"pipeguard-node: {exc}", file=sys.stderr)
         return 2
-    warm_up_optimizer()
-    return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop, device))
+    warm_up = warm_up_optimizer()
+    return run_daemon("pipeguard-node", lambda stop: serve(cfg, stop, device, warm_up))
 
 
 if __name__ == "__main__":

@@ -648,13 +648,45 @@ def _exceeds(dev: float, tolerance: float) -> bool:
     return dev > tolerance if tolerance > 0 else dev != 0.0
 
 
-def check(art: Artifacts, device: torch.device | None = None, device_class: str | None = None) -> Finding:
+class Workspace:
+    """The stage computations one auditor recomputes in, reused from audit to audit: an audit
+    loads the state it starts from into the module and optimizer it used last time for that stage
+    (``StageComputation.load`` replaces every weight and all AdamW state and drops gradients)
+    instead of building them afresh (a module, an optimizer, on the first stage an embedding: more
+    CPU than a micro-batch's forward on the small presets).
+
+    Not thread-safe: one ``check`` at a time (an auditor's and the judge's run on one thread)."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._comps: dict[tuple, StageComputation] = {}
+
+    def computation(self, req: pb.AuditRequest, setup: StageSetup, state: dict[str, torch.Tensor],
+                    device: torch.device | None) -> StageComputation:
+        """A computation of ``req``'s stage at ``state`` on ``device`` (ValueError or RuntimeError if
+        the state does not fit the stage, as ``StageComputation.build``)."""
+        key = (req.stage, req.num_stages, req.model.SerializeToString(deterministic=True),
+               req.train.SerializeToString(deterministic=True), str(device or "cpu"))
+        comp = self._comps.pop(key, None)
+        if comp is None:
+            comp = StageComputation.build(setup, state, device)
+        else:
+            comp.load(state)  # on error the half-loaded computation is dropped: the next audit builds afresh
+        self._comps[key] = comp
+        while len(self._comps) > self.capacity:
+            del self._comps[next(iter(self._comps))]
+        return comp
+
+
+def check(art: Artifacts, device: torch.device | None = None, device_class: str | None = None,
+          workspace: Workspace | None = None) -> Finding:
     """Recompute what ``art.request`` audits and compare. Pure: no network, deterministic.
 
     ``device``: where to recompute (cpu if None); ``device_class``: its class
     (``pipeguard.device.device_class``), which picks the tolerance (``tolerance_for``; None: the
     order's ``tolerance``). Comparisons run on the host in float64. For the first and last stage,
-    ``art.tokens`` must hold the micro-batches' tokens (``Artifacts.fill_tokens``)."""
+    ``art.tokens`` must hold the micro-batches' tokens (``Artifacts.fill_tokens``). With a
+    ``workspace`` the recomputation reuses its module and optimizer for the stage."""
     req = art.request
     setup = setup_of(req)
     tol = tolerance_for(req, device_class)
@@ -670,7 +702,8 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
         return Finding(pb.VERDICT_FAIL, math.inf, "false commitment: the state the node served after step "
                        f"{req.step} is not the state its update report committed to")
     try:
-        comp = StageComputation.build(setup, art.state, device)
+        comp = workspace.computation(req, setup, art.state, device) if workspace is not None else \
+            StageComputation.build(setup, art.state, device)
     except (ValueError, RuntimeError) as exc:  # it hashes to the node's own commitment: its fault
         return Finding(pb.VERDICT_FAIL, math.inf, f"the committed state does not fit stage {req.stage}: {exc}")
     worst, where = 0.0, ""
@@ -718,7 +751,8 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
         # no need to see the state the node serves for the next step (an auditor keeps it).
         exact = comp.digest() == req.update_report.state_digest
         if exact:
-            exact_state = dict(comp.state())
+            # a copy: a workspace's computation is loaded with another state by the next audit
+            exact_state = {name: t.clone() for name, t in comp.state()} if workspace is not None else dict(comp.state())
         elif art.next_attestation is None and not _exceeds(worst, tol):
             raise NeedNextState(f"the recomputed state after step {req.step} is not the committed one")
         for name, t in ([] if exact or art.next_attestation is None else comp.state()):

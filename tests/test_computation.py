@@ -211,6 +211,29 @@ def test_an_audit_starts_from_a_replica_only_of_the_committed_digest(claims):
     assert finding.verdict == pb.VERDICT_FAIL and "false commitment" in finding.detail
 
 
+def test_one_workspace_reused_across_audits_gives_every_audit_the_same_finding(claims):
+    """An auditor reloads the module and optimizer of its last audit of a stage instead of building
+    them: every audit kind of every stage, run twice through one workspace in between a failing one,
+    finds what a freshly built computation finds (deviation 0), and a kept replica is a copy that
+    later audits do not overwrite."""
+    ws = audit.Workspace()
+    bad = artifacts(claims, 1, pb.AUDIT_KIND_FORWARD)
+    rt = bad.outputs[(FORWARD, 0)]
+    bad.outputs[(FORWARD, 0)] = ReceivedTensor(commitment=rt.commitment, tensor=rt.tensor * (1 + 1e-6))
+    lazy = artifacts(claims, 1, pb.AUDIT_KIND_UPDATE)
+    lazy.next_state, lazy.next_attestation = {}, None
+    kept = audit.check(lazy, workspace=ws).next_state
+    assert kept is not None
+    for _ in range(2):
+        assert audit.check(bad, workspace=ws).verdict == pb.VERDICT_FAIL
+        for stage, kind in CASES:
+            finding = audit.check(artifacts(claims, stage, kind), workspace=ws)
+            assert (finding.verdict, finding.deviation) == (pb.VERDICT_PASS, 0.0), (stage, kind, finding.detail)
+    assert audit.check(artifacts(claims, 1, pb.AUDIT_KIND_FORWARD), workspace=ws).verdict == pb.VERDICT_PASS
+    assert StageComputation.build(StageSetup.from_specs(MODEL, TRAIN, 1, STAGES), kept).digest() == \
+        claims["next_digests"][1], "the replica kept from the first audit is intact"
+
+
 def test_replicas_keep_the_last_few_by_digest():
     kept = audit.Replicas(capacity=2)
     for d in (b"a", b"b", b"c"):
