@@ -19,6 +19,8 @@ Per rate (means over rounds of the per-round ratios):
 - ``max_audit_lag_steps``: the coordinator's ``StatusReply.max_audit_lag_steps`` (the most steps
   the run completed after an audited step while its audit still ran; the clock waits only when
   it reaches ``audit.retention``);
+- ``audit_wait_s_per_step``: seconds per step the step clock spent waiting for audits
+  (``StatusReply.audit_wait_s`` over the steps run): the pipeline waiting on audits, not working;
 - ``audits`` (dispatched), ``audits_per_step``, ``honest_bans`` (every node is honest: must be 0);
 - ``peak_rss_mb``: each daemon's peak resident memory (``VmHWM``);
 - ``bytes_per_audited_step_ratio``: state bytes the auditors fetched (their
@@ -88,6 +90,8 @@ class Run:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     audits: int = 0
     max_audit_lag_steps: int = 0
+    audit_wait_s: float = 0.0
+    """Seconds the coordinator's step clock waited for audits (``StatusReply.audit_wait_s``)."""
     honest_bans: int = 0
     state_bytes_fetched: int = 0
     audited_stage_steps: int = 0
@@ -185,6 +189,7 @@ def run_once(p: float, rnd: int, steps: int, warmup: int, workdir: Path, timeout
         res.wall_tokens_per_s = tokens * (len(times) - 1) / (times[-1] - times[0])
     res.audits = status.audits_total
     res.max_audit_lag_steps = status.max_audit_lag_steps
+    res.audit_wait_s = status.audit_wait_s
     res.honest_bans = sum(1 for n in status.nodes if n.role == pb.ROLE_BANNED)
     audited: set[tuple[int, int]] = set()
     for node in net.nodes:
@@ -215,6 +220,7 @@ def summarise(runs: list[Run], state_bytes: list[int]) -> list[dict]:
             "tokens_per_s": statistics.fmean(r.tokens_per_s for r in mine),
             "cpu_s_per_step": statistics.fmean(r.cpu_per_step for r in mine),
             "max_audit_lag_steps": max(r.max_audit_lag_steps for r in mine),
+            "audit_wait_s_per_step": statistics.fmean(r.audit_wait_s / max(r.steps, 1) for r in mine),
             "audits": sum(r.audits for r in mine),
             "audits_per_step": statistics.fmean(r.audits / max(r.steps, 1) for r in mine),
             "audits_by_kind": {k: sum(r.audits_by_kind.get(k, 0) for r in mine) for k in ("forward", "backward", "update")},
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 print(f"[{len(runs)}/{total}] round {rnd} p={p:g}: {r.tokens_per_s:,.0f} tok/s, "
                       f"{r.cpu_per_step:.2f} CPU-s/step, {r.audits} audits, lag {r.max_audit_lag_steps}, "
+                      f"clock waited {r.audit_wait_s:.1f} s, "
                       f"{r.wall_s:.0f} s (load {r.load_before:.1f})", flush=True)
                 if r.honest_bans:
                     print(f"!!! HONEST NODE BANNED at p={p:g} round {rnd}", flush=True)
@@ -308,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         b = r["bytes_per_audited_step_ratio"]
         print(f"p={r['p']:<5g} tokens/s {r['tokens_per_s_ratio']:.2f}x (end to end {r['wall_tokens_per_s_ratio']:.2f}x)"
               f"  CPU {r['cpu_ratio']:.2f}x (ideal {1 + r['p']:.2f}x)  audits {r['audits_per_step']:.1f}/step"
-              f"  max lag {r['max_audit_lag_steps']} steps  honest bans {r['honest_bans']}"
+              f"  max lag {r['max_audit_lag_steps']} steps"
+              f"  clock waited {1e3 * r['audit_wait_s_per_step']:.0f} ms/step  honest bans {r['honest_bans']}"
               f"  bytes/audited stage-step {'-' if b is None else f'{b:.2f}'}x state", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -201,6 +202,15 @@ class AuditScheduler:
         device = target.build.device if target is not None else ""
         if tiers[0] or tiers[1]:
             tiers = tiers[:2]  # the target's neighbours audit it only when nobody else can
+        # The stage's follower keeps it, whichever tier it is in, while its run lasts and it keeps
+        # up (one audit deeper than a fresh draw would allow): it holds the state this audit starts
+        # from, which any other auditor, a free standby included, would fetch again.
+        who, left = self.following.get(req.stage, ("", 0))
+        if left > 0 and self.in_flight.get(who, 0) < SPILL_AT + FOLLOWER_EXTRA:
+            for r in (r for tier in tiers for r in tier):
+                if r.node_id == who:
+                    self.following[req.stage] = (who, left - 1)
+                    return r
         busy: list[NodeRecord] = []
         for tier in tiers:
             # within a tier, an auditor on the target's device class first: its rounding compares
@@ -208,13 +218,6 @@ class AuditScheduler:
             # At random among those that keep up (so an auditor cannot draw more audits of a
             # partner by answering fast); a tier that does not keep up spills to the next.
             free = [r for r in pick if self.in_flight.get(r.node_id, 0) < SPILL_AT]
-            # the stage's follower waits one audit deeper before the stage is drawn afresh: it holds
-            # the state this audit starts from (a fresh auditor would fetch it)
-            who, left = self.following.get(req.stage, ("", 0))
-            for r in pick:
-                if r.node_id == who and left > 0 and self.in_flight.get(who, 0) < SPILL_AT + FOLLOWER_EXTRA:
-                    self.following[req.stage] = (who, left - 1)
-                    return r
             if free:
                 return self._new_follower(req.stage, free)
             busy = busy or pick
@@ -259,11 +262,19 @@ class AuditScheduler:
                 self.stats.max_lag = max(self.stats.max_lag, self.progress() - (step + 1))
         return forget
 
-    async def drain(self, upto_step: int) -> None:
-        """Wait for every audit of a step <= ``upto_step`` (their evidence is about to expire)."""
-        while waiting := [t for s, t in list(self.pending.values()) if s <= upto_step and not t.done()]:
-            # (again after each wait: an update audit it could not settle launches its folded ones)
-            await asyncio.wait(waiting)  # a step given up while waiting must not cancel its audits
+    async def drain(self, upto_step: int, *, timed: bool = True) -> None:
+        """Wait for every audit of a step <= ``upto_step`` (their evidence is about to expire).
+        ``timed``: the wait holds up training and counts in ``AuditStats.waited_s`` (the run's last
+        wait, for the audits still running when the last step is done, does not)."""
+        began = None
+        try:
+            while waiting := [t for s, t in list(self.pending.values()) if s <= upto_step and not t.done()]:
+                began = began or time.perf_counter()
+                # (again after each wait: an update audit it could not settle launches its folded ones)
+                await asyncio.wait(waiting)  # a step given up while waiting must not cancel its audits
+        finally:
+            if began is not None and timed:
+                self.stats.waited_s += time.perf_counter() - began
 
     def cancel_from(self, step: int) -> None:
         """Forget audits of steps >= ``step`` (that history was rolled back)."""

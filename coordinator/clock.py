@@ -351,7 +351,7 @@ class StepClock:
             if self.stopping:  # an operator's StopRun takes it from here
                 return
             if self.audits is not None:
-                await self.audits.drain(total)
+                await self.audits.drain(total, timed=False)
             if not self.pipeline.reform_needed:  # a late conviction rolls back and trains on
                 break
             need_formation = True

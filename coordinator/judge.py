@@ -85,6 +85,8 @@ class AuditStats:
     """Audits taken back from an auditor that went offline while it held them (the coordinator did them)."""
     max_lag: int = 0
     """The most steps completed after an audited step while its audit still ran (``StatusReply.max_audit_lag_steps``)."""
+    waited_s: float = 0.0
+    """Seconds the step clock waited for audits (``AuditScheduler.drain``; ``StatusReply.audit_wait_s``)."""
 
 
 INCOMPLETE = object()

@@ -121,6 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             reply.audits_total = a.dispatched
             reply.detections = a.detections
             reply.max_audit_lag_steps = a.max_lag
+            reply.audit_wait_s = a.waited_s
             reply.audits_pending = len(self.clock.audits.pending) if self.clock.audits is not None else 0
         reply.evidence.extend(st.evidence)
         for step, loss, tps in st.losses[-history:]:

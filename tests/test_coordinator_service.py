@@ -19,6 +19,7 @@ import grpc
 import pytest
 import torch
 
+from coordinator import audits as audits_mod
 from coordinator.clock import StepClock
 from coordinator.config import CoordinatorConfig, ModelConfig, PipelineConfig, RegistryConfig
 from coordinator.daemon import build_clock
@@ -226,6 +227,42 @@ def test_a_gpu_node_registers_its_device_class_and_is_audited_by_its_class_first
             assert picks == {gpu_peer.node_id}, "an auditor of the target's class first"
             bed.registry.nodes[gpu_peer.node_id].role = pb.ROLE_OFFLINE
             assert scheduler._choose_auditor(req).node_id == cpu_peer.node_id, "else another class"
+
+    run(scenario())
+
+
+def test_a_stage_keeps_its_follower_over_a_free_standby_and_the_clock_reports_its_audit_waits(tmp_path):
+    """Issue 12: the auditor following a stage (it holds the state the next audit starts from) is
+    ordered the stage's audits while its run lasts and it keeps up, even when a standby, the
+    preferred tier, is free: a switch would cost a whole state fetch. Past its queue bound, or at
+    the end of its run, the stage is drawn afresh (the standby first). Time the step clock spends
+    waiting for audits is in Status (``audit_wait_s``)."""
+    async def scenario():
+        async with coordinator_bed(tmp_path, audits=True) as bed:
+            target, follower, standby = Identity.generate(), Identity.generate(), Identity.generate()
+            for i, node in enumerate((target, follower, standby)):
+                await bed.register(node, address=f"127.0.0.1:{7110 + i}")
+            for node, role in ((target, pb.ROLE_STAGE), (follower, pb.ROLE_STAGE), (standby, pb.ROLE_STANDBY)):
+                bed.registry.nodes[node.node_id].role = role
+            scheduler = bed.service.clock.audits
+            req = pb.AuditRequest(stage=1, target=pb.PeerInfo(node_id=target.node_id))
+            scheduler.following[1] = (follower.node_id, 3)
+            picks = [scheduler._choose_auditor(req).node_id for _ in range(3)]
+            assert picks == [follower.node_id] * 3, "the follower keeps its stage for the rest of its run"
+            assert scheduler._choose_auditor(req).node_id == standby.node_id, "run over: the standby first"
+            scheduler.following[1] = (follower.node_id, 3)
+            scheduler.in_flight[follower.node_id] = audits_mod.SPILL_AT + audits_mod.FOLLOWER_EXTRA
+            assert scheduler._choose_auditor(req).node_id == standby.node_id, "a follower too far behind loses it"
+
+            before = (await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)).audit_wait_s
+            slow = asyncio.ensure_future(asyncio.sleep(0.3))
+            scheduler.pending[10**9] = (5, slow)
+            await scheduler.drain(4)  # nothing of step <= 4 is running: no wait
+            assert (await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)).audit_wait_s == before
+            await scheduler.drain(5)
+            waited = (await bed.stub.Status(pb.StatusRequest(), timeout=DEADLINE)).audit_wait_s - before
+            assert 0.25 <= waited < 5, waited
+            del scheduler.pending[10**9]
 
     run(scenario())
 

@@ -111,7 +111,8 @@ def render(s: pb.StatusReply) -> str:
     lines.append("")
     lines.append(f"audits    {s.audits_total} dispatched, {s.detections} confirmed detections, "
                  f"{sum(1 for n in s.nodes if n.role == pb.ROLE_BANNED)} banned; {s.audits_pending} running, "
-                 f"at most {s.max_audit_lag_steps} step{'s' if s.max_audit_lag_steps != 1 else ''} behind")
+                 f"at most {s.max_audit_lag_steps} step{'s' if s.max_audit_lag_steps != 1 else ''} behind; "
+                 f"the clock waited {s.audit_wait_s:.1f} s for them")
     for path in s.evidence:
         lines.append(f"evidence  {path}")
     if s.losses:

@@ -856,7 +856,7 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., type: _Optional[_Union[EventKind, str]] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key_hex", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate", "max_audit_lag_steps", "audits_pending", "coordinator_key")
+    __slots__ = ("run_id", "phase", "step", "total_steps", "num_stages", "nodes", "losses", "events", "coordinator_key_hex", "config_toml", "audits_total", "detections", "evidence", "model", "audit_rate", "max_audit_lag_steps", "audits_pending", "coordinator_key", "audit_wait_s")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -875,6 +875,7 @@ class StatusReply(_message.Message):
     MAX_AUDIT_LAG_STEPS_FIELD_NUMBER: _ClassVar[int]
     AUDITS_PENDING_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     phase: RunPhase
     step: int
@@ -893,7 +894,8 @@ class StatusReply(_message.Message):
     max_audit_lag_steps: int
     audits_pending: int
     coordinator_key: bytes
-    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key_hex: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ..., max_audit_lag_steps: _Optional[int] = ..., audits_pending: _Optional[int] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...
+    audit_wait_s: float
+    def __init__(self, run_id: _Optional[str] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_stages: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., coordinator_key_hex: _Optional[str] = ..., config_toml: _Optional[str] = ..., audits_total: _Optional[int] = ..., detections: _Optional[int] = ..., evidence: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., audit_rate: _Optional[float] = ..., max_audit_lag_steps: _Optional[int] = ..., audits_pending: _Optional[int] = ..., coordinator_key: _Optional[bytes] = ..., audit_wait_s: _Optional[float] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("after_seq",)
