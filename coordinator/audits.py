@@ -128,7 +128,9 @@ class AuditScheduler:
         forward and backward audit drawn for the same stage and step: those are folded into it
         rather than replayed again (``AuditStats.folded``). The odds of any message being checked
         are unchanged; each stage-step is replayed at most once, plus screen-flagged messages,
-        which are always audited on their own."""
+        which are always audited on their own. The forward and backward audits drawn for one
+        stage-step go out as one order (``AuditRequest.also``): one state fetch, one replay of the
+        micro-batches they name, one verdict; each message's odds of being checked are unchanged."""
         out = []
         rec.update_drawn = {pos for pos in range(len(rec.nodes)) if self.rng.random() < self.rate}
         flagged: set[tuple[int, int, int]] = set()  # (sender position, direction, micro-batch)
@@ -139,6 +141,7 @@ class AuditScheduler:
                     flagged.add((sender, f.direction, f.micro_batch))
         last = len(rec.nodes) - 1
         M = self.train_spec.micro_batches
+        merged: dict[int, list[tuple[int, int]]] = {}  # position -> (kind, micro-batch) drawn, in one order
         for pos in range(len(rec.nodes)):
             for mb in range(M):
                 for ok, direction, kind in ((pos < last, pb.DIRECTION_FORWARD, pb.AUDIT_KIND_FORWARD),
@@ -154,7 +157,9 @@ class AuditScheduler:
                         self.stats.folded += 1
                         rec.folded.setdefault(pos, []).append((kind, mb))
                     elif drawn:
-                        out.append(self._request(rec, pos, kind, mb))
+                        merged.setdefault(pos, []).append((kind, mb))
+        for pos, items in merged.items():
+            out.append(self._request(rec, pos, *items[0], also=items[1:]))
         return out
 
     def select_updates(self, rec: StepRecord) -> list[pb.AuditRequest]:
@@ -166,13 +171,18 @@ class AuditScheduler:
                 self.folded_into[out[-1].audit_id] = (rec, pos)
         return out
 
-    def _request(self, rec: StepRecord, pos: int, kind: int, mb: int) -> pb.AuditRequest:
+    def _request(self, rec: StepRecord, pos: int, kind: int, mb: int,
+                 also: list[tuple[int, int]] | tuple = ()) -> pb.AuditRequest:
+        """The order to audit position ``pos``'s message (``kind``, ``mb``) of ``rec``'s step, and
+        with it each of ``also`` (kind, micro-batch) of the same stage-step: one replay for all."""
         node = rec.nodes[pos]
         req = pb.AuditRequest(run_id=self.run_id, audit_id=self.next_id, kind=kind, step=rec.step,
                               stage=rec.slots[pos], micro_batch=mb, num_stages=self.num_stages,
                               model=self.model_spec, train=self.train_spec, data_digest=self.data_digest,
                               report=rec.reports[pos], tolerance=self.cfg.audit.tolerance, epoch=rec.epoch,
                               attempt=rec.attempt, session=self.session)
+        req.also.extend(pb.AuditItem(kind=k, micro_batch=m) for k, m in also)
+        self.stats.merged += len(also)
         self.next_id += 1
         req.target.CopyFrom(_peer(node, rec.slots[pos]))
         target = self.registry.nodes.get(node.node_id) if self.registry is not None else None
@@ -305,7 +315,8 @@ class AuditScheduler:
             self.events.emit("audit_unfolded", f"update audit {req.audit_id} of {req.target.node_id[:8]} could not "
                              f"be completed: its {len(rec.folded[pos])} folded forward/backward audits run on their "
                              "own", node_id=req.target.node_id, step=req.step, persist=False)
-            self.launch([self._request(rec, pos, kind, mb) for kind, mb in rec.folded[pos]])
+            items = rec.folded[pos]
+            self.launch([self._request(rec, pos, *items[0], also=items[1:])])
 
     async def _ask(self, req: pb.AuditRequest) -> pb.AuditVerdict | None:
         """Order the audit from a node other than its target: its checked verdict, or None when the

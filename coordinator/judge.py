@@ -81,6 +81,8 @@ class AuditStats:
     """PASS verdicts the coordinator recomputed itself."""
     folded: int = 0
     """Forward/backward audits drawn for a stage-step whose update audit was drawn too, which checks them."""
+    merged: int = 0
+    """Forward/backward audits sent as part of another's order for the same stage-step (``AuditRequest.also``)."""
     abandoned: int = 0
     """Audits taken back from an auditor that went offline while it held them (the coordinator did them)."""
     max_lag: int = 0
@@ -198,23 +200,38 @@ class Judge:
         fetcher = audit.RpcFetcher(self.identity, "", self.channels.stub_for, req.run_id, self.net.max_tensor_bytes,
                                    self.timeout(req), req.epoch, max_state_tensors=self.net.max_state_tensors,
                                    max_state_bytes=self.net.state_bytes_limit, attempt=req.attempt)
+        # The state after an update is fetched only when it can matter, as auditors do: the
+        # auditor showed one (its attestation is compared with ours: a node that served two
+        # versions is caught), or the recomputed state does not hash to the committed digest
+        # (audit.NeedNextState: then the per-element tolerance decides, and a bundle keeps it).
+        shown = verdict is not None and bool(verdict.next_attestation.node_id)
         try:
-            art = await audit.gather(req, fetcher)
+            art = await audit.gather(req, fetcher, next_state=shown)
         except PipeguardError as exc:
-            self.stats.incomplete += 1
-            self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
-                             node_id=req.target.node_id, step=req.step)
-            served = await self._off_attestation(req, fetcher)
-            if isinstance(exc, audit.StateWithheld) and not served and self.on_withheld is not None:
-                await self.on_withheld(req, str(exc))
-            return INCOMPLETE
+            return await self._incomplete(req, fetcher, exc)
         if verdict is not None and await self._equivocation(req, verdict, art):
             return None
         if art.needs_tokens():
             art.fill_tokens(self.dataset)
             audit.check_tokens(art)
-        finding = await asyncio.get_running_loop().run_in_executor(self.executor, audit.check, art, self.device,
-                                                                   self.device_class, self.workspace)
+        loop = asyncio.get_running_loop()
+
+        def recompute():
+            return loop.run_in_executor(self.executor, audit.check, art, self.device, self.device_class, self.workspace)
+        try:
+            finding = await recompute()
+            # a bundle follows (a conviction, or an accuser's word against ours): it holds the
+            # served next state, as every update audit's bundle does
+            again = art.next_attestation is None and req.kind == pb.AUDIT_KIND_UPDATE and (
+                finding.verdict == pb.VERDICT_FAIL or (verdict is not None and verdict.verdict == pb.VERDICT_FAIL))
+        except audit.NeedNextState:
+            again = True
+        if again:
+            try:
+                await audit.fetch_next_state(art, fetcher)
+            except PipeguardError as exc:
+                return await self._incomplete(req, fetcher, exc)
+            finding = await recompute()
         if finding.verdict == pb.VERDICT_FAIL:
             # Before convicting anyone: a sender that signed two versions of a tensor it sent
             # (one to its receiver, another to auditors) is the one banned.
@@ -222,6 +239,17 @@ class Judge:
                 await self._convict_equivocation(req, sender.node_id, sender.public_key, theirs, ours, "tensor")
                 return None
         return art, finding
+
+    async def _incomplete(self, req: pb.AuditRequest, fetcher: audit.RpcFetcher, exc: PipeguardError):
+        """The judge could not gather what ``req`` needs (``exc``): counted, told, and a withheld
+        state is followed up (``_off_attestation``, ``on_withheld``). Returns ``INCOMPLETE``."""
+        self.stats.incomplete += 1
+        self.events.emit("audit_incomplete", f"cannot confirm audit {req.audit_id}: {exc}",
+                         node_id=req.target.node_id, step=req.step)
+        served = await self._off_attestation(req, fetcher)
+        if isinstance(exc, audit.StateWithheld) and not served and self.on_withheld is not None:
+            await self.on_withheld(req, str(exc))
+        return INCOMPLETE
 
     async def _off_attestation(self, req: pb.AuditRequest, fetcher: audit.RpcFetcher) -> bool:
         """After a failed gather: fetch the audited state once more, and count it against its holder

@@ -115,9 +115,10 @@ class NodeAuditor:
         self.done += 1
         level = logging.WARNING if verdict.verdict == pb.VERDICT_FAIL else logging.INFO
         end = time.perf_counter()
-        log.log(level, "audit %d (%s step %d stage %d mb %d of %s, target on %s, audited on %s): %s — %s "
+        log.log(level, "audit %d (%s step %d stage %d mb %d%s of %s, target on %s, audited on %s): %s — %s "
                 "[waited %.0f ms, gathered in %.0f ms, %.0f ms in all]", req.audit_id,
-                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch, req.target.node_id[:8],
+                audit.KIND_NAMES.get(req.kind, "?"), req.step, req.stage, req.micro_batch,
+                f" and {len(req.also)} more" if req.also else "", req.target.node_id[:8],
                 req.target_device or "?", device_class(self.runtime.device), pb.Verdict.Name(verdict.verdict),
                 verdict.detail, 1e3 * (began - queued), 1e3 * ((gathered if gathered else end) - began),
                 1e3 * (end - began))

@@ -77,7 +77,22 @@ def setup_of(req: pb.AuditRequest) -> StageSetup:
 
 
 def micro_batches_of(req: pb.AuditRequest) -> list[int]:
-    return list(range(req.train.micro_batches)) if req.kind == pb.AUDIT_KIND_UPDATE else [req.micro_batch]
+    """The micro-batches ``req`` recomputes: all of them for an update audit, else those of the
+    order's own message and of each further one (``AuditRequest.also``), in order."""
+    if req.kind == pb.AUDIT_KIND_UPDATE:
+        return list(range(req.train.micro_batches))
+    return sorted({req.micro_batch, *(it.micro_batch for it in req.also)})
+
+
+def compares(req: pb.AuditRequest, mb: int) -> tuple[bool, bool]:
+    """(forward, backward) for micro-batch ``mb`` of ``req``: whether the audit compares the
+    activation the stage sent, and whether it runs the backward and compares the gradient the
+    stage sent back (an update audit: both, for every micro-batch; the stage's position decides
+    which of them exist)."""
+    if req.kind == pb.AUDIT_KIND_UPDATE:
+        return True, True
+    items = {(req.kind, req.micro_batch), *((it.kind, it.micro_batch) for it in req.also)}
+    return (pb.AUDIT_KIND_FORWARD, mb) in items, (pb.AUDIT_KIND_BACKWARD, mb) in items
 
 
 # -- artifacts ----------------------------------------------------------------------------------
@@ -331,16 +346,17 @@ async def gather(req: pb.AuditRequest, fetcher: Fetcher, cross_check: bool = Fal
     reported = reported_inputs(req)
     wanted: list[tuple[tuple[str, int, int], pb.PeerInfo, pb.PeerInfo, int, int, bytes]] = []  # key, receiver, sender, ...
     for mb in micro_batches_of(req):
-        if kinds in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
+        forward, backward = compares(req, mb)
+        if forward and not setup.is_last:
             assert nxt is not None
             wanted.append((("out", FORWARD, mb), nxt, target, mb, FORWARD, b""))
-        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first:
+        if backward and not setup.is_first:
             assert prev is not None
             wanted.append((("out", BACKWARD, mb), prev, target, mb, BACKWARD, b""))
         if not setup.is_first:
             assert prev is not None
             wanted.append((("in", FORWARD, mb), target, prev, mb, FORWARD, reported.get((FORWARD, mb), b"")))
-        if kinds in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last:
+        if backward and not setup.is_last:
             assert nxt is not None
             wanted.append((("in", BACKWARD, mb), target, nxt, mb, BACKWARD, reported.get((BACKWARD, mb), b"")))
 
@@ -507,15 +523,14 @@ def missing_artifacts(art: "Artifacts") -> list[str]:
     if kind == pb.AUDIT_KIND_UPDATE and art.next_attestation is None:
         lacks.append("next_attestation")
     for mb in micro_batches_of(req):
+        forward, backward = compares(req, mb)
         if not setup.is_first and mb not in art.inputs:
             lacks.append(f"input/{mb}")
-        if kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last and mb not in art.grads_in:
+        if backward and not setup.is_last and mb not in art.grads_in:
             lacks.append(f"grad_in/{mb}")
-        if kind in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_last and \
-                (FORWARD, mb) not in art.outputs:
+        if forward and not setup.is_last and (FORWARD, mb) not in art.outputs:
             lacks.append(f"output/{FORWARD}/{mb}")
-        if kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE) and not setup.is_first and \
-                (BACKWARD, mb) not in art.outputs:
+        if backward and not setup.is_first and (BACKWARD, mb) not in art.outputs:
             lacks.append(f"output/{BACKWARD}/{mb}")
         if (setup.is_first or setup.is_last) and mb not in art.tokens:
             lacks.append(f"tokens/{mb}")
@@ -719,7 +734,7 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
             recomputed[f"forward/{mb}"] = out
             if dev > worst or math.isinf(dev):
                 worst, where = dev, f"forward activation of micro-batch {mb}"
-        if req.kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE):
+        if compares(req, mb)[1]:
             g = art.tokens[mb][1] if setup.is_last else art.grads_in[mb].tensor  # (B, T) or (B, T, C)
             _, grad = comp.backward(fwd, g)
             if (BACKWARD, mb) in art.outputs:
@@ -772,7 +787,7 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
     if _exceeds(worst, tol):
         return Finding(pb.VERDICT_FAIL, worst, f"{where} deviates from recomputation by {worst:.3g} "
                        f"(tolerance {tol:g})", recomputed)
-    what = KIND_NAMES.get(req.kind, "?")
+    what = KIND_NAMES.get(req.kind, "?") + (f" (and {len(req.also)} more messages)" if req.also else "")
     return Finding(pb.VERDICT_PASS, worst, f"{what} audit of step {req.step} stage {req.stage} matches "
                    f"(max deviation {worst:.3g}, tolerance {tol:g})", recomputed, next_state=exact_state)
 
@@ -829,4 +844,21 @@ def validate_request(req: pb.AuditRequest) -> None:
         raise InvalidArgument("the last stage sends no activations to audit")
     if req.kind == pb.AUDIT_KIND_BACKWARD and req.stage == 0:
         raise InvalidArgument("the first stage sends no gradients to audit")
+    if req.also:
+        if req.kind == pb.AUDIT_KIND_UPDATE:
+            raise InvalidArgument("an update audit compares every message of its stage-step: it names no others")
+        seen = {(req.kind, req.micro_batch)}
+        for it in req.also:
+            if it.kind not in (pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_BACKWARD):
+                raise InvalidArgument(f"a further audited message must be forward or backward, not kind {it.kind}")
+            if it.micro_batch >= req.train.micro_batches:
+                raise InvalidArgument(f"further audited micro-batch {it.micro_batch} out of range")
+            if it.kind == pb.AUDIT_KIND_FORWARD and req.stage == req.num_stages - 1:
+                raise InvalidArgument("the last stage sends no activations to audit")
+            if it.kind == pb.AUDIT_KIND_BACKWARD and req.stage == 0:
+                raise InvalidArgument("the first stage sends no gradients to audit")
+            if (it.kind, it.micro_batch) in seen:
+                raise InvalidArgument(f"the order names the {KIND_NAMES[it.kind]} message of micro-batch "
+                                      f"{it.micro_batch} twice")
+            seen.add((it.kind, it.micro_batch))
     claims.audited_reports(req)

@@ -198,6 +198,45 @@ def test_forward_and_backward_audits_of_a_stage_step_whose_update_is_audited_are
     assert sched.stats.folded == 15, "nothing drawn, nothing folded"
 
 
+def test_the_forward_and_backward_audits_drawn_for_a_stage_step_go_out_as_one_order():
+    """One order per stage-step for its drawn forward/backward messages (AuditRequest.also): each
+    message keeps its own odds of being drawn; a screen-flagged one still goes on its own."""
+    import random
+
+    from coordinator.audits import AuditScheduler, StepRecord
+    from coordinator.config import AuditConfig, CoordinatorConfig, PipelineConfig, TrainConfig
+    from coordinator.registry import NodeRecord
+
+    ids = [Identity.generate() for _ in range(3)]
+    nodes = [NodeRecord(node_id=i.node_id, public_key=i.public_key, address=f"127.0.0.1:{7001 + n}", stage=n)
+             for n, i in enumerate(ids)]
+    cfg = CoordinatorConfig(audit=AuditConfig(rate=0.5, tolerance=TOL, screen=True),
+                            train=TrainConfig(micro_batches=4), pipeline=PipelineConfig(stages=3))
+    sched = AuditScheduler(cfg=cfg, run_id=RUN, data_digest=b"", identity=Identity.generate(), registry=None,
+                           events=None, dataset=stdlib_corpus(65536), judge=None, channels=None)
+    sched.rng = random.Random(7)  # a fixed draw, for the test only
+    checked, orders = 0, 0
+    for step in range(40):
+        reports = [pb.StepReport(run_id=RUN, step=step, stage=n, node_id=i.node_id) for n, i in enumerate(ids)]
+        reports[2].flags.add(direction=pb.DIRECTION_FORWARD, micro_batch=1)  # stage 1's activation 1
+        record = StepRecord(step=step, epoch=1, nodes=nodes, slots=[0, 1, 2], reports=reports)
+        drawn = sched.select(record)
+        flagged = [r for r in drawn if r.audit_id in sched.flagged_ids]
+        assert [(r.stage, r.kind, r.micro_batch, len(r.also)) for r in flagged] == [(1, pb.AUDIT_KIND_FORWARD, 1, 0)]
+        merged = [r for r in drawn if r.audit_id not in sched.flagged_ids]
+        assert len({r.stage for r in merged}) == len(merged), "one order per stage-step"
+        for r in merged:
+            assert r.stage not in record.update_drawn, "an audited update answers them (folded)"
+            items = {(r.kind, r.micro_batch), *((it.kind, it.micro_batch) for it in r.also)}
+            assert len(items) == 1 + len(r.also), "no message twice"
+            assert all((k, r.stage) not in ((pb.AUDIT_KIND_FORWARD, 2), (pb.AUDIT_KIND_BACKWARD, 0)) for k, _ in items)
+            assert (pb.AUDIT_KIND_FORWARD, 1) not in items or r.stage != 1, "the flagged one is not repeated"
+            checked += len(items)
+        orders += len(merged)
+    assert orders < checked, "several messages of a stage-step share an order"
+    assert sched.stats.merged == checked - orders
+
+
 # -- multi-process tier ---------------------------------------------------------------------------
 
 

@@ -100,7 +100,9 @@ def received_by(cl, stage: int) -> list[pb.ReceivedDigest]:
     return out
 
 
-def artifacts(cl, stage: int, kind: int, coord: Identity | None = None) -> audit.Artifacts:
+def artifacts(cl, stage: int, kind: int, coord: Identity | None = None, also: tuple = ()) -> audit.Artifacts:
+    """The artifacts of an audit of ``stage``'s micro-batch 0 message ``kind`` (and of each further
+    (kind, micro-batch) in ``also``, merged into the one order), as ``gather`` would assemble them."""
     ids, peers = cl["ids"], cl["peers"]
     coord = coord or Identity.generate()
     me = ids[stage]
@@ -108,10 +110,11 @@ def artifacts(cl, stage: int, kind: int, coord: Identity | None = None) -> audit
                                 state_digest=cl["digests"][stage], grad_sq_norm=cl["sq"][stage], micro_batches=M,
                                 epoch=EPOCH, assignment_digest=assigned(stage),
                                 received=received_by(cl, stage)), me)
-    mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else [0]
+    mbs = list(range(M)) if kind == pb.AUDIT_KIND_UPDATE else sorted({0, *(mb for _, mb in also)})
     req = pb.AuditRequest(run_id=RUN, audit_id=1, kind=kind, step=STEP, stage=stage, micro_batch=0,
                           num_stages=STAGES, model=MODEL, train=TRAIN, report=report, tolerance=0.0, epoch=EPOCH,
                           target=peers[stage], tokens_digest=audit.tokens_digest({mb: cl["tokens"][mb] for mb in mbs}))
+    req.also.extend(pb.AuditItem(kind=k, micro_batch=mb) for k, mb in also)
     if stage > 0:
         req.prev.CopyFrom(peers[stage - 1])
     if stage < STAGES - 1:
@@ -132,13 +135,13 @@ def artifacts(cl, stage: int, kind: int, coord: Identity | None = None) -> audit
     art = audit.Artifacts(request=req, state=cl["states"][stage], attestation=attest(STEP, cl["digests"][stage]))
     served_state(art.attestation, peers[stage], req, STEP, art.state)
     sent = cl["sent"]
-    backward = kind in (pb.AUDIT_KIND_BACKWARD, pb.AUDIT_KIND_UPDATE)
     for mb in mbs:
+        forward, backward = audit.compares(req, mb)
         if stage > 0:
             art.inputs[mb] = sent[(stage - 1, FORWARD, mb)]
         if backward and stage < STAGES - 1:
             art.grads_in[mb] = sent[(stage + 1, BACKWARD, mb)]
-        if kind != pb.AUDIT_KIND_BACKWARD and stage < STAGES - 1:
+        if forward and stage < STAGES - 1:
             art.outputs[(FORWARD, mb)] = sent[(stage, FORWARD, mb)]
         if backward and stage > 0:
             art.outputs[(BACKWARD, mb)] = sent[(stage, BACKWARD, mb)]
@@ -232,6 +235,51 @@ def test_one_workspace_reused_across_audits_gives_every_audit_the_same_finding(c
     assert audit.check(artifacts(claims, 1, pb.AUDIT_KIND_FORWARD), workspace=ws).verdict == pb.VERDICT_PASS
     assert StageComputation.build(StageSetup.from_specs(MODEL, TRAIN, 1, STAGES), kept).digest() == \
         claims["next_digests"][1], "the replica kept from the first audit is intact"
+
+
+F_, B_ = pb.AUDIT_KIND_FORWARD, pb.AUDIT_KIND_BACKWARD
+MERGED = [(0, F_, ((F_, 1),)), (1, F_, ((B_, 0), (F_, 1), (B_, 1))), (2, B_, ((F_, 1),)), (3, B_, ((B_, 1),))]
+
+
+@pytest.mark.parametrize("stage,kind,also", MERGED, ids=[f"stage{s}-{audit.KIND_NAMES[k]}+{len(a)}" for s, k, a in MERGED])
+def test_one_order_for_several_messages_of_a_stage_step_checks_each_of_them(claims, stage, kind, also):
+    """The coordinator merges the forward and backward audits it draws for one stage-step into one
+    order (AuditRequest.also): one replay compares every message it names, exactly, and a message
+    changed after signing fails the order whichever of them it is."""
+    art = artifacts(claims, stage, kind, also=also)
+    assert audit.missing_artifacts(art) == []
+    finding = audit.check(art)
+    assert (finding.verdict, finding.deviation) == (pb.VERDICT_PASS, 0.0), finding.detail
+    assert f"and {len(also)} more" in finding.detail
+    named = {(kind, 0), *also}
+    for k, mb in sorted(named):
+        key = (FORWARD if k == F_ else BACKWARD, mb)
+        assert key in art.outputs, f"the {audit.KIND_NAMES[k]} output of micro-batch {mb} is compared"
+        bad = artifacts(claims, stage, kind, also=also)
+        rt = bad.outputs[key]
+        bad.outputs[key] = ReceivedTensor(commitment=rt.commitment, tensor=rt.tensor * (1 + 1e-6))
+        failed = audit.check(bad)
+        assert failed.verdict == pb.VERDICT_FAIL and f"micro-batch {mb}" in failed.detail, failed.detail
+    unnamed = [(d, mb) for d in (FORWARD, BACKWARD) for mb in range(M)
+               if ((F_ if d == FORWARD else B_), mb) not in named]
+    assert not any(key in art.outputs for key in unnamed), "only the named messages are fetched and compared"
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: r.also.add(kind=pb.AUDIT_KIND_FORWARD, micro_batch=0), "twice"),
+    (lambda r: r.also.add(kind=pb.AUDIT_KIND_UPDATE, micro_batch=1), "forward or backward"),
+    (lambda r: r.also.add(kind=pb.AUDIT_KIND_FORWARD, micro_batch=M), "out of range"),
+    (lambda r: (setattr(r, "stage", 0), r.also.add(kind=pb.AUDIT_KIND_BACKWARD, micro_batch=1)), "first stage"),
+    (lambda r: (setattr(r, "stage", STAGES - 1), setattr(r, "kind", pb.AUDIT_KIND_BACKWARD),
+                r.also.add(kind=pb.AUDIT_KIND_FORWARD, micro_batch=1)), "last stage"),
+    (lambda r: (setattr(r, "kind", pb.AUDIT_KIND_UPDATE), r.also.add(kind=pb.AUDIT_KIND_FORWARD, micro_batch=1)),
+     "names no others"),
+])
+def test_an_order_naming_impossible_further_messages_is_refused_before_any_work(claims, change, needle):
+    req = artifacts(claims, 1, pb.AUDIT_KIND_FORWARD).request
+    change(req)
+    with pytest.raises(InvalidArgument, match=needle):
+        audit.validate_request(req)
 
 
 def test_replicas_keep_the_last_few_by_digest():

@@ -660,7 +660,7 @@ class FetchCheckpointRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest", "attempt", "session", "target_device", "cross_device_tolerance")
+    __slots__ = ("run_id", "audit_id", "kind", "step", "stage", "micro_batch", "target", "prev", "next", "num_stages", "model", "train", "data_digest", "report", "update", "update_report", "auditor", "tolerance", "signature", "epoch", "tokens_digest", "attempt", "session", "target_device", "cross_device_tolerance", "also")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -686,6 +686,7 @@ class AuditRequest(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_DEVICE_FIELD_NUMBER: _ClassVar[int]
     CROSS_DEVICE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    ALSO_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     audit_id: int
     kind: AuditKind
@@ -711,7 +712,16 @@ class AuditRequest(_message.Message):
     session: bytes
     target_device: str
     cross_device_tolerance: float
-    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ..., attempt: _Optional[int] = ..., session: _Optional[bytes] = ..., target_device: _Optional[str] = ..., cross_device_tolerance: _Optional[float] = ...) -> None: ...
+    also: _containers.RepeatedCompositeFieldContainer[AuditItem]
+    def __init__(self, run_id: _Optional[str] = ..., audit_id: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., micro_batch: _Optional[int] = ..., target: _Optional[_Union[PeerInfo, _Mapping]] = ..., prev: _Optional[_Union[PeerInfo, _Mapping]] = ..., next: _Optional[_Union[PeerInfo, _Mapping]] = ..., num_stages: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., data_digest: _Optional[bytes] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., update: _Optional[_Union[ApplyUpdateRequest, _Mapping]] = ..., update_report: _Optional[_Union[UpdateReport, _Mapping]] = ..., auditor: _Optional[str] = ..., tolerance: _Optional[float] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ..., tokens_digest: _Optional[bytes] = ..., attempt: _Optional[int] = ..., session: _Optional[bytes] = ..., target_device: _Optional[str] = ..., cross_device_tolerance: _Optional[float] = ..., also: _Optional[_Iterable[_Union[AuditItem, _Mapping]]] = ...) -> None: ...
+
+class AuditItem(_message.Message):
+    __slots__ = ("kind", "micro_batch")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    kind: AuditKind
+    micro_batch: int
+    def __init__(self, kind: _Optional[_Union[AuditKind, str]] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
     __slots__ = ("run_id", "audit_id", "auditor", "verdict", "deviation", "detail", "signature", "attestation", "next_attestation", "commitments", "order_digest")
