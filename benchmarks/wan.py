@@ -32,7 +32,9 @@ first ``warmup`` steps of each half are not counted. Per half it reports:
 middle stage sends per step (its activations and input gradients in the wire layout), the bytes its
 link carried out of and into its namespace per counted step (the bridge port's counters:
 everything, gRPC/TCP/IP framing, heartbeats and reports included), step time, tokens/s, and the
-loss of the last step next to fp32's. Writes ``wan-wire.json`` under ``--out``.
+loss of the last step next to fp32's. ``--loss-steps N`` also trains N steps per wire dtype in one
+process (the staged reference with the same compression, which the pipeline equals) for the loss
+of a longer run. Writes ``wan-wire.json`` under ``--out``.
 
 Writes ``wan.json`` (and ``wan.png``, tokens/s against RTT per bandwidth, when matplotlib is
 installed) under ``--out``. Needs root (namespaces, tc). Sends nothing anywhere but our own
@@ -325,12 +327,29 @@ def wire_table(runs: list[LinkRun]) -> str:
             continue
         base = next((b for b in runs if (b.preset, b.rate_mbit, b.rtt_ms, b.wire_dtype) ==
                      (r.preset, r.rate_mbit, r.rtt_ms, "fp32") and not b.error), None)
-        rel = f"{(r.final_loss - base.final_loss) / base.final_loss:+.2%}" if base is not None else "-"
+        rel = f"{(r.final_loss - base.final_loss) / base.final_loss:+.1e}" if base is not None else "-"
         h = r.halves[0]
         rows.append(f"| {r.preset} | {link} | {r.rtt_ms:g} | {r.wire_dtype} | {r.payload_bytes_per_step:,} | "
                     f"{r.link_out_bytes_per_step:,.0f} / {r.link_in_bytes_per_step:,.0f} | {h.step_s:.3f} | "
                     f"{h.tokens_per_s:,.0f} | {r.final_loss:.4f} | {rel} |")
     return "\n".join(rows)
+
+
+def reference_losses(preset: str, wire: str, steps: int) -> list[float]:
+    """The training losses of ``steps`` steps of the preset's run, in one process, with the stages
+    one after another and ``wire`` at their boundaries (``pipeguard.reference``: what the pipeline
+    computes, bit for bit on one build; tests/test_wire_dtypes.py)."""
+    import torch
+
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.data import load_dataset
+    from pipeguard.reference import train_reference
+    cfg = run_config(COMMON, PRESETS[preset][0], {"train.steps": steps})
+    torch.set_num_threads(1)
+    t = cfg.train
+    return train_reference(cfg.model.gpt(), t.optim(), load_dataset(cfg.data.path or None, cfg.data.max_bytes),
+                           seed=t.seed, steps=steps, micro_batches=t.micro_batches,
+                           micro_batch_size=t.micro_batch_size, wire_dtype=wire, num_stages=STAGES).losses
 
 
 def wire_mode(args: argparse.Namespace) -> int:
@@ -346,13 +365,19 @@ def wire_mode(args: argparse.Namespace) -> int:
         out = {"runs": [asdict(r) for r in runs], "steps": WIRE_STEPS, "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "load_before": load_before, "load_after": uptime(), "wall_s": time.monotonic() - started,
-            "table": wire_table(runs)}
+            "table": wire_table(runs), "loss_steps": args.loss_steps, "reference_losses": longer}
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "wan-wire.json").write_text(json.dumps(out, indent=1) + "\n")
         return out
 
+    longer: dict[str, dict] = {}
     for preset in presets:
+        for wire in wires if args.loss_steps else []:
+            losses = reference_losses(preset, wire, args.loss_steps)
+            longer.setdefault(preset, {})[wire] = {"final": losses[-1], "last10": sum(losses[-10:]) / 10}
+            print(f"{preset} {wire}: reference loss after {args.loss_steps} steps {losses[-1]:.4f} "
+                  f"(last 10: {longer[preset][wire]['last10']:.4f})", flush=True)
         for i, (rate, rtt) in enumerate(links):
             for wire in wires:
                 r = run_link(preset, rate, rtt, Path(args.workdir) / f"{preset}-{i}-{wire}", wire=wire, rates=(0.0,),
@@ -415,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/pipeguard-wan")
     ap.add_argument("--wire", default="", help="compression mode: comma-separated wire dtypes (fp32,fp16,bf16,int8)")
     ap.add_argument("--links", default="", help="compression mode: RATE_MBIT:RTT_MS,... (default 100:0,100:50)")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="compression mode: also train this many steps per wire dtype in one process (the "
+                         "staged reference, same seed) and report the loss against fp32")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("wan.py needs root (network namespaces, tc)", file=sys.stderr)

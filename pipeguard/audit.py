@@ -31,6 +31,12 @@ forward/backward deviations 0; raw per-element update deviation up to 2.9e-4, wh
 range absorbs at 1e-4 (worst 2.3e-10) but not at 1e-5 (2.6e-5: an honest node would fail), so
 1e-4 is the smallest decade that passes honest updates. Figures: docs/threat-model.md, "Tolerance".
 
+Wire dtype (issue 14): outputs are compared as they travel. The recomputation is compressed to
+the order's ``TrainSpec.wire_dtype`` (``computation.to_wire``) and ``wire_deviation`` compares it
+with the signed one: exact mode needs equal values (so equal bytes); with a tolerance, one
+quantum of the wire format per element is allowed first (a last-bit difference can round to the
+neighbouring code), then the tolerance applies to the rest.
+
 Hardware (issue 13): ``tolerance`` holds between parties of one device class (the run's value,
 0 = exact). A party recomputing on another device class than the audited node registered
 (``AuditRequest.target_device``) applies ``AuditRequest.cross_device_tolerance`` when it is

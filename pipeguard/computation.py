@@ -20,8 +20,10 @@ that drift apart would convict every honest node; there is one copy.
 Device (pipeguard/device.py): a computation lives on one ``torch.device``. Its module, AdamW
 state, activations, autograd graph and snapshots stay there; tensors cross to host memory only
 at the wire: what arrives (tokens, received activations and gradients) is moved to the device
-once in ``forward``/``backward``, and what leaves (``to_wire``) is copied to the host once, as
-float32, on the compute thread. A state's digest reads each tensor's bytes through the host.
+once in ``forward``/``backward`` (decompressed first: ``compression.decompress``), and what leaves
+(``to_wire``) is copied to the host once, as float32, on the compute thread, and compressed there
+to the run's wire dtype (``StageSetup.wire_dtype``, pipeguard/compression.py). A state's digest
+reads each tensor's bytes through the host.
 """
 
 from __future__ import annotations
