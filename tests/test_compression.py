@@ -251,3 +251,21 @@ def test_reverse_attack_negates_the_int8_codes_it_sends():
     assert torch.equal(sent.payload[:4 * nb], honest.payload[:4 * nb])
     assert torch.equal(sent.payload[4 * nb:].view(torch.int8), -honest.payload[4 * nb:].view(torch.int8))
     assert wire_deviation(honest, sent, 1e-4) > 1.0
+
+
+def test_equivocation_under_int8_signs_a_second_well_formed_payload():
+    """wire:equivocate serves auditors a different signed tensor in the run's wire dtype: a
+    canonical int8 payload whose commitment differs from the one its receiver holds."""
+    from node.attacks import AttackContext, Equivocate, sign_tensor_commitment
+
+    signer = Identity.generate()
+    w = compress(activation(), "int8")
+    header = make_header(run_id="r", step=0, micro_batch=0, stage=0, direction=pb.DIRECTION_FORWARD,
+                         sender=signer.node_id, receiver="x", tensor=w)
+    honest = sign_tensor_commitment(header, w, signer)
+    ctx = AttackContext(0, 0, 0, signer.node_id, pb.DIRECTION_FORWARD, "auditor", signer)
+    commitment, other = Equivocate().on_serve_tensor(ctx, honest, w, True)
+    assert isinstance(other, Packed)
+    validate(other)
+    assert commitment.payload_digest != honest.payload_digest
+    assert torch.equal(decompress(other), -decompress(w))
