@@ -548,7 +548,11 @@ async def receive_tensor(
     shape = [int(d) for d in header.shape]
     if header.dtype in PACKED:
         packed = Packed(header.dtype, tuple(shape), buf)
-        compression.validate(packed)  # a malformed layout (a NaN scale, say): InvalidArgument
+        # a malformed layout (a NaN scale, say): InvalidArgument; a large one is checked off the loop
+        if nbytes >= OFFLOAD_BYTES:
+            await loop.run_in_executor(_pool(), compression.validate, packed)
+        else:
+            compression.validate(packed)
         return ReceivedTensor(commitment=commitment, tensor=packed)
     dtype = torch_dtype(header.dtype)
     if nbytes == 0:
