@@ -25,10 +25,11 @@ into the float32 input of the receiving stage (its compute dtype applies from th
 
   Every step is exact (division by a power of two, in float64) except the one rounding in 4,
   which IEEE defines, so the codes are the same on every machine; ``q * s`` is exact in float32,
-  so decoding is too. Error: ``|x - q * s| <= s / 2 <= m / 127`` (``s < 2m / 127``); a block's
-  largest element is coded with ``|q|`` in [64, 127]. Encoding is idempotent: decoding and
-  encoding again gives the same bytes, and a payload is well-formed exactly when it is the
-  encoding of its own decoded values (``validate``), so each value tensor has one payload.
+  so decoding is too. Error: ``|x - q * s| <= s / 2 <= m / 127`` (``s < 2m / 127``; 0 at the
+  2^-149 floor, where every float32 is a multiple of ``s``); a block's largest element is coded
+  with ``|q|`` in [64, 127] (above that floor). Encoding is idempotent: decoding and encoding
+  again gives the same bytes, and a payload is well-formed exactly when it is the encoding of its
+  own decoded values (``validate``), so each value tensor has one payload.
 
   Payload (``packed_nbytes``): the ``ceil(n / 64)`` scales as little-endian float32, then the
   ``n`` codes as int8, ``4 * ceil(n / 64) + n`` bytes for ``n`` elements; the header carries the
@@ -107,10 +108,6 @@ def packed_nbytes(dtype: int, shape) -> int:
     assert dtype == pb.DTYPE_INT8_BLOCK64, dtype
     n = math.prod(int(d) for d in shape)
     return 4 * (-(-n // BLOCK)) + n
-
-
-def is_wire(t) -> bool:
-    return isinstance(t, Packed)
 
 
 # -- the codecs ---------------------------------------------------------------------------------
