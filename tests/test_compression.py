@@ -234,6 +234,13 @@ def test_one_quantum_flip_passes_tolerance_mode_but_not_exact_mode():
     two = corrupt(w, 4 * 4 + 5, bytes([(int(w.payload[4 * 4 + 5]) + 2) % 256]))
     assert wire_deviation(two, w, 1e-4) > 1e-4, "but not two"
     assert wire_deviation(compress(x, "fp16"), w, 1e-4) == math.inf, "another wire dtype never matches"
+    for half in ("bf16", "fp16"):  # one ulp of the wire format, likewise
+        h = compress(x, half)
+        up = h.clone()
+        up.view(torch.int16)[0, 0, 0] += 1  # the next representable value away from zero
+        assert wire_deviation(up, h, 0.0) > 0 and wire_deviation(up, h, 1e-4) == 0.0
+        up.view(torch.int16)[0, 0, 0] += 1
+        assert wire_deviation(up, h, 1e-4) > 1e-4, "two ulps exceed the allowance"
 
 
 def test_reverse_attack_negates_the_int8_codes_it_sends():
