@@ -2,6 +2,7 @@
 
     sudo python benchmarks/wan.py --out docs/          # RTT 0/20/50/100 ms x 100 Mbit/s, 1 Gbit/s; tiny, small
     sudo python benchmarks/wan.py --quick              # tiny only; RTT 0 and 50 ms at 100 Mbit/s (< 5 min)
+    sudo python benchmarks/wan.py --wire fp32,fp16,bf16,int8 --out docs/   # compression: 100 Mbit/s, RTT 0 and 50 ms
 
 Every daemon (the coordinator, three stage nodes and a standby) runs in a network namespace of its
 own, joined to the others by a Linux bridge (tests/test_multihost.py's ``Lan``). Each namespace's
@@ -24,6 +25,16 @@ first ``warmup`` steps of each half are not counted. Per half it reports:
   and drain through the stage boundaries: stages - 1 round trips); ``efficiency`` = ideal / measured;
 - ``max_audit_lag_steps``, ``audits``, honest bans and demotions (every node is honest: both 0),
   step failures and nodes marked offline.
+
+``--wire`` (compression mode) runs one testnet per wire dtype (``train.wire_dtype``) and link
+(``--links``, default 100 Mbit/s at RTT 0 and 50 ms; same seed each), at p = 0 only, for
+``WIRE_STEPS`` steps (the first ``warmup`` not counted), and reports per run: the payload bytes the
+middle stage sends per step (its activations and input gradients in the wire layout), the bytes its
+link carried out of and into its namespace per counted step (the bridge port's counters:
+everything, gRPC/TCP/IP framing, heartbeats and reports included), step time, tokens/s, and the
+loss of the last step next to fp32's. ``--loss-steps N`` also trains N steps per wire dtype in one
+process (the staged reference with the same compression, which the pipeline equals) for the loss
+of a longer run. Writes ``wan-wire.json`` under ``--out``.
 
 Writes ``wan.json`` (and ``wan.png``, tokens/s against RTT per bandwidth, when matplotlib is
 installed) under ``--out``. Needs root (namespaces, tc). Sends nothing anywhere but our own
@@ -65,6 +76,9 @@ COMMON = {"train.seed": 1234, "pipeline.stages": STAGES, "pipeline.min_nodes": S
           "timeouts.heartbeat_interval": 0.5, "timeouts.heartbeat_timeout": 15.0}
 FULL_LINKS = [(None, 0.0)] + [(rate, rtt) for rate in (100.0, 1000.0) for rtt in (0.0, 20.0, 50.0, 100.0)]
 QUICK_LINKS = [(None, 0.0), (100.0, 0.0), (100.0, 50.0)]
+WIRE_LINKS = [(100.0, 0.0), (100.0, 50.0)]
+WIRE_STEPS = 16
+"""Steps of each compression-mode run (at p = 0); the preset's warm-up steps are not counted."""
 RUN_LIMIT_S = 900.0
 """Most seconds one link's testnet may take, start to finish."""
 
@@ -97,6 +111,15 @@ class LinkRun:
     wall_s: float = 0.0
     load: str = ""
     error: str = ""
+    wire_dtype: str = "fp32"
+    payload_bytes_per_step: int = 0
+    """Payload bytes the middle stage sends per step (M activations forward, M gradients back)."""
+    link_out_bytes_per_step: float = math.nan
+    link_in_bytes_per_step: float = math.nan
+    """Bytes the middle stage's link carried out of / into its namespace per counted step (its
+    bridge port's rx / tx counters between the first counted step and the end)."""
+    final_loss: float = math.nan
+    """The loss of the run's last step."""
 
 
 def tokens_per_step(preset: str) -> int:
@@ -105,12 +128,23 @@ def tokens_per_step(preset: str) -> int:
     return cfg.train.micro_batches * cfg.train.micro_batch_size * cfg.model.gpt().block_size
 
 
-def boundary_bytes(preset: str) -> int:
-    """Bytes one stage boundary carries each way per step: M activations forward (or gradients back)."""
+def boundary_bytes(preset: str, wire: str = "fp32") -> int:
+    """Payload bytes a middle stage sends per step: M activations forward and M gradients back, in
+    the layout of ``wire`` (4 bytes an element for fp32)."""
+    from pipeguard import compression
     from pipeguard.app.runconfig import run_config
+    from pipeguard.tensors import payload_nbytes
     cfg = run_config(COMMON, PRESETS[preset][0])
     t, gpt = cfg.train, cfg.model.gpt()
-    return 2 * t.micro_batches * t.micro_batch_size * gpt.block_size * gpt.n_embd * 4
+    shape = [t.micro_batch_size, gpt.block_size, gpt.n_embd]
+    return 2 * t.micro_batches * payload_nbytes(compression.WIRE_DTYPES[wire], shape)
+
+
+def port_bytes(port_if: str) -> tuple[int, int]:
+    """(bytes out of, bytes into) a namespace, from its bridge port's counters (rx: what the
+    namespace sent)."""
+    stats = Path("/sys/class/net") / port_if / "statistics"
+    return int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())
 
 
 def uptime() -> str:
@@ -118,7 +152,10 @@ def uptime() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> LinkRun:
+def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path, wire: str = "fp32",
+             rates: tuple[float, ...] = AUDIT_RATES, steps_per_run: int = 0) -> LinkRun:
+    """One testnet on one link: ``rates`` (two: the halves described above; one: a single run of
+    ``steps_per_run`` steps at that rate, compression mode) under wire dtype ``wire``."""
     from pipeguard.app.runconfig import node_config, run_config, to_toml
     from pipeguard.app.testnet import Daemon, LocalTestnet, wait_for
     from pipeguard.v1 import pipeguard_pb2 as pb
@@ -129,10 +166,11 @@ def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> L
     reason = why_no_netns()
     if reason:
         raise SystemExit(f"wan.py: {reason}")
-    res = LinkRun(preset, rate, rtt_ms, load=uptime())
+    res = LinkRun(preset, rate, rtt_ms, load=uptime(), wire_dtype=wire, payload_bytes_per_step=boundary_bytes(preset, wire))
     extra, steps, warmup = PRESETS[preset]
-    half = warmup + steps
-    run = run_config(COMMON, extra, {"train.steps": 2 * half, "audit.rate": AUDIT_RATES[0]})
+    half = warmup + steps if len(rates) > 1 else steps_per_run
+    total = half * len(rates)
+    run = run_config(COMMON, extra, {"train.steps": total, "audit.rate": rates[0], "train.wire_dtype": wire})
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time (a state directory holding one is refused)
     workdir.mkdir(parents=True)
     net = LocalTestnet(workdir, run)
@@ -180,18 +218,30 @@ def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> L
             node.wait_ready(120)
             net.wait_registered(i + 1, 120)  # in order: nodes 0..2 serve stages 0..2, node 3 stands by
         deadline = t0 + RUN_LIMIT_S
-        wait_for(lambda: net.status().step >= half, max(1.0, deadline - time.monotonic()), "the first half")
-        token = net.admin_token_file.read_text().strip()
-        with net.channel() as ch:
-            pb_grpc.CoordinatorStub(ch).SetAuditRate(pb.SetAuditRateRequest(rate=AUDIT_RATES[1], operator="wan.py"),
-                                                     timeout=30, metadata=(("authorization", f"Bearer {token}"),))
-        switched = net.status().step  # the first step drawn at the new rate is this one or the next
+        middle = lan.hosts["n1"].port_if
+        wait_for(lambda: net.status().step >= warmup, max(1.0, deadline - time.monotonic()), "the warm-up")
+        at_warmup, bytes_before = net.status().step, port_bytes(middle)
+        counted = [range(warmup, half)]
+        if len(rates) > 1:
+            wait_for(lambda: net.status().step >= half, max(1.0, deadline - time.monotonic()), "the first half")
+            token = net.admin_token_file.read_text().strip()
+            with net.channel() as ch:
+                pb_grpc.CoordinatorStub(ch).SetAuditRate(pb.SetAuditRateRequest(rate=rates[1], operator="wan.py"),
+                                                         timeout=30, metadata=(("authorization", f"Bearer {token}"),))
+            switched = net.status().step  # the first step drawn at the new rate is this one or the next
+            counted.append(range(max(half, switched + 1) + warmup, 2 * half))
         status = net.wait_finished(max(1.0, deadline - time.monotonic()))
-        counted = [range(warmup, half), range(max(half, switched + 1) + warmup, 2 * half)]
+        bytes_after = port_bytes(middle)
+        done = total - at_warmup
+        if done > 0:
+            res.link_out_bytes_per_step = (bytes_after[0] - bytes_before[0]) / done
+            res.link_in_bytes_per_step = (bytes_after[1] - bytes_before[1]) / done
+        if status.losses:
+            res.final_loss = max(status.losses, key=lambda q: q.step).loss
         times = {e.step: e.time for e in status.events if e.kind == "step"}
         by_step = {q.step: q for q in status.losses}
         tokens = tokens_per_step(preset)
-        for p, steps_of in zip(AUDIT_RATES, counted):
+        for p, steps_of in zip(rates, counted):
             h = Half(p=p)
             stamps = [times[s] for s in steps_of if s in times]
             prev = times.get(steps_of.start - 1)
@@ -229,7 +279,7 @@ def run_link(preset: str, rate: float | None, rtt_ms: float, workdir: Path) -> L
             res.error += f" cleanup: {problems}"
     res.wall_s = time.monotonic() - t0
     if rate is not None:
-        res.transfer_s = boundary_bytes(preset) / 2 * 8 / (rate * 1e6) * 2  # out and back on the busiest link
+        res.transfer_s = boundary_bytes(preset, wire) / 2 * 8 / (rate * 1e6) * 2  # out and back on the busiest link
     return res
 
 
@@ -262,6 +312,86 @@ def table(runs: list[LinkRun]) -> str:
                         f"{h.efficiency:.2f} | {h.tokens_per_s:,.0f} | {h.coordinator_step_s:.3f} | {lag} | "
                         f"{r.honest_bans} / {r.demotions} / {r.step_failures} |")
     return "\n".join(rows)
+
+
+def wire_table(runs: list[LinkRun]) -> str:
+    """Compression mode: one row per (preset, link, wire dtype), losses next to fp32's on that link."""
+    rows = ["| preset | link | RTT ms | wire | payload bytes/step | link out / in bytes/step | step s | tokens/s | "
+            "loss, last step | vs fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        link = "direct" if r.rate_mbit is None else f"{r.rate_mbit:g} Mbit/s"
+        if r.error:
+            rows.append(f"| {r.preset} | {link} | {r.rtt_ms:g} | {r.wire_dtype} | failed: "
+                        f"{r.error.splitlines()[0][:80]} | | | | | |")
+            continue
+        base = next((b for b in runs if (b.preset, b.rate_mbit, b.rtt_ms, b.wire_dtype) ==
+                     (r.preset, r.rate_mbit, r.rtt_ms, "fp32") and not b.error), None)
+        rel = f"{(r.final_loss - base.final_loss) / base.final_loss:+.1e}" if base is not None else "-"
+        h = r.halves[0]
+        rows.append(f"| {r.preset} | {link} | {r.rtt_ms:g} | {r.wire_dtype} | {r.payload_bytes_per_step:,} | "
+                    f"{r.link_out_bytes_per_step:,.0f} / {r.link_in_bytes_per_step:,.0f} | {h.step_s:.3f} | "
+                    f"{h.tokens_per_s:,.0f} | {r.final_loss:.4f} | {rel} |")
+    return "\n".join(rows)
+
+
+def reference_losses(preset: str, wire: str, steps: int) -> list[float]:
+    """The training losses of ``steps`` steps of the preset's run, in one process, with the stages
+    one after another and ``wire`` at their boundaries (``pipeguard.reference``: what the pipeline
+    computes, bit for bit on one build; tests/test_wire_dtypes.py)."""
+    import torch
+
+    from pipeguard.app.runconfig import run_config
+    from pipeguard.data import load_dataset
+    from pipeguard.reference import train_reference
+    cfg = run_config(COMMON, PRESETS[preset][0], {"train.steps": steps})
+    torch.set_num_threads(1)
+    t = cfg.train
+    return train_reference(cfg.model.gpt(), t.optim(), load_dataset(cfg.data.path or None, cfg.data.max_bytes),
+                           seed=t.seed, steps=steps, micro_batches=t.micro_batches,
+                           micro_batch_size=t.micro_batch_size, wire_dtype=wire, num_stages=STAGES).losses
+
+
+def wire_mode(args: argparse.Namespace) -> int:
+    from pipeguard import compression
+    wires = [compression.check(w) for w in args.wire.split(",") if w]
+    links = [(float(rate), float(rtt)) for rate, rtt in (item.split(":") for item in args.links.split(",") if item)] \
+        if args.links else WIRE_LINKS
+    presets = [p for p in args.presets.split(",") if p] or ["tiny"]
+    started, load_before = time.monotonic(), uptime()
+    runs: list[LinkRun] = []
+
+    def save() -> dict:
+        out = {"runs": [asdict(r) for r in runs], "steps": WIRE_STEPS, "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "load_before": load_before, "load_after": uptime(), "wall_s": time.monotonic() - started,
+            "table": wire_table(runs), "loss_steps": args.loss_steps, "reference_losses": longer}
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "wan-wire.json").write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+    longer: dict[str, dict] = {}
+    for preset in presets:
+        for wire in wires if args.loss_steps else []:
+            losses = reference_losses(preset, wire, args.loss_steps)
+            longer.setdefault(preset, {})[wire] = {"final": losses[-1], "last10": sum(losses[-10:]) / 10}
+            print(f"{preset} {wire}: reference loss after {args.loss_steps} steps {losses[-1]:.4f} "
+                  f"(last 10: {longer[preset][wire]['last10']:.4f})", flush=True)
+        for i, (rate, rtt) in enumerate(links):
+            for wire in wires:
+                r = run_link(preset, rate, rtt, Path(args.workdir) / f"{preset}-{i}-{wire}", wire=wire, rates=(0.0,),
+                             steps_per_run=WIRE_STEPS)
+                runs.append(r)
+                first = r.halves[0] if r.halves else Half(p=0)
+                print(f"{preset} {rate:g}Mbit rtt {rtt:g}ms {wire}: step {first.step_s:.3f}s loss {r.final_loss:.4f} "
+                      f"out {r.link_out_bytes_per_step:,.0f} B/step ({r.wall_s:.0f}s, load {r.load}) "
+                      f"{r.error.splitlines()[0] if r.error else ''}", flush=True)
+                save()
+    out = save()
+    print(out["table"])
+    print(f"load before {out['load_before']}, after {out['load_after']}; {out['wall_s']:.0f} s")
+    return 0
 
 
 def plot(runs: list[LinkRun], path: Path) -> bool:
@@ -308,11 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="", help="comma-separated presets (default: tiny,small; --quick: tiny)")
     ap.add_argument("--out", default="", help="directory for wan.json and wan.png")
     ap.add_argument("--workdir", default="/tmp/pipeguard-wan")
+    ap.add_argument("--wire", default="", help="compression mode: comma-separated wire dtypes (fp32,fp16,bf16,int8)")
+    ap.add_argument("--links", default="", help="compression mode: RATE_MBIT:RTT_MS,... (default 100:0,100:50)")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="compression mode: also train this many steps per wire dtype in one process (the "
+                         "staged reference, same seed) and report the loss against fp32")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("wan.py needs root (network namespaces, tc)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally blocks clean up
+    if args.wire:
+        return wire_mode(args)
     presets = [p for p in args.presets.split(",") if p] or (["tiny"] if args.quick else ["tiny", "small"])
     links = QUICK_LINKS if args.quick else FULL_LINKS
     started = time.monotonic()

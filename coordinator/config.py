@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeguard import computation
+from pipeguard import compression, computation
 from pipeguard import device as devices
 from pipeguard.config import ConfigError, MiB, NetConfig, TimeoutConfig
 from pipeguard.model import GPTConfig, OptimSettings, partition, preset
@@ -72,13 +72,20 @@ class TrainConfig:
     max_in_flight: int = 0
     """Micro-batches a stage may have forwarded but not yet backwarded (0 = all: GPipe)."""
     compute_dtype: str = "fp32"
-    """fp32, or bf16 (autocast of matmuls and attention; weights, optimizer state and the wire stay
-    float32). In every node's signed assignment, so auditors replay it; bf16 needs a larger
+    """fp32, or bf16 (autocast of matmuls and attention; weights and optimizer state stay float32,
+    the wire is train.wire_dtype). In every node's signed assignment, so auditors replay it; bf16 needs a larger
     audit.tolerance (docs/gpu.md)."""
+    wire_dtype: str = "fp32"
+    """What activations and gradients travel between stages as: fp32 (float32, 4 bytes per
+    element), fp16 or bf16 (2 bytes), or int8 (8-bit blocks of 64 with a power-of-two scale each,
+    1.0625 bytes per element). The signed bytes are the compressed ones, a deterministic function
+    of the tensor, so exact audits stay exact; in every node's signed assignment and every audit
+    order (pipeguard/compression.py, docs/wan.md "Compression")."""
 
     def __post_init__(self) -> None:
         try:
             devices.compute_dtype(self.compute_dtype)
+            compression.check(self.wire_dtype)
         except ValueError as exc:
             raise ConfigError(f"train.{exc}") from None
         for name in ("steps", "micro_batches", "micro_batch_size"):
@@ -302,4 +309,5 @@ class CoordinatorConfig:
         t = self.train
         return computation.train_spec(t.optim(), seed=t.seed, micro_batches=t.micro_batches,
                                       micro_batch_size=t.micro_batch_size, max_in_flight=t.max_in_flight,
-                                      retention_steps=self.audit.retention, compute_dtype=t.compute_dtype)
+                                      retention_steps=self.audit.retention, compute_dtype=t.compute_dtype,
+                                      wire_dtype=t.wire_dtype)

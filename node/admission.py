@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from pipeguard.compression import WIRE_NAMES, decompress
 from pipeguard.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from pipeguard.identity import PublicIdentity
 from pipeguard.tensors import ReceivedTensor
@@ -74,9 +75,10 @@ class Admission:
         self.attempts.check(header)
         if header.micro_batch >= a.setup.micro_batches:
             raise InvalidArgument(f"micro-batch {header.micro_batch} out of range (0..{a.setup.micro_batches - 1})")
-        if header.dtype != pb.DTYPE_FLOAT32 or list(header.shape) != a.setup.activation_shape:
+        if header.dtype != a.setup.wire or list(header.shape) != a.setup.activation_shape:
             raise InvalidArgument(
-                f"expected float32 {a.setup.activation_shape}, got dtype {header.dtype} shape {list(header.shape)}"
+                f"expected {WIRE_NAMES[a.setup.wire_dtype]} {a.setup.activation_shape}, got dtype {header.dtype} "
+                f"shape {list(header.shape)}"
             )
         if (header.step, header.direction, header.micro_batch) in self.seen:
             raise _replay_error(header)
@@ -90,7 +92,7 @@ class Admission:
             raise _replay_error(h)
         self.seen[key] = rt.commitment.payload_digest
         self.inbox[key] = rt
-        reason = self.screen.observe(h.direction, rt.tensor, h.step, h.micro_batch)
+        reason = self.screen.observe(h.direction, decompress(rt.tensor), h.step, h.micro_batch)
         if reason is not None:
             log.info("screen flagged step %d micro-batch %d from %s: %s", h.step, h.micro_batch, h.sender[:8], reason)
             self.flags.setdefault(h.step, []).append(

@@ -7,8 +7,11 @@ need; the defaults are honest). Every built-in is written against these same hoo
 hook                                                   called
 =====================================================  ==================================================
 ``on_forward(ctx, activation) -> tensor``              on each activation about to go downstream, before
-                                                       signing (the attacker signs what it sends)
-``on_backward(ctx, grad) -> tensor``                   on each input gradient about to go upstream
+                                                       signing (the attacker signs what it sends): its
+                                                       float32 values as the wire carries them (under a
+                                                       compressed ``train.wire_dtype``, decompressed);
+                                                       what it returns is compressed again, then signed
+``on_backward(ctx, grad) -> tensor``                   on each input gradient about to go upstream (the same)
 ``on_send(ctx, chunks) -> chunks``                     on the signed ``TensorChunk`` stream about to be
                                                        pushed, *after* signing (tamper with the wire)
 ``on_serve_tensor(ctx, commitment, tensor, sent)``     when a retained tensor is served to an auditor or
@@ -562,7 +565,9 @@ class Equivocate(Behaviour):
     def on_serve_tensor(self, ctx, commitment, tensor, sent):
         if not sent or ctx.signer is None:
             return commitment, tensor
-        other = (-tensor).contiguous()
+        from pipeguard.compression import remap
+
+        other = remap(tensor, lambda t: -t)  # in the run's wire dtype
         return sign_tensor_commitment(commitment.header, other, ctx.signer), other
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from pipeguard.compression import decompress
 from pipeguard.computation import Forward, StageComputation, StageSetup, to_wire
 from pipeguard.identity import Identity
 from pipeguard.v1 import pipeguard_pb2 as pb
@@ -131,10 +132,11 @@ class _Sent(Forward):
     """A forward pass whose sent output is the behaviour's, not the honest one (the graph, kept
     for the backward, is honest)."""
 
-    sent: torch.Tensor | None = None
+    sent: object = None
+    """The wire tensor sent (``to_wire`` of the behaviour's tensor)."""
 
     @property
-    def output(self) -> torch.Tensor:
+    def output(self):
         return self.sent
 
 
@@ -162,15 +164,22 @@ class TamperedComputation:
         if self.setup.is_last:
             return fwd
         ctx = self.seams.context(step, micro_batch, FORWARD, self.seams.neighbour(FORWARD))
-        sent = self.seams.behaviour.on_forward(ctx, to_wire(fwd.output))  # attacks see host tensors
-        return _Sent(fwd.step, fwd.micro_batch, fwd.x, fwd.y, sent)
+        sent = self.seams.behaviour.on_forward(ctx, self._seen(fwd.output))  # attacks see host tensors
+        return _Sent(fwd.step, fwd.micro_batch, fwd.x, fwd.y, to_wire(sent, self.setup.wire_dtype))
+
+    def _seen(self, t: torch.Tensor) -> torch.Tensor:
+        """What a tensor attack tampers with: the values the receiver would get (the honest output
+        compressed and decompressed: itself for the fp32 wire); what it returns is compressed
+        again (``to_wire``), so the poisoned message is a well-formed wire tensor of the run's
+        wire dtype, and on a compressed wire an unchanged value keeps its code."""
+        return decompress(to_wire(t, self.setup.wire_dtype))
 
     def backward(self, fwd: Forward, g: torch.Tensor) -> tuple[float, torch.Tensor | None]:
         loss, grad = self.inner.backward(fwd, g)
         if grad is None:
             return loss, None
         ctx = self.seams.context(fwd.step, fwd.micro_batch, BACKWARD, self.seams.neighbour(BACKWARD))
-        return loss, self.seams.behaviour.on_backward(ctx, to_wire(grad))
+        return loss, to_wire(self.seams.behaviour.on_backward(ctx, self._seen(grad)), self.setup.wire_dtype)
 
     def digest(self) -> bytes:
         digest = self.inner.digest()

@@ -36,7 +36,7 @@ from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.model import lr_at
 from pipeguard.rpc import BUSY, parses_requests_with
 from pipeguard.signing import sign
-from pipeguard.tensors import parse_chunk, payload_nbytes, receive_tensor, signed_chunks, state_chunks
+from pipeguard.tensors import parse_chunk, payload_nbytes, receive_tensor, signed_chunks, state_chunks, wire_nbytes
 from pipeguard.audit import MAX_FETCH_TENSORS
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
@@ -362,4 +362,4 @@ class NodeService(pb_grpc.NodeServicer):
             stats.last_reason = exc.code.name
             raise
         self.peer_stats[rt.commitment.header.sender].accepted += 1
-        return pb.PushReply(received_bytes=rt.tensor.numel() * rt.tensor.element_size())
+        return pb.PushReply(received_bytes=wire_nbytes(rt.tensor))

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from pipeguard import claims
+from pipeguard.compression import Packed
 from pipeguard.computation import Forward, StageComputation, StageSetup, to_wire
 from pipeguard.config import TimeoutConfig
 from pipeguard.data import Dataset
@@ -230,7 +231,7 @@ class StageRuntime:
         M = a.setup.micro_batches
         schedule = Schedule(M, a.max_in_flight, a.setup.is_first, a.setup.is_last)
 
-        async def send(direction: int, mb: int, tensor: torch.Tensor) -> None:
+        async def send(direction: int, mb: int, tensor: "torch.Tensor | Packed") -> None:
             peer = a.next if direction == FORWARD else a.prev
             assert peer is not None
             header = make_header(run_id=a.run_id, step=step, micro_batch=mb, stage=a.stage, direction=direction,
@@ -268,7 +269,7 @@ class StageRuntime:
         assert self.computation is not None and self.dataset is not None
         x = a.setup.batch(self.dataset, step, mb)[0] if a.setup.is_first else x_in  # (B, T) or (B, T, C)
         fwd = self.computation.forward(step, mb, x)
-        return fwd, None if a.setup.is_last else to_wire(fwd.output)  # (B, T, C), on the host
+        return fwd, None if a.setup.is_last else to_wire(fwd.output, a.setup.wire_dtype)  # (B, T, C), on the host
 
     def _backward(self, a: Assignment, fwd: Forward, grad_in: torch.Tensor | None
                   ) -> tuple[float, torch.Tensor | None]:
@@ -277,7 +278,7 @@ class StageRuntime:
         assert self.computation is not None and self.dataset is not None
         g = a.setup.batch(self.dataset, fwd.step, fwd.micro_batch)[1] if a.setup.is_last else grad_in
         loss, grad = self.computation.backward(fwd, g)  # grad: (B, T, C) or None
-        return loss, to_wire(grad)  # (B, T, C) on the host, or None
+        return loss, to_wire(grad, a.setup.wire_dtype)  # (B, T, C) on the host, or None
 
     # -- update ----------------------------------------------------------------------------------
 

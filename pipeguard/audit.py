@@ -31,6 +31,12 @@ forward/backward deviations 0; raw per-element update deviation up to 2.9e-4, wh
 range absorbs at 1e-4 (worst 2.3e-10) but not at 1e-5 (2.6e-5: an honest node would fail), so
 1e-4 is the smallest decade that passes honest updates. Figures: docs/threat-model.md, "Tolerance".
 
+Wire dtype (issue 14): outputs are compared as they travel. The recomputation is compressed to
+the order's ``TrainSpec.wire_dtype`` (``computation.to_wire``) and ``wire_deviation`` compares it
+with the signed one: exact mode needs equal values (so equal bytes); with a tolerance, one
+quantum of the wire format per element is allowed first (a last-bit difference can round to the
+neighbouring code), then the tolerance applies to the rest.
+
 Hardware (issue 13): ``tolerance`` holds between parties of one device class (the run's value,
 0 = exact). A party recomputing on another device class than the audited node registered
 (``AuditRequest.target_device``) applies ``AuditRequest.cross_device_tolerance`` when it is
@@ -50,7 +56,7 @@ from typing import Awaitable, Callable, Protocol
 import torch
 
 from pipeguard.data import Dataset
-from pipeguard import claims
+from pipeguard import claims, compression
 from pipeguard.errors import AuditIncomplete, InvalidArgument, PipeguardError
 from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.computation import StageComputation, StageSetup, to_wire
@@ -587,9 +593,11 @@ class Replicas:
         return len(self._states)
 
 
-def deviation(got: torch.Tensor, claimed: torch.Tensor) -> float:
+def deviation(got: torch.Tensor, claimed: torch.Tensor, slack: torch.Tensor | None = None) -> float:
     """The largest per-element deviation ``|got - claimed| / (|claimed| + rms(claimed))`` (0 if
     equal; inf if shapes differ, anything is not finite, or an element differs where the scale is 0).
+    ``slack`` (per element, tolerance mode on a compressed wire: ``wire_deviation``) is subtracted
+    from each ``|got - claimed|`` first.
 
     Every element is bounded by its own size, with the tensor's rms as the floor for elements
     near zero: a tolerance t lets each element move by at most t x (|b| + rms(b)), so an
@@ -602,7 +610,26 @@ def deviation(got: torch.Tensor, claimed: torch.Tensor) -> float:
         return math.inf
     if got.numel() == 0 or torch.equal(got, claimed):
         return 0.0
-    return _worst(got - claimed, claimed.abs() + _rms(claimed))
+    excess = got - claimed if slack is None else torch.clamp((got - claimed).abs() - slack, min=0.0)
+    return _worst(excess, claimed.abs() + _rms(claimed))
+
+
+def wire_deviation(got, claimed, tolerance: float) -> float:
+    """``deviation`` of a recomputed wire tensor from a claimed one (pipeguard/compression.py), over
+    their float32 values: inf if their wire dtypes differ. Exact mode (``tolerance`` 0) asks for
+    the same values, so the same bytes. Tolerance mode on a compressed wire first allows one
+    quantum per element (``compression.quantum``, the larger of the two tensors'): a
+    recomputation that differs from the claim in float32's last bits (another thread count or
+    device) can round to the neighbouring code, a step far larger than the relative tolerance,
+    and that must not convict an honest node. So there the tolerance bounds what is left after
+    one quantum: an attacker can move every element by up to one quantum unseen (docs/threat-model.md)."""
+    if compression.dtype_name(got) != compression.dtype_name(claimed) or tuple(got.shape) != tuple(claimed.shape):
+        return math.inf
+    slack = None
+    if tolerance > 0:
+        q_got, q_claimed = compression.quantum(got), compression.quantum(claimed)
+        slack = None if q_got is None else torch.maximum(q_got, q_claimed)
+    return deviation(compression.decompress(got), compression.decompress(claimed), slack)
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -729,8 +756,8 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
         fwd = comp.forward(req.step, mb, x)
         out_key = (FORWARD, mb)
         if out_key in art.outputs:
-            out = to_wire(fwd.output)  # (B, T, C) on the host, as the node sent it
-            dev = deviation(out, art.outputs[out_key].tensor)
+            out = to_wire(fwd.output, setup.wire_dtype)  # (B, T, C) on the host, compressed as the node sent it
+            dev = wire_deviation(out, art.outputs[out_key].tensor, tol)
             recomputed[f"forward/{mb}"] = out
             if dev > worst or math.isinf(dev):
                 worst, where = dev, f"forward activation of micro-batch {mb}"
@@ -739,8 +766,8 @@ def check(art: Artifacts, device: torch.device | None = None, device_class: str 
             _, grad = comp.backward(fwd, g)
             if (BACKWARD, mb) in art.outputs:
                 assert grad is not None
-                grad = to_wire(grad)  # (B, T, C) on the host
-                dev = deviation(grad, art.outputs[(BACKWARD, mb)].tensor)
+                grad = to_wire(grad, setup.wire_dtype)  # (B, T, C) on the host, compressed
+                dev = wire_deviation(grad, art.outputs[(BACKWARD, mb)].tensor, tol)
                 recomputed[f"backward/{mb}"] = grad
                 if dev > worst or math.isinf(dev):
                     worst, where = dev, f"input gradient of micro-batch {mb}"

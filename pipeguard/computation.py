@@ -20,8 +20,10 @@ that drift apart would convict every honest node; there is one copy.
 Device (pipeguard/device.py): a computation lives on one ``torch.device``. Its module, AdamW
 state, activations, autograd graph and snapshots stay there; tensors cross to host memory only
 at the wire: what arrives (tokens, received activations and gradients) is moved to the device
-once in ``forward``/``backward``, and what leaves (``to_wire``) is copied to the host once, as
-float32, on the compute thread. A state's digest reads each tensor's bytes through the host.
+once in ``forward``/``backward`` (decompressed first: ``compression.decompress``), and what leaves
+(``to_wire``) is copied to the host once, as float32, on the compute thread, and compressed there
+to the run's wire dtype (``StageSetup.wire_dtype``, pipeguard/compression.py). A state's digest
+reads each tensor's bytes through the host.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from typing import Iterator
 
 import torch
 
+from pipeguard import compression
 from pipeguard import device as devices
+from pipeguard.compression import Packed
 from pipeguard.data import Dataset
 from pipeguard.errors import InvalidArgument
 from pipeguard.model import (
@@ -174,6 +178,9 @@ class StageSetup:
     """Sequences per micro-batch."""
     compute_dtype: str = "fp32"
     """``fp32`` or ``bf16`` (autocast; pipeguard.device): part of the run's signed train spec."""
+    wire_dtype: str = "fp32"
+    """``fp32``, ``fp16``, ``bf16`` or ``int8``: what the stage's outputs travel as
+    (pipeguard/compression.py); part of the run's signed train spec."""
     spec: StageSpec = field(init=False, repr=False)
     """The blocks this stage holds (``partition``)."""
 
@@ -188,6 +195,7 @@ class StageSetup:
                                   f"({self.micro_batch_size}) must be >= 1")
         try:
             devices.compute_dtype(self.compute_dtype)
+            object.__setattr__(self, "wire_dtype", compression.check(self.wire_dtype))
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         object.__setattr__(self, "spec", partition(self.gpt, self.num_stages)[self.stage])
@@ -197,7 +205,7 @@ class StageSetup:
         """The set-up an order describes (AssignRequest, AuditRequest); InvalidArgument if it is unusable."""
         return cls(stage=stage, num_stages=num_stages, gpt=gpt_config(model), optim=optim_settings(train),
                    seed=train.seed, micro_batches=train.micro_batches, micro_batch_size=train.micro_batch_size,
-                   compute_dtype=train.compute_dtype or "fp32")
+                   compute_dtype=train.compute_dtype or "fp32", wire_dtype=train.wire_dtype or "fp32")
 
     @property
     def is_first(self) -> bool:
@@ -208,6 +216,11 @@ class StageSetup:
     def is_last(self) -> bool:
         """Holds the head: computes the loss, sends no activation."""
         return self.stage == self.num_stages - 1
+
+    @property
+    def wire(self) -> int:
+        """The ``pb.DType`` every activation and gradient between stages travels as."""
+        return compression.WIRE_DTYPES[self.wire_dtype]
 
     @property
     def activation_shape(self) -> list[int]:
@@ -242,14 +255,16 @@ def model_spec(gpt: GPTConfig) -> pb.ModelSpec:
 
 
 def train_spec(optim: OptimSettings, *, seed: int, micro_batches: int, micro_batch_size: int,
-               max_in_flight: int = 0, retention_steps: int = 0, compute_dtype: str = "fp32") -> pb.TrainSpec:
+               max_in_flight: int = 0, retention_steps: int = 0, compute_dtype: str = "fp32",
+               wire_dtype: str = "fp32") -> pb.TrainSpec:
     """The wire form of a run's training settings (``optim_settings`` reads the optimizer part back)."""
     return pb.TrainSpec(seed=seed, micro_batches=micro_batches, micro_batch_size=micro_batch_size, lr=optim.lr,
                         warmup_steps=optim.warmup_steps, total_steps=optim.total_steps,
                         min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay, beta1=optim.beta1,
                         beta2=optim.beta2, grad_clip=optim.grad_clip, max_in_flight=max_in_flight,
                         retention_steps=retention_steps,
-                        compute_dtype="" if compute_dtype == "fp32" else compute_dtype)  # fp32: the default, unset
+                        compute_dtype="" if compute_dtype == "fp32" else compute_dtype,  # fp32: the default, unset
+                        wire_dtype="" if wire_dtype == "fp32" else wire_dtype)  # (old digests stay valid)
 
 
 # -- the computation ---------------------------------------------------------------------------
@@ -311,8 +326,9 @@ class StageComputation:
 
     def forward(self, step: int, micro_batch: int, x: torch.Tensor) -> Forward:
         """Forward one micro-batch. ``x``: token ids (B, T) on the first stage (``StageSetup.batch``),
-        else the activation received from the previous stage (B, T, C)."""
-        x = x.to(self.device, non_blocking=True)  # from the wire (host) or the dataset: once
+        else the activation received from the previous stage (B, T, C), as a wire tensor of the
+        run's wire dtype (decompressed here to float32)."""
+        x = compression.decompress(x).to(self.device, non_blocking=True)  # from the wire (host) or the dataset: once
         if not self.setup.is_first:
             x = x.detach().requires_grad_(True)  # (B, T, C)
         with devices.autocast(self.device, self.setup.compute_dtype):
@@ -323,11 +339,12 @@ class StageComputation:
         """Backward one micro-batch, accumulating parameter gradients.
 
         ``g``: the targets (B, T) on the last stage, which backpropagates its loss divided by
-        ``micro_batches``; else the gradient of the output received from the next stage (B, T, C).
+        ``micro_batches``; else the gradient of the output received from the next stage (B, T, C), a
+        wire tensor (decompressed here: straight-through, the compressed gradient is backpropagated).
         Returns (the micro-batch's unscaled loss, 0.0 except on the last stage; the input gradient
         to send back (B, T, C), None on the first stage)."""
         loss_value = 0.0
-        g = g.to(self.device, non_blocking=True)
+        g = compression.decompress(g).to(self.device, non_blocking=True)
         if self.setup.is_last:
             loss = StageModule.loss(fwd.y.float(), g)  # the loss in float32 whatever the compute dtype
             loss_value = float(loss.detach())
@@ -379,12 +396,14 @@ class StageComputation:
         load_named_state(self.module, self.opt, state)
 
 
-def to_wire(t: torch.Tensor | None) -> torch.Tensor | None:
-    """What an output becomes at the wire: detached, float32, contiguous, in host memory (a no-op
-    for a float32 CPU tensor; one device-to-host copy otherwise)."""
+def to_wire(t: "torch.Tensor | Packed | None", wire_dtype: str = "fp32") -> "torch.Tensor | Packed | None":
+    """What an output becomes at the wire under the run's ``wire_dtype``
+    (``compression.compress``): detached, contiguous, in host memory; for fp32, float32 (a no-op
+    for a float32 CPU tensor; one device-to-host copy otherwise), for int8 a ``Packed`` layout.
+    A wire tensor of that dtype (an attacker's, already compressed) comes back unchanged."""
     if t is None:
         return None
-    return t.detach().to(device="cpu", dtype=devices.WIRE_DTYPE).contiguous()
+    return compression.compress(t, wire_dtype)
 
 
 # -- the honest range of an update ---------------------------------------------------------------

@@ -16,7 +16,8 @@ algorithms and keeps TF32 off unless asked.
 
 The compute dtype is a run setting (``TrainSpec.compute_dtype``, in every node's signed
 assignment): ``fp32`` (default) or ``bf16`` (autocast of matmuls and attention to bfloat16;
-weights, optimizer state, the activations and gradients on the wire stay float32).
+weights and optimizer state stay float32). What activations and gradients travel as is a run
+setting of its own (``TrainSpec.wire_dtype``, pipeguard/compression.py; float32 by default).
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ _SPELLING = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """The compute dtypes a run may use (``train.compute_dtype``)."""
-WIRE_DTYPE = torch.float32
-"""What activations and gradients travel as, whatever the compute dtype."""
 
 
 def prepare() -> None:

@@ -58,7 +58,9 @@ from pipeguard.computation import REFEREE_THREADS, Determinism, StageComputation
 from pipeguard.device import device_class
 from pipeguard.errors import PipeguardError
 from pipeguard.identity import PublicIdentity, node_id_for
-from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, WIRE_DTYPES, payload_digest, payload_nbytes, tensor_bytes
+from pipeguard import compression
+from pipeguard.compression import PACKED, Packed
+from pipeguard.tensors import ReceivedTensor, TORCH_DTYPES, header_dtype, payload_digest, payload_nbytes, tensor_bytes
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 FORMAT = "pipeguard-evidence/1"
@@ -103,10 +105,11 @@ class _Writer:
     def claim(self, name: str, msg) -> None:
         self.claims[name] = {"type": msg.DESCRIPTOR.full_name, "b64": base64.b64encode(msg.SerializeToString()).decode()}
 
-    def tensor(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().contiguous()
+    def tensor(self, name: str, t: "torch.Tensor | Packed") -> None:
+        if not isinstance(t, Packed):
+            t = t.detach().contiguous()
         fname = f"tensors/{len(self.tensors):05d}.bin"
-        self.tensors[name] = {"dtype": int(WIRE_DTYPES[t.dtype]), "shape": list(t.shape), "file": fname}
+        self.tensors[name] = {"dtype": int(header_dtype(t)), "shape": list(t.shape), "file": fname}
         self.files[fname] = bytes(tensor_bytes(t))
 
     def received(self, name: str, rt: ReceivedTensor) -> None:
@@ -303,7 +306,7 @@ class _Reader:
         except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad bundle
             raise BundleError(f"claim {name!r} does not decode: {exc}") from None
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> "torch.Tensor | Packed":
         entry = self.manifest["tensors"].get(name)
         if not isinstance(entry, dict):
             raise BundleError(f"bundle lacks tensor {name!r}")
@@ -318,6 +321,14 @@ class _Reader:
             data = bytearray(self._member(str(entry.get("file")), expected))
         except (KeyError, *_READ_ERRORS) as exc:
             raise BundleError(f"tensor {name!r} unreadable: {type(exc).__name__}: {exc}") from None
+        if dtype in PACKED:  # the signed layout, checked as a receiver checks it
+            packed = Packed(dtype, tuple(shape), torch.frombuffer(data, dtype=torch.uint8).clone() if data
+                            else torch.empty(0, dtype=torch.uint8))
+            try:
+                compression.validate(packed)
+            except PipeguardError as exc:
+                raise BundleError(f"tensor {name!r}: {exc}") from None
+            return packed
         dtype = TORCH_DTYPES[dtype]
         return torch.frombuffer(data, dtype=dtype).view(shape).clone() if data else torch.empty(shape, dtype=dtype)
 

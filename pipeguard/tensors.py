@@ -34,6 +34,8 @@ import blake3
 import torch
 from google.protobuf.message import DecodeError
 
+from pipeguard import compression
+from pipeguard.compression import PACKED, Packed
 from pipeguard.errors import DataLoss, InvalidArgument, ResourceExhausted
 from pipeguard.identity import Identity, PublicIdentity
 from pipeguard import claims
@@ -81,22 +83,39 @@ def torch_dtype(value: int) -> torch.dtype:
         raise InvalidArgument(f"unknown dtype enum value {value}") from None
 
 
+def header_dtype(t: "torch.Tensor | Packed") -> int:
+    """The ``pb.DType`` a wire tensor (a torch tensor or a ``Packed`` layout) travels as."""
+    return t.dtype if isinstance(t, Packed) else wire_dtype(t.dtype)
+
+
+def wire_nbytes(t: "torch.Tensor | Packed") -> int:
+    """Payload bytes of a wire tensor."""
+    return t.nbytes if isinstance(t, Packed) else t.numel() * t.element_size()
+
+
 def payload_nbytes(dtype: int, shape) -> int:
-    """Bytes a payload of this dtype and shape must hold; validates both."""
-    item = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    """Bytes a payload of this dtype and shape must hold (a packed layout's own size,
+    ``compression.packed_nbytes``); validates both."""
+    if dtype not in PACKED:
+        item = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"tensor has {len(shape)} dimensions; at most {MAX_DIMS} allowed")
     if any(int(d) > MAX_DIM for d in shape):  # the wire allows 2^64 - 1; torch shapes are int64
         raise InvalidArgument(f"tensor dimension over {MAX_DIM} in shape {[int(d) for d in shape]}")
+    if dtype in PACKED:
+        return compression.packed_nbytes(dtype, shape)
     return item * math.prod(int(d) for d in shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of ``t`` (made contiguous and moved to CPU first if needed).
+def tensor_bytes(t: "torch.Tensor | Packed") -> memoryview:
+    """A zero-copy byte view of ``t`` (made contiguous and moved to CPU first if needed; a
+    ``Packed`` layout's payload).
 
     The view keeps the tensor alive. ``bytes(t.untyped_storage())`` is far slower, and
     ``Tensor.numpy()`` needs NumPy, which pipeguard does not depend on.
     """
+    if isinstance(t, Packed):
+        t = t.payload
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -137,9 +156,9 @@ def new_payload_hash(dtype: int, shape, algorithm: int = PAYLOAD_DIGEST):
     return h
 
 
-def tensor_digest(t: torch.Tensor, algorithm: int = PAYLOAD_DIGEST) -> bytes:
+def tensor_digest(t: "torch.Tensor | Packed", algorithm: int = PAYLOAD_DIGEST) -> bytes:
     """The payload digest of ``t`` under ``algorithm`` (the one ``make_header`` names by default)."""
-    h = new_payload_hash(wire_dtype(t.dtype), list(t.shape), algorithm)
+    h = new_payload_hash(header_dtype(t), list(t.shape), algorithm)
     h.update(tensor_bytes(t))
     return h.digest()
 
@@ -171,7 +190,7 @@ def staged_bytes(t: torch.Tensor) -> memoryview:
     return tensor_bytes(host)
 
 
-def payload_digest(header: pb.TensorHeader, t: torch.Tensor) -> bytes:
+def payload_digest(header: pb.TensorHeader, t: "torch.Tensor | Packed") -> bytes:
     """The payload digest a TensorCommitment under ``header`` over ``t`` carries: the hash the
     header names (SHA-256 for a header that names none), whatever this build sends with."""
     return tensor_digest(t, header.digest_algorithm)
@@ -199,7 +218,7 @@ def make_header(
     direction: int,
     sender: str,
     receiver: str,
-    tensor: torch.Tensor,
+    tensor: "torch.Tensor | Packed",
     epoch: int = 0,
     digest_algorithm: int = PAYLOAD_DIGEST,
 ) -> pb.TensorHeader:
@@ -213,7 +232,7 @@ def make_header(
         direction=direction,
         sender=sender,
         receiver=receiver,
-        dtype=wire_dtype(tensor.dtype),
+        dtype=header_dtype(tensor),
         shape=list(tensor.shape),
     )
 
@@ -226,7 +245,7 @@ class TensorSender:
     the payload and hashed ahead on the worker pool. Each call starts a fresh stream.
     """
 
-    def __init__(self, header: pb.TensorHeader, tensor: torch.Tensor, identity: Identity, chunk_bytes: int):
+    def __init__(self, header: pb.TensorHeader, tensor: "torch.Tensor | Packed", identity: Identity, chunk_bytes: int):
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.header = header
@@ -446,7 +465,9 @@ def _payload_buffer(nbytes: int) -> torch.Tensor:
 @dataclass
 class ReceivedTensor:
     commitment: pb.TensorCommitment
-    tensor: torch.Tensor
+    tensor: "torch.Tensor | Packed"
+    """The signed payload as a wire tensor: a torch tensor of the header's dtype and shape, or a
+    ``Packed`` layout (``compression.decompress`` gives its float32 values)."""
 
 
 async def receive_tensor(
@@ -524,8 +545,16 @@ async def receive_tensor(
     claims.tensor_commitment(commitment, sender)
     if h.digest() != commitment.payload_digest:
         raise DataLoss("payload bytes do not match the signed digest")
-    dtype = torch_dtype(header.dtype)
     shape = [int(d) for d in header.shape]
+    if header.dtype in PACKED:
+        packed = Packed(header.dtype, tuple(shape), buf)
+        # a malformed layout (a NaN scale, say): InvalidArgument; a large one is checked off the loop
+        if nbytes >= OFFLOAD_BYTES:
+            await loop.run_in_executor(_pool(), compression.validate, packed)
+        else:
+            compression.validate(packed)
+        return ReceivedTensor(commitment=commitment, tensor=packed)
+    dtype = torch_dtype(header.dtype)
     if nbytes == 0:
         tensor = torch.empty(shape, dtype=dtype)
     else:
@@ -630,7 +659,8 @@ async def receive_state(chunks: AsyncIterator[pb.StateChunk], max_tensor_bytes: 
     return asm.finish(), attestation
 
 
-def signed_chunks(commitment: pb.TensorCommitment, tensor: torch.Tensor, chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+def signed_chunks(commitment: pb.TensorCommitment, tensor: "torch.Tensor | Packed",
+                  chunk_bytes: int) -> Iterator[pb.TensorChunk]:
     """Re-stream a kept tensor exactly as its sender signed it (for audits: the original
     signature travels, so the receiver checks it against the original sender's key)."""
     payload = tensor_bytes(tensor)

@@ -35,7 +35,9 @@ from pipeguard.rpc import server_options
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
 from pipeguard.signing import canonical_bytes, sign, verify
-from pipeguard.tensors import TensorSender, make_header, new_payload_hash, payload_digest, receive_tensor, state_digest
+from pipeguard.compression import Packed, compress, decompress
+from pipeguard.tensors import (TensorSender, make_header, new_payload_hash, payload_digest, receive_tensor, state_digest,
+                               wire_nbytes)
 from pipeguard.v1 import pipeguard_pb2 as pb
 from pipeguard.v1 import pipeguard_pb2_grpc as pb_grpc
 
@@ -64,12 +66,15 @@ class Sink(pb_grpc.NodeServicer):
     def __init__(self, node: Identity):
         self.node = node
         self.received: list[pb.TensorCommitment] = []
+        self.tensors: list = []
+        """The wire tensors received, in order."""
 
     async def PushTensor(self, request_iterator, context):
         rt = await receive_tensor(request_iterator, max_tensor_bytes=MAX_TENSOR_BYTES,
                                   admit=lambda header: self.node.public())
         self.received.append(rt.commitment)
-        return pb.PushReply(received_bytes=rt.tensor.numel() * 4)
+        self.tensors.append(rt.tensor)
+        return pb.PushReply(received_bytes=wire_nbytes(rt.tensor))
 
 
 @dataclass
@@ -91,6 +96,8 @@ class Bed:
     """Attempt of the step the test's tensors carry (RunStepRequest.attempt)."""
     pushed: int = field(default=0)
     address: str = ""
+    wire_dtype: str = "fp32"
+    """The run's ``train.wire_dtype`` (what the test's tensors travel as)."""
 
     def peer_info(self, ident: Identity, stage: int) -> pb.PeerInfo:
         info = pb.PeerInfo(node_id=ident.node_id, address=self.sink_address, public_key=ident.public_key)
@@ -106,7 +113,8 @@ class Bed:
             train=pb.TrainSpec(seed=SEED, micro_batches=MICRO_BATCHES, micro_batch_size=MICRO_BATCH_SIZE,
                                lr=OPTIM.lr, warmup_steps=OPTIM.warmup_steps, total_steps=OPTIM.total_steps,
                                min_lr_ratio=OPTIM.min_lr_ratio, weight_decay=OPTIM.weight_decay,
-                               beta1=OPTIM.beta1, beta2=OPTIM.beta2, grad_clip=OPTIM.grad_clip),
+                               beta1=OPTIM.beta1, beta2=OPTIM.beta2, grad_clip=OPTIM.grad_clip,
+                               wire_dtype="" if self.wire_dtype == "fp32" else self.wire_dtype),
             prev=self.peer_info(self.prev, STAGE - 1), next=self.peer_info(self.next, STAGE + 1),
             data_digest=DATASET.digest,
             start_step=0,
@@ -125,7 +133,8 @@ class Bed:
         if stage is None:
             stage = STAGE - 1 if direction == FORWARD else STAGE + 1
         if tensor is None:
-            tensor = torch.randn(ACT_SHAPE, generator=torch.Generator().manual_seed(self.pushed))
+            tensor = compress(torch.randn(ACT_SHAPE, generator=torch.Generator().manual_seed(self.pushed)),
+                              self.wire_dtype)
             self.pushed += 1
         header = make_header(run_id=run_id, step=self.step if step is None else step, micro_batch=micro_batch,
                              stage=stage, direction=direction, sender=sender.node_id,
@@ -161,7 +170,8 @@ DATASET = Dataset(blob=bytes(torch.randint(0, 256, (4096,), generator=g, dtype=t
 
 
 @contextlib.asynccontextmanager
-async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True, **service_options):
+async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True, wire_dtype: str = "fp32",
+                   **service_options):
     node, coord, prev, nxt, stranger = (Identity.generate() for _ in range(5))
     DATASET.save(_cache_path(home))  # Assign finds the dataset in the node's cache, no coordinator needed
 
@@ -187,7 +197,7 @@ async def node_bed(home: Path, *, registered: bool = True, assigned: bool = True
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NET.grpc_options())
     bed = Bed(node=node, coord=coord, prev=prev, next=nxt, stranger=stranger, service=service, runtime=runtime,
               stub=pb_grpc.NodeStub(channel), sink=sink, sink_address=f"127.0.0.1:{sink_port}",
-              address=f"127.0.0.1:{port}")
+              address=f"127.0.0.1:{port}", wire_dtype=wire_dtype)
     try:
         if assigned:
             bed.epoch = 1
@@ -515,6 +525,68 @@ def test_tensors_under_every_known_digest_algorithm_are_accepted(tmp_path, algor
             kept = bed.runtime.admission.inbox[(bed.step, FORWARD, 0)]
             assert kept.commitment.header.digest_algorithm == algorithm
             assert kept.commitment.payload_digest == payload_digest(kept.commitment.header, kept.tensor)
+
+    run(scenario())
+
+
+# -- a compressed wire (train.wire_dtype = "int8") ------------------------------------------------
+
+
+def test_int8_wire_step_sends_and_takes_compressed_tensors(tmp_path):
+    """Under an int8 run the node takes int8 block payloads, computes on their float32 values, and
+    sends its own outputs as int8 blocks, signed over the compressed bytes."""
+    async def scenario():
+        async with node_bed(tmp_path, wire_dtype="int8") as bed:
+            report, _ = await run_one_step(bed)
+            assert report.micro_batches == MICRO_BATCHES
+            assert {c.header.dtype for c in bed.sink.received} == {pb.DTYPE_INT8_BLOCK64}
+            assert all(isinstance(t, Packed) and t.nbytes == 4 * 4 + 2 * 8 * 16 for t in bed.sink.tensors)
+            for c, t in zip(bed.sink.received, bed.sink.tensors):
+                assert c.payload_digest == payload_digest(c.header, t), "signed over the compressed bytes"
+            kept = bed.runtime.kept_tensor(0, FORWARD, 0, False)
+            assert isinstance(kept.tensor, Packed), "kept for audits as it was signed"
+            assert bed.runtime.computation.setup.wire_dtype == "int8", "from the signed assignment"
+
+    run(scenario())
+
+
+def _nan_scale(bed: Bed) -> list[pb.TensorChunk]:
+    w = compress(torch.randn(ACT_SHAPE), "int8")
+    raw = bytearray(w.payload.tolist())
+    raw[0:4] = bytes(torch.tensor([float("nan")]).view(torch.uint8).tolist())
+    return bed.tensor_chunks(tensor=Packed(w.dtype, w.shape, torch.tensor(list(raw), dtype=torch.uint8)))
+
+
+def _short(bed: Bed) -> list[pb.TensorChunk]:
+    chunks = bed.tensor_chunks()
+    return _replace(chunks, -1, data=chunks[-1].data[:-1])
+
+
+@pytest.mark.parametrize("case,code,fragment", [
+    ("nan scale", C.INVALID_ARGUMENT, "scale of block 0 is not finite"),
+    ("a byte too many", C.INVALID_ARGUMENT, "longer than its shape allows"),
+    ("a byte too few", C.DATA_LOSS, "header promised 272"),
+    ("float32 to an int8 run", C.INVALID_ARGUMENT, r"expected int8 blocks \(DTYPE_INT8_BLOCK64\) \[2, 8, 16\]"),
+])
+def test_malformed_int8_payload_is_refused_and_the_node_keeps_serving(tmp_path, case, code, fragment):
+    async def scenario():
+        async with node_bed(tmp_path, wire_dtype="int8") as bed:
+            if case == "nan scale":
+                chunks = _nan_scale(bed)
+            elif case == "a byte too many":
+                chunks = bed.tensor_chunks()
+                chunks = _replace(chunks, -1, data=chunks[-1].data + b"\x00")
+            elif case == "a byte too few":
+                chunks = _short(bed)
+            else:
+                chunks = bed.tensor_chunks(tensor=torch.randn(ACT_SHAPE))
+            got, details = await bed.push(chunks)
+            assert got == code and re.search(fragment, details), (got, details)
+            assert bed.stats()[bed.prev.node_id][1] == 1, "charged to the sender that signed it"
+            assert (bed.step, FORWARD, 0) not in bed.runtime.admission.inbox
+            assert await bed.push(bed.tensor_chunks(micro_batch=1)) == (C.OK, "")
+            got = bed.runtime.admission.inbox[(bed.step, FORWARD, 1)].tensor
+            assert isinstance(got, Packed) and decompress(got).dtype == torch.float32
 
     run(scenario())
 

@@ -20,6 +20,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_INT64: _ClassVar[DType]
+    DTYPE_INT8_BLOCK64: _ClassVar[DType]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -98,6 +99,7 @@ DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_INT64: DType
+DTYPE_INT8_BLOCK64: DType
 ROLE_UNSPECIFIED: Role
 ROLE_STAGE: Role
 ROLE_STANDBY: Role
@@ -344,7 +346,7 @@ class ModelSpec(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight", "retention_steps", "compute_dtype")
+    __slots__ = ("seed", "micro_batches", "micro_batch_size", "lr", "warmup_steps", "total_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_in_flight", "retention_steps", "compute_dtype", "wire_dtype")
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +361,7 @@ class TrainSpec(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     RETENTION_STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     seed: int
     micro_batches: int
     micro_batch_size: int
@@ -373,7 +376,8 @@ class TrainSpec(_message.Message):
     max_in_flight: int
     retention_steps: int
     compute_dtype: str
-    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., retention_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
+    wire_dtype: str
+    def __init__(self, seed: _Optional[int] = ..., micro_batches: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., max_in_flight: _Optional[int] = ..., retention_steps: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class PeerInfo(_message.Message):
     __slots__ = ("node_id", "address", "public_key", "stage")
