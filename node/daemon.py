@@ -163,12 +163,12 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event, device: torch.device | Non
     membership.address = address
     metrics = serve_metrics(cfg.net, NodeMetrics(service))
     log.info("node %s serving on %s (bound %s)", identity.node_id, address, cfg.net.bind)
+    if warm_up is not None:
+        # ready (and registered right after) = ready to compute: torch's one-off import (about a
+        # second of CPU) is not left to land on the first steps or audits, racing them for the cores
+        await asyncio.to_thread(warm_up.join)
     write_ready_file(cfg.ready_file, address=address, node_id=identity.node_id,
                      metrics=metrics.address if metrics else "")
-    if warm_up is not None:
-        # registered = ready to compute: torch's one-off import (about a second of CPU) is not left
-        # to land on the first steps or audits, racing them for the cores
-        await asyncio.to_thread(warm_up.join)
     member_task = asyncio.create_task(membership.run())
     try:
         await stop.wait()
