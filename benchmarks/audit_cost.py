@@ -8,7 +8,9 @@ Every run is a ``pipeguard.app.testnet.LocalTestnet`` on loopback: a coordinator
 daemons (three stages of the ``tiny`` GPT, registered in order, and one standby), signatures
 on, one torch thread per daemon, honest, screen on, audits at rate p. The rates run in
 interleaved rounds (every rate once per round, in turn), so load from other processes falls on
-all alike, and each run is compared with the p = 0 run of its own round.
+all alike, and each run is compared with the p = 0 run of its own round. A first p = 0 run of 10
+steps is discarded (``--no-settle-run`` skips it): started on an idle machine, a run costs up to
+a third fewer CPU-seconds per step than under sustained load, which made round 0's baseline light.
 
 Per rate (means over rounds of the per-round ratios):
 
@@ -269,6 +271,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 30; --quick 12)")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the tokens/s figures (default 2)")
     ap.add_argument("--run-timeout", type=float, default=300.0, help="wall-time bound per run, seconds")
+    ap.add_argument("--no-settle-run", dest="settle_run", action="store_false",
+                    help="skip the discarded p = 0 run that puts the machine under load before round 0")
     return ap.parse_args(argv)
 
 
@@ -287,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     total = rounds * len(rates)
     try:
+        if args.settle_run:
+            # Discarded: on this shared machine the first run after an idle spell costs up to a third
+            # fewer CPU-seconds per step than the same run under sustained load (CPU clocks settle),
+            # which would make its round's p = 0 baseline light and every ratio of that round high.
+            r = run_once(0.0, -1, min(steps, 10), args.warmup, tmp / "settle", args.run_timeout)
+            print(f"[settle] p=0 run discarded: {r.cpu_per_step:.2f} CPU-s/step (load {r.load_before:.1f})", flush=True)
         for rnd in range(rounds):
             for p in rates:
                 r = run_once(p, rnd, steps, args.warmup, tmp / f"r{rnd}-p{p}", args.run_timeout)
