@@ -245,6 +245,10 @@ class NodeService(pb_grpc.NodeServicer):
             one.micro_batch, one.direction, one.sent = ref.micro_batch, ref.direction, ref.sent
             served.append(self.served_tensor(one))
         for commitment, tensor in served:
+            if request.commitment_only:
+                await self._write(context, pb.TensorChunk(header=commitment.header, payload_digest=commitment.payload_digest,
+                                                          signature=commitment.signature))
+                continue
             for chunk in signed_chunks(commitment, tensor, self.chunk_bytes):
                 await self._write(context, chunk)
 

@@ -61,7 +61,8 @@ from pipeguard.errors import AuditIncomplete, InvalidArgument, PipeguardError
 from pipeguard.identity import Identity, PublicIdentity
 from pipeguard.computation import StageComputation, StageSetup, to_wire
 from pipeguard.signing import sign
-from pipeguard.tensors import StateAssembler, ReceivedTensor, receive_state, receive_tensor, tensor_digest
+from pipeguard.tensors import (StateAssembler, ReceivedTensor, receive_commitment, receive_state, receive_tensor,
+                               tensor_digest)
 from pipeguard.v1 import pipeguard_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,22 @@ class RpcFetcher:
             call.cancel()  # a holder that streams more than it was asked for is not read further
         return out
 
+    async def fetch_commitments(self, peer: pb.PeerInfo, step: int, items: list[tuple[int, int, bool, pb.PeerInfo]]
+                                ) -> list[pb.TensorCommitment]:
+        """The signed commitments of several tensors of ``step`` from one holder in one call, without
+        their data (``FetchTensorRequest.commitment_only``); items as ``fetch_tensors``'s."""
+        (mb0, d0, s0, _), rest = items[0], items[1:]
+        req = pb.FetchTensorRequest(run_id=self.run_id, node_id=peer.node_id, step=step, micro_batch=mb0, direction=d0,
+                                    sent=s0, requester=self.requester, commitment_only=True)
+        req.more.extend(pb.TensorRef(micro_batch=mb, direction=d, sent=s) for mb, d, s, _ in rest)
+        call = self.stub_for(peer.address).FetchTensor(sign(req, self.identity), timeout=self.timeout)
+        stream = call.__aiter__()
+        try:
+            return [await receive_commitment(stream, self._admit(peer, step, mb, direction, signer))
+                    for mb, direction, _, signer in items]
+        finally:
+            call.cancel()
+
     def _admit(self, peer: pb.PeerInfo, step: int, micro_batch: int, direction: int, signer: pb.PeerInfo):
         key = PublicIdentity(signer.public_key)
 
@@ -260,6 +277,27 @@ async def fetch_batch(fetcher: Fetcher, holder: pb.PeerInfo, step: int,
             except PipeguardError as exc:
                 return exc
         out.extend((await _all({i: one(item) for i, item in enumerate(part)})).values())
+    return out
+
+
+async def fetch_commitment_batch(fetcher: Fetcher, holder: pb.PeerInfo, step: int,
+                                 items: list[tuple[int, int, bool, pb.PeerInfo]]
+                                 ) -> list[pb.TensorCommitment | PipeguardError]:
+    """The signed commitment of each of ``items`` held by ``holder``, or the error it gave: in
+    calls of up to MAX_FETCH_TENSORS without the data (``fetch_commitments``); a call the holder
+    does not serve so, or a fetcher without it, falls back to the whole tensors (``fetch_batch``)."""
+    many = getattr(fetcher, "fetch_commitments", None)
+    out: list[pb.TensorCommitment | PipeguardError] = []
+    for at in range(0, len(items), MAX_FETCH_TENSORS):
+        part = items[at:at + MAX_FETCH_TENSORS]
+        if many is not None:
+            try:
+                out.extend(await many(holder, step, part))
+                continue
+            except PipeguardError:
+                pass  # served as whole tensors below (one it does not hold must not cost the others)
+        out.extend(rt.commitment if isinstance(rt, ReceivedTensor) else rt
+                   for rt in await fetch_batch(fetcher, holder, step, part))
     return out
 
 
@@ -452,7 +490,9 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
             asks.setdefault((holder.node_id, sent), (holder, []))[1].append(i)
 
     async def copies(holder: pb.PeerInfo, sent: bool, which: list[int]):
-        got = await fetch_batch(fetcher, holder, req.step, [(items[i][2], items[i][1], sent, items[i][3]) for i in which])
+        # only the signed commitments: two of one subject that differ are the proof, the bytes add nothing
+        got = await fetch_commitment_batch(fetcher, holder, req.step,
+                                           [(items[i][2], items[i][1], sent, items[i][3]) for i in which])
         return list(zip(which, got))
 
     fetched = await _all({key: copies(holder, key[1], which) for key, (holder, which) in asks.items()})
@@ -460,11 +500,11 @@ async def cross_holders(req: pb.AuditRequest, art: Artifacts, fetcher: Fetcher, 
     for key in sorted(fetched, key=lambda k: not k[1]):  # the senders' own copies first
         for i, other in fetched[key]:
             rt, sender = items[i][0], items[i][3]
-            if i in found or not isinstance(other, ReceivedTensor):
+            if i in found or not isinstance(other, pb.TensorCommitment):
                 continue  # a holder that cannot serve its copy proves nothing either way
-            if other.commitment.payload_digest != rt.commitment.payload_digest and \
-                    _header_key(other.commitment.header) == _header_key(rt.commitment.header):
-                pairs.append((i, (sender, other.commitment, rt.commitment)))
+            if other.payload_digest != rt.commitment.payload_digest and \
+                    _header_key(other.header) == _header_key(rt.commitment.header):
+                pairs.append((i, (sender, other, rt.commitment)))
                 found.add(i)
     return [pair for _, pair in sorted(pairs, key=lambda p: p[0])]
 

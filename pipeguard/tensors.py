@@ -470,6 +470,28 @@ class ReceivedTensor:
     ``Packed`` layout (``compression.decompress`` gives its float32 values)."""
 
 
+async def receive_commitment(stream: AsyncIterator[pb.TensorChunk],
+                             admit: Callable[[pb.TensorHeader], PublicIdentity]) -> pb.TensorCommitment:
+    """Read one tensor's signed commitment from a ``FetchTensorRequest.commitment_only`` stream:
+    one chunk with the header, the payload digest and the signature and no data. ``admit`` checks
+    the header and names the sender, whose signature is then checked (``claims.tensor_commitment``)."""
+    try:
+        chunk = await stream.__anext__()
+    except StopAsyncIteration:
+        raise DataLoss("the stream ended before the commitment asked for") from None
+    if not chunk.HasField("header") or not chunk.signature or not chunk.payload_digest:
+        raise InvalidArgument("a commitment chunk carries a header, a payload digest and a signature")
+    if chunk.data:
+        raise InvalidArgument("a commitment chunk carries no data")
+    header = chunk.header
+    if header.direction not in (pb.DIRECTION_FORWARD, pb.DIRECTION_BACKWARD):
+        raise InvalidArgument(f"unknown direction enum value {header.direction}")
+    payload_nbytes(header.dtype, header.shape)  # a known dtype and a sane shape
+    commitment = pb.TensorCommitment(header=header, payload_digest=chunk.payload_digest, signature=chunk.signature)
+    claims.tensor_commitment(commitment, admit(header))
+    return commitment
+
+
 async def receive_tensor(
     stream: AsyncIterator[pb.TensorChunk | WireChunk],
     *,

@@ -28,10 +28,11 @@ from node.membership import Membership
 from node.peers import PeerPool
 from node.service import ANONYMOUS, FETCH_QUEUE, NodeService
 from node.stage import StageRuntime
-from pipeguard import claims
+from pipeguard import audit, claims
 from pipeguard.config import NetConfig, TimeoutConfig
 from pipeguard.data import Dataset
 from pipeguard.rpc import server_options
+from pipeguard.errors import PipeguardError
 from pipeguard.identity import Identity
 from pipeguard.model import GPTConfig, OptimSettings, StageModule, lr_at, make_optimizer, named_state, partition
 from pipeguard.signing import canonical_bytes, sign, verify
@@ -1086,6 +1087,42 @@ def test_a_rollback_serves_the_restart_state_under_the_new_epoch(tmp_path):
             bed.step = 0
             report, _ = await run_one_step(bed)
             assert report.state_digest == start and (await attested_state(bed, 0)).epoch == 2
+
+    run(scenario())
+
+
+def test_a_commitment_only_fetch_serves_each_signed_commitment_without_its_data(tmp_path):
+    """The equivocation cross-check needs only the holders' signed commitments
+    (``FetchTensorRequest.commitment_only``): one chunk per tensor, in order, with the header,
+    digest and signature its sender signed and no data; the auditor's fetcher checks each
+    signature, and a tampered one is refused."""
+    async def scenario():
+        async with node_bed(tmp_path) as bed:
+            await run_one_step(bed)
+            step = bed.step - 1
+            refs = [(mb, d, sent) for mb in range(MICRO_BATCHES) for d in (FORWARD, BACKWARD) for sent in (True, False)]
+            (mb0, d0, s0), rest = refs[0], refs[1:]
+            req = pb.FetchTensorRequest(run_id=RUN, node_id=bed.node.node_id, step=step, micro_batch=mb0,
+                                        direction=d0, sent=s0, requester="", commitment_only=True)
+            req.more.extend(pb.TensorRef(micro_batch=m, direction=dd, sent=s) for m, dd, s in rest)
+            chunks = [c async for c in bed.stub.FetchTensor(sign(req, bed.coord), timeout=DEADLINE)]
+            assert len(chunks) == len(refs) and not any(c.data for c in chunks), "one data-less chunk per tensor"
+            assert [(c.header.micro_batch, c.header.direction, c.header.sender == bed.node.node_id)
+                    for c in chunks] == refs
+            sent = {(c.header.direction, c.header.micro_batch): c for c in bed.sink.received}
+            assert [(c.payload_digest, c.signature) for c, (mb, d, s) in zip(chunks, refs) if s] == \
+                [(sent[(d, mb)].payload_digest, sent[(d, mb)].signature) for mb, d, s in refs if s]
+
+            peer = pb.PeerInfo(node_id=bed.node.node_id, address=bed.address, public_key=bed.node.public_key)
+            me = peer
+            fetcher = audit.RpcFetcher(bed.coord, "", lambda _: bed.stub, RUN, 1 << 24, DEADLINE, bed.epoch)
+            mine = [(mb, d, True, me) for mb in range(MICRO_BATCHES) for d in (FORWARD, BACKWARD)]
+            got = await fetcher.fetch_commitments(peer, step, mine)
+            assert [c.signature for c in got] == [sent[(d, mb)].signature for mb, d, _, _ in mine]
+            other = Identity.generate()  # the same commitments, checked against another signer's key
+            with pytest.raises(PipeguardError):
+                await fetcher.fetch_commitments(peer, step, [(0, FORWARD, True, pb.PeerInfo(
+                    node_id=bed.node.node_id, public_key=other.public_key))])
 
     run(scenario())
 

@@ -618,7 +618,7 @@ class StateAttestation(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., step: _Optional[int] = ..., state_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class FetchTensorRequest(_message.Message):
-    __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature", "more")
+    __slots__ = ("run_id", "node_id", "step", "micro_batch", "direction", "sent", "requester", "signature", "more", "commitment_only")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -628,6 +628,7 @@ class FetchTensorRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_ONLY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
     step: int
@@ -637,7 +638,8 @@ class FetchTensorRequest(_message.Message):
     requester: str
     signature: bytes
     more: _containers.RepeatedCompositeFieldContainer[TensorRef]
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ..., more: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ...) -> None: ...
+    commitment_only: bool
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., sent: _Optional[bool] = ..., requester: _Optional[str] = ..., signature: _Optional[bytes] = ..., more: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., commitment_only: _Optional[bool] = ...) -> None: ...
 
 class TensorRef(_message.Message):
     __slots__ = ("micro_batch", "direction", "sent")
